@@ -1,0 +1,112 @@
+"""The config schema and its defaults, shared by every file in configs/.
+
+The defaults are the paper's CIFAR-10 setting (DDPM_FACTS §3-4); a file in
+`configs/` starts from `get_base_config()` and changes what differs. Configs are
+`ml_collections.ConfigDict`s with the sub-dicts data, model, diffusion, optim,
+training, sampling and eval.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """The full schema with DDPM's CIFAR-10 values."""
+  config = ml_collections.ConfigDict()
+
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = "cifar10"  # cifar10 | celeb_a_hq | lsun_bedroom | lsun_church_outdoor | lsun_cat | digits | folder
+  data.image_size = 32  # images are center-cropped and resized to image_size x image_size
+  data.channels = 3  # 3 for RGB; 1 for the grayscale digits
+  data.random_flip = True  # random horizontal flips during training
+  data.data_dir = ""  # tfds data_dir, or the image folder for dataset='folder'; '' = tfds default
+  data.train_split = "train"  # split used for training
+  data.eval_split = "test"  # split used for bits/dim
+
+  config.model = model = ml_collections.ConfigDict()
+  model.ch = 128  # base channels; every ch*mult must be a multiple of 32 (GroupNorm groups)
+  model.ch_mult = (1, 2, 2, 2)  # channel multiplier per resolution level
+  model.num_res_blocks = 2  # residual blocks per level
+  model.attn_resolutions = (16,)  # resolutions (height) with self-attention
+  model.dropout = 0.1  # dropout in the residual blocks
+  model.resamp_with_conv = True  # convolutions in down/upsampling
+  model.dtype = "float32"  # activation dtype: float32 | bfloat16 (parameters stay float32)
+  model.remat = False  # rematerialise levels in the backward pass (memory for compute)
+
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.beta_schedule = "linear"  # linear | quad | const | jsd | warmup10 | warmup50 | cosine
+  diffusion.beta_start = 1e-4  # β_1
+  diffusion.beta_end = 0.02  # β_T
+  diffusion.num_timesteps = 1000  # T
+  diffusion.model_mean_type = "eps"  # eps | xstart | xprev | v
+  diffusion.model_var_type = "fixedlarge"  # fixedlarge (σ²=β) | fixedsmall (σ²=β̃) | learned | learned_range
+  diffusion.loss_type = "mse"  # mse (L_simple) | kl (L_vlb, bits/dim) | hybrid (L_simple + λ L_vlb)
+  diffusion.hybrid_lambda = 0.001  # λ of the hybrid loss
+
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.learning_rate = 2e-4  # peak learning rate
+  optim.warmup_steps = 5000  # linear warmup from lr = 0 at step 0
+  optim.grad_clip = 1.0  # global-norm clip (0 disables)
+  # The paper clipped each of its 8 TPU cores' gradients (local batch 16) before
+  # averaging; clip_groups splits the global batch into that many groups, clips
+  # each group's gradient and averages, independently of the device count.
+  optim.clip_groups = 8
+  optim.b1 = 0.9  # Adam β1
+  optim.b2 = 0.999  # Adam β2
+  optim.eps = 1e-8  # Adam ε
+  # TF1's Adam adds ε to √v before bias correction ("epsilon hat"); False gives optax's Adam.
+  optim.epsilon_hat = True
+  optim.ema_decay = 0.9999  # EMA of the parameters used for sampling and evaluation
+
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 128  # global batch size over all devices and hosts
+  training.num_train_steps = 800_000  # total optimizer steps
+  training.log_every = 100  # steps between logged metrics
+  training.checkpoint_every = 5000  # steps between checkpoints (one is always written at the end)
+  training.sample_every = 20_000  # steps between sample grids (0 disables)
+  training.num_grid_samples = 64  # images in a training-time sample grid
+  training.grid_sampler = "ddim"  # sampler for the training-time grid
+  training.grid_num_steps = 100  # its number of steps
+  training.keep_checkpoints = 2  # checkpoints kept (the paper kept 2)
+  training.seed = 0  # a run is a function of (config, seed)
+
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.sampler = "ancestral"  # ancestral | ddim
+  sampling.num_steps = 1000  # steps (fewer than T respaces the schedule)
+  sampling.eta = 0.0  # DDIM η (0 = deterministic)
+  sampling.clip_denoised = True  # clip the x0 prediction to [-1, 1] (the paper's sampler)
+  sampling.batch_size = 256  # global sampling batch
+  sampling.num_samples = 64  # images written by --mode=sample
+  sampling.use_ema = True  # sample with the EMA parameters
+
+  config.eval = eval_config = ml_collections.ConfigDict()
+  eval_config.metrics = ("bpd",)  # any of bpd, fid (FID and IS)
+  eval_config.num_samples = 50_000  # samples for FID/IS
+  eval_config.batch_size = 256  # global batch for bits/dim and Inception
+  eval_config.bpd_max_examples = 0  # 0 = the whole split (remainder reported)
+  eval_config.fid_stats_path = ""  # .npz with mu, sigma of the reference set ('' = compute from data)
+  eval_config.inception_weights = ""  # local pt_inception-2015-12-05 weights ('' = cache/download)
+  eval_config.seed = 1  # rng for evaluation noise and samples
+
+  return config
+
+
+def get_256_config(dataset: str, *, num_train_steps: int, random_flip: bool) -> ml_collections.ConfigDict:
+  """The paper's 256² setting (CelebA-HQ and LSUN): DDPM_FACTS §3-4."""
+  config = get_base_config()
+  config.data.dataset = dataset
+  config.data.image_size = 256
+  config.data.random_flip = random_flip
+  config.data.eval_split = ""  # these datasets have no test split
+  config.model.ch_mult = (1, 1, 2, 2, 4, 4)
+  config.model.dropout = 0.0
+  config.diffusion.model_var_type = "fixedsmall"
+  config.optim.learning_rate = 2e-5
+  config.optim.clip_groups = 8  # 8 TPU cores × 8 images
+  config.training.batch_size = 64
+  config.training.num_train_steps = num_train_steps
+  config.sampling.batch_size = 64
+  config.eval.num_samples = 50_000
+  config.eval.metrics = ("fid",)
+  return config
