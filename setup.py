@@ -8,6 +8,7 @@ INSTALL_REQUIRES = [
     "optax>=0.2.4",
     "orbax-checkpoint>=0.11",
     "tensorflow-datasets>=4.9.7",
+    "grain>=0.2.10",
     "ml_collections>=0.1.1",
     "absl-py>=2.0",
     "numpy>=1.26",
