@@ -1,0 +1,34 @@
+"""diffusion_jax: Denoising Diffusion Probabilistic Models (Ho, Jain & Abbeel 2020) in JAX/Flax.
+
+The public API is loaded lazily, so `import diffusion_jax` is cheap:
+
+  model = diffusion_jax.load_model("/path/to/workdir")
+  images = diffusion_jax.sample_fn(model, 16, jax.random.PRNGKey(0), sampler="ddim", num_steps=50)
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "diffusion_jax.sampling",
+    "sample_fn": "diffusion_jax.sampling",
+    "interpolate_fn": "diffusion_jax.sampling",
+    "save_image_grid": "diffusion_jax.sampling",
+    "LoadedModel": "diffusion_jax.sampling",
+    "GaussianDiffusion": "diffusion_jax.diffusion",
+    "get_beta_schedule": "diffusion_jax.schedules",
+    "UNet": "diffusion_jax.models.unet",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+  raise AttributeError(f"module 'diffusion_jax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(globals()) + __all__)

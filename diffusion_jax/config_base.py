@@ -70,6 +70,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   training.grid_num_steps = 100  # its number of steps
   training.keep_checkpoints = 2  # checkpoints kept (the paper kept 2)
   training.seed = 0  # a run is a function of (config, seed)
+  training.init_from = ""  # start a new run from these weights (a workdir or converted checkpoint)
 
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.sampler = "ancestral"  # ancestral | ddim

@@ -16,6 +16,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # TensorFlow (tfds, checkpoint conversion) must never take accelerator memory or threads we need.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+import sys  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
@@ -27,6 +29,9 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# `from configs import tiny` in tests: configs/ is a folder of config files at the repository root.
+if str(REPO_ROOT) not in sys.path:
+  sys.path.insert(0, str(REPO_ROOT))
 
 
 @pytest.fixture(scope="session")

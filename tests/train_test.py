@@ -1,0 +1,217 @@
+"""Tests of the optimizer, the train step and the training loop on the tiny config."""
+
+import functools
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from diffusion_jax import checkpointing
+from diffusion_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config():
+  from configs import tiny  # noqa: PLC0415 - configs/ is a folder of files, not a package
+
+  return tiny.get_config()
+
+
+@pytest.fixture(scope="module")
+def config():
+  return tiny_config()
+
+
+def _batch(config, seed=0, n=None):
+  n = n or config.training.batch_size
+  rng = np.random.default_rng(seed)
+  shape = (n, config.data.image_size, config.data.image_size, config.data.channels)
+  return {"image": rng.uniform(-1, 1, shape).astype(np.float32)}
+
+
+def _tf1_adam_reference(grads_seq, lr_seq, b1, b2, eps):
+  """tf.train.AdamOptimizer in float64: lr_t = lr·√(1−β2ᵗ)/(1−β1ᵗ); θ −= lr_t·m/(√v + ε)."""
+  m = np.zeros_like(grads_seq[0], dtype=np.float64)
+  v = np.zeros_like(m)
+  theta = np.zeros_like(m)
+  for t, (g, lr) in enumerate(zip(grads_seq, lr_seq), start=1):
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    lr_t = lr * np.sqrt(1 - b2**t) / (1 - b1**t)
+    theta = theta - lr_t * m / (np.sqrt(v) + eps)
+  return theta
+
+
+def test_epsilon_hat_adam_matches_tf1_formula(config):
+  rng = np.random.default_rng(0)
+  grads = [rng.normal(size=(5,)) * 10.0 ** rng.integers(-9, 1) for _ in range(6)]
+  oc = config.optim.to_dict()
+  oc.update(learning_rate=0.1, warmup_steps=3, eps=1e-3)  # a large ε makes the ε-hat difference visible
+  import ml_collections
+
+  oc = ml_collections.ConfigDict(oc)
+  tx = train.create_optimizer(oc)
+  params = jnp.zeros(5)
+  state = tx.init(params)
+  for g in grads:
+    updates, state = tx.update(jnp.asarray(g, jnp.float32), state, params)
+    params = optax.apply_updates(params, updates)
+  lrs = [0.1 * min(i / 3, 1.0) for i in range(6)]
+  expected = _tf1_adam_reference(grads, lrs, oc.b1, oc.b2, oc.eps)
+  np.testing.assert_allclose(np.asarray(params), expected, rtol=2e-5, atol=1e-7)
+  # optax's Adam (ε after bias correction) is measurably different with this ε.
+  assert not np.allclose(expected, _tf1_adam_reference(grads, lrs, oc.b1, oc.b2, oc.eps * np.sqrt(1 - oc.b2)))
+
+
+def test_learning_rate_warmup_starts_at_zero(config):
+  sched = train.learning_rate_schedule(config.optim)
+  lr, w = config.optim.learning_rate, config.optim.warmup_steps
+  np.testing.assert_allclose([sched(0), sched(1), sched(w), sched(10 * w)], [0.0, lr / w, lr, lr], rtol=1e-6)
+
+
+def _setup(config, devices):
+  mesh = train.make_mesh(devices)
+  diffusion = train.build_diffusion(config)
+  model = train.build_model(config, diffusion)
+  state = train.init_state_sharded(config, model, mesh, jax.random.PRNGKey(0))
+  sharding = jax.tree.map(lambda x: x.sharding, state)
+  step = train.jit_train_step(mesh, diffusion, config.optim, sharding)
+  return mesh, state, step
+
+
+def _run_steps(config, devices, num_steps):
+  mesh, state, step = _setup(config, devices)
+  rng = jax.random.PRNGKey(1)
+  all_metrics = []
+  for i in range(num_steps):
+    batch = {"image": jax.device_put(_batch(config, seed=i)["image"], NamedSharding(mesh, P("data")))}
+    state, metrics = step(state, batch, rng)
+    all_metrics.append(jax.device_get(metrics))
+  return jax.device_get(state), all_metrics
+
+
+def test_steps_update_params_and_ema_by_the_formulas(config):
+  mesh, state0, step = _setup(config, jax.devices())
+  params0 = jax.device_get(state0.params)
+  rng = jax.random.PRNGKey(1)
+  batch = {"image": jax.device_put(_batch(config)["image"], NamedSharding(mesh, P("data")))}
+  state1, m1 = step(state0, batch, rng)
+  state1 = jax.device_get(state1)
+  assert np.isfinite(m1["loss"]) and float(m1["loss"]) > 0
+  assert float(m1["lr"]) == 0.0
+  # lr = 0 at step 0: parameters unchanged; EMA copies them (decay ~0 before the first step).
+  jax.tree.map(np.testing.assert_array_equal, state1.params, params0)
+  jax.tree.map(np.testing.assert_array_equal, state1.ema_params, params0)
+  state1 = jax.device_put(state1, jax.tree.map(lambda x: x.sharding, state0))
+  state2, m2 = step(state1, batch, rng)
+  state2 = jax.device_get(state2)
+  assert int(state2.step) == 2
+  np.testing.assert_allclose(float(m2["lr"]), config.optim.learning_rate / config.optim.warmup_steps, rtol=1e-6)
+  changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), state2.params, params0))
+  assert sum(changed) > 0.9 * len(changed)
+  d = config.optim.ema_decay
+  jax.tree.map(
+      lambda e, e1, p: np.testing.assert_allclose(e, d * e1 + (1 - d) * p, rtol=1e-6, atol=1e-7),
+      state2.ema_params, state1.ema_params, state2.params,
+  )
+  for q in range(4):
+    assert np.isfinite(m2[f"loss_q{q}"])
+
+
+def test_grouped_clipping_averages_clipped_group_gradients(config):
+  """clip_groups=G equals clipping each sub-batch's gradient separately, then averaging."""
+  cfg = tiny_config()
+  cfg.optim.clip_groups = 2
+  cfg.optim.grad_clip = 0.05  # small enough that clipping is active
+  cfg.model.dropout = 0.0
+  diffusion = train.build_diffusion(cfg)
+  model = train.build_model(cfg, diffusion)
+  state = train.create_train_state(cfg, model, jax.random.PRNGKey(0))
+  state = state.replace(step=5)  # past the first step so lr > 0
+  batch = {"image": jnp.asarray(_batch(cfg)["image"])}
+  rng = jax.random.PRNGKey(3)
+  new_state, metrics = jax.jit(functools.partial(train.train_step, diffusion=diffusion, optim_config=cfg.optim))(
+      state, batch, rng)
+
+  # Independent recomputation: the same t and noise, per-group gradients, clip, average.
+  b = batch["image"].shape[0]
+  t_rng, noise_rng, _ = jax.random.split(jax.random.fold_in(rng, 5), 3)
+  t = jax.random.randint(t_rng, (b,), 0, diffusion.num_timesteps, dtype=jnp.int32)
+  noise = jax.random.normal(noise_rng, batch["image"].shape)
+
+  def group_loss(params, sl):
+    fn = lambda x, tt: model.apply({"params": params}, x, tt, train=False)  # noqa: E731
+    return jnp.mean(diffusion.training_losses(fn, batch["image"][sl], t[sl], noise[sl]))
+
+  grads = []
+  for sl in (slice(0, b // 2), slice(b // 2, b)):
+    g = jax.grad(group_loss)(state.params, sl)
+    norm = optax.global_norm(g)
+    assert float(norm) > cfg.optim.grad_clip
+    grads.append(jax.tree.map(lambda x: x * cfg.optim.grad_clip / norm, g))
+  avg = jax.tree.map(lambda a, b_: (a + b_) / 2, *grads)
+  expected_state = state.apply_gradients(grads=avg)
+  jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-6),
+               new_state.params, expected_state.params)
+  assert np.isfinite(float(metrics["grad_norm"]))
+
+
+def test_four_devices_match_one_device(config, n_devices):
+  state4, m4 = _run_steps(config, jax.devices(), 3)
+  state1, m1 = _run_steps(config, jax.devices()[:1], 3)
+  np.testing.assert_allclose([m["loss"] for m in m4], [m["loss"] for m in m1], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state4.params, state1.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state4.ema_params,
+               state1.ema_params)
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(config):
+  cfg = tiny_config()
+  cfg.training.batch_size = 6
+  with pytest.raises(ValueError, match="not divisible by the 4 devices"):
+    train.validate_config(cfg, num_devices=4)
+
+
+def _train(cfg, workdir):
+  return jax.device_get(train.train_and_evaluate(cfg, str(workdir)))
+
+
+def test_train_loop_checkpoints_and_resumes_exactly(tmp_path):
+  cfg = tiny_config()
+  cfg.training.num_train_steps = 4
+  cfg.training.checkpoint_every = 2
+  full = _train(cfg, tmp_path / "full")
+  assert checkpointing.create_manager(tmp_path / "full").all_steps() == [2, 4]
+  saved = json.loads((tmp_path / "full" / "config.json").read_text())
+  assert saved["model"]["ch"] == cfg.model.ch
+
+  # Stop after 2 steps, then continue to 4 from the checkpoint: the same parameters.
+  short = tiny_config()
+  short.training.num_train_steps = 2
+  _train(short, tmp_path / "resumed")
+  resumed = _train(cfg, tmp_path / "resumed")
+  assert int(resumed.step) == 4
+  jax.tree.map(np.testing.assert_array_equal, resumed.params, full.params)
+  jax.tree.map(np.testing.assert_array_equal, resumed.ema_params, full.ema_params)
+
+  # The restored checkpoint equals the state that was saved.
+  _, ema, step = checkpointing.load_params(tmp_path / "full")
+  assert step == 4
+  jax.tree.map(np.testing.assert_array_equal, ema, full.ema_params)
+
+
+def test_incompatible_resume_is_refused(tmp_path):
+  cfg = tiny_config()
+  cfg.training.num_train_steps = 1
+  _train(cfg, tmp_path)
+  other = tiny_config()
+  other.model.ch = 64
+  with pytest.raises(ValueError, match=r"model\.ch: saved 32, requested 64"):
+    train.train_and_evaluate(other, str(tmp_path))
