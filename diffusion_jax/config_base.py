@@ -23,6 +23,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   data.data_dir = ""  # tfds data_dir, or the image folder for dataset='folder'; '' = tfds default
   data.train_split = "train"  # split used for training
   data.eval_split = "test"  # split used for bits/dim
+  data.skip_corrupt = False  # folder: skip unreadable image files with a warning instead of failing
+  data.worker_count = 0  # grain worker processes for training input (0 = main process); fixed within a run
 
   config.model = model = ml_collections.ConfigDict()
   model.ch = 128  # base channels; every ch*mult must be a multiple of 32 (GroupNorm groups)
