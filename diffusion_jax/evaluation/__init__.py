@@ -1,0 +1,1 @@
+"""Evaluation: bits/dim, FID and Inception Score, rate–distortion."""
