@@ -130,14 +130,13 @@ def init_params(model: unet.UNet, rng, image_shape) -> Any:
   return model.init(rng, x, jnp.zeros((1,), jnp.int32), train=False)["params"]
 
 
-def create_train_state(config, model: unet.UNet, rng, params=None, ema_params=None) -> TrainState:
+def create_train_state(config, model: unet.UNet, rng, params=None, ema_params=None, tx=None) -> TrainState:
   image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
   if params is None:
     params = init_params(model, rng, image_shape)
   ema_params = params if ema_params is None else ema_params
-  return TrainState.create(
-      apply_fn=model.apply, params=params, tx=create_optimizer(config.optim), ema_params=ema_params
-  )
+  tx = create_optimizer(config.optim) if tx is None else tx
+  return TrainState.create(apply_fn=model.apply, params=params, tx=tx, ema_params=ema_params)
 
 
 def train_step(
@@ -183,7 +182,7 @@ def train_step(
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if groups == 1:
     (_, losses), grads = grad_fn(state.params, x, t, noise, dropout_rng)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree_utils.tree_norm(grads)
     if optim_config.grad_clip > 0:
       grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, optim_config.grad_clip / (grad_norm + 1e-12)), grads)
   else:
@@ -195,7 +194,7 @@ def train_step(
         state.params, split(x), split(t), split(noise), rngs
     )
     losses = losses.reshape(b)
-    norms = jax.vmap(optax.global_norm)(grads)
+    norms = jax.vmap(optax.tree_utils.tree_norm)(grads)
     grad_norm = jnp.mean(norms)
     if optim_config.grad_clip > 0:
       scale = jnp.minimum(1.0, optim_config.grad_clip / (norms + 1e-12))
@@ -241,15 +240,15 @@ def jit_train_step(mesh: Mesh, diffusion, optim_config, state_sharding) -> Calla
 def init_state_sharded(config, model, mesh: Mesh, rng, params=None, ema_params=None) -> TrainState:
   """Creates the train state directly in its (replicated) sharding, through shapes first."""
   replicated = NamedSharding(mesh, P())
-  abstract = jax.eval_shape(functools.partial(create_train_state, config, model), rng)
+  # One optimizer object: the state's tree structure (and so its sharding tree) includes it.
+  create = functools.partial(create_train_state, config, model, tx=create_optimizer(config.optim))
+  abstract = jax.eval_shape(create, rng)
   state_sharding = jax.tree.map(lambda _: replicated, abstract)
   if params is None:
-    return jax.jit(functools.partial(create_train_state, config, model), out_shardings=state_sharding)(rng)
+    return jax.jit(create, out_shardings=state_sharding)(rng)
   params = jax.device_put(params, replicated)
   ema_params = params if ema_params is None else jax.device_put(ema_params, replicated)
-  init = jax.jit(
-      lambda r, p, e: create_train_state(config, model, r, params=p, ema_params=e), out_shardings=state_sharding
-  )
+  init = jax.jit(lambda r, p, e: create(r, params=p, ema_params=e), out_shardings=state_sharding)
   return init(rng, params, ema_params)
 
 
