@@ -226,7 +226,7 @@ class UNet(nn.Module):
     num_levels = len(self.ch_mult)
     if num_levels < 1 or any(int(m) < 1 for m in self.ch_mult):
       raise ValueError(f"ch_mult must be a non-empty sequence of positive integers, got {tuple(self.ch_mult)}.")
-    bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % GROUPS]
+    bad = [c for c in dict.fromkeys([self.ch] + [self.ch * m for m in self.ch_mult]) if c % GROUPS]
     if bad:
       raise ValueError(
           f"GroupNorm uses {GROUPS} groups, so every level's channel count ch*mult must be a multiple of {GROUPS}; "
