@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -583,3 +584,43 @@ def interpolate(
       eta=eta,
       clip_denoised=clip_denoised,
   )["samples"]
+
+
+def make_sharded_sampler(
+    diffusion: GaussianDiffusion,
+    apply_fn: Callable[..., jax.Array],
+    mesh: jax.sharding.Mesh,
+    image_shape: Sequence[int],
+    *,
+    sampler: str = "ancestral",
+    num_steps: int | None = None,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+    progressive_every: int = 0,
+    axis: str = "data",
+) -> Callable[[Any, jax.Array, jax.Array], dict[str, jax.Array]]:
+  """`sample` for a Flax network, jitted over a device mesh.
+
+  Args:
+    diffusion: the diffusion (closed over: respacing needs its concrete tables).
+    apply_fn: the network's `apply`, called as apply_fn({"params": p}, x_t, t, train=False).
+    mesh: the device mesh; the batch is sharded over `axis`, parameters replicated.
+    image_shape: [H, W, C] of one image.
+    sampler, num_steps, eta, clip_denoised, progressive_every: as in `sample`.
+    axis: the mesh axis of the batch.
+
+  Returns:
+    fn(params, rng, indices [N]) -> the dict of `sample`, sharded over `axis`;
+    N must be a multiple of the mesh size.
+  """
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
+
+  def fn(params, rng, indices):
+    def model_fn(x_t, t):
+      return apply_fn({"params": params}, x_t, t, train=False)
+
+    return sample(diffusion, model_fn, rng, indices, (indices.shape[0],) + tuple(image_shape), sampler=sampler,
+                  num_steps=num_steps, eta=eta, clip_denoised=clip_denoised, progressive_every=progressive_every)
+
+  return jax.jit(fn, in_shardings=(replicated, replicated, sharded), out_shardings=sharded)

@@ -16,7 +16,6 @@ large sample sets in chunks that survive interruption.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 from typing import Any
@@ -50,6 +49,7 @@ class LoadedModel:
   diffusion: diffusion_lib.GaussianDiffusion
   step: int
   use_ema: bool
+  cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -85,8 +85,14 @@ def load_model(path: str | os.PathLike, *, use_ema: bool = True, step: int | Non
   return model_from_config(config, params, step=step, use_ema=use_ema)
 
 
+_MESHES = {}
+
+
 def _mesh() -> Mesh:
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+  devices = tuple(jax.devices())
+  if devices not in _MESHES:
+    _MESHES[devices] = Mesh(np.asarray(devices), (DATA_AXIS,))
+  return _MESHES[devices]
 
 
 def _validate(model: LoadedModel, sampler: str, num_steps: int | None, eta: float) -> int:
@@ -101,20 +107,14 @@ def _validate(model: LoadedModel, sampler: str, num_steps: int | None, eta: floa
   return num_steps
 
 
-@functools.lru_cache(maxsize=16)
-def _sampler_fn(model_def: unet.UNet, mesh: Mesh, image_shape, sampler, num_steps, eta, clip_denoised,
-                progressive_every):
-  replicated = NamedSharding(mesh, P())
-  sharded = NamedSharding(mesh, P(DATA_AXIS))
-
-  def fn(params, diffusion, rng, indices):
-    def model_fn(x_t, t):
-      return model_def.apply({"params": params}, x_t, t, train=False)
-
-    return samplers.sample(diffusion, model_fn, rng, indices, image_shape, sampler=sampler, num_steps=num_steps,
-                           eta=eta, clip_denoised=clip_denoised, progressive_every=progressive_every)
-
-  return jax.jit(fn, in_shardings=(replicated, replicated, replicated, sharded), out_shardings=sharded)
+def _sampler_fn(model: LoadedModel, mesh: Mesh, sampler, num_steps, eta, clip_denoised, progressive_every):
+  """The compiled sampler for these settings, cached on the model object."""
+  key = (id(mesh), sampler, num_steps, eta, clip_denoised, progressive_every)
+  if key not in model.cache:
+    model.cache[key] = samplers.make_sharded_sampler(
+        model.diffusion, model.model.apply, mesh, model.image_shape, sampler=sampler, num_steps=num_steps, eta=eta,
+        clip_denoised=clip_denoised, progressive_every=progressive_every, axis=DATA_AXIS)
+  return model.cache[key]
 
 
 def _progress(iterable, total, enabled, desc):
@@ -134,10 +134,9 @@ def generate(model: LoadedModel, indices: np.ndarray, rng, *, sampler="ancestral
   padded = -(-n // mesh.size) * mesh.size
   # Pad with the following indices (their samples are computed and dropped) to fill every device.
   idx = np.concatenate([np.asarray(indices, np.int32), int(np.max(indices)) + 1 + np.arange(padded - n, dtype=np.int32)])
-  fn = _sampler_fn(model.model, mesh, model.image_shape, sampler, num_steps, float(eta),
-                   bool(clip_denoised), int(progressive_every))
+  fn = _sampler_fn(model, mesh, sampler, num_steps, float(eta), bool(clip_denoised), int(progressive_every))
   params = jax.device_put(model.params, NamedSharding(mesh, P()))
-  out = fn(params, model.diffusion, rng, jax.device_put(idx, NamedSharding(mesh, P(DATA_AXIS))))
+  out = fn(params, rng, jax.device_put(idx, NamedSharding(mesh, P(DATA_AXIS))))
   out = jax.experimental.multihost_utils.process_allgather(out, tiled=True)
   return {k: np.asarray(v)[:n] for k, v in out.items()}
 

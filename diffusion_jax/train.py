@@ -9,6 +9,7 @@ step's randomness from `fold_in(key(seed), step)`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import signal
@@ -411,7 +412,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   metrics = None
   t_last, step_last = time.time(), start_step
   step = start_step
-  with _Preemption() as preemption:
+  with _Preemption() as preemption, _closing(manager, writer):
     while step < num_steps:
       batch = global_batch(next(train_iter), mesh)
       state, metrics = step_fn(state, batch, step_rng)
@@ -445,32 +446,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if stop and not is_last:
         logging.warning("Stopped at step %d on request; the checkpoint of this step is being written.", step)
         break
-
-  manager.wait_until_finished()
-  manager.close()
-  writer.close()
   return state
 
 
-def make_sample_fn(diffusion, model: unet.UNet, mesh: Mesh, image_shape, *, sampler: str, num_steps: int,
-                   eta: float = 0.0, clip_denoised: bool = True) -> Callable:
-  """jit(params, rng, indices [N]) -> images [N, H, W, C] in [-1, 1], sharded over 'data'.
-
-  Sample i's noise depends only on (rng, i), so the images do not depend on how
-  the indices are batched or sharded.
-  """
-  replicated = NamedSharding(mesh, P())
-  sharded = NamedSharding(mesh, P(DATA_AXIS))
-
-  def fn(params, rng, indices):
-    def model_fn(x_t, t):
-      return model.apply({"params": params}, x_t, t, train=False)
-
-    out = samplers.sample(diffusion, model_fn, rng, indices, tuple(image_shape), sampler=sampler,
-                          num_steps=num_steps, eta=eta, clip_denoised=clip_denoised)
-    return out["samples"]
-
-  return jax.jit(fn, in_shardings=(replicated, replicated, sharded), out_shardings=sharded)
+@contextlib.contextmanager
+def _closing(manager, writer):
+  """Finishes pending asynchronous checkpoint writes (also when training fails), then closes."""
+  try:
+    yield
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
 
 
 def _write_sample_grid(config, diffusion, model, state, mesh, rng, step, workdir, writer) -> None:
@@ -478,10 +465,10 @@ def _write_sample_grid(config, diffusion, model, state, mesh, rng, step, workdir
   tc = config.training
   image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
   n = -(-tc.num_grid_samples // mesh.size) * mesh.size  # a multiple of the device count
-  fn = make_sample_fn(diffusion, model, mesh, image_shape, sampler=tc.grid_sampler,
-                      num_steps=min(tc.grid_num_steps, diffusion.num_timesteps))
+  fn = samplers.make_sharded_sampler(diffusion, model.apply, mesh, image_shape, sampler=tc.grid_sampler,
+                                     num_steps=min(tc.grid_num_steps, diffusion.num_timesteps), axis=DATA_AXIS)
   indices = jax.device_put(jnp.arange(n, dtype=jnp.int32), NamedSharding(mesh, P(DATA_AXIS)))
-  samples = fn(state.ema_params, rng, indices)
+  samples = fn(state.ema_params, rng, indices)["samples"]
   samples = jax.experimental.multihost_utils.process_allgather(samples, tiled=True)
   if jax.process_index() == 0:
     scale = max(1, 64 // config.data.image_size)
