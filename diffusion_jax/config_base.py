@@ -91,6 +91,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   eval_config.fid_stats_path = ""  # .npz with mu, sigma of the reference set ('' = compute from data)
   eval_config.inception_weights = ""  # local pt_inception-2015-12-05 weights ('' = cache/download)
   eval_config.seed = 1  # rng for evaluation noise and samples
+  eval_config.drop_remainder = True  # bits/dim: drop the last partial batch (the paper's protocol) instead of padding
+  eval_config.clip_denoised = True  # bits/dim: clip the x0 predictions in the bound terms (the paper's protocol)
+  eval_config.fid_split = ""  # split of the FID reference statistics ('' = data.train_split, as the paper)
+  eval_config.fid_stats_max_examples = 0  # images for the reference statistics (0 = the whole split)
+  eval_config.random_inception = False  # smoke tests only: random Inception weights, FID/IS not comparable
 
   return config
 

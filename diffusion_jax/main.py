@@ -79,13 +79,13 @@ def main(argv):
 
     sampling.sample_to_workdir(config, _WORKDIR.value)
   elif _MODE.value == "eval":
-    from diffusion_jax import evaluation  # pylint: disable=g-import-not-at-top
+    from diffusion_jax.evaluation import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
 
-    evaluation.evaluate(config, _WORKDIR.value)
+    eval_lib.evaluate(config, _WORKDIR.value)
   else:
-    from diffusion_jax import evaluation  # pylint: disable=g-import-not-at-top
+    from diffusion_jax.evaluation import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
 
-    evaluation.compute_fid_stats(config, _WORKDIR.value)
+    eval_lib.compute_fid_stats(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":
