@@ -1,0 +1,143 @@
+"""Tests of the notebook-facing sampling API and --mode=sample exports."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from configs import tiny
+
+from diffusion_jax import checkpointing
+from diffusion_jax import sampling
+from diffusion_jax import train
+
+
+def _random_params(cfg, seed=0):
+  """Tiny-UNet parameters with every tensor randomised, so the output is far from zero."""
+  model = train.build_model(cfg)
+  params = train.init_params(model, jax.random.PRNGKey(seed), (8, 8, 1))
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+  leaves = [np.asarray(x + 0.05 * jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys)]
+  return jax.tree.unflatten(treedef, leaves)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  cfg = tiny.get_config()
+  path = tmp_path_factory.mktemp("model")
+  params = _random_params(cfg)
+  ema = jax.tree.map(lambda x: x * 0.5, params)
+  checkpointing.save_model_checkpoint(path, config=cfg, params=params, ema_params=ema, step=3)
+  return path
+
+
+def test_load_model_picks_ema_or_raw(workdir):
+  ema = sampling.load_model(workdir)
+  raw = sampling.load_model(workdir, use_ema=False)
+  assert ema.step == 3 and ema.use_ema and not raw.use_ema
+  np.testing.assert_allclose(ema.params["conv_out"]["kernel"], 0.5 * raw.params["conv_out"]["kernel"], rtol=1e-6)
+  assert ema.image_shape == (8, 8, 1)
+  assert "step=3" in repr(ema)
+  # Also from the checkpoints folder and a step folder.
+  assert sampling.load_model(workdir / "checkpoints").step == 3
+  assert sampling.load_model(workdir / "checkpoints" / "3").step == 3
+
+
+def test_load_model_errors(tmp_path, workdir):
+  with pytest.raises(FileNotFoundError, match="holds no diffusion_jax checkpoint"):
+    sampling.load_model(tmp_path)
+  with pytest.raises(FileNotFoundError, match="No checkpoint of step 9"):
+    sampling.load_model(workdir, step=9)
+
+
+def test_sample_fn_is_independent_of_batch_size(workdir):
+  model = sampling.load_model(workdir)
+  rng = jax.random.PRNGKey(0)
+  a = sampling.sample_fn(model, 6, rng, sampler="ddim", num_steps=5, batch_size=8, progress=False)
+  b = sampling.sample_fn(model, 6, rng, sampler="ddim", num_steps=5, batch_size=4, progress=False)
+  assert a.dtype == np.uint8 and a.shape == (6, 8, 8, 1)
+  np.testing.assert_array_equal(a, b)
+  assert len(np.unique(a.reshape(6, -1), axis=0)) == 6  # different images per index
+  c = sampling.sample_fn(model, 6, jax.random.PRNGKey(1), sampler="ddim", num_steps=5, progress=False)
+  assert not np.array_equal(a, c)
+
+
+def test_sample_fn_ancestral_full_and_argument_errors(workdir):
+  model = sampling.load_model(workdir)
+  x = sampling.sample_fn(model, 4, jax.random.PRNGKey(0), progress=False)  # all T = 20 ancestral steps
+  assert x.shape == (4, 8, 8, 1)
+  with pytest.raises(ValueError, match="Unknown sampler 'plms'"):
+    sampling.sample_fn(model, 4, jax.random.PRNGKey(0), sampler="plms")
+  with pytest.raises(ValueError, match=r"num_steps must lie in \[1, 20\]"):
+    sampling.sample_fn(model, 4, jax.random.PRNGKey(0), num_steps=50)
+  with pytest.raises(ValueError, match="num_samples must be >= 1"):
+    sampling.sample_fn(model, 0, jax.random.PRNGKey(0))
+
+
+def test_progressive_and_interpolation(workdir):
+  model = sampling.load_model(workdir)
+  prog = sampling.progressive_fn(model, 2, jax.random.PRNGKey(0), every=5)
+  assert prog["pred_xstart"].shape == (2, 4, 8, 8, 1) and prog["pred_xstart"].dtype == np.uint8
+  np.testing.assert_array_equal(prog["pred_xstart"][:, -1], prog["samples"])
+  x1 = np.zeros((8, 8, 1), np.uint8)
+  x2 = np.full((8, 8, 1), 255, np.uint8)
+  out = sampling.interpolate_fn(model, x1, x2, jax.random.PRNGKey(0), lambdas=[0.0, 0.5, 1.0], t=10,
+                                sampler="ddim", num_steps=10)
+  assert out.shape == (3, 8, 8, 1)
+  with pytest.raises(ValueError, match=r"x1 has shape \(4, 4, 1\)"):
+    sampling.interpolate_fn(model, np.zeros((4, 4, 1), np.uint8), x2, jax.random.PRNGKey(0))
+
+
+def test_save_image_grid_never_overwrites(tmp_path):
+  images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
+  path = sampling.save_image_grid(images, tmp_path / "g.png", scale=2)
+  from PIL import Image
+
+  grid = np.asarray(Image.open(path))
+  assert grid.shape == (2 * (16 + 2) + 2, 3 * (16 + 2) + 2)
+  np.testing.assert_array_equal(grid[2:18, 2:18], images[0, :, :, 0].repeat(2, 0).repeat(2, 1))
+  with pytest.raises(FileExistsError, match="refusing to overwrite"):
+    sampling.save_image_grid(images, path)
+
+
+def test_chunked_export_resumes_without_gaps_or_duplicates(workdir, tmp_path):
+  model = sampling.load_model(workdir)
+  rng = jax.random.PRNGKey(0)
+  kw = dict(sampler="ddim", num_steps=4, eta=0.0, clip_denoised=True, chunk_size=4, progress=False)
+  full = sampling.read_sample_chunks(sampling.write_sample_chunks(model, tmp_path / "full", 10, rng, **kw))
+  assert full.shape == (10, 8, 8, 1)
+
+  # An interrupted export: two chunks written, one lost mid-write (a stray temporary file).
+  out = tmp_path / "resumed"
+  paths = sampling.write_sample_chunks(model, out, 8, rng, **kw)
+  paths[1].rename(out / (paths[1].name + ".tmp"))
+  first_mtime = os.stat(paths[0]).st_mtime_ns
+  paths = sampling.write_sample_chunks(model, out, 10, rng, **kw)
+  assert [p.name for p in paths] == ["samples_0000000_0000004.npz", "samples_0000004_0000008.npz",
+                                     "samples_0000008_0000010.npz"]
+  assert os.stat(paths[0]).st_mtime_ns == first_mtime  # finished chunks are kept, not rewritten
+  resumed = sampling.read_sample_chunks(paths)
+  np.testing.assert_array_equal(resumed, full)
+  indices = np.concatenate([np.load(p)["indices"] for p in paths])
+  np.testing.assert_array_equal(indices, np.arange(10))
+
+
+def test_sample_to_workdir_writes_grid_progressive_and_chunks(workdir, tmp_path):
+  import shutil
+
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  cfg = checkpointing.read_config(run)
+  cfg.sampling.sampler = "ddim"
+  cfg.sampling.num_steps = 5
+  cfg.sampling.num_samples = 6
+  cfg.sampling.batch_size = 4
+  out = sampling.sample_to_workdir(cfg, run)
+  assert out.name == "step_3_ddim_5steps_eta0"
+  names = sorted(p.name for p in out.iterdir())
+  assert names == ["grid.png", "progressive.png", "samples_0000000_0000004.npz", "samples_0000004_0000006.npz"]
+  # A second run finds everything done and changes nothing.
+  before = {p.name: os.stat(p).st_mtime_ns for p in out.iterdir()}
+  sampling.sample_to_workdir(cfg, run)
+  assert {p.name: os.stat(p).st_mtime_ns for p in out.iterdir()} == before
