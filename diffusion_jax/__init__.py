@@ -14,6 +14,7 @@ _EXPORTS = {
     "load_model": "diffusion_jax.sampling",
     "sample_fn": "diffusion_jax.sampling",
     "interpolate_fn": "diffusion_jax.sampling",
+    "progressive_fn": "diffusion_jax.sampling",
     "save_image_grid": "diffusion_jax.sampling",
     "LoadedModel": "diffusion_jax.sampling",
     "GaussianDiffusion": "diffusion_jax.diffusion",
