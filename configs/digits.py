@@ -17,7 +17,7 @@ def get_config():
   config.data.image_size = 8
   config.data.channels = 1
   config.data.random_flip = False  # digits are not mirror-symmetric
-  config.model.ch = 64
+  config.model.ch = 32
   config.model.ch_mult = (1, 2)
   config.model.num_res_blocks = 2
   config.model.attn_resolutions = (4,)
@@ -26,11 +26,11 @@ def get_config():
   config.optim.warmup_steps = 100
   config.optim.clip_groups = 1
   config.optim.ema_decay = 0.995
-  config.training.batch_size = 128
-  config.training.num_train_steps = 3000
+  config.training.batch_size = 64
+  config.training.num_train_steps = 2000
   config.training.log_every = 100
-  config.training.checkpoint_every = 1000
-  config.training.sample_every = 1000
+  config.training.checkpoint_every = 500
+  config.training.sample_every = 500
   config.training.num_grid_samples = 64
   config.training.grid_sampler = "ddim"
   config.training.grid_num_steps = 50
