@@ -5,23 +5,31 @@ A workdir holds everything of a run:
   workdir/config.json       the resolved config of the run
   workdir/checkpoints/N/    Orbax checkpoint of step N: item `state` (the train
                             state, or {step, params, ema_params} for imported
-                            weights) and, for training runs, item `data` (the
-                            input iterator's position)
+                            weights), item `integrity` (a checksum of every
+                            array of `state`) and, for training runs, item
+                            `data` (the input iterator's position)
+  workdir/corrupt_checkpoints/N/  unreadable checkpoints a training run set aside
   workdir/tensorboard/, samples/, eval/
 
 Orbax writes each checkpoint to a temporary directory and renames it when
 complete, so a checkpoint interrupted mid-write never shows up as a step; a
-step that is present but unreadable is reported and the previous one used.
+step that is present but unreadable (missing, truncated or garbled files: the
+checksums catch what the storage format does not) is reported and the previous
+one used.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import logging
 from etils import epath
@@ -32,6 +40,8 @@ CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
 DATA_ITEM = "data"
+INTEGRITY_ITEM = "integrity"
+CORRUPT_DIR = "corrupt_checkpoints"
 
 # Config fields a run may change when it continues from a workdir; everything
 # else (data, model, diffusion, optimizer) must match the saved config.
@@ -131,8 +141,69 @@ def create_manager(
       max_to_keep=max_to_keep,
       create=True,
       enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,  # leftovers of saves cut short (kill -9, preemption)
   )
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=item_handlers)
+
+
+def _leaf_name(path) -> str:
+  """'params.down_0.block_0.conv1.kernel': the same for a TrainState and the dicts Orbax restores it as."""
+  parts = []
+  for key in path:
+    for attr in ("name", "key", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return ".".join(parts)
+
+
+def _leaf_checksum(x) -> jax.Array:
+  """Σ bits(xᵢ)·wᵢ mod 2³² with odd weights wᵢ: any change of one element changes it; exact on any device."""
+  x = jnp.asarray(x)
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  else:
+    unsigned = {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32)
+    bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  bits = bits.reshape(-1)
+  weights = (jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)) * jnp.uint32(0x9E3779B1)
+  return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+@jax.jit
+def _checksums(leaves):
+  return [_leaf_checksum(x) for x in leaves]
+
+
+def checksums(tree: Any) -> dict[str, int]:
+  """A 32-bit checksum of every array of `tree`, by dotted leaf name; computed where the arrays live."""
+  paths_and_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  values = jax.device_get(_checksums([leaf for _, leaf in paths_and_leaves]))
+  return {_leaf_name(path): int(v) for (path, _), v in zip(paths_and_leaves, values)}
+
+
+def integrity_save_args(state: Any):
+  """The `integrity` item of a checkpoint of `state` (an `ocp.args.Composite` entry)."""
+  return ocp.args.JsonSave({STATE_ITEM: checksums(state)})
+
+
+def _verify_integrity(step: int, restored: Any) -> None:
+  expected = restored[INTEGRITY_ITEM][STATE_ITEM]
+  actual = checksums(restored[STATE_ITEM])
+  bad = sorted(k for k in expected if actual.get(k) != expected[k])
+  if bad:
+    listed = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    raise ValueError(f"checksum mismatch in {len(bad)} of {len(expected)} arrays ({listed}): the files of "
+                     f"step {step} were changed after they were written")
+
+
+def _short(error: BaseException, limit: int = 400) -> str:
+  """The first line of an error, shortened: TensorStore errors carry pages of JSON specs."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+  text = text if len(text) <= limit else text[:limit] + " …"
+  return f"{type(error).__name__}: {text}"
 
 
 def restore_latest(
@@ -140,31 +211,132 @@ def restore_latest(
 ) -> tuple[int, Any] | None:
   """Restores the newest readable checkpoint; returns (step, restored) or None if there is none.
 
-  A checkpoint that fails to restore (truncated or corrupt files) is reported
-  with a warning and the next older one is tried; if none is readable the
-  error names every step tried.
+  A checkpoint that fails to restore (missing, truncated or corrupt files, or
+  arrays whose checksums no longer match the `integrity` item written with
+  them) is reported with a warning and the next older one is tried; if none is
+  readable the error names every step tried.
 
   Args:
     manager: the checkpoint manager.
-    make_args: step -> `ocp.args.Composite` to restore with.
+    make_args: step -> `ocp.args.Composite` to restore with. The `integrity`
+      item, where the checkpoint has one, is added and checked here.
     steps: the steps to consider (default: all, newest first).
   """
   steps = sorted(manager.all_steps() if steps is None else steps, reverse=True)
   errors = []
   for step in steps:
     try:
-      restored = manager.restore(step, args=make_args(step))
+      args = make_args(step)
+      check = (INTEGRITY_ITEM not in args and STATE_ITEM in args
+               and (epath.Path(manager.directory) / str(step) / INTEGRITY_ITEM).exists())
+      if check:
+        args = ocp.args.Composite(**dict(args.items()), **{INTEGRITY_ITEM: ocp.args.JsonRestore()})
+      restored = manager.restore(step, args=args)
+      if check:
+        _verify_integrity(step, restored)
     except Exception as e:  # noqa: BLE001 - any failure to read marks the checkpoint as bad
-      logging.warning("Checkpoint at step %d in %s cannot be restored (%s: %s); trying an older one.",
-                      step, manager.directory, type(e).__name__, e)
-      errors.append(f"step {step}: {type(e).__name__}: {e}")
+      logging.warning("Checkpoint of step %d in %s is unreadable and is skipped: %s. Trying an older one.",
+                      step, manager.directory, _short(e))
+      errors.append(f"step {step}: {_short(e)}")
       continue
     if errors:
-      logging.warning("Resumed from step %d after skipping %d unreadable checkpoint(s).", step, len(errors))
+      logging.warning("Using the checkpoint of step %d after skipping %d unreadable newer checkpoint(s) (steps %s).",
+                      step, len(errors), ", ".join(e.split(":")[0].split()[1] for e in errors))
     return step, restored
   if errors:
-    raise RuntimeError(f"No checkpoint in {manager.directory} could be restored:\n  " + "\n  ".join(errors))
+    raise RuntimeError(f"No checkpoint in {manager.directory} could be restored:\n  " + "\n  ".join(errors) +
+                       f"\nRestore the files from a backup, or move {manager.directory} aside to start over.")
   return None
+
+
+def _copy_tree(src: epath.Path, dest: epath.Path) -> None:
+  dest.mkdir(parents=True, exist_ok=True)
+  for child in src.iterdir():
+    if child.is_dir():
+      _copy_tree(child, dest / child.name)
+    else:
+      child.copy(dest / child.name)
+
+
+def set_aside(manager: ocp.CheckpointManager, steps: Sequence[int]) -> None:
+  """Moves unreadable checkpoints to workdir/corrupt_checkpoints/ so the run can write those steps again.
+
+  Every process calls this; process 0 moves the files (on object stores that
+  cannot rename directories: copies, then deletes them).
+  """
+  directory = epath.Path(manager.directory)
+  if steps and jax.process_index() == 0:
+    dest_root = directory.parent / CORRUPT_DIR
+    for step in steps:
+      src = directory / str(step)
+      dest, n = dest_root / str(step), 1
+      while dest.exists():
+        dest, n = dest_root / f"{step}.{n}", n + 1
+      dest_root.mkdir(parents=True, exist_ok=True)
+      try:
+        src.rename(dest)
+      except Exception:  # noqa: BLE001 - object stores may not rename directories: copy, then delete
+        _copy_tree(src, dest)
+        src.rmtree()
+      logging.warning("Moved the unreadable checkpoint %s to %s.", src, dest)
+  if steps and jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    multihost_utils.sync_global_devices("diffusion_jax.checkpointing.set_aside")
+  manager.reload()
+
+
+# ----------------------------------------------------------------------------
+# Early checks of a workdir.
+# ----------------------------------------------------------------------------
+
+
+def _is_local(path: epath.Path) -> bool:
+  return "://" not in os.fspath(path)
+
+
+def _format_bytes(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if n < 1024 or unit == "TiB":
+      return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    n /= 1024
+  raise AssertionError
+
+
+def check_workdir(workdir: str | os.PathLike, *, checkpoint_bytes: int = 0) -> None:
+  """Fails early, naming the fix, if the workdir cannot be written or has no room for checkpoints.
+
+  Every process writes and removes a small probe file in the workdir (creating
+  it if needed). For local paths the free space must hold two checkpoints of
+  `checkpoint_bytes` each; object stores (gs://) are not measured.
+
+  Raises:
+    PermissionError: the workdir cannot be created or written.
+    OSError: (errno ENOSPC) not enough free space.
+  """
+  workdir = epath.Path(workdir)
+  probe = workdir / f".write_probe.{jax.process_index()}.{uuid.uuid4().hex}"
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe.write_text("diffusion_jax write probe\n")
+    probe.unlink()
+  except OSError as e:
+    raise PermissionError(
+        f"The workdir {workdir} is not writable ({e.strerror or _short(e)}). Checkpoints, logs and samples are written "
+        "there: choose a writable --workdir, or fix the permissions or mount (read-only file system?)."
+    ) from e
+  if not _is_local(workdir) or checkpoint_bytes <= 0:
+    return
+  free = shutil.disk_usage(os.fspath(workdir)).free
+  needed = 2 * checkpoint_bytes
+  if free < needed:
+    raise OSError(
+        errno.ENOSPC,
+        f"Not enough free space for the workdir {workdir}: {_format_bytes(free)} free, but two checkpoints need about "
+        f"{_format_bytes(needed)} ({_format_bytes(checkpoint_bytes)} each). Free some space or choose another "
+        "--workdir.",
+        os.fspath(workdir),
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -198,7 +370,8 @@ def save_model_checkpoint(
   if step in manager.all_steps():
     raise FileExistsError(f"{checkpoint_dir(directory) / str(step)} already exists; refusing to overwrite it.")
   tree = dict(step=step, params=params, ema_params=params if ema_params is None else ema_params)
-  manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(tree)}))
+  manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(tree),
+                                                INTEGRITY_ITEM: integrity_save_args(tree)}))
   manager.wait_until_finished()
   manager.close()
   return checkpoint_dir(directory) / str(step)
@@ -217,6 +390,24 @@ def _find_workdir(path: epath.Path) -> tuple[epath.Path, int | None]:
       "its checkpoints/ folder, or one checkpoints/<step> folder. To use released weights, convert them first "
       "(python -m diffusion_jax.convert --help)."
   )
+
+
+def _host_target(manager: ocp.CheckpointManager, step: int) -> Any:
+  """A restore target that puts every saved array whole on this process's first device.
+
+  A checkpoint records the device mesh it was written from; restoring without a
+  target only works on the same topology. With this target a checkpoint from a
+  TPU pod slice or several GPU hosts loads on one CPU, and vice versa.
+  """
+  metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(manager.directory) / str(step) / STATE_ITEM)
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def leaf(m):
+    if isinstance(m, ocp.metadata.ArrayMetadata):
+      return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding)
+    return m
+
+  return jax.tree.map(leaf, metadata)
 
 
 def load_params(
@@ -242,8 +433,8 @@ def load_params(
   if step is not None and step not in manager.all_steps():
     raise FileNotFoundError(f"No checkpoint of step {step} in {checkpoint_dir(workdir)}; present: {manager.all_steps()}.")
 
-  def args(_):
-    return ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore()})
+  def args(step):
+    return ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(_host_target(manager, step))})
 
   found = restore_latest(manager, args, steps=None if step is None else [step])
   manager.close()

@@ -11,6 +11,7 @@ results; running the same command again continues the run.
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -18,14 +19,20 @@ from absl import logging
 from ml_collections import config_flags
 
 MODES = ("train", "sample", "eval", "fid_stats")
+# Exit status of a training run stopped by SIGTERM/SIGINT or a preemption notice once the checkpoint of its
+# last step is written: EX_TEMPFAIL, "try again later". Schedulers that restart failed jobs (Kubernetes,
+# a retry loop) then continue the run; a finished run exits with 0.
+EXIT_PREEMPTED = 75
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run: checkpoints, logs, samples, eval results.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do with the workdir.")
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 for multi-process GPU runs (TPU VMs and SLURM need none).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+    "coordinator_address", None,
+    "host:port of process 0 for multi-process GPU runs ($JAX_COORDINATOR_ADDRESS; TPU VMs and srun need none).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes of a multi-process run ($JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run ($JAX_PROCESS_ID).")
 
 
 def _hide_accelerators_from_tensorflow() -> None:
@@ -41,18 +48,62 @@ def _hide_accelerators_from_tensorflow() -> None:
     pass
 
 
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  if value is None or value == "":
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise app.UsageError(f"${name}={value!r} is not an integer.") from None
+
+
+def _detect_cluster() -> str | None:
+  """Names the multi-process environment `jax.distributed.initialize()` sets itself up from, if any."""
+  if (_env_int("SLURM_STEP_NUM_TASKS") or 1) > 1 and "SLURM_STEP_NODELIST" in os.environ:
+    return "SLURM (srun)"  # inside a job step, one task per process
+  if (_env_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
+    return "Open MPI"
+  try:
+    from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
+
+    on_tpu_vm = bool(cloud_tpu_init.running_in_cloud_tpu_vm)
+  except ImportError:
+    on_tpu_vm = False
+  if on_tpu_vm or "TPU_WORKER_HOSTNAMES" in os.environ:
+    return "Cloud TPU VM"
+  return None
+
+
 def _initialize_distributed() -> None:
+  """Joins a multi-process run: explicit flags (or $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID),
+  else an environment JAX recognises (TPU VM pod slice, srun, Open MPI); otherwise runs as one process."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  if _COORDINATOR.value or _NUM_PROCESSES.value:
-    jax.distributed.initialize(
-        coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
-    )
-  elif any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")):
-    try:
-      jax.distributed.initialize()  # auto-detected cluster (TPU VM pod slice, SLURM, Open MPI)
-    except (RuntimeError, ValueError) as e:
-      logging.warning("jax.distributed.initialize() found no cluster (%s); running as a single process.", e)
+  coordinator = _COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+  num_processes = _NUM_PROCESSES.value if _NUM_PROCESSES.value is not None else _env_int("JAX_NUM_PROCESSES")
+  process_id = _PROCESS_ID.value if _PROCESS_ID.value is not None else _env_int("JAX_PROCESS_ID")
+  explicit = any(v is not None for v in (coordinator, num_processes, process_id))
+  cluster = None if explicit else _detect_cluster()
+  if not explicit and cluster is None:
+    return
+  # Cross-process collectives on CPU need an implementation (gloo is the default from JAX 0.5 on).
+  if jax.config.jax_cpu_collectives_implementation is None:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  where = (f"coordinator {coordinator}, {num_processes} processes, process id {process_id}" if explicit
+           else f"auto-detected {cluster}")
+  logging.info("Starting the multi-process run (%s).", where)
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+  except Exception as e:  # noqa: BLE001 - JAX raises several types; every one means the run cannot start
+    raise RuntimeError(
+        f"Could not join the multi-process run ({where}): {type(e).__name__}: {e}\n"
+        "Start every process with the same --coordinator_address=HOST:PORT (a free port on the host of process 0), "
+        "--num_processes=N and its own --process_id=0..N-1 (or run under srun, or on a TPU VM); "
+        "for a single process pass none of them."
+    ) from e
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)  # process 0 reports; the others only warn
 
 
 def main(argv):
@@ -73,7 +124,13 @@ def main(argv):
   if _MODE.value == "train":
     from diffusion_jax import train  # pylint: disable=g-import-not-at-top
 
-    train.train_and_evaluate(config, _WORKDIR.value)
+    state = train.train_and_evaluate(config, _WORKDIR.value)
+    step = int(state.step)
+    if step < config.training.num_train_steps:
+      logging.warning("Training stopped early at step %d of %d; the checkpoint of step %d is complete. Run the same "
+                      "command again to continue. Exit status %d.", step, config.training.num_train_steps, step,
+                      EXIT_PREEMPTED)
+      sys.exit(EXIT_PREEMPTED)
   elif _MODE.value == "sample":
     from diffusion_jax import sampling  # pylint: disable=g-import-not-at-top
 

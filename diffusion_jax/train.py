@@ -222,7 +222,10 @@ def train_step(
 
 
 def make_mesh(devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
+  """A 1-D mesh over `devices` (default: every device of every process, grouped by process)."""
+  if devices is None:
+    # Process p then holds rows [p·B/P, (p+1)·B/P) of every global batch (see `global_batch`).
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
@@ -253,10 +256,30 @@ def init_state_sharded(config, model, mesh: Mesh, rng, params=None, ema_params=N
   return init(rng, params, ema_params)
 
 
-def global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """This process's part of the batch → one global array sharded over 'data'."""
+@functools.cache
+def _interleave(mesh: Mesh, num_processes: int) -> Callable:
+  """[P, B/P] rows in process order → the examples' order in the global stream (rows j·P + p)."""
   sharding = NamedSharding(mesh, P(DATA_AXIS))
-  return {"image": jax.make_array_from_process_local_data(sharding, np.asarray(batch["image"]))}
+
+  def interleave(x):
+    return x.reshape((num_processes, x.shape[0] // num_processes) + x.shape[1:]).swapaxes(0, 1).reshape(x.shape)
+
+  return jax.jit(interleave, out_shardings=sharding, donate_argnums=0)
+
+
+def global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's part of the batch → one global array sharded over 'data'.
+
+  Process p of P reads examples p, p + P, … of each global batch (the input
+  pipeline's sharding); on several processes they are put back in stream order
+  so that every example meets the same timestep and noise, and training gives
+  the same result, whatever the number of processes.
+  """
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  image = jax.make_array_from_process_local_data(sharding, np.asarray(batch["image"]))
+  if jax.process_count() > 1:
+    image = _interleave(mesh, jax.process_count())(image)
+  return {"image": image}
 
 
 # ----------------------------------------------------------------------------
@@ -264,37 +287,80 @@ def global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
 # ----------------------------------------------------------------------------
 
 
+def _preemption_service_running() -> bool:
+  """Whether JAX's preemption service runs (started by `jax.distributed.initialize`)."""
+  try:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  state = distributed.global_state
+  return getattr(state, "client", None) is not None and getattr(state, "preemption_sync_manager", None) is not None
+
+
 class _Preemption:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between steps; a second signal is ignored."""
+  """Stop requests: SIGTERM/SIGINT and the cluster's preemption notices, as one decision per step.
+
+  On one process, SIGTERM and SIGINT set a flag that the loop reads after each
+  step. On several processes every process must stop (and save) at the same
+  step. JAX's preemption service, started by `jax.distributed.initialize`,
+  catches SIGTERM on any process and agrees on a step with the others;
+  `reached_preemption_sync_point` reads that decision without communication,
+  so it is asked at every step. Other stop signals (SIGINT, or SIGTERM where the
+  service is off) are shared at the steps where the loop talks to the host
+  anyway (logging and checkpoint steps). Signals after the first are ignored
+  while the checkpoint is written.
+  """
 
   def __init__(self):
     self.requested = threading.Event()
+    self.reason = None
     self._previous = {}
+    self._service = False
 
   def __enter__(self):
+    self._service = jax.process_count() > 1 and _preemption_service_running()
+    # With the service, SIGTERM stays with JAX's own handler.
+    signals = (signal.SIGINT,) if self._service else (signal.SIGTERM, signal.SIGINT)
     if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
+      for sig in signals:
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
     del frame
-    if not self.requested.is_set():
-      logging.warning("Received signal %d: checkpointing the current step, then exiting.", signum)
+    name = signal.Signals(signum).name
+    if self.requested.is_set():
+      logging.warning("Received %s again: still writing the checkpoint before exiting (kill -9 aborts at once; "
+                      "the previous checkpoint stays intact).", name)
+      return
+    self.reason = f"received {name}"
+    logging.warning("Received %s: training stops after this step and writes its checkpoint.", name)
     self.requested.set()
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
-  def should_stop(self, step: int) -> bool:
-    stop = self.requested.is_set()
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
+  def should_stop(self, step: int, *, sync: bool) -> bool:
+    """Whether to save and stop after `step`; the same answer on every process.
 
-      # Every process must stop (and save) at the same step.
-      stop = bool(np.any(multihost_utils.process_allgather(np.asarray(stop))))
-      stop = stop or multihost_utils.reached_preemption_sync_point(step)
+    Args:
+      step: the step just dispatched.
+      sync: whether this is a step at which all processes exchange their stop
+        flags (must be the same on all processes).
+    """
+    if jax.process_count() == 1:
+      return self.requested.is_set()
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    stop = False
+    if self._service and multihost_utils.reached_preemption_sync_point(step):
+      stop, self.reason = True, "preemption notice (SIGTERM) to one of the processes"
+    if sync:
+      flags = multihost_utils.process_allgather(np.asarray(self.requested.is_set()))
+      if np.any(flags) and not stop:
+        stop = True
+        self.reason = self.reason or f"stop signal on process(es) {np.flatnonzero(flags).tolist()}"
     return stop
 
 
@@ -359,14 +425,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """
   workdir = epath.Path(workdir)
   validate_config(config)
-  checkpointing.write_config(workdir, config)
   tc = config.training
 
   diffusion = build_diffusion(config)
   model = build_model(config, diffusion)
-  mesh = make_mesh()
   rng = jax.random.PRNGKey(tc.seed)
   init_rng, step_rng, sample_rng = jax.random.split(rng, 3)
+  # Fail before any compilation on a workdir that cannot take the run's checkpoints.
+  abstract = jax.eval_shape(functools.partial(create_train_state, config, model, tx=create_optimizer(config.optim)),
+                            init_rng)
+  checkpoint_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+  checkpointing.check_workdir(workdir, checkpoint_bytes=checkpoint_bytes)
+  checkpointing.write_config(workdir, config)
+  mesh = make_mesh()
 
   train_iter = input_pipeline.create_train_iterator(config, seed=tc.seed)
   state = init_state_sharded(config, model, mesh, init_rng)
@@ -382,10 +453,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     })
 
   found = checkpointing.restore_latest(manager, restore_args)
+  if jax.process_count() > 1:
+    steps = jax.experimental.multihost_utils.process_allgather(np.asarray(-1 if found is None else found[0]))
+    if len(set(np.asarray(steps).tolist())) != 1:
+      raise RuntimeError(
+          f"The processes found different checkpoints to resume from (steps by process: {steps.tolist()}, -1: "
+          f"none) in {checkpointing.checkpoint_dir(workdir)}. The workdir must be storage that every process sees "
+          "the same (a bucket or a shared file system).")
   if found is not None:
     start_step, restored = found
     state = restored[checkpointing.STATE_ITEM]
     logging.info("Resumed from the checkpoint of step %d in %s.", start_step, workdir)
+    # Unreadable newer checkpoints go aside, so these steps can be written again.
+    checkpointing.set_aside(manager, [s for s in manager.all_steps() if s > start_step])
   else:
     start_step = 0
     if tc.get("init_from"):
@@ -404,6 +484,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     manager.save(step, args=ocp.args.Composite(**{
         checkpointing.STATE_ITEM: ocp.args.StandardSave(state),
         checkpointing.DATA_ITEM: input_pipeline.train_checkpoint_args(train_iter),
+        checkpointing.INTEGRITY_ITEM: checkpointing.integrity_save_args(state),
     }), force=True)
     last_saved = step
 
@@ -421,7 +502,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       is_last = step == num_steps
       want_log = step % tc.log_every == 0 or is_last
       want_ckpt = step % tc.checkpoint_every == 0 or is_last
-      stop = preemption.should_stop(step)
+      stop = preemption.should_stop(step, sync=want_log or want_ckpt)
+      if stop and not is_last:
+        logging.warning("Stopping at step %d (%s): writing the checkpoint of step %d, then exiting.", step,
+                        preemption.reason, step)
       if want_log or want_ckpt or stop:
         host_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         _check_finite(step, host_metrics, last_saved, workdir)
@@ -444,8 +528,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if tc.sample_every and (step % tc.sample_every == 0 or is_last):
         _write_sample_grid(config, diffusion, model, state, mesh, sample_rng, step, workdir, writer)
       if stop and not is_last:
-        logging.warning("Stopped at step %d on request; the checkpoint of this step is being written.", step)
         break
+  if step < num_steps:
+    logging.warning("Stopped at step %d of %d; the checkpoint of step %d is complete in %s.", step, num_steps, step,
+                    checkpointing.checkpoint_dir(workdir))
   return state
 
 
