@@ -130,6 +130,10 @@ def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) 
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+  """workdir/checkpoints, made absolute for local paths (Orbax requires absolute paths)."""
+  workdir = os.fspath(workdir)
+  if "://" not in workdir:
+    workdir = os.path.abspath(workdir)
   return epath.Path(workdir) / CHECKPOINT_DIR
 
 

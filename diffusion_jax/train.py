@@ -546,13 +546,20 @@ def _closing(manager, writer):
     writer.close()
 
 
+_GRID_SAMPLERS = {}
+
+
 def _write_sample_grid(config, diffusion, model, state, mesh, rng, step, workdir, writer) -> None:
   """Samples a grid with the EMA parameters (fast sampler) and writes it as PNG and to TensorBoard."""
   tc = config.training
   image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
   n = -(-tc.num_grid_samples // mesh.size) * mesh.size  # a multiple of the device count
-  fn = samplers.make_sharded_sampler(diffusion, model.apply, mesh, image_shape, sampler=tc.grid_sampler,
-                                     num_steps=min(tc.grid_num_steps, diffusion.num_timesteps), axis=DATA_AXIS)
+  key = (id(diffusion), model, id(mesh), image_shape, tc.grid_sampler, tc.grid_num_steps)
+  if key not in _GRID_SAMPLERS:  # one compilation per run, not one per grid
+    _GRID_SAMPLERS[key] = samplers.make_sharded_sampler(
+        diffusion, model.apply, mesh, image_shape, sampler=tc.grid_sampler,
+        num_steps=min(tc.grid_num_steps, diffusion.num_timesteps), axis=DATA_AXIS)
+  fn = _GRID_SAMPLERS[key]
   indices = jax.device_put(jnp.arange(n, dtype=jnp.int32), NamedSharding(mesh, P(DATA_AXIS)))
   samples = fn(state.ema_params, rng, indices)["samples"]
   samples = jax.experimental.multihost_utils.process_allgather(samples, tiled=True)
