@@ -17,17 +17,12 @@ GPU:
 
 from __future__ import annotations
 
-import time
-
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
 from benchmarks import harness
+from benchmarks import programs
 from diffusion_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar.py", "The model/diffusion config.",
@@ -58,39 +53,15 @@ def main(argv):
   config = config.copy_and_resolve_references()
   config.unlock()
   config.diffusion.num_timesteps = num_terms
-  _, model, params, image_shape = harness.model_and_params(config, _DTYPE.value)
+  _, model, params, image_shape = programs.model_and_params(config, _DTYPE.value)
   diffusion = train.build_diffusion(config)
-  flops_call = harness.forward_flops(model, params, batch_size, image_shape)
+  flops_call = programs.forward_flops(model, params, batch_size, image_shape)
 
-  mesh = train.make_mesh()
-  replicated = NamedSharding(mesh, P())
-  sharded = NamedSharding(mesh, P(train.DATA_AXIS))
-
-  def fn(params, diffusion, images, rng):
-    def model_fn(x_t, t):
-      return model.apply({"params": params}, x_t, t, train=False)
-
-    return jnp.mean(diffusion.calc_bpd_loop(model_fn, images, rng, clip_denoised=True)["total_bpd"])
-
-  jitted = jax.jit(fn, in_shardings=(replicated, replicated, sharded, replicated), out_shardings=replicated)
-  images = np.random.default_rng(0).uniform(-1, 1, (batch_size,) + image_shape).astype(np.float32)
-  images = jax.device_put(images, sharded)
-  params = jax.device_put(params, replicated)
-  diffusion = jax.device_put(diffusion, replicated)
-  rng = jax.random.PRNGKey(1)
   print(f"Compiling calc_bpd_loop ({num_terms} terms, batch {batch_size})...", flush=True)
-  t0 = time.perf_counter()
-  compiled = jitted.lower(params, diffusion, images, rng).compile()
-  compile_s = time.perf_counter() - t0
+  c = programs.bpd_loop(model, params, diffusion, image_shape, batch_size)
+  compile_s = c.info["compile_s"]
   print(f"  compiled in {compile_s:.1f} s")
-
-  def run(n):
-    for _ in range(n):
-      out = compiled(params, diffusion, images, rng)
-    jax.block_until_ready(out)
-
-  name = f"jax calc_bpd_loop ({num_terms} terms)"
-  c = harness.Contender(name, run, batch_size * num_terms, None, {"compile_s": compile_s})
+  name = c.name
   r = harness.time_interleaved([c], warmup=1, windows=_REPEATS.value, per_window=1)[name]
   sec_per_term = r["seconds_per_run"] / num_terms
   achieved = flops_call / sec_per_term if flops_call else None

@@ -1,4 +1,4 @@
-"""What every benchmark shares: the network under test, the environment, device peaks, XLA FLOP counts, timing.
+"""What every benchmark shares: the environment, device peaks, XLA FLOP counts, interleaved timing, output.
 
 Timing protocol. Each contender (a JAX program, a PyTorch baseline) is warmed
 up, then timed in windows of a few steps that end with a device sync
@@ -22,9 +22,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-
-from diffusion_jax import train as train_lib
 
 # Dense peak TFLOP/s per chip by `device_kind` substring (first match wins), as (bfloat16, float32).
 # GPUs: NVIDIA's dense (no sparsity) tensor-core figure for bf16 and the plain FP32 (non-tensor-core) figure;
@@ -73,26 +70,6 @@ def compiled_flops(compiled) -> float | None:
     return None
   flops = analysis.get("flops")
   return float(flops) if flops is not None and flops > 0 else None
-
-
-def model_and_params(config, dtype: str):
-  """(diffusion, model, random float32 params) of the config with activation dtype `dtype`."""
-  config = config.copy_and_resolve_references()
-  config.unlock()
-  config.model.dtype = dtype
-  diffusion = train_lib.build_diffusion(config)
-  model = train_lib.build_model(config, diffusion)
-  image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
-  params = jax.jit(train_lib.init_params, static_argnums=(0, 2))(model, jax.random.PRNGKey(0), image_shape)
-  return diffusion, model, params, image_shape
-
-
-def forward_flops(model, params, batch_size: int, image_shape) -> float | None:
-  """FLOPs of one network call at this batch (XLA's cost analysis; loops hide their trip count, calls do not)."""
-  x = jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), jnp.float32)
-  t = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
-  fn = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False))
-  return compiled_flops(fn.lower(params, x, t).compile())
 
 
 def environment() -> dict[str, Any]:

@@ -16,19 +16,13 @@ GPU (the paper's 256 samples × 1000 ancestral steps, measured in full):
 
 from __future__ import annotations
 
-import time
-
 import jax
-import jax.numpy as jnp
 from absl import app, flags
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
 from benchmarks import harness
+from benchmarks import programs
 from benchmarks import torch_baseline
-from diffusion_jax import samplers
-from diffusion_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar.py", "The model/diffusion config.",
                                           lock_config=True)
@@ -46,27 +40,6 @@ _JSON_OUT = flags.DEFINE_string("json_out", "", "Write the results here as JSON.
 REFERENCE_SAMPLES = 256  # the paper's sampling batch for the reported cost (256 images x T steps)
 
 
-def jax_contender(name, diffusion, model, params, image_shape, batch_size, sampler, num_steps, flops_per_call):
-  mesh = train.make_mesh()
-  fn = samplers.make_sharded_sampler(diffusion, model.apply, mesh, image_shape, sampler=sampler,
-                                     num_steps=num_steps)
-  params = jax.device_put(params, NamedSharding(mesh, P()))
-  indices = jax.device_put(jnp.arange(batch_size, dtype=jnp.int32), NamedSharding(mesh, P(train.DATA_AXIS)))
-  rng = jax.random.PRNGKey(1)
-  t0 = time.perf_counter()
-  compiled = fn.lower(params, rng, indices).compile()
-  compile_s = time.perf_counter() - t0
-
-  def run(n):
-    for _ in range(n):
-      out = compiled(params, rng, indices)
-    jax.block_until_ready(out)
-
-  info = {"compile_s": compile_s, "sampler": sampler, "num_steps": num_steps}
-  return harness.Contender(name, run, batch_size * num_steps,
-                           flops_per_call * num_steps * 1.0 if flops_per_call else None, info)
-
-
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -78,13 +51,13 @@ def main(argv):
   peak = harness.peak_flops_per_device(env["device_kind"], _DTYPE.value, _PEAK.value)
   print(f"{env['device_kind']} x{env['num_devices']}, jax {env['jax']}, {env['cpu_count']} CPUs, "
         f"load {env['load_average']}")
-  diffusion, model, params, image_shape = harness.model_and_params(config, _DTYPE.value)
-  flops_call = harness.forward_flops(model, params, batch_size, image_shape)
+  diffusion, model, params, image_shape = programs.model_and_params(config, _DTYPE.value)
+  flops_call = programs.forward_flops(model, params, batch_size, image_shape)
   contenders = []
   for sampler in _SAMPLERS.value:
     steps = T if (_FULL.value and sampler == "ancestral") else num_steps
     print(f"Compiling {sampler} ({steps} steps, batch {batch_size})...", flush=True)
-    c = jax_contender(f"jax {sampler} ({steps} steps)", diffusion, model, params, image_shape, batch_size, sampler,
+    c = programs.sampler(f"jax {sampler} ({steps} steps)", diffusion, model, params, image_shape, batch_size, sampler,
                       steps, flops_call)
     print(f"  compiled in {c.info['compile_s']:.1f} s")
     contenders.append(c)

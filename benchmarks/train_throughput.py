@@ -19,18 +19,14 @@ GPU:
 
 from __future__ import annotations
 
-import functools
 import os
-import time
 
 import jax
-import numpy as np
 from absl import app, flags
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
 from benchmarks import harness
+from benchmarks import programs
 from benchmarks import torch_baseline
 from diffusion_jax import train
 
@@ -52,50 +48,6 @@ _TORCH_COMPILE = flags.DEFINE_enum(
 _TORCH_AUTOCAST = flags.DEFINE_enum("torch_autocast", "auto", ["auto", "on", "off"],
                                     "bfloat16 autocast in the baseline; auto = on iff --dtype=bfloat16.")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Write the results here as JSON.")
-
-
-def jax_contender(config, clip_groups: int, batch_size: int, dtype: str, peak: float | None) -> harness.Contender:
-  """The training loop's jitted step, compiled ahead of time and called on its own output state."""
-  config = config.copy_and_resolve_references()
-  config.unlock()
-  config.training.batch_size = batch_size
-  config.optim.clip_groups = clip_groups
-  config.model.dtype = dtype
-  train.validate_config(config)
-  diffusion = train.build_diffusion(config)
-  model = train.build_model(config, diffusion)
-  mesh = train.make_mesh()
-  state = train.init_state_sharded(config, model, mesh, jax.random.PRNGKey(0))
-  state_sharding = jax.tree.map(lambda x: x.sharding, state)
-  step_fn = train.jit_train_step(mesh, diffusion, config.optim, state_sharding)
-  shape = (batch_size, config.data.image_size, config.data.image_size, config.data.channels)
-  images = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
-  batch = train.global_batch({"image": images}, mesh)
-  rng = jax.device_put(jax.random.PRNGKey(1), NamedSharding(mesh, P()))
-
-  t0 = time.perf_counter()
-  compiled = step_fn.lower(state, batch, rng).compile()
-  compile_s = time.perf_counter() - t0
-  flops = harness.compiled_flops(compiled)
-
-  # The donated state must be consumed: its buffers are deleted after the call.
-  old = jax.tree.leaves(state.params)[0]
-  box = {"state": compiled(state, batch, rng)[0]}
-  jax.block_until_ready(box["state"])
-  donated = old.is_deleted()
-
-  def run(n):
-    # No host transfer may happen inside the step loop: the guard raises on any implicit one.
-    with jax.transfer_guard("disallow"):
-      state = box["state"]
-      for _ in range(n):
-        state, _ = compiled(state, batch, rng)
-      box["state"] = jax.block_until_ready(state)
-
-  info = {"compile_s": compile_s, "clip_groups": clip_groups, "dtype": dtype, "donated_state": donated,
-          "flops_per_step_per_device": flops, "peak_flops_per_device": peak}
-  name = f"jax (clip_groups={clip_groups})"
-  return harness.Contender(name, run, batch_size, flops * jax.device_count() if flops else None, info)
 
 
 def torch_contenders(config, batch_size: int, dtype: str) -> list[harness.Contender]:
@@ -145,7 +97,7 @@ def main(argv):
   for g in _CLIP_GROUPS.value:
     g = config.optim.clip_groups if g == "config" else int(g)
     print(f"Compiling the JAX train step (clip_groups={g})...", flush=True)
-    c = jax_contender(config, g, batch_size, _DTYPE.value, peak)
+    c = programs.train_step(config, g, batch_size, _DTYPE.value, peak)
     print(f"  compiled in {c.info['compile_s']:.1f} s; {c.info['flops_per_step_per_device'] or 0:.4g} FLOPs/step "
           f"per device; state donated: {c.info['donated_state']}")
     contenders.append(c)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks import harness
-from benchmarks import train_throughput
+from benchmarks import programs
 from configs import tiny
 
 
@@ -72,7 +72,7 @@ def test_time_interleaved_alternates_and_takes_medians():
 
 
 def test_benchmarked_train_step_donates_its_state_and_counts_flops():
-  c = train_throughput.jax_contender(tiny.get_config(), 1, 4, "float32", None)
+  c = programs.train_step(tiny.get_config(), 1, 4, "float32", None)
   assert c.info["donated_state"]
   assert c.info["flops_per_step_per_device"] > 0
   assert c.items_per_run == 4
