@@ -32,7 +32,6 @@ model: rate 1.78 + distortion 1.97 = 3.75 bits/dim, RMSE 0.95).
 from __future__ import annotations
 
 import functools
-import io
 import math
 import os
 from typing import Any
@@ -46,6 +45,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from diffusion_jax import images as images_lib
 from diffusion_jax import input_pipeline
 from diffusion_jax.models import unet
 
@@ -344,7 +344,7 @@ def plot_rate_distortion(rd: dict[str, Any], path: str | os.PathLike, *, title: 
   from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
 
   path = epath.Path(path)
-  if path.exists():
+  if path.exists():  # checked before drawing; save_image checks again
     raise FileExistsError(f"{path} exists; refusing to overwrite it.")
   w, h, head = 420, 320, 24
   image = Image.new("RGB", (3 * w, h + head), (255, 255, 255))
@@ -358,10 +358,4 @@ def plot_rate_distortion(rd: dict[str, Any], path: str | os.PathLike, *, title: 
          xlabel="reverse steps k", ylabel="rate (bits/dim)", font=font, color=(214, 39, 40))
   _panel(draw, (2 * w, head, 3 * w, head + h), rate, dist, title="Distortion vs. rate",
          xlabel="rate (bits/dim)", ylabel="RMSE [0, 255]", font=font, color=(44, 160, 44))
-  buf = io.BytesIO()
-  image.save(buf, format="PNG")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_bytes(buf.getvalue())
-  tmp.rename(path)
-  return path
+  return images_lib.save_image(np.asarray(image), path)
