@@ -23,7 +23,7 @@ from ml_collections import config_flags
 
 from benchmarks import harness
 from benchmarks import programs
-from diffusion_jax import train
+from diffusion_jax import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar.py", "The model/diffusion config.",
                                           lock_config=True)
@@ -54,7 +54,7 @@ def main(argv):
   config.unlock()
   config.diffusion.num_timesteps = num_terms
   _, model, params, image_shape = programs.model_and_params(config, _DTYPE.value)
-  diffusion = train.build_diffusion(config)
+  diffusion = runtime.build_diffusion(config)
   flops_call = programs.forward_flops(model, params, batch_size, image_shape)
 
   print(f"Compiling calc_bpd_loop ({num_terms} terms, batch {batch_size})...", flush=True)

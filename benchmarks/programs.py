@@ -11,12 +11,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
-
 from benchmarks import harness
+from diffusion_jax import runtime
 from diffusion_jax import samplers
-from diffusion_jax import train
+from diffusion_jax import train_step as train_step_lib
 
 
 def model_and_params(config, dtype: str):
@@ -24,10 +22,9 @@ def model_and_params(config, dtype: str):
   config = config.copy_and_resolve_references()
   config.unlock()
   config.model.dtype = dtype
-  diffusion = train.build_diffusion(config)
-  model = train.build_model(config, diffusion)
-  image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
-  params = jax.jit(train.init_params, static_argnums=(0, 2))(model, jax.random.PRNGKey(0), image_shape)
+  model, diffusion = runtime.build(config)
+  image_shape = runtime.image_shape(config)
+  params = jax.jit(runtime.init_params, static_argnums=(0, 2))(model, jax.random.PRNGKey(0), image_shape)
   return diffusion, model, params, image_shape
 
 
@@ -35,7 +32,7 @@ def forward_flops(model, params, batch_size: int, image_shape) -> float | None:
   """FLOPs of one network call at this batch (XLA's cost analysis; loops hide their trip count, calls do not)."""
   x = jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), jnp.float32)
   t = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
-  fn = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False))
+  fn = jax.jit(runtime.model_fn(model))
   return harness.compiled_flops(fn.lower(params, x, t).compile())
 
 
@@ -50,17 +47,16 @@ def train_step(config, clip_groups: int, batch_size: int, dtype: str, peak: floa
   config.training.batch_size = batch_size
   config.optim.clip_groups = clip_groups
   config.model.dtype = dtype
-  train.validate_config(config)
-  diffusion = train.build_diffusion(config)
-  model = train.build_model(config, diffusion)
-  mesh = train.make_mesh()
-  state = train.init_state_sharded(config, model, mesh, jax.random.PRNGKey(0))
+  train_step_lib.validate_config(config)
+  model, diffusion = runtime.build(config)
+  mesh = runtime.make_mesh(config)
+  state = train_step_lib.init_state_sharded(config, model, mesh, jax.random.PRNGKey(0))
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
-  step_fn = train.jit_train_step(mesh, diffusion, config.optim, state_sharding)
+  step_fn = train_step_lib.jit_train_step(mesh, model, diffusion, config.optim, state_sharding)
   shape = (batch_size, config.data.image_size, config.data.image_size, config.data.channels)
   images = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
-  batch = train.global_batch({"image": images}, mesh)
-  rng = jax.device_put(jax.random.PRNGKey(1), NamedSharding(mesh, P()))
+  batch = runtime.global_array({"image": images}, mesh)
+  rng = runtime.put_replicated(jax.random.PRNGKey(1), mesh)
 
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch, rng).compile()
@@ -89,12 +85,12 @@ def train_step(config, clip_groups: int, batch_size: int, dtype: str, peak: floa
 
 def sampler(name, diffusion, model, params, image_shape, batch_size, sampler_name, num_steps, flops_per_call):
   """`samplers.make_sharded_sampler` compiled ahead of time; `run(n)` draws n batches of num_steps steps."""
-  mesh = train.make_mesh()
+  mesh = runtime.make_mesh()
   fn = samplers.make_sharded_sampler(diffusion, model.apply, mesh, image_shape, sampler=sampler_name,
                                      num_steps=num_steps)
-  params = jax.device_put(params, NamedSharding(mesh, P()))
-  indices = jax.device_put(jnp.arange(batch_size, dtype=jnp.int32), NamedSharding(mesh, P(train.DATA_AXIS)))
-  rng = jax.device_put(jax.random.PRNGKey(1), NamedSharding(mesh, P()))
+  params = runtime.put_replicated(params, mesh)
+  indices = jax.device_put(jnp.arange(batch_size, dtype=jnp.int32), runtime.batch_sharding(mesh))
+  rng = runtime.put_replicated(jax.random.PRNGKey(1), mesh)
   t0 = time.perf_counter()
   compiled = fn.lower(params, rng, indices).compile()
   compile_s = time.perf_counter() - t0
@@ -111,15 +107,13 @@ def sampler(name, diffusion, model, params, image_shape, batch_size, sampler_nam
 
 def bpd_loop(model, params, diffusion, image_shape, batch_size: int) -> harness.Contender:
   """`calc_bpd_loop` jitted as `evaluation.bpd` runs it (batch sharded, parameters replicated); `run(n)`: n batches."""
-  mesh = train.make_mesh()
-  replicated = NamedSharding(mesh, P())
-  sharded = NamedSharding(mesh, P(train.DATA_AXIS))
+  mesh = runtime.make_mesh()
+  replicated = runtime.replicated(mesh)
+  sharded = runtime.batch_sharding(mesh)
+  apply = runtime.model_fn(model)
 
   def fn(params, diffusion, images, rng):
-    def model_fn(x_t, t):
-      return model.apply({"params": params}, x_t, t, train=False)
-
-    return jnp.mean(diffusion.calc_bpd_loop(model_fn, images, rng, clip_denoised=True)["total_bpd"])
+    return jnp.mean(diffusion.calc_bpd_loop(runtime.bind(apply, params), images, rng, clip_denoised=True)["total_bpd"])
 
   jitted = jax.jit(fn, in_shardings=(replicated, replicated, sharded, replicated), out_shardings=replicated)
   images = np.random.default_rng(0).uniform(-1, 1, (batch_size,) + image_shape).astype(np.float32)

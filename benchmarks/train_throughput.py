@@ -1,6 +1,6 @@
 r"""Training throughput (images/s) and MFU of the jitted train step, against a same-architecture PyTorch run.
 
-The JAX side is `train.jit_train_step` exactly as the training loop uses it
+The JAX side is `train_step.jit_train_step` exactly as the training loop uses it
 (replicated state donated, batch sharded over every device), on a synthetic
 batch already on the devices (the input pipeline is not timed). FLOPs per step
 come from XLA's cost analysis of the compiled step; MFU is achieved FLOP/s over
@@ -28,7 +28,7 @@ from ml_collections import config_flags
 from benchmarks import harness
 from benchmarks import programs
 from benchmarks import torch_baseline
-from diffusion_jax import train
+from diffusion_jax import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar.py", "The model/diffusion config.",
                                           lock_config=True)
@@ -65,7 +65,7 @@ def torch_contenders(config, batch_size: int, dtype: str) -> list[harness.Conten
   if autocast and not torch_baseline.autocast_supported(torch, device):
     print("bfloat16 autocast is not supported on this device; the baseline runs in float32.")
     autocast = False
-  diffusion = train.build_diffusion(config)
+  diffusion = runtime.build_diffusion(config)
   out = []
   for compiled in compiles:
     name = f"torch ({'compile' if compiled else 'eager'}, {'bf16 autocast' if autocast else 'float32'})"

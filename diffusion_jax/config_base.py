@@ -73,6 +73,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   training.keep_checkpoints = 2  # checkpoints kept (the paper kept 2)
   training.seed = 0  # a run is a function of (config, seed)
   training.init_from = ""  # start a new run from these weights (a workdir or converted checkpoint)
+  training.prefetch = 2  # global batches put on the devices ahead of the step
+  training.profile_steps = 0  # > 0: a jax.profiler trace of this many steps (after the first) in workdir/profile
 
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.sampler = "ancestral"  # ancestral | ddim

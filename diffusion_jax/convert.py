@@ -205,16 +205,16 @@ def _expected_from_architecture(arch: Mapping[str, Any]) -> dict[tuple[str, ...]
 
 
 def _model_out_ch(config) -> int:
-  from diffusion_jax import diffusion  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import runtime  # pylint: disable=g-import-not-at-top  (jax/flax only when needed)
 
-  return diffusion.from_config(config.diffusion).model_output_channels(config.data.channels)
+  return runtime.build_diffusion(config).model_output_channels(config.data.channels)
 
 
 def expected_shapes(config) -> dict[str, tuple[int, ...]]:
   """{'down_0/block_0/conv1/kernel': shape, ...} of the U-Net a full config (model, data, diffusion) describes."""
-  from diffusion_jax.models import unet  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import runtime  # pylint: disable=g-import-not-at-top  (jax/flax only when needed)
 
-  model = unet.from_config(config.model, out_ch=_model_out_ch(config))
+  model = runtime.build_network(config)
   shapes = _abstract_params(model.ch, tuple(model.ch_mult), model.num_res_blocks, tuple(model.attn_resolutions),
                             model.resamp_with_conv, config.data.image_size, config.data.channels, model.out_ch)
   return {_fmt(p): s for p, s in shapes.items()}
@@ -248,10 +248,10 @@ def validate_params(params: Mapping[str, Any], config) -> None:
   Raises:
     ConversionError: listing missing, unexpected and wrongly shaped parameters by path.
   """
-  from diffusion_jax.models import unet  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import runtime  # pylint: disable=g-import-not-at-top  (jax/flax only when needed)
 
-  out_ch = _model_out_ch(config)
-  model = unet.from_config(config.model, out_ch=out_ch)
+  model = runtime.build_network(config)
+  out_ch = model.out_ch
   expected = _abstract_params(model.ch, tuple(model.ch_mult), model.num_res_blocks, tuple(model.attn_resolutions),
                               model.resamp_with_conv, config.data.image_size, config.data.channels, out_ch)
   parts = _compare(params, expected)
@@ -296,17 +296,14 @@ def _tf_name(path: tuple[str, ...]) -> str:
 
 
 def _import_tensorflow():
+  from diffusion_jax import runtime  # pylint: disable=g-import-not-at-top  (jax/flax only when needed)
+
   try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    return runtime.import_tensorflow()
   except ImportError as e:
     raise ImportError(
-        f"Reading the original TensorFlow checkpoints needs TensorFlow: {TF_INSTALL_HINT} ({e})."
+        f"Reading the original TensorFlow checkpoints needs TensorFlow: {TF_INSTALL_HINT} ({e.__cause__ or e})."
     ) from None
-  try:  # TensorFlow must not take accelerator memory that JAX needs.
-    tf.config.set_visible_devices([], "GPU")
-  except (ValueError, RuntimeError):
-    pass
-  return tf
 
 
 def _resolve_tf_path(path: str | os.PathLike, tf) -> str:

@@ -26,9 +26,11 @@ Pipelines are built with grain:
   `iter()`, with an explicit treatment of the last partial batch: dropped, or
   padded and flagged in a boolean `mask`.
 
-Sharding: process `p` of `P` reads only its share of each global batch of `B`
-examples, `B / P` of them; the caller assembles global arrays with
-`jax.make_array_from_process_local_data`. TensorFlow is never imported by this
+Sharding: process `p` of `P` reads only its contiguous share of each global
+batch of `B` examples, rows [p·B/P, (p+1)·B/P); the caller assembles global
+arrays with `runtime.global_array` (`jax.make_array_from_process_local_data`).
+Which example lands in which row depends only on its position in the stream,
+so training does not depend on the number of processes. TensorFlow is never imported by this
 module; tfds is imported when a tfds dataset is opened.
 """
 
@@ -408,13 +410,6 @@ def get_dataset_info(data_config: ml_collections.ConfigDict, split: str) -> Data
 # Pipelines.
 
 
-class _RandomFlip(grain.transforms.RandomMap):
-  """Flips an image left-right with probability 1/2, using grain's per-record rng."""
-
-  def random_map(self, element: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return element[:, ::-1] if rng.random() < 0.5 else element
-
-
 class _Normalize(grain.transforms.Map):
   """uint8 [..., H, W, C] → {'image': float32 in [-1, 1]}."""
 
@@ -443,6 +438,46 @@ def _local_batch_size(global_batch_size: int, process_count: int, what: str) -> 
   return global_batch_size // process_count
 
 
+class _TrainLayout(grain.sources.RandomAccessDataSource):
+  """This process's contiguous slots of every global training batch, in stream order.
+
+  The global stream is the shuffled, endlessly repeated order of `sampler`
+  (position n holds record `sampler[n].record_key`, flipped by the first draw of
+  `sampler[n].rng` when flips are on). Global batch k holds positions
+  [k·B, (k+1)·B); process p of P reads the positions [k·B + p·b, k·B + (p+1)·b)
+  with b = B / P. Which example lands in which row of a global batch therefore
+  depends on its position only, not on the number of processes, and one process
+  reads exactly the stream.
+  """
+
+  def __init__(self, source, sampler, *, global_batch: int, local_batch: int, process_index: int, flip: bool):
+    self._source = source
+    self._sampler = sampler
+    self._global_batch = global_batch
+    self._local_batch = local_batch
+    self._offset = process_index * local_batch
+    self._flip = flip
+
+  def __len__(self) -> int:
+    return _STREAM_LENGTH
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    batch, slot = divmod(index, self._local_batch)
+    record = self._sampler[batch * self._global_batch + self._offset + slot]
+    image = self._source[record.record_key]
+    if self._flip and record.rng.random() < 0.5:
+      image = image[:, ::-1]
+    return image
+
+  def __repr__(self) -> str:
+    return (f"TrainLayout({self._source!r}, global_batch={self._global_batch}, local_batch={self._local_batch}, "
+            f"offset={self._offset}, flip={self._flip})")
+
+
+# Positions a training stream can address (endless in practice: 2**40 examples).
+_STREAM_LENGTH = 2**40
+
+
 def create_train_iterator(
     config: ml_collections.ConfigDict,
     *,
@@ -451,14 +486,14 @@ def create_train_iterator(
     process_count: int | None = None,
     worker_count: int | None = None,
 ) -> grain.DataLoaderIterator:
-  """An infinite, shuffled iterator over this process's share of every global batch.
+  """An infinite, shuffled iterator over this process's contiguous part of every global batch.
 
   Epochs are reshuffled and run into each other (no partial batches). Flips, when
-  `config.data.random_flip`, are drawn from grain's per-record rng. The stream
-  is a function of (data, seed, process count, worker count): process `p` of
-  `P` reads records `p, p + P, …` of the shuffled order, and each grain worker
-  assembles whole batches, so changing the worker count regroups records into
-  batches. Keep both fixed within a run.
+  `config.data.random_flip`, are drawn from grain's per-position rng. The
+  global stream is a function of (data, seed) alone: process `p` of `P` reads
+  rows [p·B/P, (p+1)·B/P) of each global batch of B (see `_TrainLayout`), so
+  concatenating the processes' batches in process order gives the same global
+  batches for any number of processes, with no communication.
 
   Args:
     config: the run config; reads `config.data` and `config.training.batch_size`
@@ -480,7 +515,8 @@ def create_train_iterator(
   if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
     raise ValueError(f"The data seed must be an integer in [0, 2**32), got {seed!r}; set config.training.seed.")
   process_index, process_count = _process_shard(process_index, process_count)
-  local_batch = _local_batch_size(config.training.batch_size, process_count, "config.training.batch_size")
+  global_batch = config.training.batch_size
+  local_batch = _local_batch_size(global_batch, process_count, "config.training.batch_size")
   worker_count = config.data.get("worker_count", 0) if worker_count is None else worker_count
   if worker_count < 0:
     raise ValueError(f"config.data.worker_count must be >= 0, got {worker_count}.")
@@ -489,17 +525,15 @@ def create_train_iterator(
     # nothing parses them, so take their defaults.
     flags.FLAGS.mark_as_parsed()
   source = _make_source(config.data, config.data.train_split)
-  sampler = grain.samplers.IndexSampler(num_records=len(source), shuffle=True, num_epochs=None, seed=int(seed))
-  operations = [_RandomFlip()] if config.data.random_flip else []
-  operations += [grain.transforms.Batch(local_batch, drop_remainder=True), _Normalize()]
+  stream = grain.samplers.IndexSampler(num_records=len(source), shuffle=True, num_epochs=None, seed=int(seed))
+  layout = _TrainLayout(source, stream, global_batch=global_batch, local_batch=local_batch,
+                        process_index=process_index, flip=bool(config.data.random_flip))
   loader = grain.DataLoader(
-      data_source=source,
-      sampler=sampler,
-      operations=operations,
+      data_source=layout,
+      sampler=grain.samplers.SequentialSampler(num_records=_STREAM_LENGTH),
+      operations=[grain.transforms.Batch(local_batch, drop_remainder=True), _Normalize()],
       worker_count=worker_count,
       read_options=_read_options(source, 2 * local_batch),
-      shard_options=grain.sharding.ShardOptions(
-          shard_index=process_index, shard_count=process_count, drop_remainder=True),
   )
   return iter(loader)
 

@@ -15,130 +15,26 @@ large sample sets in chunks that survive interruption.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
-from typing import Any
 
 import jax
-import jax.experimental.multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import checkpointing
-from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import images as images_lib
+from diffusion_jax import runtime
 from diffusion_jax import samplers
-from diffusion_jax.models import unet
+from diffusion_jax.evaluation import sample_export
+from diffusion_jax.evaluation.sample_export import LoadedModel, load_model, model_from_config  # noqa: F401 (API)
 
-DATA_AXIS = "data"
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadedModel:
-  """Everything needed to sample: the config, parameters, network and diffusion."""
-
-  config: ml_collections.ConfigDict
-  params: Any
-  model: unet.UNet
-  diffusion: diffusion_lib.GaussianDiffusion
-  step: int
-  use_ema: bool
-  cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
-
-  @property
-  def image_shape(self) -> tuple[int, int, int]:
-    d = self.config.data
-    return (d.image_size, d.image_size, d.channels)
-
-  def __repr__(self):
-    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
-    return (f"LoadedModel(dataset={self.config.data.dataset!r}, image_shape={self.image_shape}, "
-            f"params={n:,}, step={self.step}, ema={self.use_ema}, T={self.diffusion.num_timesteps})")
-
-
-def model_from_config(config: ml_collections.ConfigDict, params, *, step: int = 0, use_ema: bool = True) -> LoadedModel:
-  diffusion = diffusion_lib.from_config(config.diffusion)
-  model = unet.from_config(config.model, out_ch=diffusion.model_output_channels(config.data.channels))
-  return LoadedModel(config=config, params=params, model=model, diffusion=diffusion, step=step, use_ema=use_ema)
-
-
-def load_model(path: str | os.PathLike, *, use_ema: bool = True, step: int | None = None) -> LoadedModel:
-  """Loads a model from a training workdir or a converted checkpoint directory.
-
-  Args:
-    path: a workdir (with config.json and checkpoints/), its checkpoints/
-      folder, or one checkpoints/<step> folder.
-    use_ema: the EMA parameters (what the paper samples and evaluates with);
-      False gives the raw parameters.
-    step: a specific checkpoint step (default: the newest).
-
-  Returns:
-    A `LoadedModel` for `sample_fn` and `interpolate_fn`.
-  """
-  config, params, step = checkpointing.load_params(path, use_ema=use_ema, step=step)
-  return model_from_config(config, params, step=step, use_ema=use_ema)
-
-
-_MESHES = {}
-
-
-def _mesh() -> Mesh:
-  devices = tuple(jax.devices())
-  if devices not in _MESHES:
-    _MESHES[devices] = Mesh(np.asarray(devices), (DATA_AXIS,))
-  return _MESHES[devices]
-
-
-def _validate(model: LoadedModel, sampler: str, num_steps: int | None, eta: float) -> int:
-  if sampler not in samplers.SAMPLERS:
-    raise ValueError(f"Unknown sampler {sampler!r}; valid choices are {', '.join(samplers.SAMPLERS)}.")
-  T = model.diffusion.num_timesteps
-  num_steps = T if num_steps is None else int(num_steps)
-  if not 1 <= num_steps <= T:
-    raise ValueError(f"num_steps must lie in [1, {T}] (the model's T), got {num_steps}.")
-  if eta < 0:
-    raise ValueError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta}.")
-  return num_steps
-
-
-def _sampler_fn(model: LoadedModel, mesh: Mesh, sampler, num_steps, eta, clip_denoised, progressive_every):
-  """The compiled sampler for these settings, cached on the model object."""
-  key = (id(mesh), sampler, num_steps, eta, clip_denoised, progressive_every)
-  if key not in model.cache:
-    model.cache[key] = samplers.make_sharded_sampler(
-        model.diffusion, model.model.apply, mesh, model.image_shape, sampler=sampler, num_steps=num_steps, eta=eta,
-        clip_denoised=clip_denoised, progressive_every=progressive_every, axis=DATA_AXIS)
-  return model.cache[key]
-
-
-def _progress(iterable, total, enabled, desc):
-  if not enabled or jax.process_index() != 0:
-    return iterable
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
-  return tqdm(iterable, total=total, desc=desc, unit="batch")
-
-
-def generate(model: LoadedModel, indices: np.ndarray, rng, *, sampler="ancestral", num_steps=None, eta=0.0,
-             clip_denoised=True, progressive_every=0, mesh: Mesh | None = None) -> dict[str, np.ndarray]:
-  """Samples the images with global indices `indices` (one padded, sharded batch); float outputs in [-1, 1]."""
-  mesh = _mesh() if mesh is None else mesh
-  num_steps = _validate(model, sampler, num_steps, eta)
-  n = len(indices)
-  padded = -(-n // mesh.size) * mesh.size
-  # Pad with the following indices (their samples are computed and dropped) to fill every device.
-  idx = np.concatenate([np.asarray(indices, np.int32), int(np.max(indices)) + 1 + np.arange(padded - n, dtype=np.int32)])
-  fn = _sampler_fn(model, mesh, sampler, num_steps, float(eta), bool(clip_denoised), int(progressive_every))
-  params = jax.device_put(model.params, NamedSharding(mesh, P()))
-  out = fn(params, rng, jax.device_put(idx, NamedSharding(mesh, P(DATA_AXIS))))
-  out = jax.experimental.multihost_utils.process_allgather(out, tiled=True)
-  return {k: np.asarray(v)[:n] for k, v in out.items()}
+_validate = sample_export.validate_sampler
+_progress = sample_export.progress_bar
+generate = sample_export.generate
+write_sample_chunks = sample_export.write_sample_chunks
+read_sample_chunks = sample_export.read_sample_chunks
 
 
 def sample_fn(
@@ -179,14 +75,15 @@ def sample_fn(
     raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
   _validate(model, sampler, num_steps, eta)
   batch_size = int(batch_size or model.config.sampling.batch_size)
-  mesh = _mesh()
-  batch_size = min(-(-batch_size // mesh.size) * mesh.size, -(-num_samples // mesh.size) * mesh.size)
+  mesh = runtime.make_mesh()
+  size = runtime.data_size(mesh)
+  batch_size = min(runtime.pad_to_multiple(batch_size, size), runtime.pad_to_multiple(num_samples, size))
   starts = range(0, num_samples, batch_size)
   out = []
   for start in _progress(starts, len(starts), progress, f"sampling ({sampler}, {num_steps or 'T'} steps)"):
     idx = np.arange(start, min(start + batch_size, num_samples))
     out.append(generate(model, idx, rng, sampler=sampler, num_steps=num_steps, eta=eta,
-                        clip_denoised=clip_denoised, mesh=mesh)["samples"])
+                        clip_denoised=clip_denoised, batch_size=batch_size, mesh=mesh)["samples"])
   return images_lib.to_uint8(np.concatenate(out))
 
 
@@ -237,9 +134,7 @@ def interpolate_fn(model: LoadedModel, x1, x2, rng: jax.Array, *, lambdas=None, 
 
   x1, x2 = prep(x1, "x1"), prep(x2, "x2")
 
-  def model_fn(x_t, tt):
-    return model.model.apply({"params": model.params}, x_t, tt, train=False)
-
+  model_fn = runtime.bind(runtime.model_fn(model.model), model.params)
   out = samplers.interpolate(model.diffusion, model_fn, rng, jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(lambdas),
                              t=t, sampler=sampler, num_steps=num_steps, eta=eta, same_noise=same_noise,
                              clip_denoised=clip_denoised)
@@ -253,49 +148,8 @@ def save_image_grid(images, path: str | os.PathLike, *, ncols: int | None = None
 
 
 # ----------------------------------------------------------------------------
-# --mode=sample: chunked, resumable sample sets.
+# --mode=sample: chunked, resumable sample sets (evaluation.sample_export).
 # ----------------------------------------------------------------------------
-
-
-def _chunk_name(start: int, stop: int) -> str:
-  return f"samples_{start:07d}_{stop:07d}.npz"
-
-
-def write_sample_chunks(model: LoadedModel, out_dir: str | os.PathLike, num_samples: int, rng, *, sampler: str,
-                        num_steps: int | None, eta: float, clip_denoised: bool, chunk_size: int,
-                        progress: bool = True) -> list[epath.Path]:
-  """Writes samples [0, num_samples) as .npz chunks of `chunk_size`; finished chunks are kept and skipped.
-
-  Each chunk is written to a temporary file and renamed, so an interrupted run
-  leaves only whole chunks; running again writes just the missing ones. Sample
-  i depends only on (rng, i), so a resumed set equals an uninterrupted one.
-
-  Returns:
-    The chunk paths in order.
-  """
-  out_dir = epath.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  mesh = _mesh()
-  chunk_size = -(-chunk_size // mesh.size) * mesh.size
-  bounds = [(s, min(s + chunk_size, num_samples)) for s in range(0, num_samples, chunk_size)]
-  paths = [out_dir / _chunk_name(a, b) for a, b in bounds]
-  todo = [(a, b, p) for (a, b), p in zip(bounds, paths) if not p.exists()]
-  if len(todo) < len(bounds):
-    logging.info("%d of %d sample chunks already in %s; writing the other %d.", len(bounds) - len(todo), len(bounds),
-                 out_dir, len(todo))
-  for a, b, path in _progress(todo, len(todo), progress, "sample chunks"):
-    images = images_lib.to_uint8(generate(model, np.arange(a, b), rng, sampler=sampler, num_steps=num_steps, eta=eta,
-                                          clip_denoised=clip_denoised, mesh=mesh)["samples"])
-    if jax.process_index() == 0:
-      tmp = out_dir / (path.name + ".tmp")
-      with tmp.open("wb") as f:
-        np.savez(f, images=images, indices=np.arange(a, b))
-      tmp.rename(path)
-  return paths
-
-
-def read_sample_chunks(paths) -> np.ndarray:
-  return np.concatenate([np.load(epath.Path(p).open("rb"))["images"] for p in paths])
 
 
 def sample_to_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> epath.Path:

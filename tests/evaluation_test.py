@@ -14,7 +14,7 @@ from configs import tiny
 from diffusion_jax import checkpointing
 from diffusion_jax import input_pipeline
 from diffusion_jax import schedules
-from diffusion_jax import train
+from diffusion_jax import runtime
 from diffusion_jax.evaluation import bpd as bpd_lib
 from diffusion_jax.evaluation import evaluate as eval_lib
 
@@ -32,8 +32,8 @@ def _config():
 def workdir(tmp_path_factory):
   """A tiny workdir at step 7 whose (EMA) parameters are random but give a non-trivial output."""
   cfg = tiny.get_config()
-  model = train.build_model(cfg)
-  params = train.init_params(model, jax.random.PRNGKey(0), (8, 8, 1))
+  model = runtime.build_network(cfg)
+  params = runtime.init_params(model, jax.random.PRNGKey(0), (8, 8, 1))
   rs = np.random.RandomState(0)
   params = jax.tree.map(lambda x: np.asarray(x) + 0.05 * rs.standard_normal(x.shape).astype(np.float32), params)
   path = tmp_path_factory.mktemp("eval_workdir")

@@ -10,14 +10,14 @@ from configs import tiny
 from nbclient import NotebookClient
 
 from diffusion_jax import checkpointing
-from diffusion_jax import train
+from diffusion_jax import runtime
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "ddpm_sampling.ipynb"
 
 
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   cfg = tiny.get_config()
-  params = train.init_params(train.build_model(cfg), jax.random.PRNGKey(0), (8, 8, 1))
+  params = runtime.init_params(runtime.build_network(cfg), jax.random.PRNGKey(0), (8, 8, 1))
   params = jax.tree.map(lambda x: np.asarray(x) + 0.05, params)  # not the near-zero init: visible images
   checkpointing.save_model_checkpoint(tmp_path / "model", config=cfg, params=params, step=1)
 

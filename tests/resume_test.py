@@ -215,7 +215,7 @@ def no_training(monkeypatch):
   def fail(*args, **kwargs):
     raise AssertionError("the run went on to build the mesh and compile")
 
-  monkeypatch.setattr(train, "make_mesh", fail)
+  monkeypatch.setattr(train.runtime, "make_mesh", fail)
 
 
 def test_read_only_workdir_fails_before_compiling(tmp_path, no_training):

@@ -9,13 +9,13 @@ from configs import tiny
 
 from diffusion_jax import checkpointing
 from diffusion_jax import sampling
-from diffusion_jax import train
+from diffusion_jax import runtime
 
 
 def _random_params(cfg, seed=0):
   """Tiny-UNet parameters with every tensor randomised, so the output is far from zero."""
-  model = train.build_model(cfg)
-  params = train.init_params(model, jax.random.PRNGKey(seed), (8, 8, 1))
+  model = runtime.build_network(cfg)
+  params = runtime.init_params(model, jax.random.PRNGKey(seed), (8, 8, 1))
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
   leaves = [np.asarray(x + 0.05 * jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys)]

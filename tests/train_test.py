@@ -14,6 +14,9 @@ from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import checkpointing
 from diffusion_jax import train
+from diffusion_jax import runtime
+from diffusion_jax import optimizer
+from diffusion_jax import train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -57,7 +60,7 @@ def test_epsilon_hat_adam_matches_tf1_formula(config):
   import ml_collections
 
   oc = ml_collections.ConfigDict(oc)
-  tx = train.create_optimizer(oc)
+  tx = optimizer.create_optimizer(oc)
   params = jnp.zeros(5)
   state = tx.init(params)
   for g in grads:
@@ -71,18 +74,18 @@ def test_epsilon_hat_adam_matches_tf1_formula(config):
 
 
 def test_learning_rate_warmup_starts_at_zero(config):
-  sched = train.learning_rate_schedule(config.optim)
+  sched = optimizer.learning_rate_schedule(config.optim)
   lr, w = config.optim.learning_rate, config.optim.warmup_steps
   np.testing.assert_allclose([sched(0), sched(1), sched(w), sched(10 * w)], [0.0, lr / w, lr, lr], rtol=1e-6)
 
 
 def _setup(config, devices):
-  mesh = train.make_mesh(devices)
-  diffusion = train.build_diffusion(config)
-  model = train.build_model(config, diffusion)
-  state = train.init_state_sharded(config, model, mesh, jax.random.PRNGKey(0))
+  mesh = runtime.make_mesh(devices=devices)
+  diffusion = runtime.build_diffusion(config)
+  model = runtime.build_network(config, diffusion)
+  state = train_step.init_state_sharded(config, model, mesh, jax.random.PRNGKey(0))
   sharding = jax.tree.map(lambda x: x.sharding, state)
-  step = train.jit_train_step(mesh, diffusion, config.optim, sharding)
+  step = train_step.jit_train_step(mesh, model, diffusion, config.optim, sharding)
   return mesh, state, step
 
 
@@ -135,13 +138,14 @@ def test_grouped_clipping_averages_clipped_group_gradients(config):
   cfg.optim.clip_groups = 2
   cfg.optim.grad_clip = 0.05  # small enough that clipping is active
   cfg.model.dropout = 0.0
-  diffusion = train.build_diffusion(cfg)
-  model = train.build_model(cfg, diffusion)
-  state = train.create_train_state(cfg, model, jax.random.PRNGKey(0))
+  diffusion = runtime.build_diffusion(cfg)
+  model = runtime.build_network(cfg, diffusion)
+  state = train_step.create_train_state(cfg, model, jax.random.PRNGKey(0))
   state = state.replace(step=5)  # past the first step so lr > 0
   batch = {"image": jnp.asarray(_batch(cfg)["image"])}
   rng = jax.random.PRNGKey(3)
-  new_state, metrics = jax.jit(functools.partial(train.train_step, diffusion=diffusion, optim_config=cfg.optim))(
+  new_state, metrics = jax.jit(
+      functools.partial(train_step.train_step, network=model, diffusion=diffusion, optim_config=cfg.optim))(
       state, batch, rng)
 
   # Independent recomputation: the same t and noise, per-group gradients, clip, average.
@@ -182,7 +186,7 @@ def test_batch_not_divisible_by_devices_is_a_clear_error(config):
   cfg = tiny_config()
   cfg.training.batch_size = 6
   with pytest.raises(ValueError, match="not divisible by the 4 devices"):
-    train.validate_config(cfg, num_devices=4)
+    train_step.validate_config(cfg, num_devices=4)
 
 
 def _train(cfg, workdir):

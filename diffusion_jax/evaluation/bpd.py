@@ -42,20 +42,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from diffusion_jax import images as images_lib
 from diffusion_jax import input_pipeline
+from diffusion_jax import runtime
 from diffusion_jax.models import unet
-
-DATA_AXIS = "data"
-
-
-def make_mesh() -> Mesh:
-  """One mesh axis 'data' over every device of every process."""
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
-
 
 # ----------------------------------------------------------------------------
 # Bits/dim over a split.
@@ -65,14 +57,12 @@ def make_mesh() -> Mesh:
 @functools.lru_cache(maxsize=8)
 def _bpd_sums_fn(model_def: unet.UNet, mesh: Mesh, clip_denoised: bool):
   """jit(params, diffusion, images [B, H, W, C], mask [B], rng) -> masked sums over the batch, replicated."""
-  replicated = NamedSharding(mesh, P())
-  sharded = NamedSharding(mesh, P(DATA_AXIS))
+  replicated = runtime.replicated(mesh)
+  sharded = runtime.batch_sharding(mesh)
+  apply = runtime.model_fn(model_def)
 
   def fn(params, diffusion, images, mask, rng):
-    def model_fn(x_t, t):
-      return model_def.apply({"params": params}, x_t, t, train=False)
-
-    out = diffusion.calc_bpd_loop(model_fn, images, rng, clip_denoised=clip_denoised)
+    out = diffusion.calc_bpd_loop(runtime.bind(apply, params), images, rng, clip_denoised=clip_denoised)
     m = mask.astype(jnp.float32)
     return {
         "count": jnp.sum(m),
@@ -144,7 +134,7 @@ def compute_bpd(
   drop_remainder = bool(ec.get("drop_remainder", True) if drop_remainder is None else drop_remainder)
   max_examples = int(ec.get("bpd_max_examples", 0) if max_examples is None else max_examples)
   clip_denoised = bool(ec.get("clip_denoised", True) if clip_denoised is None else clip_denoised)
-  mesh = make_mesh() if mesh is None else mesh
+  mesh = runtime.make_mesh() if mesh is None else mesh
   if not split:
     raise ValueError(f"No eval split for dataset {config.data.dataset!r} (config.data.eval_split is empty), so "
                      "bits/dim cannot be computed: set --config.data.eval_split=<split> or remove 'bpd' from "
@@ -156,8 +146,7 @@ def compute_bpd(
   iterator = input_pipeline.create_eval_iterator(config, split=split, batch_size=batch_size,
                                                  drop_remainder=drop_remainder, max_examples=max_examples)
   fn = _bpd_sums_fn(model.model, mesh, clip_denoised)
-  replicated = NamedSharding(mesh, P())
-  sharded = NamedSharding(mesh, P(DATA_AXIS))
+  replicated = runtime.replicated(mesh)
   params = jax.device_put(model.params, replicated)
   diffusion = jax.device_put(model.diffusion, replicated)
   T = model.diffusion.num_timesteps
@@ -172,8 +161,7 @@ def compute_bpd(
   pending = None
   desc = f"bits/dim on {config.data.dataset}:{split}"
   for index, batch in enumerate(_progress(iterator, iterator.num_batches, progress, desc)):
-    images = jax.make_array_from_process_local_data(sharded, np.asarray(batch["image"]))
-    mask = jax.make_array_from_process_local_data(sharded, np.asarray(batch["mask"]))
+    images, mask = runtime.global_array((batch["image"], batch["mask"]), mesh)
     out = fn(params, diffusion, images, mask, jax.random.fold_in(rng, index))
     if pending is not None:
       accumulate(pending)  # the previous batch's sums, while this batch runs

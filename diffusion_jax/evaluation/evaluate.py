@@ -51,16 +51,17 @@ import numpy as np
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from diffusion_jax import checkpointing
 from diffusion_jax import images as images_lib
 from diffusion_jax import inception
 from diffusion_jax import input_pipeline
-from diffusion_jax import sampling
+from diffusion_jax import metric_writer
+from diffusion_jax import runtime
 from diffusion_jax.evaluation import bpd as bpd_lib
 from diffusion_jax.evaluation import fid as fid_lib
+from diffusion_jax.evaluation import sample_export
 
 METRICS = ("bpd", "fid")
 EVAL_DIR = "eval"
@@ -144,11 +145,11 @@ def _check_model_config(saved: ml_collections.ConfigDict, requested: ml_collecti
                      "or the same configs/*.py file).")
 
 
-def load_eval_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> sampling.LoadedModel:
+def load_eval_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> sample_export.LoadedModel:
   """The newest checkpoint's EMA parameters in the model that `config` describes (checked against the saved one)."""
   saved, params, step = checkpointing.load_params(workdir, use_ema=True)
   _check_model_config(saved, config, workdir)
-  return sampling.model_from_config(config, params, step=step, use_ema=True)
+  return sample_export.model_from_config(config, params, step=step, use_ema=True)
 
 
 # ----------------------------------------------------------------------------
@@ -166,12 +167,6 @@ def inception_weights(config: ml_collections.ConfigDict) -> tuple[Any, str]:
   return inception.load_params(path), REAL_INCEPTION_LABEL
 
 
-def _to_host(x) -> np.ndarray:
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
 def _batch_size(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
   batch_size = int(config.eval.batch_size)
   if batch_size < 1 or batch_size % mesh.size or batch_size % jax.process_count():
@@ -181,11 +176,7 @@ def _batch_size(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
 
 
 def _progress(iterable, total: int, desc: str):
-  if jax.process_index() != 0:
-    return iterable
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
-  return tqdm(iterable, total=total, desc=desc, unit="batch")
+  return sample_export.progress_bar(iterable, total, True, desc)
 
 
 def _sync(name: str) -> None:
@@ -199,14 +190,14 @@ def _data_statistics(config: ml_collections.ConfigDict, inception_fn, mesh: Mesh
   batch_size = _batch_size(config, mesh)
   iterator = input_pipeline.create_eval_iterator(config, split=split, batch_size=batch_size, drop_remainder=False,
                                                  max_examples=int(config.eval.get("fid_stats_max_examples", 0)))
-  sharded = NamedSharding(mesh, P(bpd_lib.DATA_AXIS))
+  sharded = runtime.batch_sharding(mesh)
   stats = fid_lib.ActivationStatistics()
   for index, batch in enumerate(_progress(iterator, iterator.num_batches, f"Inception on {split}")):
     images = jax.make_array_from_process_local_data(sharded, images_lib.to_uint8(batch["image"]))
     pool, _ = inception_fn(images)
     # Global batch k holds examples k·B … in order; only the last one has padding, at its end.
     keep = min(batch_size, iterator.num_examples - index * batch_size)
-    stats.update(_to_host(pool)[:keep])
+    stats.update(runtime.to_host(pool)[:keep])
   if stats.count != iterator.num_examples:
     raise RuntimeError(f"Inception saw {stats.count} reference images, expected {iterator.num_examples}.")
   return stats
@@ -263,7 +254,7 @@ def compute_fid_stats(config: ml_collections.ConfigDict, workdir: str | os.PathL
     The statistics file (an `.npz` with `mu` [2048] and `sigma` [2048, 2048],
     next to a `.json` naming the dataset, split, count and weights).
   """
-  mesh = bpd_lib.make_mesh()
+  mesh = runtime.make_mesh()
   _batch_size(config, mesh)
   path = default_fid_stats_path(config, workdir)
   if path.exists():
@@ -278,7 +269,7 @@ def compute_fid_stats(config: ml_collections.ConfigDict, workdir: str | os.PathL
 # ----------------------------------------------------------------------------
 
 
-def _num_sampling_steps(config: ml_collections.ConfigDict, model: sampling.LoadedModel) -> int:
+def _num_sampling_steps(config: ml_collections.ConfigDict, model: sample_export.LoadedModel) -> int:
   T = model.diffusion.num_timesteps
   num_steps = int(config.sampling.num_steps or T)
   if not 1 <= num_steps <= T:
@@ -286,7 +277,7 @@ def _num_sampling_steps(config: ml_collections.ConfigDict, model: sampling.Loade
   return num_steps
 
 
-def samples_dir(config: ml_collections.ConfigDict, workdir, model: sampling.LoadedModel) -> epath.Path:
+def samples_dir(config: ml_collections.ConfigDict, workdir, model: sample_export.LoadedModel) -> epath.Path:
   """`workdir/eval/samples_<step>_<sampler>_<steps>[_eta<η>]_seed<seed>[_noclip]/` for the FID samples."""
   sc = config.sampling
   name = f"samples_{model.step}_{sc.sampler}_{_num_sampling_steps(config, model)}"
@@ -299,7 +290,7 @@ def _sample_batches(paths: Sequence[epath.Path], batch_size: int, num_samples: i
   """(uint8 [batch_size, H, W, C], number of real images) from the chunk files, streamed; the last is padded."""
   buffer, held, seen = [], 0, 0
   for path in paths:
-    buffer.append(sampling.read_sample_chunks([path]))
+    buffer.append(sample_export.read_sample_chunks([path]))
     held += len(buffer[-1])
     while held >= batch_size:
       images = np.concatenate(buffer)
@@ -315,7 +306,7 @@ def _sample_batches(paths: Sequence[epath.Path], batch_size: int, num_samples: i
     raise RuntimeError(f"The sample chunks hold {seen} images, expected {num_samples}.")
 
 
-def compute_fid(model: sampling.LoadedModel, config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+def compute_fid(model: sample_export.LoadedModel, config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                 mesh: Mesh | None = None) -> dict[str, Any]:
   """Samples (resumably), Inception features, FID against the reference statistics, and IS.
 
@@ -335,12 +326,12 @@ def compute_fid(model: sampling.LoadedModel, config: ml_collections.ConfigDict, 
   """
   _check_fid_config(config)
   ec, sc = config.eval, config.sampling
-  mesh = bpd_lib.make_mesh() if mesh is None else mesh
+  mesh = runtime.make_mesh() if mesh is None else mesh
   batch_size = _batch_size(config, mesh)
   num_steps = _num_sampling_steps(config, model)
   out_dir = samples_dir(config, workdir, model)
   start = time.time()
-  paths = sampling.write_sample_chunks(model, out_dir, int(ec.num_samples), jax.random.PRNGKey(ec.seed),
+  paths = sample_export.write_sample_chunks(model, out_dir, int(ec.num_samples), jax.random.PRNGKey(ec.seed),
                                        sampler=sc.sampler, num_steps=num_steps, eta=float(sc.eta),
                                        clip_denoised=bool(sc.clip_denoised), chunk_size=int(sc.batch_size))
   _sync("fid_samples_written")
@@ -355,7 +346,7 @@ def compute_fid(model: sampling.LoadedModel, config: ml_collections.ConfigDict, 
   mu_ref, sigma_ref = _load_statistics(ref_path)
 
   start = time.time()
-  sharded = NamedSharding(mesh, P(bpd_lib.DATA_AXIS))
+  sharded = runtime.batch_sharding(mesh)
   stats = fid_lib.ActivationStatistics()
   logits = []
   num_batches = -(-int(ec.num_samples) // batch_size)
@@ -363,8 +354,8 @@ def compute_fid(model: sampling.LoadedModel, config: ml_collections.ConfigDict, 
                              "Inception on samples"):
     global_images = jax.make_array_from_callback(images.shape, sharded, lambda index, x=images: x[index])
     pool, lg = inception_fn(global_images)
-    stats.update(_to_host(pool)[:n])
-    logits.append(_to_host(lg)[:n])
+    stats.update(runtime.to_host(pool)[:n])
+    logits.append(runtime.to_host(lg)[:n])
   logits = np.concatenate(logits)
   fid_value = fid_lib.frechet_distance(stats.mu, stats.sigma, mu_ref, sigma_ref)
   splits = min(IS_SPLITS, len(logits))
@@ -435,18 +426,11 @@ def result_paths(eval_dir: epath.Path, step: int, names: Sequence[str]) -> dict[
 
 
 def _write_tensorboard(workdir, step: int, scalars: dict[str, float]) -> None:
-  if jax.process_index() != 0 or not scalars:
+  if not scalars:
     return
-  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-
   # A unique suffix: tensorboardX names event files by the second and host only.
-  writer = SummaryWriter(str(epath.Path(workdir) / "tensorboard"),
-                         filename_suffix=f".eval.{os.getpid()}.{time.time_ns()}")
-  for tag, value in scalars.items():
-    if math.isfinite(value):
-      writer.add_scalar(tag, float(value), step)
-  writer.flush()
-  writer.close()
+  with metric_writer.MetricWriter(workdir, filename_suffix=f".eval.{os.getpid()}.{time.time_ns()}") as writer:
+    writer.scalars(step, scalars)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -473,7 +457,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
                      "config.eval.metrics (e.g. --config.eval.metrics=fid).")
   if "fid" in metrics:
     _check_fid_config(config)
-  mesh = bpd_lib.make_mesh()
+  mesh = runtime.make_mesh()
   _batch_size(config, mesh)
   model = load_eval_model(config, workdir)
   step = int(model.step)

@@ -29,6 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffusion_jax import inception
+from diffusion_jax import runtime
 
 InceptionFn = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 
@@ -82,15 +83,6 @@ def make_inception_fn(
   return inception_fn
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-  """A (possibly multi-host sharded) array as a NumPy array on this host."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
 # ----------------------------------------------------------------------------
 # Activation statistics.
 # ----------------------------------------------------------------------------
@@ -112,7 +104,7 @@ class ActivationStatistics:
 
   def update(self, features) -> None:
     """Adds a batch of features [B, dim] (any float dtype, host or device)."""
-    x = np.asarray(_to_host(features) if isinstance(features, jax.Array) else features, np.float64)
+    x = np.asarray(runtime.to_host(features) if isinstance(features, jax.Array) else features, np.float64)
     if x.ndim != 2 or x.shape[1] != self.dim:
       raise ValueError(f"features must have shape [B, {self.dim}], got {x.shape}.")
     n_b = x.shape[0]
@@ -177,7 +169,7 @@ def run_inception(
   seen = 0
   for images in batches:
     pool, lg = inception_fn(images)
-    pool, lg = _to_host(pool), _to_host(lg)
+    pool, lg = runtime.to_host(pool), runtime.to_host(lg)
     if num_samples is not None:
       keep = max(0, min(pool.shape[0], num_samples - seen))
       pool, lg = pool[:keep], lg[:keep]

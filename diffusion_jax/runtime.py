@@ -1,0 +1,324 @@
+"""The runtime layer: the device mesh, global arrays, host gathers, and the network built from a config.
+
+Everything above the network and below the training loop, the samplers' callers
+and evaluation goes through this module, so there is one of each:
+
+* `make_mesh(config)`: one `Mesh` over every device of every process, axis
+  `DATA_AXIS` ('data'), devices grouped by process so that process p owns the
+  contiguous rows [p·B/P, (p+1)·B/P) of every global batch. A config may name
+  more axes later (`mesh.axes`); today only the data axis exists.
+* `batch_sharding(mesh)` / `replicated(mesh)`: the two shardings in use.
+* `global_array(local, mesh)`: a process's contiguous part of a batch (any
+  pytree of NumPy arrays) → global `jax.Array`s sharded over the data axis.
+* `prefetch(iterator, mesh, size=2)`: double-buffered global batches, put on
+  the devices while the previous step runs; its `get_state()` is the position
+  of the first batch not yet handed out, so checkpoints stay exact.
+* `to_host(x)`: a (possibly multi-process) array gathered to a NumPy array.
+* `build(config) -> (network, diffusion)` and `model_fn(network)`: the one
+  function through which every caller runs the network,
+  `model_fn(params, x_t, t, *, cond=None, train=False, rng=None)`.
+* `bind(fn, params)`: that function with parameters as a pytree argument
+  (`jax.tree_util.Partial`), the form the samplers take, so new parameters
+  never recompile a sampling loop.
+* `atomic_write(path, data)`: write-to-temporary-then-rename, for every file
+  the library writes that a reader must never see half-written.
+* `import_tensorflow()`: TensorFlow, imported on demand only and kept off the
+  accelerators that JAX uses.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax.models import unet
+
+DATA_AXIS = "data"
+AXES = (DATA_AXIS,)
+
+ModelFn = Callable[..., jax.Array]
+
+
+# ----------------------------------------------------------------------------
+# The mesh and shardings.
+# ----------------------------------------------------------------------------
+
+
+@functools.cache
+def _mesh(devices: tuple[Any, ...]) -> Mesh:
+  return Mesh(np.asarray(devices), AXES)
+
+
+def make_mesh(config: ml_collections.ConfigDict | None = None, devices=None) -> Mesh:
+  """The device mesh: one 'data' axis over `devices` (default: every device of every process).
+
+  Devices are ordered by (process, id), so each process holds a contiguous
+  block of the data axis. The same devices always give the same `Mesh` object
+  (compiled functions keyed by mesh are reused).
+
+  Args:
+    config: the run config (reserved for meshes with more axes; today every
+      config gives the data-parallel mesh).
+    devices: the devices to use (default `jax.devices()`).
+  """
+  del config  # One data axis today; a model axis would be read from the config here.
+  devices = jax.devices() if devices is None else devices
+  return _mesh(tuple(sorted(devices, key=lambda d: (d.process_index, d.id))))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Arrays whose leading (batch) axis is split over the data axis."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Arrays held whole on every device (parameters, the train state, rng keys)."""
+  return NamedSharding(mesh, P())
+
+
+def data_size(mesh: Mesh) -> int:
+  """Number of shards of the batch axis."""
+  return mesh.shape[DATA_AXIS]
+
+
+def pad_to_multiple(n: int, multiple: int) -> int:
+  """The smallest multiple of `multiple` that is >= n."""
+  return -(-n // multiple) * multiple
+
+
+# ----------------------------------------------------------------------------
+# Global arrays from process-local data, and back to the host.
+# ----------------------------------------------------------------------------
+
+
+def global_array(local: Any, mesh: Mesh) -> Any:
+  """This process's contiguous part of a global batch (a pytree of arrays) → global arrays on the data axis.
+
+  Process p of P must pass rows [p·B/P, (p+1)·B/P) of the global batch of B
+  rows (the layout of `input_pipeline`); on one process this is a sharded
+  `device_put`.
+  """
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+  """A pytree (parameters, keys) placed whole on every device of the mesh."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def to_host(x: Any) -> Any:
+  """Arrays (a pytree) gathered to NumPy on every process; sharded arrays are concatenated along axis 0."""
+
+  def gather(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return np.asarray(a)
+
+  return jax.tree.map(gather, x)
+
+
+class Prefetcher(Iterator):
+  """Global batches from a process-local iterator, `size` steps ahead of the consumer.
+
+  Batches are assembled and transferred (asynchronously) as soon as a slot is
+  free, so the host never waits on the input when the devices are busy.
+  `get_state()` returns the underlying iterator's position before the oldest
+  batch not yet handed out, and `set_state()` drops the buffer: a checkpoint
+  written between steps resumes at exactly the next step's batch. This makes
+  the prefetcher usable wherever the wrapped iterator was (Orbax item, grain
+  checkpoint handler).
+  """
+
+  def __init__(self, iterator, mesh: Mesh, size: int = 2):
+    if size < 1:
+      raise ValueError(f"prefetch size must be >= 1, got {size}.")
+    self._iterator = iterator
+    self._mesh = mesh
+    self._size = size
+    self._buffer: collections.deque = collections.deque()
+
+  def _fill(self):
+    while len(self._buffer) < self._size:
+      state = self._iterator.get_state() if hasattr(self._iterator, "get_state") else None
+      self._buffer.append((state, global_array(next(self._iterator), self._mesh)))
+
+  def __next__(self):
+    self._fill()
+    _, batch = self._buffer.popleft()
+    self._fill()
+    return batch
+
+  def get_state(self):
+    if self._buffer:
+      return self._buffer[0][0]
+    return self._iterator.get_state()
+
+  def set_state(self, state):
+    self._buffer.clear()
+    self._iterator.set_state(state)
+
+  def start_prefetch(self):
+    if hasattr(self._iterator, "start_prefetch"):
+      self._iterator.start_prefetch()
+
+  @property
+  def iterator(self):
+    """The wrapped process-local iterator."""
+    return self._iterator
+
+
+def prefetch(iterator, mesh: Mesh, size: int = 2) -> Prefetcher:
+  """Double-buffered (by default) global batches from a process-local iterator; see `Prefetcher`."""
+  return Prefetcher(iterator, mesh, size)
+
+
+# ----------------------------------------------------------------------------
+# The network and the one model function.
+# ----------------------------------------------------------------------------
+
+
+def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """[H, W, C] of the config's images."""
+  d = config.data
+  return (d.image_size, d.image_size, d.channels)
+
+
+def build_diffusion(config: ml_collections.ConfigDict) -> diffusion_lib.GaussianDiffusion:
+  """The diffusion of a config's `diffusion` section."""
+  return diffusion_lib.from_config(config.diffusion)
+
+
+def build_network(config: ml_collections.ConfigDict,
+                  diffusion: diffusion_lib.GaussianDiffusion | None = None) -> unet.UNet:
+  """The U-Net of a config; its output channels follow the diffusion's variance type."""
+  diffusion = build_diffusion(config) if diffusion is None else diffusion
+  return unet.from_config(config.model, out_ch=diffusion.model_output_channels(config.data.channels))
+
+
+def build(config: ml_collections.ConfigDict) -> tuple[unet.UNet, diffusion_lib.GaussianDiffusion]:
+  """(network, diffusion) of a config."""
+  diffusion = build_diffusion(config)
+  return build_network(config, diffusion), diffusion
+
+
+def init_params(network: unet.UNet, rng: jax.Array, shape) -> Any:
+  """Fresh parameters of `network` for images of `shape` [H, W, C]."""
+  x = jnp.zeros((1,) + tuple(shape), jnp.float32)
+  return network.init(rng, x, jnp.zeros((1,), jnp.int32), train=False)["params"]
+
+
+@functools.cache
+def model_fn(network: unet.UNet) -> ModelFn:
+  """The one way to run the network: `fn(params, x_t, t, *, cond=None, train=False, rng=None)`.
+
+  Args of the returned function:
+    params: the network's parameters.
+    x_t: [B, H, W, C] float32 noisy images.
+    t: [B] int32 original timesteps in [0, T).
+    cond: [B] int32 class labels for a class-conditional network, or None.
+    train: dropout on (needs `rng`).
+    rng: the dropout key when `train`.
+
+  Returns:
+    The network output [B, H, W, out_ch], float32.
+  """
+
+  def fn(params, x_t, t, *, cond=None, train=False, rng=None):
+    kwargs = {}
+    if cond is not None:
+      kwargs["y"] = cond
+    if train:
+      if rng is None:
+        raise ValueError("model_fn(..., train=True) needs rng= for dropout.")
+      return network.apply({"params": params}, x_t, t, train=True, rngs={"dropout": rng}, **kwargs)
+    return network.apply({"params": params}, x_t, t, train=False, **kwargs)
+
+  return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inference:
+  """`fn` at inference with positional (params, x_t, t[, cond]); hashable, so jit caches see one function."""
+
+  fn: ModelFn
+
+  def __call__(self, params, x_t, t, cond=None):
+    return self.fn(params, x_t, t) if cond is None else self.fn(params, x_t, t, cond=cond)
+
+
+def bind(fn: ModelFn, params: Any) -> jax.tree_util.Partial:
+  """`fn` with its parameters bound as a pytree argument: `(x_t, t[, cond]) -> output`, at inference.
+
+  The parameters stay traced arguments of whatever jitted function receives
+  the result (a `jax.tree_util.Partial`), never compile-time constants.
+  """
+  return jax.tree_util.Partial(_Inference(fn), params)
+
+
+# ----------------------------------------------------------------------------
+# Files and optional imports.
+# ----------------------------------------------------------------------------
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> epath.Path:
+  """Writes `data` to `path` through a temporary file and a rename, so readers see all or nothing."""
+  path = epath.Path(path)
+  tmp = path.parent / (path.name + ".tmp")
+  if isinstance(data, str):
+    tmp.write_text(data)
+  else:
+    tmp.write_bytes(data)
+  tmp.rename(path)
+  return path
+
+
+def hide_accelerators_from_tensorflow(tf) -> None:
+  """Keeps TensorFlow off the GPUs/TPUs that JAX needs (memory and threads)."""
+  for kind in ("GPU", "TPU"):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except (RuntimeError, ValueError, AttributeError):
+      pass  # Already initialised, no such device type, or a stub module.
+
+
+def import_tensorflow():
+  """TensorFlow, imported now (only for TF checkpoints or tfds preparation) and hidden from accelerators.
+
+  Raises:
+    ImportError: with the install command, when TensorFlow is missing.
+  """
+  already = "tensorflow" in sys.modules
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        "This needs TensorFlow (reading TF checkpoints or preparing a tfds dataset): "
+        "pip install 'diffusion_jax[tf]' (or tensorflow-cpu)."
+    ) from e
+  if not already:
+    hide_accelerators_from_tensorflow(tf)
+  return tf
+
+
+def hide_tensorflow_if_loaded() -> None:
+  """If something (tfds) already imported TensorFlow, keep it off the accelerators."""
+  tf = sys.modules.get("tensorflow")
+  if tf is not None:
+    hide_accelerators_from_tensorflow(tf)

@@ -1,0 +1,167 @@
+"""The train state and the one jitted, data-parallel training step.
+
+The state (parameters, optimizer state, EMA) is replicated over the mesh and
+donated to the step; the batch is a pytree (`image`, and `label` where the
+data has one) sharded over the data axis. The step's randomness is
+`fold_in(rng, state.step)`, so a run is a function of (config, seed).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh
+
+from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import optimizer as optimizer_lib
+from diffusion_jax import runtime
+from diffusion_jax.models import unet
+
+
+class TrainState(train_state.TrainState):
+  """Flax's TrainState plus an exponential moving average of the parameters."""
+
+  ema_params: Any = None
+
+
+def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
+  """Cross-field checks that must hold before anything is built; ValueError names the fix."""
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  bs = config.training.batch_size
+  if bs % num_devices:
+    raise ValueError(
+        f"training.batch_size={bs} is not divisible by the {num_devices} devices; "
+        f"use a multiple of {num_devices} (e.g. --config.training.batch_size={max(1, bs // num_devices) * num_devices})."
+    )
+  groups = config.optim.clip_groups
+  if groups < 1 or bs % groups:
+    raise ValueError(
+        f"optim.clip_groups={groups} must be a positive divisor of training.batch_size={bs} "
+        "(set --config.optim.clip_groups=1 to clip the whole batch's gradient)."
+    )
+  if config.optim.ema_decay < 0 or config.optim.ema_decay >= 1:
+    raise ValueError(f"optim.ema_decay must lie in [0, 1), got {config.optim.ema_decay}.")
+  runtime.build_network(config).check_input(
+      jax.ShapeDtypeStruct((1,) + runtime.image_shape(config), jnp.float32))
+
+
+def create_train_state(config, network: unet.UNet, rng, params=None, ema_params=None, tx=None) -> TrainState:
+  if params is None:
+    params = runtime.init_params(network, rng, runtime.image_shape(config))
+  ema_params = params if ema_params is None else ema_params
+  tx = optimizer_lib.create_optimizer(config.optim) if tx is None else tx
+  return TrainState.create(apply_fn=network.apply, params=params, tx=tx, ema_params=ema_params)
+
+
+def train_step(
+    state: TrainState,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+    *,
+    network: unet.UNet,
+    diffusion: diffusion_lib.GaussianDiffusion,
+    optim_config,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on a global batch; pure, to be jitted with a donated state.
+
+  The step's randomness is `fold_in(rng, state.step)`. With `clip_groups` G > 1
+  the batch is split into G groups whose mean-loss gradients are clipped
+  separately and then averaged (the paper's per-TPU-core clipping).
+
+  Args:
+    state: the replicated train state.
+    batch: {"image": [B, H, W, C] float32 in [-1, 1], ...}, sharded over 'data'.
+    rng: the run's base key.
+    network: the U-Net (static).
+    diffusion: the diffusion (static tables).
+    optim_config: config.optim.
+
+  Returns:
+    (new state, metrics) with scalar metrics: loss, loss_q0..loss_q3 (mean loss
+    by quarter of the timestep range), grad_norm (before clipping), lr.
+  """
+  apply = runtime.model_fn(network)
+  x = batch["image"]
+  b = x.shape[0]
+  step_rng = jax.random.fold_in(rng, state.step)
+  t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
+  t = jax.random.randint(t_rng, (b,), 0, diffusion.num_timesteps, dtype=jnp.int32)
+  noise = jax.random.normal(noise_rng, x.shape, jnp.float32)
+
+  def loss_fn(params, x, t, noise, dropout_rng):
+    def model_fn(x_t, t_):
+      return apply(params, x_t, t_, train=True, rng=dropout_rng)
+
+    losses = diffusion.training_losses(model_fn, x, t, noise)
+    return jnp.mean(losses), losses
+
+  groups = optim_config.clip_groups
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if groups == 1:
+    (_, losses), grads = grad_fn(state.params, x, t, noise, dropout_rng)
+    grads, grad_norm = optimizer_lib.clip_by_global_norm(grads, optim_config.grad_clip)
+  else:
+    def split(a):
+      return a.reshape((groups, b // groups) + a.shape[1:])
+
+    rngs = jax.random.split(dropout_rng, groups)
+    (_, losses), grads = jax.vmap(grad_fn, in_axes=(None, 0, 0, 0, 0))(
+        state.params, split(x), split(t), split(noise), rngs
+    )
+    losses = losses.reshape(b)
+    norms = jax.vmap(optax.tree_utils.tree_norm)(grads)
+    grad_norm = jnp.mean(norms)
+    if optim_config.grad_clip > 0:
+      scale = jnp.minimum(1.0, optim_config.grad_clip / (norms + 1e-12))
+      grads = jax.tree.map(lambda g: jnp.tensordot(scale, g, axes=1) / groups, grads)
+    else:
+      grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+
+  new_state = state.apply_gradients(grads=grads)
+  # tf.train.ExponentialMovingAverage as used by the paper: decay ~0 before the first step.
+  decay = jnp.where(state.step < 1, 1e-10, optim_config.ema_decay)
+  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_state.params)
+  new_state = new_state.replace(ema_params=ema)
+
+  quarter = jnp.minimum(t * 4 // diffusion.num_timesteps, 3)
+  onehot = jax.nn.one_hot(quarter, 4, dtype=jnp.float32)
+  per_quarter = jnp.sum(onehot * losses[:, None], axis=0) / jnp.maximum(jnp.sum(onehot, axis=0), 1.0)
+  metrics = dict(
+      loss=jnp.mean(losses),
+      grad_norm=grad_norm,
+      lr=optimizer_lib.learning_rate_schedule(optim_config)(state.step),
+      **{f"loss_q{i}": per_quarter[i] for i in range(4)},
+  )
+  return new_state, metrics
+
+
+def jit_train_step(mesh: Mesh, network: unet.UNet, diffusion, optim_config, state_sharding) -> Callable:
+  """train_step jitted for `mesh`: replicated state (donated), batch pytree sharded on 'data'."""
+  return jax.jit(
+      functools.partial(train_step, network=network, diffusion=diffusion, optim_config=optim_config),
+      in_shardings=(state_sharding, runtime.batch_sharding(mesh), runtime.replicated(mesh)),
+      out_shardings=(state_sharding, runtime.replicated(mesh)),
+      donate_argnums=(0,),
+  )
+
+
+def init_state_sharded(config, network: unet.UNet, mesh: Mesh, rng, params=None, ema_params=None) -> TrainState:
+  """Creates the train state directly in its (replicated) sharding, through shapes first."""
+  replicated = runtime.replicated(mesh)
+  # One optimizer object: the state's tree structure (and so its sharding tree) includes it.
+  create = functools.partial(create_train_state, config, network, tx=optimizer_lib.create_optimizer(config.optim))
+  abstract = jax.eval_shape(create, rng)
+  state_sharding = jax.tree.map(lambda _: replicated, abstract)
+  if params is None:
+    return jax.jit(create, out_shardings=state_sharding)(rng)
+  params = jax.device_put(params, replicated)
+  ema_params = params if ema_params is None else jax.device_put(ema_params, replicated)
+  init = jax.jit(lambda r, p, e: create(r, params=p, ema_params=e), out_shardings=state_sharding)
+  return init(rng, params, ema_params)

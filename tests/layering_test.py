@@ -1,0 +1,78 @@
+"""The package's floors: a module imports only from its own floor or below (README "Code layout")."""
+
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "diffusion_jax"
+
+# Floors bottom up; a module is matched by its dotted name (prefix match for packages).
+FLOORS = [
+    ("math", ["schedules", "diffusion", "samplers"]),
+    ("network", ["models"]),
+    ("runtime", ["runtime", "images", "config_base"]),
+    ("data", ["input_pipeline"]),
+    ("loop", ["optimizer", "train_step", "train", "checkpointing", "metric_writer"]),
+    ("evaluation", ["evaluation", "inception"]),
+    ("face", ["main", "sampling", "convert", "__init__"]),
+]
+
+
+def _floor(module: str) -> int:
+  for level, (_, names) in enumerate(FLOORS):
+    for name in names:
+      if module == name or module.startswith(name + "."):
+        return level
+  raise AssertionError(f"diffusion_jax.{module} is on no floor; add it to FLOORS and to the README's table.")
+
+
+def _modules():
+  for path in sorted(PACKAGE.rglob("*.py")):
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+      parts = parts[:-1]
+    yield ".".join(parts), path
+
+
+def _imports(path: pathlib.Path):
+  tree = ast.parse(path.read_text())
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("diffusion_jax"):
+      base = node.module[len("diffusion_jax"):].lstrip(".")
+      for alias in node.names:
+        yield f"{base}.{alias.name}".lstrip(".") if not base else base, node.lineno
+    elif isinstance(node, ast.Import):
+      for alias in node.names:
+        if alias.name.startswith("diffusion_jax."):
+          yield alias.name[len("diffusion_jax."):], node.lineno
+
+
+@pytest.mark.parametrize("module,path", list(_modules()), ids=[m for m, _ in _modules()])
+def test_imports_go_down_only(module, path):
+  if module == "__init__":
+    return  # the public API re-exports lazily, by name
+  level = _floor(module)
+  for imported, line in _imports(path):
+    if imported.startswith("models.") or imported == "models":
+      imported = "models"
+    target = _floor(imported)
+    assert target <= level, (f"{path.name}:{line}: diffusion_jax.{module} ({FLOORS[level][0]}) imports "
+                             f"diffusion_jax.{imported} ({FLOORS[target][0]}), a higher floor.")
+
+
+def test_evaluation_imports_nothing_from_the_face():
+  for module, path in _modules():
+    if module.startswith("evaluation"):
+      for imported, _ in _imports(path):
+        assert _floor(imported) < len(FLOORS) - 1, (module, imported)
+
+
+def test_only_the_runtime_calls_apply_or_builds_meshes():
+  for module, path in _modules():
+    if module in ("runtime",) or module.startswith("models") or module in ("inception", "evaluation.fid"):
+      continue  # the runtime; the networks themselves; Inception is not the diffusion network
+    text = path.read_text()
+    for needle in ("Mesh(", ".apply({", "unet.from_config(", "diffusion_lib.from_config(", "diffusion.from_config("):
+      assert needle not in text, f"{path.name} contains {needle!r}: use diffusion_jax.runtime"
