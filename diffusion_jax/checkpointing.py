@@ -129,6 +129,31 @@ def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) 
 # ----------------------------------------------------------------------------
 
 
+CLASSES_FILE = "classes.json"
+
+
+def write_class_names(workdir: str | os.PathLike, names) -> None:
+  """Records a conditional run's class names (label i is names[i]) in workdir/classes.json (process 0)."""
+  if jax.process_index() != 0:
+    return
+  path = epath.Path(workdir) / CLASSES_FILE
+  names = [str(n) for n in names]
+  if path.exists():
+    old = json.loads(path.read_text())
+    if old != names:
+      raise ValueError(f"{path} lists the classes {old}, but the data now has {names}: train in a new workdir.")
+    return
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(json.dumps(names, indent=1) + "\n")
+  tmp.rename(path)
+
+
+def read_class_names(workdir: str | os.PathLike) -> list[str] | None:
+  """The class names recorded by a conditional run, or None."""
+  path = epath.Path(workdir) / CLASSES_FILE
+  return json.loads(path.read_text()) if path.exists() else None
+
+
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
   """workdir/checkpoints, made absolute for local paths (Orbax requires absolute paths)."""
   workdir = os.fspath(workdir)

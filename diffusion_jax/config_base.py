@@ -35,6 +35,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.resamp_with_conv = True  # convolutions in down/upsampling
   model.dtype = "float32"  # activation dtype: float32 | bfloat16 (parameters stay float32)
   model.remat = False  # rematerialise levels in the backward pass (memory for compute)
+  model.num_classes = 0  # 0 = unconditional (the paper); K > 0: class-conditional with a null class for guidance
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.beta_schedule = "linear"  # linear | quad | const | jsd | warmup10 | warmup50 | cosine
@@ -73,6 +74,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   training.keep_checkpoints = 2  # checkpoints kept (the paper kept 2)
   training.seed = 0  # a run is a function of (config, seed)
   training.init_from = ""  # start a new run from these weights (a workdir or converted checkpoint)
+  training.label_dropout = 0.1  # conditional models: probability of training on the null class (guidance)
   training.prefetch = 2  # global batches put on the devices ahead of the step
   training.profile_steps = 0  # > 0: a jax.profiler trace of this many steps (after the first) in workdir/profile
 
@@ -84,6 +86,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   sampling.batch_size = 256  # global sampling batch
   sampling.num_samples = 64  # images written by --mode=sample
   sampling.use_ema = True  # sample with the EMA parameters
+  sampling.labels = ""  # conditional models: class labels or names, comma-separated ('' = one row per class)
+  sampling.guidance_scale = 1.0  # classifier-free guidance s: eps(x, null) + s * (eps(x, c) - eps(x, null)); 1 = none
 
   config.eval = eval_config = ml_collections.ConfigDict()
   eval_config.metrics = ("bpd",)  # any of bpd, fid (FID and IS)

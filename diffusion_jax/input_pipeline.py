@@ -151,11 +151,17 @@ def _load_image_file(path: pathlib.Path, image_size: int, channels: int) -> np.n
 
 
 class _ArraySource(grain.sources.RandomAccessDataSource):
-  """Images held in memory, uint8 [N, H, W, C]."""
+  """Images held in memory, uint8 [N, H, W, C], with optional int labels [N]."""
 
-  def __init__(self, images: np.ndarray, description: str):
+  def __init__(self, images: np.ndarray, description: str, labels: np.ndarray | None = None,
+               class_names: collections.abc.Sequence[str] | None = None):
     self._images = images
     self._description = description
+    self._labels = labels
+    self.class_names = None if labels is None else tuple(class_names)
+
+  def label(self, index: int) -> int:
+    return int(self._labels[index])
 
   def __len__(self) -> int:
     return len(self._images)
@@ -178,6 +184,17 @@ class _TfdsSource(grain.sources.RandomAccessDataSource):
     self._channels = channels
     self._source = _open_tfds_source(tfds_name, split, data_dir)
     self._len = len(self._source)
+    self.class_names = None
+    try:
+      feature = self._source.dataset_info.features["label"]
+      self.class_names = tuple(feature.names)
+    except (AttributeError, KeyError, TypeError):
+      pass  # no 'label' class feature: an unconditional source
+
+  def label(self, index: int) -> int:
+    if self._source is None:
+      self._source = _open_tfds_source(self._tfds_name, self._split, self._data_dir)
+    return int(self._source[index]["label"])
 
   def __getstate__(self) -> dict[str, Any]:
     # Open file readers do not travel to worker processes; they reopen there.
@@ -201,11 +218,23 @@ class _TfdsSource(grain.sources.RandomAccessDataSource):
 class _FolderSource(grain.sources.RandomAccessDataSource):
   """Image files decoded on access."""
 
-  def __init__(self, paths: collections.abc.Sequence[pathlib.Path], split: str, image_size: int, channels: int):
+  def __init__(self, paths: collections.abc.Sequence[pathlib.Path], split: str, image_size: int, channels: int,
+               root: pathlib.Path | None = None):
     self._paths = tuple(paths)
     self._split = split
     self._image_size = image_size
     self._channels = channels
+    # One sub-folder per class (names sorted) when every image lies in a sub-folder of the root.
+    self.class_names, self._labels = None, None
+    if root is not None:
+      parts = [p.relative_to(root).parts for p in self._paths]
+      if parts and all(len(q) > 1 for q in parts):
+        self.class_names = tuple(sorted({q[0] for q in parts}))
+        index = {name: i for i, name in enumerate(self.class_names)}
+        self._labels = np.array([index[q[0]] for q in parts], np.int32)
+
+  def label(self, index: int) -> int:
+    return int(self._labels[index])
 
   def __len__(self) -> int:
     return len(self._paths)
@@ -381,15 +410,38 @@ def _make_source(data_config: ml_collections.ConfigDict, split: str) -> grain.so
     raise ValueError(f"No split given for dataset {data_config.dataset!r} (config.data.train_split / eval_split).")
   name, size, channels = data_config.dataset, data_config.image_size, data_config.channels
   if name == "digits":
-    images, _ = load_digits(split)
+    images, labels = load_digits(split)
     if images.shape[1:] != (size, size, channels):
       images = np.stack([_fit_array(image, size, channels) for image in images])
-    return _ArraySource(images, f"digits:{split}")
+    return _ArraySource(images, f"digits:{split}", labels=labels, class_names=[str(i) for i in range(10)])
   if name == "folder":
     root = _folder_split_root(data_config, split)
     paths = _scan_folder(root, skip_corrupt=bool(data_config.get("skip_corrupt", False)))
-    return _FolderSource(paths, split, size, channels)
+    return _FolderSource(paths, split, size, channels, root=root)
   return _TfdsSource(TFDS_DATASETS[name], split, data_config.data_dir, size, channels)
+
+
+def class_names(data_config: ml_collections.ConfigDict, split: str | None = None) -> tuple[str, ...] | None:
+  """The class names of a dataset's split (digits: '0'..'9'; cifar10: tfds names; folder: sub-folders), or None."""
+  return _make_source(data_config, split or data_config.train_split).class_names
+
+
+def _check_labels(source, config: ml_collections.ConfigDict, split: str) -> bool:
+  """Whether batches carry labels (conditional models); a conditional config on unlabelled data is refused."""
+  num_classes = config.model.get("num_classes", 0)
+  if not num_classes:
+    return False
+  names = source.class_names
+  if names is None:
+    hint = (" Put the images in one sub-folder per class under config.data.data_dir."
+            if config.data.dataset == "folder" else "")
+    raise ValueError(f"config.model.num_classes={num_classes} asks for a class-conditional model, but "
+                     f"{config.data.dataset}:{split} has no class labels.{hint} Or set --config.model.num_classes=0.")
+  if len(names) != num_classes:
+    raise ValueError(f"config.model.num_classes={num_classes}, but {config.data.dataset}:{split} has {len(names)} "
+                     f"classes ({', '.join(names[:12])}{', …' if len(names) > 12 else ''}); set "
+                     f"--config.model.num_classes={len(names)}.")
+  return True
 
 
 def get_dataset_info(data_config: ml_collections.ConfigDict, split: str) -> DatasetInfo:
@@ -411,9 +463,13 @@ def get_dataset_info(data_config: ml_collections.ConfigDict, split: str) -> Data
 
 
 class _Normalize(grain.transforms.Map):
-  """uint8 [..., H, W, C] → {'image': float32 in [-1, 1]}."""
+  """uint8 [..., H, W, C] (and int labels) → {'image': float32 in [-1, 1], 'label': int32}."""
 
-  def map(self, element: np.ndarray) -> Batch:
+  def map(self, element) -> Batch:
+    if isinstance(element, tuple):
+      images, labels = element
+      return {"image": images.astype(np.float32) / np.float32(127.5) - np.float32(1.0),
+              "label": np.asarray(labels, np.int32)}
     return {"image": element.astype(np.float32) / np.float32(127.5) - np.float32(1.0)}
 
 
@@ -450,7 +506,9 @@ class _TrainLayout(grain.sources.RandomAccessDataSource):
   reads exactly the stream.
   """
 
-  def __init__(self, source, sampler, *, global_batch: int, local_batch: int, process_index: int, flip: bool):
+  def __init__(self, source, sampler, *, global_batch: int, local_batch: int, process_index: int, flip: bool,
+               labels: bool = False):
+    self._labels = labels
     self._source = source
     self._sampler = sampler
     self._global_batch = global_batch
@@ -467,11 +525,13 @@ class _TrainLayout(grain.sources.RandomAccessDataSource):
     image = self._source[record.record_key]
     if self._flip and record.rng.random() < 0.5:
       image = image[:, ::-1]
+    if self._labels:
+      return image, np.int32(self._source.label(record.record_key))
     return image
 
   def __repr__(self) -> str:
     return (f"TrainLayout({self._source!r}, global_batch={self._global_batch}, local_batch={self._local_batch}, "
-            f"offset={self._offset}, flip={self._flip})")
+            f"offset={self._offset}, flip={self._flip}" + (", labels=True)" if self._labels else ")"))
 
 
 # Positions a training stream can address (endless in practice: 2**40 examples).
@@ -507,7 +567,7 @@ def create_train_iterator(
 
   Returns:
     A `grain.DataLoaderIterator` yielding `{'image': float32 [B / P, H, W, C]}`
-    in [-1, 1], with `get_state() -> bytes` and `set_state(bytes)`. A state
+    in [-1, 1] (and `'label'`: int32 [B / P] for a class-conditional config), with `get_state() -> bytes` and `set_state(bytes)`. A state
     restores only into an iterator built with the same data, seed, process
     count and worker count.
   """
@@ -526,8 +586,9 @@ def create_train_iterator(
     flags.FLAGS.mark_as_parsed()
   source = _make_source(config.data, config.data.train_split)
   stream = grain.samplers.IndexSampler(num_records=len(source), shuffle=True, num_epochs=None, seed=int(seed))
+  labels = _check_labels(source, config, config.data.train_split)
   layout = _TrainLayout(source, stream, global_batch=global_batch, local_batch=local_batch,
-                        process_index=process_index, flip=bool(config.data.random_flip))
+                        process_index=process_index, flip=bool(config.data.random_flip), labels=labels)
   loader = grain.DataLoader(
       data_source=layout,
       sampler=grain.samplers.SequentialSampler(num_records=_STREAM_LENGTH),
@@ -575,6 +636,7 @@ class _EvalLayout(grain.sources.RandomAccessDataSource):
     self._offset = process_index * local_batch
     self._local_batch = local_batch
     self._pad = np.zeros(source[0].shape, np.uint8)
+    self.labels = False  # set to True to add each example's class label (0 on padding)
 
   def __len__(self) -> int:
     return self._num_batches * self._local_batch
@@ -583,14 +645,19 @@ class _EvalLayout(grain.sources.RandomAccessDataSource):
     batch, slot = divmod(index, self._local_batch)
     example = batch * self._global_batch + self._offset + slot
     if example < self._num_examples:
+      if self.labels:
+        return self._source[example], True, self._source.label(example)
       return self._source[example], True
-    return self._pad, False
+    return (self._pad, False, 0) if self.labels else (self._pad, False)
 
 
 def _eval_batch(elements: collections.abc.Sequence[tuple[np.ndarray, bool]]) -> Batch:
-  images = np.stack([image for image, _ in elements])
-  return {"image": images.astype(np.float32) / np.float32(127.5) - np.float32(1.0),
-          "mask": np.array([real for _, real in elements], dtype=bool)}
+  images = np.stack([e[0] for e in elements])
+  batch = {"image": images.astype(np.float32) / np.float32(127.5) - np.float32(1.0),
+           "mask": np.array([e[1] for e in elements], dtype=bool)}
+  if elements and len(elements[0]) == 3:
+    batch["label"] = np.array([e[2] for e in elements], np.int32)
+  return batch
 
 
 class EvalIterator(collections.abc.Iterable):
@@ -678,6 +745,7 @@ def create_eval_iterator(
                      "with drop_remainder=True: lower the batch size or pad instead.")
   num_examples = min(total, num_batches * batch_size)
   layout = _EvalLayout(source, total, num_batches, batch_size, process_index, local_batch)
+  layout.labels = _check_labels(source, config, split) if "model" in config else False
   dataset = grain.MapDataset.source(layout).batch(local_batch, batch_fn=_eval_batch).to_iter_dataset(
       _read_options(source, 2 * local_batch))
   if num_examples < split_size:

@@ -163,6 +163,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   checkpoint_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
   checkpointing.check_workdir(workdir, checkpoint_bytes=checkpoint_bytes)
   checkpointing.write_config(workdir, config)
+  if network.num_classes:
+    checkpointing.write_class_names(workdir, input_pipeline.class_names(config.data))
   mesh = runtime.make_mesh(config)
 
   train_iter = runtime.prefetch(input_pipeline.create_train_iterator(config, seed=tc.seed), mesh,
@@ -202,7 +204,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       logging.info("Initialised from %s (step %d).", tc.init_from, src_step)
   assert int(state.step) == start_step, (int(state.step), start_step)
 
-  step_fn = train_step_lib.jit_train_step(mesh, network, diffusion, config.optim, state_sharding)
+  step_fn = train_step_lib.jit_train_step(mesh, network, diffusion, config.optim, state_sharding,
+                                          label_dropout=float(tc.get("label_dropout", 0.0)))
   writer = metric_writer.MetricWriter(workdir)
   last_saved = start_step if found is not None else None
 

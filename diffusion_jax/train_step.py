@@ -60,6 +60,14 @@ def create_train_state(config, network: unet.UNet, rng, params=None, ema_params=
   return TrainState.create(apply_fn=network.apply, params=params, tx=tx, ema_params=ema_params)
 
 
+def drop_labels(rng: jax.Array, labels: jax.Array, rate: float, null_label: int) -> jax.Array:
+  """Each label replaced by `null_label` with probability `rate`, independently (classifier-free guidance)."""
+  labels = labels.astype(jnp.int32)
+  if rate <= 0:
+    return labels
+  return jnp.where(jax.random.bernoulli(rng, rate, labels.shape), null_label, labels)
+
+
 def train_step(
     state: TrainState,
     batch: Mapping[str, jax.Array],
@@ -68,6 +76,7 @@ def train_step(
     network: unet.UNet,
     diffusion: diffusion_lib.GaussianDiffusion,
     optim_config,
+    label_dropout: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a global batch; pure, to be jitted with a donated state.
 
@@ -77,11 +86,15 @@ def train_step(
 
   Args:
     state: the replicated train state.
-    batch: {"image": [B, H, W, C] float32 in [-1, 1], ...}, sharded over 'data'.
+    batch: {"image": [B, H, W, C] float32 in [-1, 1]} and, for a class-
+      conditional network, "label": [B] int32; sharded over 'data'.
     rng: the run's base key.
     network: the U-Net (static).
     diffusion: the diffusion (static tables).
     optim_config: config.optim.
+    label_dropout: conditional networks: the probability that an example is
+      trained on the null class (classifier-free guidance), drawn per example
+      from `fold_in(step key, 3)`.
 
   Returns:
     (new state, metrics) with scalar metrics: loss, loss_q0..loss_q3 (mean loss
@@ -94,10 +107,13 @@ def train_step(
   t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
   t = jax.random.randint(t_rng, (b,), 0, diffusion.num_timesteps, dtype=jnp.int32)
   noise = jax.random.normal(noise_rng, x.shape, jnp.float32)
+  cond = batch.get("label") if network.num_classes else None
+  if cond is not None:
+    cond = drop_labels(jax.random.fold_in(step_rng, 3), cond, label_dropout, network.null_label)
 
-  def loss_fn(params, x, t, noise, dropout_rng):
+  def loss_fn(params, x, t, noise, dropout_rng, cond=None):
     def model_fn(x_t, t_):
-      return apply(params, x_t, t_, train=True, rng=dropout_rng)
+      return apply(params, x_t, t_, cond=cond, train=True, rng=dropout_rng)
 
     losses = diffusion.training_losses(model_fn, x, t, noise)
     return jnp.mean(losses), losses
@@ -105,15 +121,15 @@ def train_step(
   groups = optim_config.clip_groups
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if groups == 1:
-    (_, losses), grads = grad_fn(state.params, x, t, noise, dropout_rng)
+    (_, losses), grads = grad_fn(state.params, x, t, noise, dropout_rng, cond)
     grads, grad_norm = optimizer_lib.clip_by_global_norm(grads, optim_config.grad_clip)
   else:
     def split(a):
       return a.reshape((groups, b // groups) + a.shape[1:])
 
     rngs = jax.random.split(dropout_rng, groups)
-    (_, losses), grads = jax.vmap(grad_fn, in_axes=(None, 0, 0, 0, 0))(
-        state.params, split(x), split(t), split(noise), rngs
+    (_, losses), grads = jax.vmap(grad_fn, in_axes=(None, 0, 0, 0, 0, 0))(
+        state.params, split(x), split(t), split(noise), rngs, None if cond is None else split(cond)
     )
     losses = losses.reshape(b)
     norms = jax.vmap(optax.tree_utils.tree_norm)(grads)
@@ -142,10 +158,12 @@ def train_step(
   return new_state, metrics
 
 
-def jit_train_step(mesh: Mesh, network: unet.UNet, diffusion, optim_config, state_sharding) -> Callable:
+def jit_train_step(mesh: Mesh, network: unet.UNet, diffusion, optim_config, state_sharding, *,
+                   label_dropout: float = 0.0) -> Callable:
   """train_step jitted for `mesh`: replicated state (donated), batch pytree sharded on 'data'."""
   return jax.jit(
-      functools.partial(train_step, network=network, diffusion=diffusion, optim_config=optim_config),
+      functools.partial(train_step, network=network, diffusion=diffusion, optim_config=optim_config,
+                        label_dropout=label_dropout),
       in_shardings=(state_sharding, runtime.batch_sharding(mesh), runtime.replicated(mesh)),
       out_shardings=(state_sharding, runtime.replicated(mesh)),
       donate_argnums=(0,),

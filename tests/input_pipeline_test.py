@@ -132,9 +132,10 @@ def test_processes_read_disjoint_shards_of_the_same_stream():
     batch = next(iterator)["image"]
     assert batch.shape == (4, 8, 8, 1)  # the global batch of 8 split in two
     shards.append(np.concatenate([batch, _take(iterator, 11)]))
-  # Process p reads records p, p + 2, …: interleaved they are the 1-process stream, flips included.
-  interleaved = np.stack(shards, axis=1).reshape(single.shape)
-  np.testing.assert_array_equal(interleaved, single)
+  # Process p reads rows [4p, 4p + 4) of each global batch of 8: concatenated per batch in process order they are
+  # the 1-process stream, flips included.
+  joined = np.concatenate([s.reshape((12, 4) + s.shape[1:]) for s in shards], axis=1).reshape(single.shape)
+  np.testing.assert_array_equal(joined, single)
 
 
 def test_batch_not_divisible_by_processes():

@@ -209,6 +209,11 @@ class UNet(nn.Module):
       the output is returned in float32.
     remat: rematerialise each residual block in the backward pass (saves memory
       on the 256² models at the cost of recomputation).
+    num_classes: 0 (the paper: unconditional) or the number of classes K of a
+      class-conditional network. A learned embedding `class_embed` of K + 1
+      rows (row K is the null class used for classifier-free guidance) is
+      added to the timestep embedding, as ADM and diffusers' UNet2DModel
+      (`num_class_embeds`) do. Labels are ignored when num_classes is 0.
   """
 
   ch: int = 128
@@ -220,6 +225,12 @@ class UNet(nn.Module):
   resamp_with_conv: bool = True
   dtype: Any = jnp.float32
   remat: bool = False
+  num_classes: int = 0
+
+  @property
+  def null_label(self) -> int:
+    """The label of the null class (unconditional passes of a conditional network)."""
+    return self.num_classes
 
   def check_input(self, x) -> None:
     """Raises ValueError if x [B, H, W, C] cannot go through this network."""
@@ -250,17 +261,27 @@ class UNet(nn.Module):
       )
 
   @nn.compact
-  def __call__(self, x, t, *, train: bool):
-    """Predicts the model output for noisy images x [B, H, W, C] at integer timesteps t [B]."""
+  def __call__(self, x, t, *, train: bool, y=None):
+    """Predicts the model output for noisy images x [B, H, W, C] at integer timesteps t [B].
+
+    `y` [B] holds int class labels in [0, num_classes] (num_classes = the null
+    class) for a conditional network; None there means the null class.
+    """
     self.check_input(x)
     if t.shape != (x.shape[0],):
       raise ValueError(f"t must have shape [B] = [{x.shape[0]}], got {t.shape}.")
+    if self.num_classes and y is not None and y.shape != (x.shape[0],):
+      raise ValueError(f"y must have shape [B] = [{x.shape[0]}] (one class label per image), got {y.shape}.")
     num_levels = len(self.ch_mult)
     # Rematerialisation wraps whole levels, which keeps the parameter names unchanged.
     down_cls = nn.remat(DownLevel, static_argnums=(3,)) if self.remat else DownLevel
     up_cls = nn.remat(UpLevel, static_argnums=(4,)) if self.remat else UpLevel
 
     temb = TimestepEmbedding(self.ch, self.dtype, name="temb")(t)
+    if self.num_classes:
+      if y is None:
+        y = jnp.full((x.shape[0],), self.null_label, jnp.int32)
+      temb = temb + nn.Embed(self.num_classes + 1, 4 * self.ch, dtype=self.dtype, name="class_embed")(y)
     h = _conv(self.ch, "conv_in", self.dtype)(x.astype(self.dtype))
     hs = [h]
     for i, mult in enumerate(self.ch_mult):
@@ -317,4 +338,5 @@ def from_config(model_config, *, out_ch: int) -> UNet:
       resamp_with_conv=model_config.resamp_with_conv,
       dtype=dtypes[dtype],
       remat=model_config.get("remat", False),
+      num_classes=model_config.get("num_classes", 0),
     )
