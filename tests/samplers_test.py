@@ -284,3 +284,31 @@ def test_validation():
       interp(jnp.array([0.5]), t=bad_t)
   with pytest.raises(ValueError, match="same shape"):
     samplers.interpolate(diffusion, model_fn, RNG, x, jnp.zeros((2, 2, 2)), jnp.array([0.5]), t=3)
+
+
+# ----------------------------------------------------------------------------
+# Stored outputs: the samplers must reproduce, bit for bit, what they produced before (tests/data/).
+# ----------------------------------------------------------------------------
+
+
+def _reference_module():
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parent / "data" / "make_samplers_reference.py"
+  spec = importlib.util.spec_from_file_location("make_samplers_reference", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+REFERENCE = _reference_module()
+
+
+@pytest.mark.parametrize("case", list(REFERENCE.CASES))
+def test_reproduces_stored_outputs(case):
+  stored = np.load(REFERENCE.OUT)
+  got = REFERENCE.run_case(case)
+  want_keys = sorted(k.split("/", 1)[1] for k in stored.files if k.startswith(case + "/"))
+  assert sorted(got) == want_keys
+  for key in want_keys:
+    np.testing.assert_array_equal(got[key], stored[f"{case}/{key}"], err_msg=f"{case}/{key}")
