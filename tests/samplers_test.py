@@ -260,7 +260,7 @@ def test_validation():
   diffusion = make_diffusion()
   call = functools.partial(samplers.sample, diffusion, model_fn, RNG, INDICES, SHAPE)
   with pytest.raises(ValueError, match="Unknown sampler"):
-    call(sampler="euler")
+    call(sampler="unknown")
   with pytest.raises(ValueError, match="num_steps"):
     call(num_steps=0)
   with pytest.raises(ValueError, match="num_steps"):
