@@ -32,6 +32,15 @@ weights (a fixed seed) for smoke tests without the real weights: every output
 says `"inception_weights": "random (smoke test, not comparable)"`, the
 TensorBoard tags end in `_random_inception`, and its reference statistics go
 to their own file (`fid_stats_<dataset>_<split>_random_inception.npz`).
+
+For `dataset=digits`, `fid` scores the same samples with the shipped digit
+classifier instead of Inception (`digits_metric`, `compute_digit_fid`): no
+Inception weights or statistics are needed; `fid_step_*.json` then holds
+`digits_fd`, `digits_is`, `digits_confidence`, `digits_precision`,
+`digits_recall`, `digits_memorisation` and the class histogram, against the
+`config.eval.fid_split` of the digits (default: train), with TensorBoard tags
+`eval/digits_*`. `config.eval.random_inception=True` keeps the Inception smoke
+test on digits.
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ from diffusion_jax import inception
 from diffusion_jax import input_pipeline
 from diffusion_jax import sampling
 from diffusion_jax.evaluation import bpd as bpd_lib
+from diffusion_jax.evaluation import digits_metric
 from diffusion_jax.evaluation import fid as fid_lib
 
 METRICS = ("bpd", "fid")
@@ -398,6 +408,88 @@ def compute_fid(model: sampling.LoadedModel, config: ml_collections.ConfigDict, 
 
 
 # ----------------------------------------------------------------------------
+# The digit-classifier metric (dataset=digits).
+# ----------------------------------------------------------------------------
+
+
+def uses_digit_metric(config: ml_collections.ConfigDict) -> bool:
+  """Whether 'fid' is scored with `digits_metric` (dataset=digits) instead of Inception.
+
+  `config.eval.random_inception=True` asks for the Inception smoke test explicitly and keeps it.
+  """
+  return config.data.dataset == "digits" and not config.eval.get("random_inception", False)
+
+
+def compute_digit_fid(model: sampling.LoadedModel, config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                      *, mesh: Mesh | None = None) -> dict[str, Any]:
+  """Samples (resumably, as `compute_fid`) scored by `digits_metric.compute_digit_metrics` against the digits.
+
+  The reference is `config.eval.fid_split` of the digits (default: the train
+  split). No Inception weights or reference statistics are used.
+
+  Returns:
+    A JSON-serialisable dict: `digits_fd`, `digits_is`, `digits_confidence`,
+    `digits_precision`, `digits_recall`, `digits_memorisation`,
+    `digits_class_histogram`, … (see `compute_digit_metrics`), the classifier's
+    file and SHA-256, the reference split and the sampling settings.
+  """
+  _check_fid_config(config)
+  ec, sc = config.eval, config.sampling
+  mesh = bpd_lib.make_mesh() if mesh is None else mesh
+  image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  if image_shape != digits_metric.IMAGE_SHAPE:
+    raise ValueError(f"The digit metric scores 8×8×1 images, but this model makes {image_shape}: use "
+                     "--config.data.image_size=8 --config.data.channels=1, or Inception's smoke test "
+                     "(--config.eval.random_inception=True).")
+  if ec.fid_stats_path:
+    logging.warning("config.eval.fid_stats_path=%s is not used: dataset=digits is scored with the digit classifier.",
+                    ec.fid_stats_path)
+  num_steps = _num_sampling_steps(config, model)
+  out_dir = samples_dir(config, workdir, model)
+  start = time.time()
+  paths = sampling.write_sample_chunks(model, out_dir, int(ec.num_samples), jax.random.PRNGKey(ec.seed),
+                                       sampler=sc.sampler, num_steps=num_steps, eta=float(sc.eta),
+                                       clip_denoised=bool(sc.clip_denoised), chunk_size=int(sc.batch_size))
+  _sync("digit_samples_written")
+  sampling_s = time.time() - start
+  start = time.time()
+  images = sampling.read_sample_chunks(paths)
+  if len(images) != int(ec.num_samples):
+    raise RuntimeError(f"The sample chunks hold {len(images)} images, expected {ec.num_samples}.")
+  split = _fid_split(config)
+  result = {"metric": "digits",
+            **digits_metric.compute_digit_metrics(images, input_pipeline.load_digits(split)[0]),
+            "classifier_weights": str(digits_metric.WEIGHTS_PATH),
+            "classifier_sha256": digits_metric.weights_sha256(),
+            "reference_split": split,
+            "samples_dir": str(out_dir),
+            "sampler": sc.sampler,
+            "num_steps": num_steps,
+            "eta": float(sc.eta),
+            "clip_denoised": bool(sc.clip_denoised),
+            "seed": int(ec.seed),
+            "step": int(model.step),
+            "use_ema": bool(model.use_ema),
+            "sampling_seconds": sampling_s,
+            "metric_seconds": time.time() - start}
+  logging.info("Digit metric over %d samples (%s, %d steps) vs digits:%s: FD %.3f, IS %.3f, confidence %.3f, "
+               "precision %.3f, recall %.3f, memorisation %.3f.", result["num_samples"], sc.sampler, num_steps, split,
+               result["digits_fd"], result["digits_is"], result["digits_confidence"], result["digits_precision"],
+               result["digits_recall"], result["digits_memorisation"])
+  return result
+
+
+def _digit_scalars_and_summary(result: dict[str, Any]) -> tuple[dict[str, float], str]:
+  """TensorBoard scalars (`eval/digits_*`) and the summary line of `compute_digit_fid`'s result."""
+  names = ("digits_fd", "digits_is", "digits_confidence", "digits_precision", "digits_recall", "digits_memorisation")
+  summary = (f"digits FD {result['digits_fd']:.3f}, IS {result['digits_is']:.3f}, confidence "
+             f"{result['digits_confidence']:.3f}, precision {result['digits_precision']:.3f}, recall "
+             f"{result['digits_recall']:.3f}, memorisation {result['digits_memorisation']:.3f} over "
+             f"{result['num_samples']} samples ({result['sampler']}, {result['num_steps']} steps)")
+  return {f"eval/{name}": float(result[name]) for name in names}, summary
+
+
+# ----------------------------------------------------------------------------
 # Result files and the --mode=eval entry point.
 # ----------------------------------------------------------------------------
 
@@ -494,7 +586,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
                    f"{bpd_result['split_size']} {config.data.dataset}:{bpd_result['split']} images "
                    f"(rate {rd['final_rate_bpd']:.4f} + distortion {rd['final_distortion_bpd']:.4f} bits/dim, "
                    f"RMSE {rd['final_distortion_rmse']:.3f})")
-  if "fid" in metrics:
+  if "fid" in metrics and uses_digit_metric(config):  # dataset=digits: the digit classifier instead of Inception
+    results["fid"] = compute_digit_fid(model, config, workdir, mesh=mesh)
+    digit_scalars, digit_summary = _digit_scalars_and_summary(results["fid"])
+    scalars.update(digit_scalars)
+    summary.append(digit_summary)
+  elif "fid" in metrics:
     fid_result = compute_fid(model, config, workdir, mesh=mesh)
     results["fid"] = fid_result
     tail = "_random_inception" if fid_result["random_inception"] else ""
