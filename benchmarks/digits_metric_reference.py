@@ -13,7 +13,8 @@ digits of the train split, k = 3):
 * 297 random copies of training images: what a model that memorised its data
   would score;
 * the test split with Gaussian pixel noise (σ = 25 and 50 of 255): how the
-  figures move for degraded digits.
+  figures move for degraded digits;
+* 297 images of uniform pixel noise: what no digits at all score.
 
 Prints a Markdown table (the one in docs/digits_metric.md) and writes every
 number to --json_out when given.
@@ -62,6 +63,7 @@ def reference_values(seed: int = 0, num_partitions: int = 5, k: int = digits_met
   rows["train copies"] = score(train_images[rng.permutation(len(train_images))[:len(test_images)]])
   for std in (25, 50):
     rows[f"test + noise σ={std}"] = score(_noisy(test_images, std, rng))
+  rows["uniform noise"] = score(rng.integers(0, 256, test_images.shape).astype(np.uint8))
   return rows
 
 
