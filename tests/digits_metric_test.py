@@ -1,7 +1,10 @@
 """Tests of diffusion_jax.evaluation.digits_metric and its --mode=eval hook for dataset=digits."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -74,6 +77,13 @@ def test_load_params_errors(tmp_path):
   with np.load(saved, allow_pickle=False) as data:
     assert "dense_features/kernel" in data.files and all(data[k].dtype == np.float32 for k in data.files)
   assert jax.tree.all(jax.tree.map(np.array_equal, dm.load_params(saved), params))
+
+
+def test_module_stays_below_the_face(repo_root):
+  code = ("import sys; from diffusion_jax.evaluation import digits_metric; "
+          "assert 'diffusion_jax.sampling' not in sys.modules, 'digits_metric imports sampling'; "
+          "assert not digits_metric._shipped_params.cache_info().currsize, 'weights loaded at import'")
+  subprocess.run([sys.executable, "-c", code], cwd=repo_root, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
 def test_bad_inputs(digits):
