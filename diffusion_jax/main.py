@@ -126,11 +126,15 @@ def main(argv):
 
     state = train.train_and_evaluate(config, _WORKDIR.value)
     step = int(state.step)
-    if step < config.training.num_train_steps:
+    if step < config.training.num_train_steps and train.last_finish() != "time_budget":
       logging.warning("Training stopped early at step %d of %d; the checkpoint of step %d is complete. Run the same "
                       "command again to continue. Exit status %d.", step, config.training.num_train_steps, step,
                       EXIT_PREEMPTED)
       sys.exit(EXIT_PREEMPTED)
+    if config.training.get("final_eval", False):
+      from diffusion_jax.evaluation import final_eval  # pylint: disable=g-import-not-at-top
+
+      final_eval.evaluate_final(config, _WORKDIR.value, state.ema_params, step)
   elif _MODE.value == "sample":
     from diffusion_jax import sampling  # pylint: disable=g-import-not-at-top
 
