@@ -530,7 +530,7 @@ class _TrainLayout(grain.sources.RandomAccessDataSource):
     return image
 
   def __repr__(self) -> str:
-    return (f"TrainLayout({self._source!r}, global_batch={self._global_batch}, local_batch={self._local_batch}, "
+    return (f"TrainLayout({self._source!r}, {self._sampler!r}, global_batch={self._global_batch}, local_batch={self._local_batch}, "
             f"offset={self._offset}, flip={self._flip}" + (", labels=True)" if self._labels else ")"))
 
 
