@@ -86,7 +86,7 @@ def train_step(config, clip_groups: int, batch_size: int, dtype: str, peak: floa
 def sampler(name, diffusion, model, params, image_shape, batch_size, sampler_name, num_steps, flops_per_call):
   """`samplers.make_sharded_sampler` compiled ahead of time; `run(n)` draws n batches of num_steps steps."""
   mesh = runtime.make_mesh()
-  fn = samplers.make_sharded_sampler(diffusion, model.apply, mesh, image_shape, sampler=sampler_name,
+  fn = samplers.make_sharded_sampler(diffusion, runtime.inference_fn(model), mesh, image_shape, sampler=sampler_name,
                                      num_steps=num_steps)
   params = runtime.put_replicated(params, mesh)
   indices = jax.device_put(jnp.arange(batch_size, dtype=jnp.int32), runtime.batch_sharding(mesh))

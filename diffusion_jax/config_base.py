@@ -79,9 +79,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   training.profile_steps = 0  # > 0: a jax.profiler trace of this many steps (after the first) in workdir/profile
 
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.sampler = "ancestral"  # ancestral | ddim
+  sampling.sampler = "ancestral"  # ancestral | ddim | dpmpp2m | dpmpp3m | dpmpp2m_sde | dpmpp3m_sde | euler | heun
   sampling.num_steps = 1000  # steps (fewer than T respaces the schedule)
   sampling.eta = 0.0  # DDIM η (0 = deterministic)
+  sampling.timestep_spacing = ""  # even | leading | trailing | linspace ('' = the sampler's default)
+  sampling.sigma_schedule = ""  # euler, heun, dpmpp*: uniform | karras ('' = uniform)
+  sampling.order = 0  # multistep order where a sampler family takes one (0 = the sampler's own)
   sampling.clip_denoised = True  # clip the x0 prediction to [-1, 1] (the paper's sampler)
   sampling.batch_size = 256  # global sampling batch
   sampling.num_samples = 64  # images written by --mode=sample

@@ -262,6 +262,11 @@ class _Inference:
     return self.fn(params, x_t, t) if cond is None else self.fn(params, x_t, t, cond=cond)
 
 
+def inference_fn(network: unet.UNet) -> _Inference:
+  """The network at inference as a hashable `fn(params, x_t, t, cond=None)`, for compiled samplers."""
+  return _Inference(model_fn(network))
+
+
 def bind(fn: ModelFn, params: Any) -> jax.tree_util.Partial:
   """`fn` with its parameters bound as a pytree argument: `(x_t, t[, cond]) -> output`, at inference.
 

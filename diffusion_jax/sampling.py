@@ -15,6 +15,7 @@ large sample sets in chunks that survive interruption.
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import jax
@@ -30,11 +31,16 @@ from diffusion_jax import samplers
 from diffusion_jax.evaluation import sample_export
 from diffusion_jax.evaluation.sample_export import LoadedModel, load_model, model_from_config  # noqa: F401 (API)
 
-_validate = sample_export.validate_sampler
 _progress = sample_export.progress_bar
 generate = sample_export.generate
+resolve_sampler = sample_export.resolve_sampler
 write_sample_chunks = sample_export.write_sample_chunks
 read_sample_chunks = sample_export.read_sample_chunks
+SAMPLERS = samplers.SAMPLERS
+
+
+def _spec(model: LoadedModel, sampler, num_steps, eta, settings) -> samplers.SamplerSpec:
+  return resolve_sampler(model.diffusion.num_timesteps, sampler, num_steps=num_steps, eta=eta, **settings)
 
 
 def sample_fn(
@@ -42,72 +48,93 @@ def sample_fn(
     num_samples: int,
     rng: jax.Array,
     *,
-    sampler: str = "ancestral",
+    sampler: str | samplers.SamplerSpec = "ancestral",
     num_steps: int | None = None,
     eta: float = 0.0,
     clip_denoised: bool = True,
+    labels=None,
+    guidance_scale: float = 1.0,
     batch_size: int | None = None,
     progress: bool = True,
+    **settings,
 ) -> np.ndarray:
   """Draws `num_samples` images from the model.
 
-  Sample i depends only on (rng, i): the same rng gives the same images for
-  any batch size or number of devices.
+  Sample i depends only on (rng, i, its label): the same rng gives the same
+  images for any batch size or number of devices.
 
   Args:
     model: from `load_model`.
     num_samples: how many images.
     rng: a `jax.random.PRNGKey`.
-    sampler: `ancestral` (the paper's) or `ddim`.
-    num_steps: reverse steps (default T; fewer respaces the schedule).
+    sampler: one of `SAMPLERS` — `ancestral` (the paper's), `ddim`,
+      `dpmpp2m`, `dpmpp3m`, `dpmpp2m_sde`, `dpmpp3m_sde`, `euler`, `heun` —
+      or a `SamplerSpec` from `resolve_sampler`.
+    num_steps: sampler steps (default T; fewer respaces the schedule). 20–50
+      steps of `dpmpp2m` are the usual fast choice.
     eta: DDIM η (0 = deterministic).
     clip_denoised: clip x0 predictions to [-1, 1] (the paper's sampler).
+    labels: class-conditional models only: one int or class name for every
+      sample, or one per sample; None gives sample i the class i mod K.
+    guidance_scale: classifier-free guidance s, ε(x, ∅) + s·(ε(x, c) − ε(x, ∅));
+      1 = the conditional model, 0 = the unconditional one (Ho & Salimans' w is s − 1).
     batch_size: images per device batch round (default: config.sampling.batch_size).
     progress: show a progress bar over batches.
+    **settings: `timestep_spacing` ("leading", "trailing", "linspace", ...),
+      `sigma_schedule` ("uniform", "karras"), `order`, `lower_order_final`;
+      see `samplers.resolve`.
 
   Returns:
     uint8 NumPy array [num_samples, H, W, C].
 
   Example:
-    >>> images = sample_fn(model, 16, jax.random.PRNGKey(0), sampler="ddim", num_steps=50)
+    >>> images = sample_fn(model, 16, jax.random.PRNGKey(0), sampler="dpmpp2m", num_steps=20)
   """
-  if num_samples < 1:
-    raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
-  _validate(model, sampler, num_steps, eta)
+  if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+    raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
+  spec = _spec(model, sampler, num_steps, eta, settings)
+  all_labels = sample_export.resolve_labels(model, labels, int(num_samples))
   batch_size = int(batch_size or model.config.sampling.batch_size)
   mesh = runtime.make_mesh()
   size = runtime.data_size(mesh)
   batch_size = min(runtime.pad_to_multiple(batch_size, size), runtime.pad_to_multiple(num_samples, size))
   starts = range(0, num_samples, batch_size)
   out = []
-  for start in _progress(starts, len(starts), progress, f"sampling ({sampler}, {num_steps or 'T'} steps)"):
+  for start in _progress(starts, len(starts), progress, f"sampling ({spec.folder_name})"):
     idx = np.arange(start, min(start + batch_size, num_samples))
-    out.append(generate(model, idx, rng, sampler=sampler, num_steps=num_steps, eta=eta,
-                        clip_denoised=clip_denoised, batch_size=batch_size, mesh=mesh)["samples"])
+    out.append(generate(model, idx, rng, sampler=spec, clip_denoised=clip_denoised,
+                        labels=None if all_labels is None else all_labels[idx], guidance_scale=guidance_scale,
+                        batch_size=batch_size, mesh=mesh)["samples"])
   return images_lib.to_uint8(np.concatenate(out))
 
 
 def progressive_fn(model: LoadedModel, num_samples: int, rng: jax.Array, *, every: int | None = None,
-                   sampler: str = "ancestral", num_steps: int | None = None, eta: float = 0.0) -> dict[str, np.ndarray]:
+                   sampler: str | samplers.SamplerSpec = "ancestral", num_steps: int | None = None, eta: float = 0.0,
+                   labels=None, guidance_scale: float = 1.0, **settings) -> dict[str, np.ndarray]:
   """Progressive generation (the paper's Figure 6): x0 predictions and x_t along the reverse process.
+
+  Arguments as in `sample_fn`; `every`: record every k-th step (default: 10 pictures).
 
   Returns:
     dict with uint8 `samples` [N, H, W, C], `pred_xstart` and `trajectory` [N, K, H, W, C].
   """
-  n_steps = _validate(model, sampler, num_steps, eta)
-  every = every or max(1, n_steps // 10)
-  out = generate(model, np.arange(num_samples), rng, sampler=sampler, num_steps=num_steps, eta=eta,
-                 progressive_every=every)
+  spec = _spec(model, sampler, num_steps, eta, settings)
+  every = every or max(1, spec.num_steps // 10)
+  out = generate(model, np.arange(num_samples), rng, sampler=spec, progressive_every=every,
+                 labels=sample_export.resolve_labels(model, labels, int(num_samples)), guidance_scale=guidance_scale)
   return {k: images_lib.to_uint8(v) for k, v in out.items()}
 
 
 def interpolate_fn(model: LoadedModel, x1, x2, rng: jax.Array, *, lambdas=None, t: int | None = None,
-                   sampler: str = "ancestral", num_steps: int | None = None, eta: float = 0.0,
-                   same_noise: bool = False, clip_denoised: bool = True) -> np.ndarray:
+                   sampler: str | samplers.SamplerSpec = "ancestral", num_steps: int | None = None, eta: float = 0.0,
+                   same_noise: bool = False, clip_denoised: bool = True, label=None, guidance_scale: float = 1.0,
+                   **settings) -> np.ndarray:
   """Interpolates between two images in latent space (the paper's §4.4, Figure 8).
 
   Both images are diffused to step t, their latents mixed as (1−λ)x_t + λx'_t
-  and the mixture denoised back to an image.
+  and the mixture denoised back to an image. The parameters are an argument of
+  the compiled chain: calls with new images, weights or models of the same
+  shape reuse it.
 
   Args:
     model: from `load_model`.
@@ -115,14 +142,16 @@ def interpolate_fn(model: LoadedModel, x1, x2, rng: jax.Array, *, lambdas=None, 
     rng: a `jax.random.PRNGKey`.
     lambdas: mixing weights (default 11 values from 0 to 1).
     t: the diffusion step to mix at (default T/2; the paper used 500 of 1000).
-    sampler, num_steps, eta, clip_denoised: as in `sample_fn`.
+    sampler, num_steps, eta, clip_denoised, guidance_scale, **settings: as in `sample_fn`.
     same_noise: diffuse both endpoints with the same noise (the reference
       code draws independent noise).
+    label: conditional models: the class (int or name) to denoise towards;
+      None denoises with the null class (the unconditional model).
 
   Returns:
     uint8 [len(lambdas), H, W, C].
   """
-  _validate(model, sampler, num_steps, eta)
+  spec = _spec(model, sampler, num_steps, eta, settings)
   lambdas = np.linspace(0.0, 1.0, 11) if lambdas is None else np.asarray(lambdas, np.float32)
   t = model.diffusion.num_timesteps // 2 if t is None else int(t)
 
@@ -133,11 +162,19 @@ def interpolate_fn(model: LoadedModel, x1, x2, rng: jax.Array, *, lambdas=None, 
     return x.astype(np.float32) / 127.5 - 1.0 if x.dtype == np.uint8 else x.astype(np.float32)
 
   x1, x2 = prep(x1, "x1"), prep(x2, "x2")
+  scale = sample_export._check_guidance(model, guidance_scale)  # pylint: disable=protected-access
+  guidance = {}
+  if model.num_classes:
+    n = int(np.shape(lambdas)[0])
+    cond = (np.full((n,), model.model.null_label, np.int32) if label is None
+            else sample_export.resolve_labels(model, label, n))
+    guidance = dict(cond=jnp.asarray(cond), guidance_scale=scale, null_label=model.model.null_label)
+  elif label is not None:
+    sample_export.resolve_labels(model, label, 1)  # raises: a label for an unconditional model
 
   model_fn = runtime.bind(runtime.model_fn(model.model), model.params)
   out = samplers.interpolate(model.diffusion, model_fn, rng, jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(lambdas),
-                             t=t, sampler=sampler, num_steps=num_steps, eta=eta, same_noise=same_noise,
-                             clip_denoised=clip_denoised)
+                             t=t, sampler=spec, same_noise=same_noise, clip_denoised=clip_denoised, **guidance)
   return images_lib.to_uint8(out)
 
 
@@ -152,33 +189,84 @@ def save_image_grid(images, path: str | os.PathLike, *, ncols: int | None = None
 # ----------------------------------------------------------------------------
 
 
+def _config_labels(model: LoadedModel, text: str):
+  """`sampling.labels` ('' = every class in turn; else comma-separated ints or class names) for the model."""
+  text = str(text or "").strip()
+  if not text:
+    return None
+  if not model.num_classes:
+    raise ValueError("config.sampling.labels applies to class-conditional models; this model is unconditional "
+                     "(leave --config.sampling.labels='').")
+  return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _sample_folder(model: LoadedModel, spec: samplers.SamplerSpec, sc, labels) -> str:
+  name = f"step_{model.step}_{spec.folder_name}"
+  if model.num_classes and float(sc.guidance_scale) != 1.0:
+    name += f"_cfg{float(sc.guidance_scale):g}"
+  if labels is not None:
+    text = "-".join(str(v) for v in labels)
+    if len(text) > 40 or not text.replace("-", "").replace("_", "").isalnum():
+      text = hashlib.sha1(",".join(map(str, labels)).encode()).hexdigest()[:10]
+    name += f"_labels-{text}"
+  if not sc.clip_denoised:
+    name += "_noclip"
+  return name + ("" if sc.use_ema else "_raw")
+
+
+def class_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, per_class: int = 10) -> np.ndarray:
+  """[K·m, H, W, C] images arranged as one row per class (the first m samples of each class, blanks if fewer)."""
+  rows = []
+  for c in range(num_classes):
+    picked = images[labels == c][:per_class]
+    pad = np.zeros((per_class - len(picked),) + images.shape[1:], images.dtype)
+    rows.append(np.concatenate([picked, pad]))
+  return np.concatenate(rows)
+
+
 def sample_to_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> epath.Path:
   """--mode=sample: samples the workdir's newest checkpoint into workdir/samples/.
 
-  Writes `<name>/samples_*.npz` chunks (uint8 images), `<name>/grid.png` and
-  `<name>/progressive.png`, where <name> records the step, sampler and steps.
-  An interrupted run resumes from the last finished chunk.
+  Writes `<name>/samples_*.npz` chunks (uint8 images; labels for conditional
+  models), `<name>/grid.png` (one row per class for a conditional model) and
+  `<name>/progressive.png`, where <name> records the step, the sampler and its
+  settings (`SamplerSpec.folder_name`), guidance and labels. An interrupted run
+  resumes from the last finished chunk.
   """
   sc = config.sampling
   model = load_model(workdir, use_ema=sc.use_ema)
-  num_steps = _validate(model, sc.sampler, sc.num_steps, sc.eta)
-  name = f"step_{model.step}_{sc.sampler}_{num_steps}steps" + (f"_eta{sc.eta:g}" if sc.sampler == "ddim" else "")
-  name += "" if sc.use_ema else "_raw"
-  out_dir = epath.Path(workdir) / "samples" / name
+  spec = sample_export.sampler_from_config(sc, model.diffusion.num_timesteps)
+  labels = _config_labels(model, sc.get("labels", ""))
+  if labels is not None and len(labels) not in (1, sc.num_samples):
+    raise ValueError(f"config.sampling.labels lists {len(labels)} labels for num_samples={sc.num_samples}: give one "
+                     "label, or one per sample.")
+  resolved = sample_export.resolve_labels(model, None if labels is None else (labels if len(labels) > 1 else labels[0]),
+                                          sc.num_samples)
+  scale = float(sc.get("guidance_scale", 1.0))
+  out_dir = epath.Path(workdir) / "samples" / _sample_folder(model, spec, sc, labels)
   rng = jax.random.PRNGKey(config.eval.seed)
-  paths = write_sample_chunks(model, out_dir, sc.num_samples, rng, sampler=sc.sampler, num_steps=num_steps,
-                              eta=sc.eta, clip_denoised=sc.clip_denoised, chunk_size=sc.batch_size)
+  logging.info("Sampling step %d of %s (%s%s) into %s.", model.step, workdir, spec.folder_name,
+               f", guidance {scale:g}" if model.num_classes else "", out_dir)
+  paths = write_sample_chunks(model, out_dir, sc.num_samples, rng, sampler=spec, clip_denoised=sc.clip_denoised,
+                              chunk_size=sc.batch_size, labels=resolved, guidance_scale=scale)
   if jax.process_index() == 0:
-    images = read_sample_chunks(paths)[:256]
-    scale = max(1, 64 // model.image_shape[0])
+    images, chunk_labels = read_sample_chunks(paths, with_labels=True)
+    scale_px = max(1, 64 // model.image_shape[0])
     grid_path = out_dir / "grid.png"
     if not grid_path.exists():
-      save_image_grid(images, grid_path, scale=scale)
+      if model.num_classes and labels is None:
+        per_class = max(1, min(10, sc.num_samples // model.num_classes))
+        save_image_grid(class_grid(images, chunk_labels, model.num_classes, per_class), grid_path, ncols=per_class,
+                        scale=scale_px)
+      else:
+        save_image_grid(images[:256], grid_path, scale=scale_px)
     prog_path = out_dir / "progressive.png"
     if not prog_path.exists():
-      prog = progressive_fn(model, min(8, sc.num_samples), rng, sampler=sc.sampler, num_steps=num_steps, eta=sc.eta)
+      n_prog = min(8, sc.num_samples)
+      prog = progressive_fn(model, n_prog, rng, sampler=spec,
+                            labels=None if resolved is None else resolved[:n_prog], guidance_scale=scale)
       rows = prog["pred_xstart"]  # [N, K, H, W, C]: one row per sample, x0 predictions left to right
       k = rows.shape[1]
-      save_image_grid(rows.reshape((-1,) + rows.shape[2:]), prog_path, ncols=k, scale=scale)
+      save_image_grid(rows.reshape((-1,) + rows.shape[2:]), prog_path, ncols=k, scale=scale_px)
     logging.info("Wrote %d samples, %s and %s to %s.", sc.num_samples, grid_path.name, prog_path.name, out_dir)
   return out_dir

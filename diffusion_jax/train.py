@@ -331,16 +331,21 @@ def _write_sample_grid(config, diffusion, network, state, mesh, rng, step, workd
   tc = config.training
   image_shape = runtime.image_shape(config)
   n = runtime.pad_to_multiple(tc.num_grid_samples, runtime.data_size(mesh))
-  key = (id(diffusion), network, id(mesh), image_shape, tc.grid_sampler, tc.grid_num_steps)
+  spec = samplers.resolve(tc.grid_sampler, num_timesteps=diffusion.num_timesteps,
+                          num_steps=min(tc.grid_num_steps, diffusion.num_timesteps))
+  key = (id(diffusion), network, id(mesh), image_shape, spec)
   if key not in _GRID_SAMPLERS:  # one compilation per run, not one per grid
     _GRID_SAMPLERS[key] = samplers.make_sharded_sampler(
-        diffusion, network.apply, mesh, image_shape, sampler=tc.grid_sampler,
-        num_steps=min(tc.grid_num_steps, diffusion.num_timesteps), axis=runtime.DATA_AXIS)
+        diffusion, runtime.inference_fn(network), mesh, image_shape, sampler=spec, axis=runtime.DATA_AXIS)
   fn = _GRID_SAMPLERS[key]
-  indices = jax.device_put(jnp.arange(n, dtype=jnp.int32), runtime.batch_sharding(mesh))
-  samples = runtime.to_host(fn(state.ema_params, rng, indices)["samples"])
+  sharding = runtime.batch_sharding(mesh)
+  indices = jax.device_put(jnp.arange(n, dtype=jnp.int32), sharding)
+  # Conditional models: sample i is of class i mod K, so each grid column is one class.
+  cond = jax.device_put(jnp.arange(n, dtype=jnp.int32) % network.num_classes, sharding) if network.num_classes else None
+  samples = runtime.to_host(fn(state.ema_params, rng, indices, cond)["samples"])
   if jax.process_index() == 0:
     scale = max(1, 64 // config.data.image_size)
-    grid = images_lib.make_grid(images_lib.to_uint8(samples[: tc.num_grid_samples]), scale=scale)
+    grid = images_lib.make_grid(images_lib.to_uint8(samples[: tc.num_grid_samples]), scale=scale,
+                                ncols=network.num_classes or None)
     images_lib.save_image(grid, epath.Path(workdir) / "samples" / f"grid_step_{step:08d}.png", overwrite=True)
     writer.image(step, "samples", grid)

@@ -245,7 +245,7 @@ def test_mode_eval_end_to_end(workdir, monkeypatch, repo_root, n_devices):
   stats = eval_dir / "fid_stats_digits_train_first8_random_inception.npz"
   assert fid["reference_statistics"] == str(stats) and stats.exists()
   assert json.loads(stats.with_suffix(".json").read_text())["num_examples"] == 8
-  assert len(list((eval_dir / "samples_7_ddim_3_eta0_seed1").glob("samples_*.npz"))) == 1
+  assert len(list((eval_dir / "samples_7_ddim_3steps_eta0_seed1").glob("samples_*.npz"))) == 1
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
 
   # --mode=fid_stats keeps the existing statistics file.

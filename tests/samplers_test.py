@@ -260,7 +260,7 @@ def test_validation():
   diffusion = make_diffusion()
   call = functools.partial(samplers.sample, diffusion, model_fn, RNG, INDICES, SHAPE)
   with pytest.raises(ValueError, match="Unknown sampler"):
-    call(sampler="euler")
+    call(sampler="unknown")
   with pytest.raises(ValueError, match="num_steps"):
     call(num_steps=0)
   with pytest.raises(ValueError, match="num_steps"):
@@ -284,3 +284,154 @@ def test_validation():
       interp(jnp.array([0.5]), t=bad_t)
   with pytest.raises(ValueError, match="same shape"):
     samplers.interpolate(diffusion, model_fn, RNG, x, jnp.zeros((2, 2, 2)), jnp.array([0.5]), t=3)
+
+
+# ----------------------------------------------------------------------------
+# Stored outputs: the samplers must reproduce, bit for bit, what they produced before (tests/data/).
+# ----------------------------------------------------------------------------
+
+
+def _reference_module():
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parent / "data" / "make_samplers_reference.py"
+  spec = importlib.util.spec_from_file_location("make_samplers_reference", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+REFERENCE = _reference_module()
+
+
+@pytest.mark.parametrize("case", list(REFERENCE.CASES))
+def test_reproduces_stored_outputs(case):
+  stored = np.load(REFERENCE.OUT)
+  got = REFERENCE.run_case(case)
+  want_keys = sorted(k.split("/", 1)[1] for k in stored.files if k.startswith(case + "/"))
+  assert sorted(got) == want_keys
+  for key in want_keys:
+    np.testing.assert_array_equal(got[key], stored[f"{case}/{key}"], err_msg=f"{case}/{key}")
+
+
+# ----------------------------------------------------------------------------
+# Parity with diffusers' scheduler loops, on an analytic model written identically in JAX and PyTorch.
+# ----------------------------------------------------------------------------
+
+PARITY_T = 100
+PARITY_BETAS = np.linspace(1e-4, 0.1, PARITY_T)
+PARITY_SHAPE = (2, 4, 4, 3)  # [B, H, W, C]
+PARITY_ATOL = 1e-4  # float32; outputs of size ~1
+
+
+PARITY_SQRT_1M_ABAR = np.sqrt(1 - np.cumprod(1 - PARITY_BETAS))
+
+
+def _parity_model_jax(x, t):
+  """NHWC. Roughly the ε of N(0, I) data, so samples stay of size ~1; fractional t interpolate the table."""
+  tf = t.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+  c = jnp.interp(tf, jnp.arange(PARITY_T, dtype=jnp.float32), jnp.asarray(PARITY_SQRT_1M_ABAR, jnp.float32))
+  mixed = 0.6 * x + 0.4 * jnp.roll(x, 1, axis=1) - 0.2 * jnp.flip(x, axis=-1)
+  return 0.9 * c * x + 0.3 * jnp.tanh(mixed + 0.1 * jnp.cos(0.03 * tf))
+
+
+def _parity_model_torch(torch, x, t):
+  """The same function on NCHW tensors, for one scalar timestep t."""
+  tf = float(t)
+  c = np.float32(np.interp(tf, np.arange(PARITY_T), PARITY_SQRT_1M_ABAR))
+  mixed = 0.6 * x + 0.4 * torch.roll(x, 1, dims=2) - 0.2 * torch.flip(x, dims=[1])
+  return 0.9 * float(c) * x + 0.3 * torch.tanh(mixed + 0.1 * float(np.cos(np.float32(0.03) * np.float32(tf))))
+
+
+def _learned_range_jax(x, t):
+  out = _parity_model_jax(x, t)
+  return jnp.concatenate([out, 0.8 * jnp.tanh(2 * out)], axis=-1)
+
+
+def _learned_range_torch(torch, x, t):
+  out = _parity_model_torch(torch, x, t)
+  return torch.cat([out, 0.8 * torch.tanh(2 * out)], dim=1)
+
+
+# (our sampler, our settings, diffusers scheduler class, its settings)
+PARITY_CASES = {
+    "ancestral_leading_clip": ("ancestral", dict(timestep_spacing="leading"), "DDPMScheduler",
+                               dict(variance_type="fixed_large", clip_sample=True)),
+    "ancestral_fixedsmall_linspace": ("ancestral", dict(timestep_spacing="linspace", clip_denoised=False),
+                                      "DDPMScheduler", dict(variance_type="fixed_small", clip_sample=False,
+                                                            timestep_spacing="linspace")),
+    "ddim": ("ddim", dict(timestep_spacing="leading", clip_denoised=False), "DDIMScheduler", dict(clip_sample=False)),
+    "ddim_trailing_eta": ("ddim", dict(timestep_spacing="trailing", eta=0.5, clip_denoised=False), "DDIMScheduler",
+                          dict(clip_sample=False, timestep_spacing="trailing")),
+    "dpmpp2m": ("dpmpp2m", dict(clip_denoised=False), "DPMSolverMultistepScheduler", dict(solver_order=2)),
+    "dpmpp3m": ("dpmpp3m", dict(clip_denoised=False), "DPMSolverMultistepScheduler", dict(solver_order=3)),
+    "dpmpp2m_karras_leading": ("dpmpp2m", dict(sigma_schedule="karras", timestep_spacing="leading",
+                                               clip_denoised=False), "DPMSolverMultistepScheduler",
+                               dict(solver_order=2, use_karras_sigmas=True, timestep_spacing="leading")),
+    "dpmpp3m_sde_trailing": ("dpmpp3m_sde", dict(timestep_spacing="trailing", clip_denoised=False),
+                             "DPMSolverMultistepScheduler", dict(solver_order=3, algorithm_type="sde-dpmsolver++",
+                                                                 timestep_spacing="trailing")),
+    "euler": ("euler", dict(clip_denoised=False), "EulerDiscreteScheduler", dict()),
+    "euler_karras": ("euler", dict(sigma_schedule="karras", clip_denoised=False), "EulerDiscreteScheduler",
+                     dict(use_karras_sigmas=True)),
+    "heun": ("heun", dict(clip_denoised=False), "HeunDiscreteScheduler", dict()),
+    "heun_karras_clip": ("heun", dict(sigma_schedule="karras"), "HeunDiscreteScheduler",
+                         dict(use_karras_sigmas=True, clip_sample=True)),
+}
+DIFFUSERS_PREDICTION = {"eps": "epsilon", "xstart": "sample", "v": "v_prediction"}
+
+
+def diffusers_loop(scheduler, model, x_T, num_steps, noise_of_t, torch):
+  """diffusers' generic scheduler loop; returns (final sample NHWC, network calls)."""
+  scheduler.set_timesteps(num_steps)
+  x = torch.from_numpy(np.asarray(x_T).transpose(0, 3, 1, 2).copy())
+  if hasattr(scheduler, "sigmas") and type(scheduler).__name__ != "DPMSolverMultistepScheduler":
+    x = x * float((scheduler.sigmas[0] ** 2 + 1) ** 0.5)  # x_T in x_t's space (see samplers.euler)
+  calls = 0
+  for t in scheduler.timesteps:
+    inp = scheduler.scale_model_input(x, t)
+    out = model(torch, inp, t)
+    calls += 1
+    kw = {}
+    name = type(scheduler).__name__
+    if name == "DDIMScheduler":
+      kw = dict(eta=scheduler.parity_eta, variance_noise=noise_of_t(int(t)), use_clipped_model_output=True)
+    elif name == "DPMSolverMultistepScheduler" and "sde" in scheduler.config.algorithm_type:
+      kw = dict(variance_noise=noise_of_t(int(t)))
+    elif name == "DDPMScheduler":
+      scheduler.parity_noise = noise_of_t(int(t))
+    x = scheduler.step(out, t, x, **kw).prev_sample
+  return x.numpy().transpose(0, 2, 3, 1), calls
+
+
+@pytest.mark.parametrize("num_steps", [10, 50])
+@pytest.mark.parametrize("mean_type", ["eps", "v", "xstart"])
+@pytest.mark.parametrize("case", list(PARITY_CASES))
+def test_parity_with_diffusers(case, mean_type, num_steps, monkeypatch):
+  if (mean_type != "eps") and (num_steps != 10 or case.endswith(("karras", "eta", "trailing", "leading"))):
+    pytest.skip("other model types are checked on one configuration per sampler (compilation time)")
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  from diffusers.schedulers import scheduling_ddpm
+  name, settings, scheduler_name, scheduler_settings = PARITY_CASES[case]
+  settings = dict(settings)
+  clip = settings.pop("clip_denoised", True)
+  diffusion = GaussianDiffusion.create(
+      PARITY_BETAS, model_mean_type=mean_type,
+      model_var_type="fixedsmall" if scheduler_settings.get("variance_type") == "fixed_small" else "fixedlarge")
+  rng, indices = jax.random.PRNGKey(3), jnp.arange(PARITY_SHAPE[0], dtype=jnp.int32)
+  spec = samplers.resolve(name, num_timesteps=PARITY_T, num_steps=num_steps, **settings)
+  got = samplers.sample(diffusion, jax.tree_util.Partial(_parity_model_jax), rng, indices, PARITY_SHAPE,
+                        sampler=spec, clip_denoised=clip)["samples"]
+
+  keys = example_keys(rng, indices)
+  noise_of_t = lambda t: torch.from_numpy(np.asarray(noise(keys, t + 1, PARITY_SHAPE[1:])).transpose(0, 3, 1, 2).copy())
+  scheduler_cls = getattr(diffusers, scheduler_name)
+  kw = dict(num_train_timesteps=PARITY_T, trained_betas=PARITY_BETAS, prediction_type=DIFFUSERS_PREDICTION[mean_type])
+  scheduler = scheduler_cls(**(kw | scheduler_settings))
+  scheduler.parity_eta = spec.eta
+  monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda *a, **k: scheduler.parity_noise)
+  want, calls = diffusers_loop(scheduler, _parity_model_torch, noise(keys, 0, PARITY_SHAPE[1:]), num_steps, noise_of_t,
+                               torch)
+  assert calls == spec.network_calls
+  np.testing.assert_allclose(got, want, rtol=0, atol=PARITY_ATOL)

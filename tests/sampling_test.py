@@ -69,9 +69,9 @@ def test_sample_fn_ancestral_full_and_argument_errors(workdir):
   assert x.shape == (4, 8, 8, 1)
   with pytest.raises(ValueError, match="Unknown sampler 'plms'"):
     sampling.sample_fn(model, 4, jax.random.PRNGKey(0), sampler="plms")
-  with pytest.raises(ValueError, match=r"num_steps must lie in \[1, 20\]"):
+  with pytest.raises(ValueError, match=r"num_steps=50 is out of range: use an integer in \[1, 20\]"):
     sampling.sample_fn(model, 4, jax.random.PRNGKey(0), num_steps=50)
-  with pytest.raises(ValueError, match="num_samples must be >= 1"):
+  with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
     sampling.sample_fn(model, 0, jax.random.PRNGKey(0))
 
 

@@ -269,20 +269,18 @@ def compute_fid_stats(config: ml_collections.ConfigDict, workdir: str | os.PathL
 # ----------------------------------------------------------------------------
 
 
-def _num_sampling_steps(config: ml_collections.ConfigDict, model: sample_export.LoadedModel) -> int:
-  T = model.diffusion.num_timesteps
-  num_steps = int(config.sampling.num_steps or T)
-  if not 1 <= num_steps <= T:
-    raise ValueError(f"config.sampling.num_steps must lie in [1, {T}] (the model's T), got {num_steps}.")
-  return num_steps
+def _sampler_spec(config: ml_collections.ConfigDict, model: sample_export.LoadedModel):
+  """The `SamplerSpec` of config.sampling for this model (ValueError names bad settings)."""
+  return sample_export.sampler_from_config(config.sampling, model.diffusion.num_timesteps)
 
 
 def samples_dir(config: ml_collections.ConfigDict, workdir, model: sample_export.LoadedModel) -> epath.Path:
-  """`workdir/eval/samples_<step>_<sampler>_<steps>[_eta<η>]_seed<seed>[_noclip]/` for the FID samples."""
+  """`workdir/eval/samples_<step>_<sampler settings>_seed<seed>[_cfg<s>][_noclip]/` for the FID samples."""
   sc = config.sampling
-  name = f"samples_{model.step}_{sc.sampler}_{_num_sampling_steps(config, model)}"
-  name += f"_eta{sc.eta:g}" if sc.sampler == "ddim" else ""
-  name += f"_seed{config.eval.seed}" + ("" if sc.clip_denoised else "_noclip")
+  name = f"samples_{model.step}_{_sampler_spec(config, model).folder_name}_seed{config.eval.seed}"
+  if model.num_classes and float(sc.guidance_scale) != 1.0:
+    name += f"_cfg{float(sc.guidance_scale):g}"
+  name += "" if sc.clip_denoised else "_noclip"
   return epath.Path(workdir) / EVAL_DIR / name
 
 
@@ -328,12 +326,15 @@ def compute_fid(model: sample_export.LoadedModel, config: ml_collections.ConfigD
   ec, sc = config.eval, config.sampling
   mesh = runtime.make_mesh() if mesh is None else mesh
   batch_size = _batch_size(config, mesh)
-  num_steps = _num_sampling_steps(config, model)
+  spec = _sampler_spec(config, model)
+  num_steps = spec.num_steps
   out_dir = samples_dir(config, workdir, model)
   start = time.time()
+  # Conditional models: sample i is of class i mod K, an equal number per class.
   paths = sample_export.write_sample_chunks(model, out_dir, int(ec.num_samples), jax.random.PRNGKey(ec.seed),
-                                       sampler=sc.sampler, num_steps=num_steps, eta=float(sc.eta),
-                                       clip_denoised=bool(sc.clip_denoised), chunk_size=int(sc.batch_size))
+                                            sampler=spec, clip_denoised=bool(sc.clip_denoised),
+                                            chunk_size=int(sc.batch_size),
+                                            guidance_scale=float(sc.get("guidance_scale", 1.0)))
   _sync("fid_samples_written")
   sampling_s = time.time() - start
 
@@ -373,9 +374,12 @@ def compute_fid(model: sample_export.LoadedModel, config: ml_collections.ConfigD
       "random_inception": label == RANDOM_INCEPTION_LABEL,
       "reference_statistics": str(ref_path),
       "samples_dir": str(out_dir),
-      "sampler": sc.sampler,
+      "sampler": spec.name,
+      "sampler_settings": spec.folder_name,
       "num_steps": num_steps,
-      "eta": float(sc.eta),
+      "network_calls": spec.network_calls,
+      "eta": float(spec.eta),
+      "guidance_scale": float(sc.get("guidance_scale", 1.0)) if model.num_classes else 1.0,
       "clip_denoised": bool(sc.clip_denoised),
       "seed": int(ec.seed),
       "step": int(model.step),
@@ -384,7 +388,7 @@ def compute_fid(model: sample_export.LoadedModel, config: ml_collections.ConfigD
       "inception_seconds": time.time() - start,
   }
   logging.info("FID %.4f, IS %.3f ± %.3f over %d samples (%s, %d steps) vs %s; Inception weights: %s.",
-               result["fid"], is_mean, is_std, stats.count, sc.sampler, num_steps, ref_path, label)
+               result["fid"], is_mean, is_std, stats.count, spec.folder_name, num_steps, ref_path, label)
   return result
 
 
