@@ -45,7 +45,7 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["diffusion_jax", "diffusion_jax.*"]),
-    package_data={"diffusion_jax": ["data/*.npz", "data/*.md"]},
+    package_data={"diffusion_jax": ["data/*.npz", "data/*.md", "data/*.txt"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

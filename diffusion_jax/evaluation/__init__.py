@@ -1,1 +1,1 @@
-"""Evaluation: bits/dim, FID and Inception Score, rate–distortion."""
+"""Evaluation: bits/dim, FID and Inception Score, rate–distortion, the digit-classifier metric."""

@@ -32,6 +32,18 @@ weights (a fixed seed) for smoke tests without the real weights: every output
 says `"inception_weights": "random (smoke test, not comparable)"`, the
 TensorBoard tags end in `_random_inception`, and its reference statistics go
 to their own file (`fid_stats_<dataset>_<split>_random_inception.npz`).
+
+For `dataset=digits`, `fid` scores the same samples with the shipped digit
+classifier instead of Inception (`digits_metric`, `compute_digit_fid`): no
+Inception weights or statistics are needed; `fid_step_*.json` then holds
+`digits_fd`, `digits_is`, `digits_confidence`, `digits_precision`,
+`digits_recall`, `digits_memorisation` and the class histogram, against the
+`config.eval.fid_split` of the digits (default: train), with TensorBoard tags
+`eval/digits_*`; for a class-conditional model also `digits_class_accuracy`
+(how often a sample is recognised as the class it was drawn for, overall and
+per class) and the Fréchet distance of each class against that class's
+reference images. `config.eval.random_inception=True` keeps the Inception
+smoke test on digits.
 """
 
 from __future__ import annotations
@@ -60,6 +72,7 @@ from diffusion_jax import input_pipeline
 from diffusion_jax import metric_writer
 from diffusion_jax import runtime
 from diffusion_jax.evaluation import bpd as bpd_lib
+from diffusion_jax.evaluation import digits_metric
 from diffusion_jax.evaluation import fid as fid_lib
 from diffusion_jax.evaluation import sample_export
 
@@ -393,6 +406,115 @@ def compute_fid(model: sample_export.LoadedModel, config: ml_collections.ConfigD
 
 
 # ----------------------------------------------------------------------------
+# The digit-classifier metric (dataset=digits).
+# ----------------------------------------------------------------------------
+
+
+def uses_digit_metric(config: ml_collections.ConfigDict) -> bool:
+  """Whether 'fid' is scored with `digits_metric` (dataset=digits) instead of Inception.
+
+  `config.eval.random_inception=True` asks for the Inception smoke test explicitly and keeps it.
+  """
+  return config.data.dataset == "digits" and not config.eval.get("random_inception", False)
+
+
+def conditional_digit_metrics(images: np.ndarray, labels: np.ndarray, reference: np.ndarray,
+                              reference_labels: np.ndarray) -> dict[str, Any]:
+  """Class accuracy (overall, per class) and the per-class Fréchet distance of class-conditional digit samples."""
+  acc = digits_metric.class_accuracy(images, labels)
+  per_class_fd = {}
+  for c in range(digits_metric.NUM_CLASSES):
+    fake, real = images[labels == c], reference[reference_labels == c]
+    per_class_fd[str(c)] = (digits_metric.compute_digit_metrics(fake, real)["digits_fd"]
+                            if len(fake) >= 2 and len(real) >= 2 else None)
+  return {"digits_class_accuracy": acc["overall"],
+          "digits_class_accuracy_per_class": {str(c): v for c, v in acc["per_class"].items()},
+          "digits_class_counts": {str(c): v for c, v in acc["counts"].items()},
+          "digits_fd_per_class": per_class_fd}
+
+
+def compute_digit_fid(model: sample_export.LoadedModel, config: ml_collections.ConfigDict,
+                      workdir: str | os.PathLike, *, mesh: Mesh | None = None) -> dict[str, Any]:
+  """Samples (resumably, as `compute_fid`) scored by `digits_metric.compute_digit_metrics` against the digits.
+
+  The reference is `config.eval.fid_split` of the digits (default: the train
+  split). No Inception weights or reference statistics are used. A
+  class-conditional model draws sample i for class i mod 10 (with
+  config.sampling.guidance_scale) and is also scored by `conditional_digit_metrics`.
+
+  Returns:
+    A JSON-serialisable dict: `digits_fd`, `digits_is`, `digits_confidence`,
+    `digits_precision`, `digits_recall`, `digits_memorisation`,
+    `digits_class_histogram`, … (see `compute_digit_metrics`), the classifier's
+    file and SHA-256, the reference split and the sampling settings.
+  """
+  _check_fid_config(config)
+  ec, sc = config.eval, config.sampling
+  image_shape = runtime.image_shape(config)
+  if image_shape != digits_metric.IMAGE_SHAPE:
+    raise ValueError(f"The digit metric scores 8×8×1 images, but this model makes {image_shape}: use "
+                     "--config.data.image_size=8 --config.data.channels=1, or Inception's smoke test "
+                     "(--config.eval.random_inception=True).")
+  if ec.fid_stats_path:
+    logging.warning("config.eval.fid_stats_path=%s is not used: dataset=digits is scored with the digit classifier.",
+                    ec.fid_stats_path)
+  spec = _sampler_spec(config, model)
+  out_dir = samples_dir(config, workdir, model)
+  guidance = float(sc.get("guidance_scale", 1.0)) if model.num_classes else 1.0
+  start = time.time()
+  paths = sample_export.write_sample_chunks(model, out_dir, int(ec.num_samples), jax.random.PRNGKey(ec.seed),
+                                            sampler=spec, clip_denoised=bool(sc.clip_denoised),
+                                            chunk_size=int(sc.batch_size), guidance_scale=guidance)
+  _sync("digit_samples_written")
+  sampling_s = time.time() - start
+  start = time.time()
+  images, labels = sample_export.read_sample_chunks(paths, with_labels=True)
+  if len(images) != int(ec.num_samples):
+    raise RuntimeError(f"The sample chunks hold {len(images)} images, expected {ec.num_samples}.")
+  split = _fid_split(config)
+  reference, reference_labels = input_pipeline.load_digits(split)
+  result = {"metric": "digits",
+            **digits_metric.compute_digit_metrics(images, reference),
+            "classifier_weights": str(digits_metric.WEIGHTS_PATH),
+            "classifier_sha256": digits_metric.weights_sha256(),
+            "reference_split": split,
+            "samples_dir": str(out_dir),
+            "sampler": spec.name,
+            "sampler_settings": spec.folder_name,
+            "num_steps": spec.num_steps,
+            "network_calls": spec.network_calls,
+            "eta": float(spec.eta),
+            "guidance_scale": guidance,
+            "clip_denoised": bool(sc.clip_denoised),
+            "seed": int(ec.seed),
+            "step": int(model.step),
+            "use_ema": bool(model.use_ema)}
+  if model.num_classes:
+    result.update(conditional_digit_metrics(images, labels, reference, np.asarray(reference_labels)))
+  result.update(sampling_seconds=sampling_s, metric_seconds=time.time() - start)
+  logging.info("Digit metric over %d samples (%s) vs digits:%s: FD %.3f, IS %.3f, confidence %.3f, "
+               "precision %.3f, recall %.3f, memorisation %.3f%s.", result["num_samples"], spec.folder_name, split,
+               result["digits_fd"], result["digits_is"], result["digits_confidence"], result["digits_precision"],
+               result["digits_recall"], result["digits_memorisation"],
+               f", class accuracy {result['digits_class_accuracy']:.3f}" if model.num_classes else "")
+  return result
+
+
+DIGIT_SCALARS = ("digits_fd", "digits_is", "digits_confidence", "digits_precision", "digits_recall",
+                 "digits_memorisation", "digits_class_accuracy")
+
+
+def digit_scalars_and_summary(result: dict[str, Any]) -> tuple[dict[str, float], str]:
+  """TensorBoard scalars (`eval/digits_*`) and the summary line of `compute_digit_fid`'s result."""
+  summary = (f"digits FD {result['digits_fd']:.3f}, IS {result['digits_is']:.3f}, confidence "
+             f"{result['digits_confidence']:.3f}, precision {result['digits_precision']:.3f}, recall "
+             f"{result['digits_recall']:.3f}, memorisation {result['digits_memorisation']:.3f}"
+             + (f", class accuracy {result['digits_class_accuracy']:.3f}" if "digits_class_accuracy" in result else "")
+             + f" over {result['num_samples']} samples ({result['sampler_settings']})")
+  return {f"eval/{name}": float(result[name]) for name in DIGIT_SCALARS if name in result}, summary
+
+
+# ----------------------------------------------------------------------------
 # Result files and the --mode=eval entry point.
 # ----------------------------------------------------------------------------
 
@@ -482,7 +604,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
                    f"{bpd_result['split_size']} {config.data.dataset}:{bpd_result['split']} images "
                    f"(rate {rd['final_rate_bpd']:.4f} + distortion {rd['final_distortion_bpd']:.4f} bits/dim, "
                    f"RMSE {rd['final_distortion_rmse']:.3f})")
-  if "fid" in metrics:
+  if "fid" in metrics and uses_digit_metric(config):  # dataset=digits: the digit classifier instead of Inception
+    results["fid"] = compute_digit_fid(model, config, workdir, mesh=mesh)
+    digit_scalars, digit_summary = digit_scalars_and_summary(results["fid"])
+    scalars.update(digit_scalars)
+    summary.append(digit_summary)
+  elif "fid" in metrics:
     fid_result = compute_fid(model, config, workdir, mesh=mesh)
     results["fid"] = fid_result
     tail = "_random_inception" if fid_result["random_inception"] else ""
