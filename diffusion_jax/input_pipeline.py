@@ -41,7 +41,6 @@ import concurrent.futures
 import dataclasses
 import os
 import pathlib
-import sys
 from typing import Any
 
 from absl import flags
@@ -52,6 +51,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
+
+from diffusion_jax import runtime
 
 # Our dataset names → tfds names.
 TFDS_DATASETS = {
@@ -247,17 +248,6 @@ class _FolderSource(grain.sources.RandomAccessDataSource):
             f"image_size={self._image_size}, channels={self._channels})")
 
 
-def _hide_accelerators_from_tensorflow() -> None:
-  """Keeps TensorFlow, if something imported it, off GPUs that JAX needs."""
-  tf = sys.modules.get("tensorflow")
-  if tf is None:
-    return
-  try:
-    tf.config.set_visible_devices([], "GPU")
-  except (RuntimeError, AttributeError, ValueError):
-    pass  # Already initialised, or a stub module: nothing more can be done here.
-
-
 def _prepare_instructions(tfds_name: str, data_dir: str) -> str:
   data_dir_flag = f" --data_dir={data_dir}" if data_dir else ""
   if tfds_name.startswith("celeb_a_hq"):
@@ -303,7 +293,7 @@ def _open_tfds_source(tfds_name: str, split: str, data_dir: str):
                        "Set config.data.train_split / eval_split accordingly.") from error
     raise
   finally:
-    _hide_accelerators_from_tensorflow()
+    runtime.hide_tensorflow_if_loaded()  # tfds may have imported TensorFlow
   return source
 
 

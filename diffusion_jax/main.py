@@ -10,13 +10,18 @@ results; running the same command again continues the run.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shlex
 import sys
+import time
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from diffusion_jax import cli
 
 MODES = ("train", "sample", "eval", "fid_stats")
 # Exit status of a training run stopped by SIGTERM/SIGINT or a preemption notice once the checkpoint of its
@@ -33,19 +38,6 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer(
     "num_processes", None, "Number of processes of a multi-process run ($JAX_NUM_PROCESSES).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run ($JAX_PROCESS_ID).")
-
-
-def _hide_accelerators_from_tensorflow() -> None:
-  """tfds may import TensorFlow; it must not take GPU/TPU memory that JAX needs."""
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return
-  tf.config.set_visible_devices([], "GPU")
-  try:
-    tf.config.set_visible_devices([], "TPU")
-  except (ValueError, RuntimeError):
-    pass
 
 
 def _env_int(name: str) -> int | None:
@@ -106,14 +98,109 @@ def _initialize_distributed() -> None:
     logging.set_verbosity(logging.WARNING)  # process 0 reports; the others only warn
 
 
-def main(argv):
+@dataclasses.dataclass
+class RunSummary:
+  """What a --mode=train run did, filled in as it goes (train.train_and_evaluate(..., summary=)) and printed at exit.
+
+  `started` and `logged` are called by the training loop; `print` writes the
+  closing block: outcome, steps, wall time, final loss, where the
+  checkpoints, sample grids, TensorBoard events and eval results are, and the
+  commands that resume the run and sample from it.
+  """
+
+  workdir: str
+  num_steps: int
+  t0: float = dataclasses.field(default_factory=time.time)
+  start_step: int | None = None
+  step: int | None = None
+  loss: float | None = None
+
+  def started(self, start_step: int) -> None:
+    self.start_step = self.step = start_step
+
+  def logged(self, step: int, metrics) -> None:
+    self.step, self.loss = step, float(metrics["loss"])
+
+  def _newest(self, folder: str, pattern: str) -> str | None:
+    import glob  # pylint: disable=g-import-not-at-top
+
+    found = sorted(glob.glob(os.path.join(folder, pattern)))
+    return os.path.basename(found[-1]) if found else None
+
+  def lines(self, outcome: str, *, step: int | None = None) -> list[str]:
+    from diffusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
+
+    step = self.step if step is None else step
+    workdir = self.workdir if "://" in self.workdir else os.path.abspath(self.workdir)
+    wall = time.time() - self.t0
+    wall_text = f"{int(wall) // 3600:d}:{int(wall) // 60 % 60:02d}:{int(wall) % 60:02d}"
+    if step is None:
+      steps = "none (the run stopped before training started)"
+    else:
+      done = step - (self.start_step or 0)
+      steps = f"{step} of {self.num_steps}" + (f" ({done} in this run, from step {self.start_step})"
+                                               if self.start_step else "")
+    ckpt_dir = str(checkpointing.checkpoint_dir(workdir))
+    try:
+      ckpts = sorted(int(p) for p in os.listdir(ckpt_dir) if p.isdigit()) if "://" not in ckpt_dir else []
+    except OSError:
+      ckpts = []
+    grid = self._newest(os.path.join(workdir, "samples"), "grid_step_*.png") if "://" not in workdir else None
+    evals = sorted(os.listdir(os.path.join(workdir, "eval"))) if os.path.isdir(os.path.join(workdir, "eval")) else []
+    args = [a for a in sys.argv[1:] if not a.startswith("--mode")]
+    command = "python -m diffusion_jax.main " + shlex.join(args)
+    return [
+        f"==== {outcome}",
+        f"  steps:        {steps}; wall time {wall_text}",
+        f"  final loss:   {self.loss:.5f} (step {self.step})" if self.loss is not None else
+        "  final loss:   none logged",
+        f"  checkpoints:  {ckpt_dir}" + (f" (newest: step {ckpts[-1]})" if ckpts else " (none)"),
+        f"  sample grids: {os.path.join(workdir, 'samples')}" + (f" (newest: {grid})" if grid else " (none)"),
+        f"  TensorBoard:  tensorboard --logdir={os.path.join(workdir, 'tensorboard')}",
+        f"  eval results: {os.path.join(workdir, 'eval')}" + (f" ({len(evals)} files)" if evals else
+                                                            " (none yet: add --mode=eval)"),
+        f"  resume:       {command}",
+        f"  sample:       {command} --mode=sample",
+    ]
+
+  def print(self, outcome: str, *, step: int | None = None) -> None:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    if jax.process_index() == 0:
+      sys.stderr.flush()
+      sys.stderr.write("\n".join(self.lines(outcome, step=step)) + "\n")
+      sys.stderr.flush()
+
+
+def _train(config, workdir: str) -> None:
+  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+
+  num_steps = config.training.num_train_steps
+  summary = RunSummary(workdir, num_steps)
+  try:
+    state = train.train_and_evaluate(config, workdir, summary=summary)
+  except BaseException as e:
+    what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed ({type(e).__name__})"
+    summary.print(f"Training {what} at step {summary.step if summary.step is not None else '?'} of {num_steps}; "
+                  "the newest complete checkpoint below is intact. Fix the error and run the same command again "
+                  "to continue.")
+    raise
+  step = int(state.step)
+  if step < num_steps:
+    summary.print(f"Training stopped early at step {step} of {num_steps}; the checkpoint of step {step} is complete. "
+                  f"Run the same command again to continue. Exit status {EXIT_PREEMPTED}.", step=step)
+    sys.exit(EXIT_PREEMPTED)
+  summary.print(f"Training finished: {num_steps} steps.", step=step)
+
+
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config=configs/cifar.py")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required, e.g. --workdir=/tmp/ddpm_cifar")
-  _hide_accelerators_from_tensorflow()
+  cli.start()
   _initialize_distributed()
 
   import jax  # pylint: disable=g-import-not-at-top
@@ -122,15 +209,7 @@ def main(argv):
                jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
   config = _CONFIG.value
   if _MODE.value == "train":
-    from diffusion_jax import train  # pylint: disable=g-import-not-at-top
-
-    state = train.train_and_evaluate(config, _WORKDIR.value)
-    step = int(state.step)
-    if step < config.training.num_train_steps:
-      logging.warning("Training stopped early at step %d of %d; the checkpoint of step %d is complete. Run the same "
-                      "command again to continue. Exit status %d.", step, config.training.num_train_steps, step,
-                      EXIT_PREEMPTED)
-      sys.exit(EXIT_PREEMPTED)
+    _train(config, _WORKDIR.value)
   elif _MODE.value == "sample":
     from diffusion_jax import sampling  # pylint: disable=g-import-not-at-top
 
@@ -143,6 +222,11 @@ def main(argv):
     from diffusion_jax.evaluation import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
 
     eval_lib.compute_fid_stats(config, _WORKDIR.value)
+
+
+def main(argv):
+  """The command: user errors (bad configs, paths, checkpoints) end as `error: ...`, exit status 2."""
+  cli.exit_on_user_error(_main, argv)
 
 
 if __name__ == "__main__":

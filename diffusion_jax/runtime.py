@@ -24,6 +24,8 @@ and evaluation goes through this module, so there is one of each:
   the library writes that a reader must never see half-written.
 * `import_tensorflow()`: TensorFlow, imported on demand only and kept off the
   accelerators that JAX uses.
+* `enable_compilation_cache()`: the persistent JAX compilation cache every
+  entry point turns on (in the user's cache directory, unless configured).
 """
 
 from __future__ import annotations
@@ -320,6 +322,47 @@ def import_tensorflow():
   if not already:
     hide_accelerators_from_tensorflow(tf)
   return tf
+
+
+# The environment variable that chooses the compilation cache's directory; "0" (or "off", "") turns it off.
+CACHE_ENV = "DIFFUSION_JAX_CACHE_DIR"
+
+
+def default_cache_dir() -> str:
+  """$XDG_CACHE_HOME/diffusion_jax/jax, or ~/.cache/diffusion_jax/jax."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "diffusion_jax", "jax")
+
+
+def enable_compilation_cache() -> str | None:
+  """Turns on JAX's persistent compilation cache, so a restarted run or a new session skips recompiling.
+
+  The directory is $DIFFUSION_JAX_CACHE_DIR, else `default_cache_dir()`;
+  DIFFUSION_JAX_CACHE_DIR=0 turns the cache off. A cache the user configured
+  ($JAX_COMPILATION_CACHE_DIR or `jax.config.update("jax_compilation_cache_dir",
+  ...)`) is kept as it is, and so are minimum compile time and entry size
+  set through their own variables. Call it before the first compilation: JAX
+  settles on a cache when it first compiles.
+
+  Returns:
+    The cache directory in use, or None if there is none.
+  """
+  configured = jax.config.jax_compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  if configured:
+    return configured
+  directory = os.environ.get(CACHE_ENV)
+  if directory is not None and directory.strip().lower() in ("0", "", "off", "false", "no"):
+    return None
+  directory = os.path.expanduser(directory) if directory else default_cache_dir()
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError:
+    return None  # a read-only home: run without the cache rather than fail
+  jax.config.update("jax_compilation_cache_dir", directory)
+  # Also the many small programs of a run's start (initialisation, checksums, grids): together they take seconds.
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  return directory
 
 
 def hide_tensorflow_if_loaded() -> None:

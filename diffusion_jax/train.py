@@ -68,6 +68,8 @@ class _Preemption:
   def __init__(self):
     self.requested = threading.Event()
     self.reason = None
+    self.stop_step = None  # one process: the step announced when the signal came, the one checkpointed
+    self.checked = 0  # the last step whose stop decision was taken
     self._previous = {}
     self._service = False
 
@@ -88,7 +90,12 @@ class _Preemption:
                       "the previous checkpoint stays intact).", name)
       return
     self.reason = f"received {name}"
-    logging.warning("Received %s: training stops after this step and writes its checkpoint.", name)
+    if jax.process_count() == 1:
+      # The first step whose stop decision is still open: should_stop stops exactly there.
+      self.stop_step = self.checked + 1
+      logging.warning("Received %s: training stops after step %d and writes its checkpoint.", name, self.stop_step)
+    else:
+      logging.warning("Received %s: training stops after the current step and writes its checkpoint.", name)
     self.requested.set()
 
   def __exit__(self, *exc):
@@ -104,7 +111,8 @@ class _Preemption:
         flags (must be the same on all processes).
     """
     if jax.process_count() == 1:
-      return self.requested.is_set()
+      self.checked = step  # a signal from here on stops at step + 1
+      return self.stop_step is not None and step >= self.stop_step
     stop = False
     if self._service and multihost_utils.reached_preemption_sync_point(step):
       stop, self.reason = True, "preemption notice (SIGTERM) to one of the processes"
@@ -137,7 +145,7 @@ def _check_finite(step: int, metrics: Mapping[str, float], last_saved: int | Non
     )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summary=None) -> TrainState:
   """Trains (or continues training) the model of `config` in `workdir`.
 
   Resumes from the newest readable checkpoint in the workdir (train state and
@@ -145,6 +153,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   set, or from a fresh initialisation. Writes metrics every `log_every` steps,
   checkpoints every `checkpoint_every` steps, at the end and on SIGTERM, and a
   sample grid every `sample_every` steps.
+
+  Args:
+    config: the run's config.
+    workdir: the run's directory.
+    summary: optional; told the start step (`summary.started(step)`) and each
+      logged step's metrics (`summary.logged(step, metrics)`), for the command
+      line's closing summary.
 
   Returns:
     The final train state.
@@ -171,7 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                 size=max(1, tc.get("prefetch", 2)))
   state = train_step_lib.init_state_sharded(config, network, mesh, init_rng)
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
-  manager = checkpointing.create_manager(workdir, max_to_keep=tc.keep_checkpoints)
+  manager = checkpointing.create_manager(workdir, max_to_keep=tc.keep_checkpoints, log_saves=True)
 
   abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
@@ -203,6 +218,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       state = train_step_lib.init_state_sharded(config, network, mesh, init_rng, params=params, ema_params=ema)
       logging.info("Initialised from %s (step %d).", tc.init_from, src_step)
   assert int(state.step) == start_step, (int(state.step), start_step)
+  if summary is not None:
+    summary.started(start_step)
 
   step_fn = train_step_lib.jit_train_step(mesh, network, diffusion, config.optim, state_sharding,
                                           label_dropout=float(tc.get("label_dropout", 0.0)))
@@ -232,6 +249,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     t_last, step_last = now, step
     host_metrics.update(steps_per_sec=steps_per_sec, images_per_sec=steps_per_sec * images_per_step)
     writer.scalars(step, host_metrics)
+    if summary is not None:
+      summary.logged(step, host_metrics)
     if jax.process_index() == 0:
       logging.info(
           "step %d/%d | loss %.5f (q0..q3 %.4f %.4f %.4f %.4f) | grad_norm %.3f | lr %.2e | "
@@ -246,6 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   pending = None  # (step, metrics) of a log step whose metrics are fetched after the next dispatch
   step = start_step
   with _Preemption() as preemption, _closing(manager, writer, profiler):
+    preemption.checked = start_step
     while step < num_steps:
       profiler.before_step(step)
       batch = next(train_iter)

@@ -68,6 +68,44 @@ def drop_labels(rng: jax.Array, labels: jax.Array, rate: float, null_label: int)
   return jnp.where(jax.random.bernoulli(rng, rate, labels.shape), null_label, labels)
 
 
+def grouped_clipped_gradients(grad_fn, params, batch, rngs, max_norm: float):
+  """The mean over G groups of the batch of each group's gradient clipped to global norm ≤ max_norm.
+
+  Group g is rows [g·B/G, (g+1)·B/G) of every array of `batch` and uses
+  `rngs[g]`. The groups run one after another (a fully unrolled `lax.scan`),
+  each clipped gradient added to one accumulator as soon as it is computed, so
+  no [G, ...] gradient tree is built and every convolution keeps its batched,
+  ungrouped form.
+
+  Args:
+    grad_fn: `(params, *batch, rng) -> ((loss, per-example losses), grads)`.
+    params: the parameters (not split).
+    batch: a tuple of arrays with leading axis B.
+    rngs: [G] keys, one per group.
+    max_norm: the clip norm (≤ 0: no clipping).
+
+  Returns:
+    (mean of the clipped group gradients, per-example losses [B], mean of the
+    group gradients' norms before clipping).
+  """
+  groups = rngs.shape[0]
+  b = batch[0].shape[0]
+  split = lambda a: a.reshape((groups, b // groups) + a.shape[1:])  # noqa: E731
+
+  def body(acc, xs):
+    *group, rng = xs
+    (_, losses), grads = grad_fn(params, *group, rng)
+    norm = optax.tree_utils.tree_norm(grads)
+    scale = jnp.minimum(1.0, max_norm / (norm + 1e-12)) if max_norm > 0 else 1.0
+    return jax.tree.map(lambda a, g: a + scale * g, acc, grads), (losses, norm)
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  # Unrolled: inside a while loop XLA:CPU leaves the weight-gradient convolutions in a
+  # non-canonical layout and runs them ~8x slower (benchmarks/README.md).
+  acc, (losses, norms) = jax.lax.scan(body, zeros, tuple(split(a) for a in batch) + (rngs,), unroll=True)
+  return jax.tree.map(lambda a: a / groups, acc), losses.reshape(b), jnp.mean(norms)
+
+
 def train_step(
     state: TrainState,
     batch: Mapping[str, jax.Array],
@@ -124,21 +162,14 @@ def train_step(
     (_, losses), grads = grad_fn(state.params, x, t, noise, dropout_rng, cond)
     grads, grad_norm = optimizer_lib.clip_by_global_norm(grads, optim_config.grad_clip)
   else:
-    def split(a):
-      return a.reshape((groups, b // groups) + a.shape[1:])
+    # (params, x, t, noise[, cond], rng): the batch arrays first, the group's dropout key last.
+    def group_grad_fn(params, x, t, noise, *rest):
+      *labels, rng = rest
+      return grad_fn(params, x, t, noise, rng, *labels)
 
-    rngs = jax.random.split(dropout_rng, groups)
-    (_, losses), grads = jax.vmap(grad_fn, in_axes=(None, 0, 0, 0, 0, 0))(
-        state.params, split(x), split(t), split(noise), rngs, None if cond is None else split(cond)
-    )
-    losses = losses.reshape(b)
-    norms = jax.vmap(optax.tree_utils.tree_norm)(grads)
-    grad_norm = jnp.mean(norms)
-    if optim_config.grad_clip > 0:
-      scale = jnp.minimum(1.0, optim_config.grad_clip / (norms + 1e-12))
-      grads = jax.tree.map(lambda g: jnp.tensordot(scale, g, axes=1) / groups, grads)
-    else:
-      grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+    arrays = (x, t, noise) + (() if cond is None else (cond,))
+    grads, losses, grad_norm = grouped_clipped_gradients(
+        group_grad_fn, state.params, arrays, jax.random.split(dropout_rng, groups), optim_config.grad_clip)
 
   new_state = state.apply_gradients(grads=grads)
   # tf.train.ExponentialMovingAverage as used by the paper: decay ~0 before the first step.

@@ -154,3 +154,146 @@ def test_conditional_config_on_unlabelled_or_mismatched_data_is_refused(tmp_path
     input_pipeline.create_train_iterator(config, seed=0)
   with pytest.raises(ValueError, match=r"num_classes=3, but digits:train has 10 classes.*num_classes=10"):
     input_pipeline.create_train_iterator(tiny_config(3), seed=0)
+
+
+# ----------------------------------------------------------------------------
+# Guided sampling.
+# ----------------------------------------------------------------------------
+
+
+def _toy_conditional_model(out_channels=1):
+  """A deterministic toy network out(x, t, c) whose output depends on the label (K = 3, null = 3)."""
+  a = jnp.asarray([0.3, -0.2, 0.5, 0.1], jnp.float32)
+  b = jnp.asarray([0.02, 0.05, -0.03, 0.0], jnp.float32)
+
+  def model_fn(x_t, t, cond):
+    out = a[cond][:, None, None, None] * x_t + b[cond][:, None, None, None] * t[:, None, None, None] / 20.0
+    if out_channels > 1:  # learned variance: a second block of channels in [-1, 1]
+      out = jnp.concatenate([out, jnp.tanh(out + 0.1 * cond[:, None, None, None])], axis=-1)
+    return out
+
+  return model_fn
+
+
+@pytest.mark.parametrize("mean_type,var_type", [("eps", "fixedlarge"), ("xstart", "fixedsmall"), ("v", "fixedlarge"),
+                                                ("eps", "learned_range")])
+def test_guided_output_equals_the_formula_for_every_parametrisation(mean_type, var_type):
+  from diffusion_jax import diffusion as diffusion_lib  # noqa: PLC0415
+  from diffusion_jax import samplers  # noqa: PLC0415
+  from diffusion_jax import schedules  # noqa: PLC0415
+
+  diffusion = diffusion_lib.GaussianDiffusion.create(
+      schedules.get_beta_schedule("linear", beta_start=1e-4, beta_end=0.02, num_timesteps=20),
+      model_mean_type=mean_type, model_var_type=var_type, loss_type="mse" if var_type != "learned_range" else "kl")
+  learned = var_type == "learned_range"
+  toy = _toy_conditional_model(2 if learned else 1)
+  s, null = 2.5, 3
+  cond = jnp.asarray([0, 1, 2, 1], jnp.int32)
+
+  def by_formula(x_t, t):  # guidance written out: the mean part guided, the variance part the conditional pass's
+    c, u = toy(x_t, t, cond), toy(x_t, t, jnp.full_like(cond, null))
+    mean = u[..., :1] + s * (c[..., :1] - u[..., :1])
+    return jnp.concatenate([mean, c[..., 1:]], axis=-1) if learned else mean
+
+  kw = dict(sampler="ancestral", num_steps=5, clip_denoised=False)
+  rng, idx, shape = jax.random.PRNGKey(0), jnp.arange(4), (4, 8, 8, 1)
+  guided = samplers.sample(diffusion, toy, rng, idx, shape, cond=cond, guidance_scale=s, null_label=null, **kw)
+  want = samplers.sample(diffusion, by_formula, rng, idx, shape, **kw)
+  np.testing.assert_allclose(guided["samples"], want["samples"], rtol=1e-5, atol=1e-5)
+  # Scale 1 is the conditional model; scale 0 the unconditional (null-label) one.
+  one = samplers.sample(diffusion, toy, rng, idx, shape, cond=cond, guidance_scale=1.0, **kw)["samples"]
+  traced_one = jax.jit(lambda g: samplers.sample(diffusion, toy, rng, idx, shape, cond=cond, guidance_scale=g,
+                                                 null_label=null, **kw)["samples"])(1.0)
+  np.testing.assert_allclose(traced_one, one, rtol=1e-5, atol=1e-5)
+  if not learned:  # (a learned variance keeps the conditional pass's variance at every scale)
+    zero = samplers.sample(diffusion, toy, rng, idx, shape, cond=cond, guidance_scale=0.0, null_label=null, **kw)
+    uncond = samplers.sample(diffusion, toy, rng, idx, shape, cond=jnp.full_like(cond, null), **kw)
+    np.testing.assert_allclose(zero["samples"], uncond["samples"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def cond_workdir(tmp_path_factory):
+  from diffusion_jax import checkpointing  # noqa: PLC0415
+
+  config = tiny_config(10)
+  net = runtime.build_network(config)
+  params = _params(net)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  params = jax.tree.unflatten(treedef, [np.asarray(jax.random.normal(k, v.shape) * 0.2) for k, v in zip(keys, leaves)])
+  path = tmp_path_factory.mktemp("cond_model")
+  checkpointing.save_model_checkpoint(path, config=config, params=params, ema_params=params, step=4)
+  checkpointing.write_class_names(path, [f"digit{i}" for i in range(10)])
+  return path
+
+
+def test_sample_fn_takes_labels_as_ints_names_or_arrays(cond_workdir):
+  from diffusion_jax import sampling  # noqa: PLC0415
+
+  model = sampling.load_model(cond_workdir)
+  assert model.num_classes == 10 and model.class_names[3] == "digit3" and "classes=10" in repr(model)
+  rng = jax.random.PRNGKey(0)
+  kw = dict(sampler="ddim", num_steps=4, progress=False)
+  mixed = sampling.sample_fn(model, 6, rng, labels=[3, 5, 3, 7, 7, 1], guidance_scale=2.0, **kw)
+  threes = sampling.sample_fn(model, 6, rng, labels=3, guidance_scale=2.0, **kw)
+  named = sampling.sample_fn(model, 6, rng, labels="digit3", guidance_scale=2.0, batch_size=2, **kw)
+  # Sample i depends only on (rng, i, its label), whatever the batch size.
+  np.testing.assert_array_equal(mixed[[0, 2]], threes[[0, 2]])
+  np.testing.assert_array_equal(named, threes)
+  assert not np.array_equal(mixed[1], threes[1])
+  unguided = sampling.sample_fn(model, 6, rng, labels=3, **kw)
+  assert not np.array_equal(unguided, threes)
+  # Default labels: sample i is of class i mod K.
+  np.testing.assert_array_equal(sampling.sample_fn(model, 4, rng, **kw),
+                                sampling.sample_fn(model, 4, rng, labels=[0, 1, 2, 3], **kw))
+  with pytest.raises(ValueError, match="Unknown class name 'cat'; the model's classes are digit0, digit1"):
+    sampling.sample_fn(model, 2, rng, labels="cat", **kw)
+  with pytest.raises(ValueError, match=r"Class label 10 is outside \[0, 10\)"):
+    sampling.sample_fn(model, 2, rng, labels=10, **kw)
+  with pytest.raises(ValueError, match="labels has 3 entries for 2 samples"):
+    sampling.sample_fn(model, 2, rng, labels=[1, 2, 3], **kw)
+
+
+def test_unconditional_models_refuse_labels_and_guidance(tmp_path):
+  from diffusion_jax import checkpointing  # noqa: PLC0415
+  from diffusion_jax import sampling  # noqa: PLC0415
+
+  config = tiny_config(0)
+  params = _params(runtime.build_network(config))
+  checkpointing.save_model_checkpoint(tmp_path, config=config, params=params, ema_params=params, step=1)
+  model = sampling.load_model(tmp_path)
+  with pytest.raises(ValueError, match="this model is unconditional: leave labels=None"):
+    sampling.sample_fn(model, 2, jax.random.PRNGKey(0), labels=3, num_steps=2, sampler="ddim", progress=False)
+  with pytest.raises(ValueError, match="guidance_scale=3.0 needs a class-conditional model"):
+    sampling.sample_fn(model, 2, jax.random.PRNGKey(0), guidance_scale=3.0, num_steps=2, sampler="ddim",
+                       progress=False)
+
+
+def test_mode_sample_writes_one_row_per_class_and_stores_labels(cond_workdir, tmp_path):
+  import shutil  # noqa: PLC0415
+
+  from diffusion_jax import checkpointing  # noqa: PLC0415
+  from diffusion_jax import sampling  # noqa: PLC0415
+
+  run = tmp_path / "run"
+  shutil.copytree(cond_workdir, run)
+  config = checkpointing.read_config(run)
+  config.sampling.sampler, config.sampling.num_steps = "ddim", 3
+  config.sampling.num_samples, config.sampling.batch_size, config.sampling.guidance_scale = 20, 8, 2.0
+  out = sampling.sample_to_workdir(config, run)
+  assert out.name == "step_4_ddim_3steps_eta0_cfg2"
+  images, labels = sampling.read_sample_chunks(sorted(out.glob("samples_*.npz")), with_labels=True)
+  np.testing.assert_array_equal(labels, np.arange(20) % 10)
+  grid = np.asarray(Image.open(out / "grid.png"))
+  scale = 64 // 8
+  cell = 8 * scale + 2
+  assert grid.shape[:2] == (10 * cell + 2, 2 * cell + 2)  # 10 rows (classes) of 2 samples
+  # Row c, column j holds the j-th sample of class c, i.e. sample 10·j + c.
+  np.testing.assert_array_equal(grid[2 + 3 * cell:2 + 3 * cell + 8 * scale:scale, 2 + cell:2 + cell + 8 * scale:scale],
+                                images[13, :, :, 0])
+  config.sampling.labels = "digit7,2"
+  config.sampling.num_samples = 2
+  out2 = sampling.sample_to_workdir(config, run)
+  assert out2.name == "step_4_ddim_3steps_eta0_cfg2_labels-digit7-2"
+  _, labels2 = sampling.read_sample_chunks(sorted(out2.glob("samples_*.npz")), with_labels=True)
+  np.testing.assert_array_equal(labels2, [7, 2])

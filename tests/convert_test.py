@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+import diffusers  # noqa: E402
+import torch  # noqa: E402
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
@@ -339,7 +339,7 @@ def _write_tf(prefix: pathlib.Path, tensors: dict[str, np.ndarray], *, saver: bo
   code did; otherwise with the SaveV2 op that Saver runs (the same files, and
   much faster).
   """
-  tf = pytest.importorskip("tensorflow")
+  import tensorflow as tf  # noqa: PLC0415
   prefix.parent.mkdir(parents=True, exist_ok=True)
   if not saver:
     tf.raw_ops.SaveV2(prefix=str(prefix), tensor_names=list(tensors), shape_and_slices=[""] * len(tensors),

@@ -213,7 +213,6 @@ def _eval_files(workdir):
 def test_mode_eval_end_to_end(workdir, monkeypatch, repo_root, n_devices):
   from diffusion_jax import main  # pylint: disable=g-import-not-at-top
 
-  monkeypatch.setattr(main, "_hide_accelerators_from_tensorflow", lambda: None)  # no TensorFlow import here
   argv = ["main", f"--config={repo_root / 'configs' / 'tiny.py'}", f"--workdir={workdir}", "--mode=eval",
           "--config.eval.metrics=('bpd','fid')", "--config.eval.random_inception=True",
           "--config.eval.num_samples=8", f"--config.eval.bpd_max_examples={MAX_EXAMPLES}",

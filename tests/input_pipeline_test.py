@@ -53,7 +53,7 @@ def test_digits_file():
 
 
 def test_digits_match_scikit_learn():
-  datasets = pytest.importorskip("sklearn.datasets")
+  from sklearn import datasets  # noqa: PLC0415
   original = datasets.load_digits()
   with np.load(input_pipeline.DIGITS_PATH) as data:
     for split in input_pipeline.DIGITS_SPLITS:
@@ -173,7 +173,7 @@ def test_state_of_another_seed_is_rejected():
 
 
 def test_orbax_checkpoint_restores_exact_continuation(tmp_path):
-  ocp = pytest.importorskip("orbax.checkpoint")
+  import orbax.checkpoint as ocp  # noqa: PLC0415
   config = _config()
   kwargs = dict(seed=11, process_index=0, process_count=1)
   iterator = input_pipeline.create_train_iterator(config, **kwargs)
@@ -350,7 +350,7 @@ def test_folder_empty_or_missing(tmp_path):
 
 
 def test_cifar10_through_mocked_tfds_data_source():
-  tfds = pytest.importorskip("tensorflow_datasets")
+  import tensorflow_datasets as tfds  # noqa: PLC0415
   config = _config("cifar10", image_size=32, channels=3, batch_size=4)
   with tfds.testing.mock_data(num_examples=10):
     assert input_pipeline.get_dataset_info(config.data, "train") == input_pipeline.DatasetInfo(10, (32, 32, 3))
@@ -368,7 +368,7 @@ def test_cifar10_through_mocked_tfds_data_source():
 
 
 def test_lsun_through_mocked_tfds_is_center_cropped_and_resized():
-  tfds = pytest.importorskip("tensorflow_datasets")
+  import tensorflow_datasets as tfds  # noqa: PLC0415
   config = _config("lsun_bedroom", image_size=16, channels=3, batch_size=4)
   with tfds.testing.mock_data(num_examples=4):
     batch = next(input_pipeline.create_train_iterator(config, process_index=0, process_count=1))
@@ -376,7 +376,6 @@ def test_lsun_through_mocked_tfds_is_center_cropped_and_resized():
 
 
 def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
-  pytest.importorskip("tensorflow_datasets")
   config = _config("cifar10", image_size=32, channels=3, data_dir=str(tmp_path))
   with pytest.raises(ValueError, match=r"(?s)not prepared.*tfds build cifar10 --file_format=array_record"):
     input_pipeline.get_dataset_info(config.data, "train")

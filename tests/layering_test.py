@@ -9,13 +9,13 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "diffusion_jax"
 
 # Floors bottom up; a module is matched by its dotted name (prefix match for packages).
 FLOORS = [
-    ("math", ["schedules", "diffusion", "samplers"]),
+    ("math", ["errors", "schedules", "diffusion", "samplers"]),
     ("network", ["models"]),
     ("runtime", ["runtime", "images", "config_base"]),
     ("data", ["input_pipeline"]),
     ("loop", ["optimizer", "train_step", "train", "checkpointing", "metric_writer"]),
     ("evaluation", ["evaluation", "inception"]),
-    ("face", ["main", "sampling", "convert", "__init__"]),
+    ("face", ["main", "cli", "sampling", "convert", "__init__"]),
 ]
 
 

@@ -53,3 +53,21 @@ def test_train_then_sample_from_the_command_line(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = tmp_path / "samples" / "step_2_ddim_4steps_eta0"
   assert sorted(p.name for p in out.iterdir()) == ["grid.png", "progressive.png", "samples_0000000_0000006.npz"]
+
+
+def test_a_short_tiny_run_prints_only_our_lines_and_the_summary(tmp_path):
+  proc = _run("--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.training.num_train_steps=40")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = (proc.stdout + proc.stderr).splitlines()
+  assert len(lines) <= 40, "\n".join(lines)
+  assert "Traceback" not in proc.stderr and "tensorflow" not in proc.stderr.lower()
+  assert sum("Saved the checkpoint of step" in line for line in lines) == 2  # steps 20 and 40
+  assert "==== Training finished: 40 steps." in proc.stderr
+  assert f"resume:       python -m diffusion_jax.main --config=configs/tiny.py --workdir={tmp_path}" in proc.stderr
+  assert "orbax" not in proc.stderr.lower()
+
+
+def test_user_errors_print_one_message_and_exit_2(tmp_path):
+  proc = _run("--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.diffusion.beta_schedule=cosinus")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "error: " in proc.stderr and "Traceback" not in proc.stderr

@@ -39,7 +39,7 @@ def _start(workdir, process_id, port, log_path, **training):
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   command = [sys.executable, "-m", "diffusion_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
              f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={process_id}",
-             *(f"--config.training.{k}={v}" for k, v in training.items())]
+             *(f"--config.training.{k}={v}" for k, v in dict(dict(log_every=1), **training).items())]
   with open(log_path, "w") as log:
     return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 

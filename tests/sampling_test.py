@@ -141,3 +141,93 @@ def test_sample_to_workdir_writes_grid_progressive_and_chunks(workdir, tmp_path)
   before = {p.name: os.stat(p).st_mtime_ns for p in out.iterdir()}
   sampling.sample_to_workdir(cfg, run)
   assert {p.name: os.stat(p).st_mtime_ns for p in out.iterdir()} == before
+
+
+class _CompileLog:
+  """Counts `jax.log_compiles` records "Compiling jit(<name>)" (logged whether or not the persistent cache hits)."""
+
+  def __init__(self):
+    import logging
+
+    self.messages = []
+    self._handler = logging.Handler()
+    self._handler.emit = lambda record: self.messages.append(record.getMessage())
+    self._logger = logging.getLogger("jax")
+
+  def __enter__(self):
+    self._logger.addHandler(self._handler)
+    self._context = jax.log_compiles()
+    self._context.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    self._context.__exit__(*exc)
+    self._logger.removeHandler(self._handler)
+
+  def count(self, name):
+    return sum(m.startswith(f"Compiling jit({name})") for m in self.messages)
+
+
+def test_one_compilation_per_sample_set_and_per_interpolation(workdir, tmp_path):
+  """A three-chunk export with a partial last chunk compiles the chain once; so do two interpolate_fn calls."""
+  model = sampling.load_model(workdir)
+  rng = jax.random.PRNGKey(0)
+  with _CompileLog() as log:
+    paths = sampling.write_sample_chunks(model, tmp_path / "set", 10, rng, sampler="dpmpp2m", num_steps=4,
+                                         clip_denoised=True, chunk_size=4, progress=False)
+  assert len(paths) == 3 and log.count("sharded_sample") == 1, log.messages
+
+  x1, x2 = np.zeros((8, 8, 1), np.uint8), np.full((8, 8, 1), 255, np.uint8)
+  other = sampling.load_model(workdir, use_ema=False)  # other parameters, same shapes
+  with _CompileLog() as log:
+    a = sampling.interpolate_fn(model, x1, x2, rng, lambdas=[0.0, 0.5, 1.0], t=10, sampler="ddim", num_steps=3)
+    b = sampling.interpolate_fn(other, x2, x1, rng, lambdas=[0.0, 0.5, 1.0], t=10, sampler="ddim", num_steps=3)
+  assert log.count("_run") == 1 and log.count("_diffuse_and_mix") == 1, log.messages
+  assert not np.array_equal(a, b)
+
+
+def test_sampler_names_and_settings_are_validated_in_one_place(workdir):
+  model = sampling.load_model(workdir)
+  rng = jax.random.PRNGKey(0)
+  x = np.zeros((8, 8, 1), np.uint8)
+  calls = [
+      lambda **kw: sampling.sample_fn(model, 2, rng, progress=False, **kw),
+      lambda **kw: sampling.progressive_fn(model, 2, rng, **kw),
+      lambda **kw: sampling.interpolate_fn(model, x, x, rng, t=5, **kw),
+  ]
+  for call in calls:
+    with pytest.raises(ValueError, match="Unknown sampler 'plms'; valid choices are ancestral, ddim, dpmpp2m"):
+      call(sampler="plms")
+    with pytest.raises(ValueError, match=r"num_steps=0 is out of range: use an integer in \[1, 20\]"):
+      call(sampler="ddim", num_steps=0)
+    with pytest.raises(ValueError, match="eta must be a finite scalar >= 0"):
+      call(sampler="ddim", num_steps=4, eta=-0.5)
+    with pytest.raises(ValueError, match=r"needs num_steps >= 3"):
+      call(sampler="dpmpp3m", num_steps=2)
+    with pytest.raises(ValueError, match="timestep_spacing='sideways' is not available"):
+      call(sampler="ddim", num_steps=4, timestep_spacing="sideways")
+    with pytest.raises(ValueError, match="Unknown sampler settings"):
+      call(sampler="ddim", num_steps=4, stepz=3)
+  spec = sampling.resolve_sampler(20, "dpmpp2m", num_steps=8, sigma_schedule="karras")
+  assert spec.folder_name == "dpmpp2m_8steps_karras" and spec.network_calls == 8
+  assert sampling.resolve_sampler(20, "heun", num_steps=5).network_calls == 9  # 2 per step but the last
+
+
+def test_sample_to_workdir_names_folders_by_sampler_settings(workdir, tmp_path):
+  import shutil
+
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  cfg = checkpointing.read_config(run)
+  cfg.sampling.sampler, cfg.sampling.num_steps, cfg.sampling.sigma_schedule = "dpmpp2m", 5, "karras"
+  cfg.sampling.num_samples, cfg.sampling.batch_size = 4, 4
+  out = sampling.sample_to_workdir(cfg, run)
+  assert out.name == "step_3_dpmpp2m_5steps_karras"
+  images = sampling.read_sample_chunks(sorted(out.glob("samples_*.npz")))
+  model = sampling.load_model(run)
+  want = sampling.sample_fn(model, 4, jax.random.PRNGKey(cfg.eval.seed), sampler="dpmpp2m", num_steps=5,
+                            sigma_schedule="karras", progress=False)
+  np.testing.assert_array_equal(images, want)
+  cfg.sampling.labels = "3"
+  with pytest.raises(ValueError, match="applies to class-conditional models"):
+    sampling.sample_to_workdir(cfg, run)

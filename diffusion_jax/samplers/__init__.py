@@ -468,14 +468,14 @@ def make_sharded_sampler(
   sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
   shape_tail = tuple(int(s) for s in image_shape)
 
-  def fn(params, rng, indices, cond=None, guidance_scale=None):
+  def sharded_sample(params, rng, indices, cond=None, guidance_scale=None):
     bound = jax.tree_util.Partial(model_fn, params)
     return sample(diffusion, bound, rng, indices, (indices.shape[0],) + shape_tail, sampler=spec, eta=eta_value,
                   clip_denoised=clip_denoised, progressive_every=progressive_every, cond=cond,
                   guidance_scale=guidance_scale if guided else 1.0, null_label=null_label)
 
-  unconditional = jax.jit(fn, in_shardings=(replicated, replicated, sharded), out_shardings=sharded)
-  conditional = jax.jit(functools.partial(fn, guidance_scale=1.0) if not guided else fn,
+  unconditional = jax.jit(sharded_sample, in_shardings=(replicated, replicated, sharded), out_shardings=sharded)
+  conditional = jax.jit(functools.partial(sharded_sample, guidance_scale=1.0) if not guided else sharded_sample,
                         in_shardings=(replicated, replicated, sharded, sharded) + ((replicated,) if guided else ()),
                         out_shardings=sharded)
 

@@ -1,0 +1,69 @@
+"""What every command line of the package shares: a quiet console, the compilation cache, user errors.
+
+* `quiet_logging()`: by default the console shows our own lines (INFO and
+  up, from diffusion_jax modules) and every library's warnings and errors;
+  the INFO lines of Orbax, JAX, absl, grain or TensorFlow are hidden. absl's
+  `--verbosity=1` (or higher) shows everything again.
+* `start()`: the above plus `runtime.enable_compilation_cache()`, for the
+  start of a command.
+* `exit_on_user_error(fn, *args)`: runs `fn`; a user error
+  (`errors.is_user_error`) is printed as `error: <message>` and exits with
+  status 2 and no traceback; other errors keep their traceback.
+"""
+
+from __future__ import annotations
+
+import logging as py_logging
+import os
+import sys
+
+from absl import logging
+
+from diffusion_jax import errors
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class OurLinesFilter(py_logging.Filter):
+  """Passes warnings and errors, and lower levels only from modules of this package."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if record.levelno >= py_logging.WARNING:
+      return True
+    if record.name == "diffusion_jax" or record.name.startswith("diffusion_jax."):
+      return True
+    return os.path.abspath(record.pathname or "").startswith(_PACKAGE_DIR + os.sep)
+
+
+_FILTER = OurLinesFilter()
+
+
+def quiet_logging() -> None:
+  """Hides third-party INFO lines on the console unless absl's --verbosity is 1 or more."""
+  handler = logging.get_absl_handler()
+  verbose = logging.get_verbosity() >= 1  # --verbosity=1: everything, as absl prints it
+  if verbose:
+    handler.removeFilter(_FILTER)
+  elif _FILTER not in handler.filters:
+    handler.addFilter(_FILTER)
+
+
+def start() -> str | None:
+  """Sets up a command: quiet logging and the persistent compilation cache; returns the cache directory."""
+  quiet_logging()
+  from diffusion_jax import runtime  # pylint: disable=g-import-not-at-top  (imports JAX)
+
+  return runtime.enable_compilation_cache()
+
+
+def exit_on_user_error(fn, *args, **kwargs):
+  """Calls fn; prints a user error as `error: <message>` and exits with status 2 (no traceback)."""
+  try:
+    return fn(*args, **kwargs)
+  except Exception as e:  # noqa: BLE001 - only user errors are handled; the rest is re-raised
+    if not errors.is_user_error(e):
+      raise
+    sys.stdout.flush()
+    sys.stderr.write(f"error: {errors.message(e)}\n")
+    sys.stderr.flush()
+    sys.exit(errors.EXIT_USER_ERROR)
