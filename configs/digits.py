@@ -34,6 +34,7 @@ def get_config():
   config.training.num_grid_samples = 64
   config.training.grid_sampler = "ancestral"  # the paper's sampler: crisper than DDIM on this small model
   config.training.grid_num_steps = 1000
+  config.training.final_eval = True  # digit-classifier figures of the final EMA model in runs/digits/eval/
   config.sampling.sampler = "ddim"
   config.sampling.num_steps = 100
   config.sampling.batch_size = 256

@@ -77,6 +77,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   training.label_dropout = 0.1  # conditional models: probability of training on the null class (guidance)
   training.prefetch = 2  # global batches put on the devices ahead of the step
   training.profile_steps = 0  # > 0: a jax.profiler trace of this many steps (after the first) in workdir/profile
+  # > 0: training finishes normally (final checkpoint and grid, exit status 0) at the first step that ends more
+  # than this many seconds after the first step of this invocation finished (start-up, restore and the first
+  # step's compilation are not counted; a resumed run gets the budget afresh). 0 = off.
+  training.time_budget_s = 0.0
+  # After the run finishes (num_train_steps or time_budget_s reached): sample the final EMA model and score it
+  # with the digit-classifier metric (digits only) into workdir/eval/final_step_<step>.json and TensorBoard.
+  training.final_eval = False
+  training.final_eval_samples = 500  # images sampled for the final evaluation
+  training.final_eval_sampler = "ddim"  # its sampler (any of config.sampling.sampler's)
+  training.final_eval_num_steps = 100  # its number of steps (1000 with ancestral is the paper's sampler, ~10x slower)
+  training.final_eval_sigma_schedule = ""  # euler, heun, dpmpp*: uniform | karras ('' = uniform)
 
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.sampler = "ancestral"  # ancestral | ddim | dpmpp2m | dpmpp3m | dpmpp2m_sde | dpmpp3m_sde | euler | heun

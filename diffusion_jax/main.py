@@ -114,6 +114,7 @@ class RunSummary:
   start_step: int | None = None
   step: int | None = None
   loss: float | None = None
+  final_eval: str | None = None  # the end-of-training evaluation's figures, when it ran
 
   def started(self, start_step: int) -> None:
     self.start_step = self.step = start_step
@@ -159,6 +160,7 @@ class RunSummary:
         f"  TensorBoard:  tensorboard --logdir={os.path.join(workdir, 'tensorboard')}",
         f"  eval results: {os.path.join(workdir, 'eval')}" + (f" ({len(evals)} files)" if evals else
                                                             " (none yet: add --mode=eval)"),
+        *([f"  final eval:   {self.final_eval}"] if self.final_eval else []),
         f"  resume:       {command}",
         f"  sample:       {command} --mode=sample",
     ]
@@ -186,11 +188,20 @@ def _train(config, workdir: str) -> None:
                   "to continue.")
     raise
   step = int(state.step)
-  if step < num_steps:
+  budget = train.last_finish() == "time_budget"
+  if step < num_steps and not budget:
     summary.print(f"Training stopped early at step {step} of {num_steps}; the checkpoint of step {step} is complete. "
                   f"Run the same command again to continue. Exit status {EXIT_PREEMPTED}.", step=step)
     sys.exit(EXIT_PREEMPTED)
-  summary.print(f"Training finished: {num_steps} steps.", step=step)
+  if config.training.get("final_eval", False):
+    from diffusion_jax.evaluation import final_eval  # pylint: disable=g-import-not-at-top
+
+    result = final_eval.evaluate_final(config, workdir, state.ema_params, step)
+    if result is not None:
+      summary.final_eval = final_eval.summary_line(result)
+  outcome = (f"Training finished: time budget of {config.training.time_budget_s:g} s reached at step {step}."
+             if budget else f"Training finished: {num_steps} steps.")
+  summary.print(outcome, step=step)
 
 
 def _main(argv):

@@ -39,6 +39,13 @@ from diffusion_jax import train_step as train_step_lib
 
 TrainState = train_step_lib.TrainState
 PROFILE_DIR = "profile"
+_last_finish = None
+
+
+def last_finish() -> str | None:
+  """How this process's last `train_and_evaluate` ended: 'steps' (num_train_steps reached), 'time_budget'
+  (training.time_budget_s reached: a normal finish), 'stopped' (signal or preemption), or None (none ended)."""
+  return _last_finish
 
 
 # ----------------------------------------------------------------------------
@@ -124,6 +131,42 @@ class _Preemption:
     return stop
 
 
+class _TimeBudget:
+  """`training.time_budget_s`: a normal finish once the loop has run that long, decided at a step boundary.
+
+  The clock starts when the first step of this invocation has finished (so
+  start-up, restoring and that step's compilation are not counted); from then
+  on everything in the loop counts (steps, logging, checkpoints, grids). While
+  a budget is set, the loop waits after each dispatch until the previous step
+  has finished, so the host is at most one step ahead of the devices and the
+  clock measures finished work. Several processes decide together at the
+  steps where they exchange their stop flags (log and checkpoint steps).
+  """
+
+  def __init__(self, seconds: float):
+    self.seconds = float(seconds or 0.0)
+    self.start = None
+    self.elapsed = 0.0
+
+  def reached(self, metrics, previous_metrics, *, sync: bool) -> bool:
+    """Whether to finish after the step that returned `metrics` (the same answer on every process)."""
+    if self.seconds <= 0:
+      return False
+    if self.start is None:
+      jax.block_until_ready(metrics)
+      self.start = time.perf_counter()
+      return False
+    jax.block_until_ready(previous_metrics)
+    self.elapsed = time.perf_counter() - self.start
+    over = self.elapsed > self.seconds
+    if jax.process_count() > 1:
+      over = sync and bool(np.any(multihost_utils.process_allgather(np.asarray(over))))
+    return over
+
+  def remaining(self) -> float:
+    return max(0.0, self.seconds - self.elapsed) if self.seconds > 0 else math.inf
+
+
 def _format_eta(seconds: float) -> str:
   if not math.isfinite(seconds):
     return "?"
@@ -152,7 +195,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summa
   input position); otherwise starts from `config.training.init_from` weights if
   set, or from a fresh initialisation. Writes metrics every `log_every` steps,
   checkpoints every `checkpoint_every` steps, at the end and on SIGTERM, and a
-  sample grid every `sample_every` steps.
+  sample grid every `sample_every` steps. With `training.time_budget_s` set,
+  finishes normally (final checkpoint and grid) at the first step boundary past
+  the budget (see `_TimeBudget`); `last_finish()` tells how the run ended.
 
   Args:
     config: the run's config.
@@ -164,6 +209,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summa
   Returns:
     The final train state.
   """
+  global _last_finish
+  _last_finish = None
   workdir = epath.Path(workdir)
   train_step_lib.validate_config(config)
   tc = config.training
@@ -257,11 +304,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summa
           "%.2f steps/s, %.1f img/s | ETA %s",
           step, num_steps, host_metrics["loss"], *(host_metrics[f"loss_q{i}"] for i in range(4)),
           host_metrics["grad_norm"], host_metrics["lr"], steps_per_sec, steps_per_sec * images_per_step,
-          _format_eta((num_steps - step) / max(steps_per_sec, 1e-9)),
+          _format_eta(min((num_steps - step) / max(steps_per_sec, 1e-9), budget.remaining())),
       )
     return host_metrics
 
   profiler = _Profiler(workdir, start_step + 1, tc.get("profile_steps", 0))
+  budget, budget_done, previous_metrics = _TimeBudget(tc.get("time_budget_s", 0.0)), False, None
   pending = None  # (step, metrics) of a log step whose metrics are fetched after the next dispatch
   step = start_step
   with _Preemption() as preemption, _closing(manager, writer, profiler):
@@ -279,6 +327,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summa
       want_log = step % tc.log_every == 0 or is_last
       want_ckpt = step % tc.checkpoint_every == 0 or is_last
       stop = preemption.should_stop(step, sync=want_log or want_ckpt)
+      if not (stop or is_last) and budget.reached(metrics, previous_metrics, sync=want_log or want_ckpt):
+        logging.info("Time budget of %.0f s reached at step %d (%.1f s since the first step finished): writing the "
+                     "final checkpoint and finishing.", budget.seconds, step, budget.elapsed)
+        budget_done = is_last = want_log = want_ckpt = True
+      previous_metrics = metrics
       if stop and not is_last:
         logging.warning("Stopping at step %d (%s): writing the checkpoint of step %d, then exiting.", step,
                         preemption.reason, step)
@@ -293,11 +346,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summa
         pending = (step, metrics)
       if tc.sample_every and (step % tc.sample_every == 0 or is_last):
         _write_sample_grid(config, diffusion, network, state, mesh, sample_rng, step, workdir, writer)
-      if stop and not is_last:
+      if (stop and not is_last) or budget_done:
         break
     if pending is not None:
       report(*pending)
-  if step < num_steps:
+  _last_finish = "time_budget" if budget_done else ("steps" if step >= num_steps else "stopped")
+  if step < num_steps and not budget_done:
     logging.warning("Stopped at step %d of %d; the checkpoint of step %d is complete in %s.", step, num_steps, step,
                     checkpointing.checkpoint_dir(workdir))
   return state

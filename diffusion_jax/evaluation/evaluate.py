@@ -422,11 +422,12 @@ def conditional_digit_metrics(images: np.ndarray, labels: np.ndarray, reference:
                               reference_labels: np.ndarray) -> dict[str, Any]:
   """Class accuracy (overall, per class) and the per-class Fréchet distance of class-conditional digit samples."""
   acc = digits_metric.class_accuracy(images, labels)
+  fake_features, _ = digits_metric.classify(images)
+  real_features, _ = digits_metric.classify(reference)
   per_class_fd = {}
   for c in range(digits_metric.NUM_CLASSES):
-    fake, real = images[labels == c], reference[reference_labels == c]
-    per_class_fd[str(c)] = (digits_metric.compute_digit_metrics(fake, real)["digits_fd"]
-                            if len(fake) >= 2 and len(real) >= 2 else None)
+    fake, real = fake_features[labels == c], real_features[reference_labels == c]
+    per_class_fd[str(c)] = digits_metric.frechet_distance(fake, real) if len(fake) >= 2 and len(real) >= 2 else None
   return {"digits_class_accuracy": acc["overall"],
           "digits_class_accuracy_per_class": {str(c): v for c, v in acc["per_class"].items()},
           "digits_class_counts": {str(c): v for c, v in acc["counts"].items()},
