@@ -179,10 +179,12 @@ def test_one_compilation_per_sample_set_and_per_interpolation(workdir, tmp_path)
 
   x1, x2 = np.zeros((8, 8, 1), np.uint8), np.full((8, 8, 1), 255, np.uint8)
   other = sampling.load_model(workdir, use_ema=False)  # other parameters, same shapes
-  with _CompileLog() as log:
+  with _CompileLog() as first:  # (the module-level chain may already be compiled by another test: 0 or 1)
     a = sampling.interpolate_fn(model, x1, x2, rng, lambdas=[0.0, 0.5, 1.0], t=10, sampler="ddim", num_steps=3)
+  with _CompileLog() as second:
     b = sampling.interpolate_fn(other, x2, x1, rng, lambdas=[0.0, 0.5, 1.0], t=10, sampler="ddim", num_steps=3)
-  assert log.count("_run") == 1 and log.count("_diffuse_and_mix") == 1, log.messages
+  assert first.count("_run") <= 1 and first.count("_diffuse_and_mix") <= 1, first.messages
+  assert second.count("_run") == 0 and second.count("_diffuse_and_mix") == 0, second.messages
   assert not np.array_equal(a, b)
 
 
