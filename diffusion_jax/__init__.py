@@ -8,6 +8,10 @@ The public API is loaded lazily, so `import diffusion_jax` is cheap:
 
 import importlib
 
+from diffusion_jax import xla_flags as _xla_flags
+
+_xla_flags.apply()  # XLA:CPU options, before JAX starts its backends (see diffusion_jax/xla_flags.py)
+
 __version__ = "0.1.0"
 
 _EXPORTS = {

@@ -9,7 +9,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "diffusion_jax"
 
 # Floors bottom up; a module is matched by its dotted name (prefix match for packages).
 FLOORS = [
-    ("math", ["errors", "schedules", "diffusion", "samplers"]),
+    ("math", ["errors", "xla_flags", "schedules", "diffusion", "samplers"]),
     ("network", ["models"]),
     ("runtime", ["runtime", "images", "config_base"]),
     ("data", ["input_pipeline"]),
