@@ -38,6 +38,8 @@ from etils import epath
 
 import orbax.checkpoint as ocp
 
+from diffusion_jax import config_base
+
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
@@ -86,7 +88,10 @@ def incompatible_fields(saved: Mapping[str, Any], requested: Mapping[str, Any]) 
     return any(key == f or key.startswith(f + ".") for f in RESUMABLE_FIELDS)
 
   a, b = _flatten(saved), _flatten(requested)
-  return sorted(k for k in set(a) | set(b) if not free(k) and a.get(k, "<missing>") != b.get(k, "<missing>"))
+  # A field that one config lacks (written by an older version) counts as the base config's default.
+  defaults = _flatten(config_base.get_base_config().to_dict())
+  return sorted(k for k in set(a) | set(b)
+                if not free(k) and a.get(k, defaults.get(k, "<missing>")) != b.get(k, defaults.get(k, "<missing>")))
 
 
 def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:

@@ -61,6 +61,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # TF1's Adam adds ε to √v before bias correction ("epsilon hat"); False gives optax's Adam.
   optim.epsilon_hat = True
   optim.ema_decay = 0.9999  # EMA of the parameters used for sampling and evaluation
+  optim.ema_warmup = False  # decay min(ema_decay, (1 + n) / (10 + n)) at step n (diffusers' EMA); False: the paper's
 
   config.training = training = ml_collections.ConfigDict()
   training.batch_size = 128  # global batch size over all devices and hosts

@@ -174,6 +174,11 @@ def train_step(
   new_state = state.apply_gradients(grads=grads)
   # tf.train.ExponentialMovingAverage as used by the paper: decay ~0 before the first step.
   decay = jnp.where(state.step < 1, 1e-10, optim_config.ema_decay)
+  if optim_config.get("ema_warmup", False):
+    # The warm-up of diffusers' EMAModel (and tf.train.ExponentialMovingAverage's num_updates):
+    # decay_n = min(ema_decay, (1 + n) / (10 + n)), so early averages are not dominated by the initialisation.
+    n = state.step.astype(jnp.float32)
+    decay = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_state.params)
   new_state = new_state.replace(ema_params=ema)
 

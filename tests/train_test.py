@@ -269,3 +269,26 @@ def test_grouped_gradients_match_the_vmapped_reference(max_norm):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol), new[0], ref[0])
   np.testing.assert_allclose(new[1], ref[1], rtol=1e-6)
   np.testing.assert_allclose(new[2], ref[2], rtol=1e-5)
+
+
+def test_configs_of_older_versions_resume_when_new_fields_take_their_defaults():
+  """A saved config without a field added since (e.g. optim.ema_warmup) equals one with the field's default."""
+  cfg = tiny_config()
+  saved = cfg.to_dict()
+  del saved["optim"]["ema_warmup"], saved["model"]["num_classes"]
+  assert checkpointing.incompatible_fields(saved, cfg.to_dict()) == []
+  cfg.optim.ema_warmup = True
+  assert checkpointing.incompatible_fields(saved, cfg.to_dict()) == ["optim.ema_warmup"]
+
+
+def test_ema_warmup_follows_diffusers_decay_schedule():
+  cfg = tiny_config()
+  cfg.optim.ema_decay, cfg.optim.ema_warmup, cfg.model.dropout = 0.999, True, 0.0
+  net, diffusion = runtime.build(cfg)
+  state = train_step.create_train_state(cfg, net, jax.random.PRNGKey(0)).replace(step=jnp.asarray(5, jnp.int32))
+  batch = {"image": jnp.asarray(_batch(cfg)["image"])}
+  new, _ = jax.jit(functools.partial(train_step.train_step, network=net, diffusion=diffusion,
+                                     optim_config=cfg.optim))(state, batch, jax.random.PRNGKey(1))
+  decay = (1 + 5) / (10 + 5)  # min(0.999, (1 + n) / (10 + n)) at n = 5
+  want = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, new.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new.ema_params, want)
