@@ -98,7 +98,7 @@ def test_final_eval_writes_new_json_and_tensorboard_each_time(tmp_path, caplog):
   assert (saved["sampler"], saved["num_steps"], saved["num_samples"]) == ("ddim", 3, 6)
   assert first["metrics"] == second["metrics"]
   assert list((tmp_path / "tensorboard").iterdir())
-  assert "Final evaluation at step 7 (6 samples, ddim_3steps_eta0" in caplog.text
+  assert "Final evaluation at step 7: fd " in caplog.text and "(6 samples, ddim_3steps_eta0)" in caplog.text
   assert f"fd {expected['digits_fd']:.4g}, is {expected['digits_is']:.4g}" in caplog.text
 
 

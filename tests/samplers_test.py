@@ -438,3 +438,54 @@ def test_parity_with_diffusers(case, mean_type, num_steps, monkeypatch):
                                torch)
   assert calls == spec.network_calls
   np.testing.assert_allclose(got, want, rtol=0, atol=PARITY_ATOL)
+
+
+@pytest.mark.parametrize("case", ["ddim", "dpmpp2m", "euler_karras"])
+def test_parity_with_diffusers_on_a_converted_unet(case, tmp_path, monkeypatch):
+  """The tiny U-Net as a diffusers UNet2DModel (random weights), converted to ours: the same samples, 10 steps."""
+  import re
+
+  import diffusers
+  import torch
+  from configs import tiny
+
+  from diffusion_jax import convert
+  from diffusion_jax import runtime
+
+  config = tiny.get_config()
+  config.diffusion.num_timesteps = PARITY_T
+  torch.manual_seed(0)
+  unet = diffusers.UNet2DModel(**{k: v for k, v in convert.diffusers_config_for(config).items()
+                                  if not k.startswith("_")}).eval()
+  with torch.no_grad():  # every parameter random (zero-initialised layers too), so the output depends on all
+    for pname, p in unet.named_parameters():
+      if p.ndim == 1:
+        p.copy_((1.0 if re.search(r"norm[^.]*\.weight$", pname) else 0.0) + 0.1 * torch.randn_like(p))
+      else:
+        p.copy_(torch.randn_like(p) / np.sqrt(p[0].numel()))
+  unet.save_pretrained(tmp_path / "unet")
+  params, _ = convert.diffusers_to_params(tmp_path / "unet")
+  network = runtime.build_network(config)
+  model_fn = runtime.bind(runtime.model_fn(network), params)
+
+  name, settings, scheduler_name, scheduler_settings = PARITY_CASES[case]
+  settings = dict(settings)
+  clip = settings.pop("clip_denoised", True)
+  shape = (2, 8, 8, 1)
+  diffusion = GaussianDiffusion.create(PARITY_BETAS, model_mean_type="eps", model_var_type="fixedlarge")
+  rng, indices = jax.random.PRNGKey(3), jnp.arange(shape[0], dtype=jnp.int32)
+  spec = samplers.resolve(name, num_timesteps=PARITY_T, num_steps=10, **settings)
+  got = samplers.sample(diffusion, model_fn, rng, indices, shape, sampler=spec, clip_denoised=clip)["samples"]
+
+  def torch_model(torch_, x, t):
+    with torch_.no_grad():
+      return unet(x, t).sample
+
+  keys = example_keys(rng, indices)
+  noise_of_t = lambda t: torch.from_numpy(np.asarray(noise(keys, t + 1, shape[1:])).transpose(0, 3, 1, 2).copy())
+  scheduler = getattr(diffusers, scheduler_name)(num_train_timesteps=PARITY_T, trained_betas=PARITY_BETAS,
+                                                 prediction_type="epsilon", **scheduler_settings)
+  scheduler.parity_eta = spec.eta
+  want, calls = diffusers_loop(scheduler, torch_model, noise(keys, 0, shape[1:]), 10, noise_of_t, torch)
+  assert calls == spec.network_calls
+  np.testing.assert_allclose(got, want, rtol=0, atol=PARITY_ATOL)

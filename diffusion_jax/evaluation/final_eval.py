@@ -153,8 +153,8 @@ def evaluate_final(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   with metric_writer.MetricWriter(workdir, filename_suffix=f".final_eval.{os.getpid()}.{time.time_ns()}") as writer:
     writer.scalars(step, {TENSORBOARD_PREFIX + k: v for k, v in scalars.items()})
   summary = summary_line(result)
-  logging.info("Final evaluation at step %d (%d samples, %s, %.1f s): %s. Written to %s.", step,
-               num_samples, spec.folder_name, sample_seconds + score_seconds, summary or "no scalar figures", path)
+  logging.info("Final evaluation at step %d: %s, %.1f s. Written to %s.", step, summary,
+               sample_seconds + score_seconds, path)
   return result
 
 

@@ -488,7 +488,8 @@ def make_sharded_sampler(
       return conditional(params, rng, indices, cond, jnp.asarray(guidance_scale, jnp.float32))
     return conditional(params, rng, indices, cond)
 
-  # `lower` as on a jitted function (ahead-of-time compilation).
+  # `lower` and `trace` as on a jitted function (ahead-of-time compilation; lowering for other platforms).
   sharded_fn.lower = conditional.lower if guided else unconditional.lower
+  sharded_fn.trace = conditional.trace if guided else unconditional.trace
   sharded_fn.spec = spec
   return sharded_fn
