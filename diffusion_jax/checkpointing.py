@@ -39,6 +39,7 @@ from etils import epath
 import orbax.checkpoint as ocp
 
 from diffusion_jax import config_base
+from diffusion_jax import errors as errors_lib
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -218,6 +219,14 @@ class _LoggingCheckpointManager(ocp.CheckpointManager):
     return saved
 
 
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+  """The steps of the checkpoint folders in workdir/checkpoints (readable or not), ascending."""
+  directory = checkpoint_dir(workdir)
+  if not directory.exists():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
 def create_manager(
     workdir: str | os.PathLike, *, max_to_keep: int | None = 2, async_save: bool = True, item_handlers=None,
     log_saves: bool = False,
@@ -341,8 +350,9 @@ def restore_latest(
                       step, len(errors), ", ".join(e.split(":")[0].split()[1] for e in errors))
     return step, restored
   if errors:
-    raise RuntimeError(f"No checkpoint in {manager.directory} could be restored:\n  " + "\n  ".join(errors) +
-                       f"\nRestore the files from a backup, or move {manager.directory} aside to start over.")
+    raise errors_lib.UserError(
+        f"No checkpoint in {manager.directory} could be restored:\n  " + "\n  ".join(errors) +
+        f"\nRestore the files from a backup, or move {manager.directory} aside to start over.")
   return None
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from diffusion_jax import checkpointing
 from diffusion_jax import images as images_lib
 from diffusion_jax import runtime
 from diffusion_jax import samplers
@@ -235,6 +236,11 @@ def sample_to_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathL
   """
   sc = config.sampling
   model = load_model(workdir, use_ema=sc.use_ema)
+  newer = [s for s in checkpointing.checkpoint_steps(workdir) if s > model.step]
+  if newer:
+    logging.warning("SAMPLING THE CHECKPOINT OF STEP %d, NOT THE NEWEST: the checkpoint(s) of step %s in %s could "
+                    "not be read (see the warnings above). The samples go to a folder named after step %d.",
+                    model.step, ", ".join(map(str, newer)), checkpointing.checkpoint_dir(workdir), model.step)
   spec = sample_export.sampler_from_config(sc, model.diffusion.num_timesteps)
   labels = _config_labels(model, sc.get("labels", ""))
   if labels is not None and len(labels) not in (1, sc.num_samples):

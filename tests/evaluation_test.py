@@ -165,7 +165,7 @@ def test_bpd_errors(loaded):
 # ----------------------------------------------------------------------------
 
 
-def test_rate_distortion_endpoints_and_indexing(tmp_path):
+def test_rate_distortion_endpoints_and_indexing(tmp_path, monkeypatch):
   T = 6
   terms = np.array([1.9, 0.5, 0.3, 0.2, 0.1, 0.05])  # [0] is the decoder term
   mse = np.array([1e-4, 4e-4, 1e-3, 1e-2, 0.1, 0.4])
@@ -197,6 +197,10 @@ def test_rate_distortion_endpoints_and_indexing(tmp_path):
     assert image.size[0] > image.size[1] > 100
   with pytest.raises(FileExistsError):
     bpd_lib.plot_rate_distortion(rd, png)
+  monkeypatch.setattr(bpd_lib, "have_matplotlib", lambda: False)  # without the `plot` extra: a clear message
+  with pytest.raises(ImportError, match=r'pip install "diffusion_jax\[plot\]"'):
+    bpd_lib.plot_rate_distortion(rd, tmp_path / "other.png")
+  assert not (tmp_path / "other.png").exists()
   with pytest.raises(ValueError, match=r"\[T\]"):
     bpd_lib.rate_distortion(terms, mse[:-1], prior)
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from torch import nn as tnn
 
-from diffusion_jax import inception
+from diffusion_jax.evaluation import inception
 from diffusion_jax.evaluation import fid
 
 torch.set_num_threads(2)
@@ -523,3 +523,51 @@ def test_inception_score_limits_and_reference():
 
   random_logits = np.random.default_rng(5).normal(size=(997, k)) * 3  # N not divisible by splits
   np.testing.assert_allclose(fid.inception_score(random_logits), _openai_inception_score(random_logits, 10), rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------
+# User errors: one message that names the problem and the fix.
+# ----------------------------------------------------------------------------
+
+
+def test_weights_that_are_not_a_torch_checkpoint_are_named(tmp_path):
+  from diffusion_jax import errors  # noqa: PLC0415
+
+  bad = tmp_path / "weights.pth"
+  bad.write_text('{"not": "a checkpoint"}')
+  with pytest.raises(errors.UserError, match=r"weights\.pth is not a PyTorch checkpoint of the FID Inception weights"):
+    inception.load_params(bad)
+  with pytest.raises(errors.UserError, match=r"missing\.pth do not exist"):
+    inception.load_params(tmp_path / "missing.pth")
+
+
+def test_offline_download_says_where_to_put_the_weights(tmp_path, monkeypatch):
+  import urllib.error  # noqa: PLC0415
+  import urllib.request  # noqa: PLC0415
+
+  from diffusion_jax import errors  # noqa: PLC0415
+
+  def offline(*args, **kwargs):
+    raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+  monkeypatch.setattr(urllib.request, "urlopen", offline)
+  monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+  with pytest.raises(errors.UserError, match=r"(?s)Could not download the FID Inception weights.*"
+                                             r"copy it to .*pt_inception-2015-12-05-6726825d\.pth.*inception_weights"):
+    inception.load_params(cache_dir=tmp_path / "cache")
+  assert not list((tmp_path / "cache").glob("*.part"))  # no half-written file left behind
+
+
+def test_float_images_outside_pixel_range_are_refused(params):
+  from diffusion_jax import errors  # noqa: PLC0415
+
+  fn = fid.make_inception_fn(params, model=inception.InceptionV3(resize_input=False))
+  rng = np.random.default_rng(0)
+  for images, where in [(rng.uniform(-1, 1, (2, 75, 75, 3)), r"\[-1, 1\]"), (rng.uniform(0, 1, (2, 75, 75, 3)), "")]:
+    with pytest.raises(errors.UserError, match=r"Inception takes uint8 images or floats in \[0, 255\]"):
+      fn(jnp.asarray(images, jnp.float32))
+  pixels = rng.integers(0, 256, (2, 75, 75, 3))
+  a, _ = fn(jnp.asarray(pixels, jnp.uint8))
+  b, _ = fn(jnp.asarray(pixels, jnp.float32))  # floats in [0, 255] are pixels
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  fn(jnp.zeros((2, 75, 75, 3), jnp.float32))  # a black image is a valid image

@@ -187,6 +187,36 @@ def test_truncated_latest_checkpoint_is_skipped_when_loading(reference, tmp_path
   assert re.search(_SKIPPED, caplog.text), caplog.text
 
 
+def test_mode_sample_says_loudly_which_step_it_sampled_after_skipping_a_damaged_one(reference, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(reference["workdir"], workdir)
+  _damage_latest(workdir, "truncate")
+  proc = subprocess.run(
+      [sys.executable, "-m", "diffusion_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}", "--mode=sample",
+       "--config.sampling.sampler=ddim", "--config.sampling.num_steps=2", "--config.sampling.num_samples=4"],
+      cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert re.search(r"SAMPLING THE CHECKPOINT OF STEP 12, NOT THE NEWEST: the checkpoint\(s\) of step 16", proc.stderr)
+  assert (workdir / "samples" / "step_12_ddim_2steps_eta0").is_dir()
+
+
+def test_every_checkpoint_damaged_is_one_message_naming_the_steps_and_the_fix(reference, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(reference["workdir"], workdir)
+  for step in (12, 16):
+    state_dir = workdir / "checkpoints" / str(step) / "state"
+    data_files = [p for p in state_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
+    _damage(max(data_files, key=lambda p: p.stat().st_size), "truncate")
+  from diffusion_jax import errors  # noqa: PLC0415
+
+  with pytest.raises(errors.UserError, match=r"(?s)No checkpoint in .* could be restored:.*step 16: .*step 12: .*"
+                                             r"Restore the files from a backup, or move .* aside"):
+    checkpointing.load_params(workdir)
+  proc = subprocess.run(_command(workdir), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "error: No checkpoint in" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @contextlib.contextmanager
 def _unwritable_dir(tmp_path):
   """A directory nobody may write to: mode 0555, or for root an immutable directory, or sysfs."""

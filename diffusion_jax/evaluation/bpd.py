@@ -32,6 +32,7 @@ model: rate 1.78 + distortion 1.97 = 3.75 bits/dim, RMSE 0.95).
 from __future__ import annotations
 
 import functools
+import io
 import math
 import os
 from typing import Any
@@ -44,7 +45,6 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from diffusion_jax import images as images_lib
 from diffusion_jax import input_pipeline
 from diffusion_jax import runtime
 from diffusion_jax.models import unet
@@ -257,69 +257,22 @@ def rate_distortion(terms_bpd, mse, prior_bpd: float) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------
-# A small PNG plot (PIL only).
+# The rate–distortion chart (matplotlib, the optional `plot` extra).
 # ----------------------------------------------------------------------------
 
 
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-  if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
-    return [lo]
-  raw = (hi - lo) / max(n - 1, 1)
-  mag = 10 ** math.floor(math.log10(raw))
-  step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-  first = math.ceil(lo / step - 1e-9) * step
-  ticks, x = [], first
-  while x <= hi + 1e-9 * step:
-    ticks.append(x)
-    x += step
-  return ticks or [lo]
+def have_matplotlib() -> bool:
+  """Whether the rate–distortion chart can be drawn (`pip install "diffusion_jax[plot]"`)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
 
-
-def _fmt(x: float) -> str:
-  if x == 0:
-    return "0"
-  if abs(x) >= 1e4 or abs(x) < 1e-2:
-    return f"{x:.1e}"
-  return f"{x:.4g}"
-
-
-def _panel(draw, box, xs, ys, *, title: str, xlabel: str, ylabel: str, font, color=(31, 119, 180)) -> None:
-  """One line plot inside box = (left, top, right, bottom)."""
-  left, top, right, bottom = box
-  x0, y0, x1, y1 = left + 70, top + 44, right - 15, bottom - 45  # the axes rectangle
-  xs, ys = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
-  xlo, xhi = float(xs.min()), float(xs.max())
-  ylo, yhi = float(min(ys.min(), 0.0)), float(ys.max())
-  if xhi <= xlo:
-    xhi = xlo + 1.0
-  if yhi <= ylo:
-    yhi = ylo + 1.0
-  yhi += 0.05 * (yhi - ylo)
-
-  def px(x):
-    return x0 + (x - xlo) / (xhi - xlo) * (x1 - x0)
-
-  def py(y):
-    return y1 - (y - ylo) / (yhi - ylo) * (y1 - y0)
-
-  draw.rectangle((x0, y0, x1, y1), outline=(0, 0, 0))
-  for t in _nice_ticks(xlo, xhi):
-    draw.line((px(t), y1, px(t), y1 + 4), fill=(0, 0, 0))
-    label = _fmt(t)
-    draw.text((px(t) - 3 * len(label), y1 + 6), label, fill=(0, 0, 0), font=font)
-  for t in _nice_ticks(ylo, yhi):
-    draw.line((x0 - 4, py(t), x0, py(t)), fill=(0, 0, 0))
-    draw.line((x0 + 1, py(t), x1 - 1, py(t)), fill=(230, 230, 230))
-    label = _fmt(t)
-    draw.text((x0 - 8 - 6 * len(label), py(t) - 6), label, fill=(0, 0, 0), font=font)
-  draw.line([(px(x), py(y)) for x, y in zip(xs, ys)], fill=color, width=2)
-  draw.text(((x0 + x1) / 2 - 3 * len(title), top + 6), title, fill=(0, 0, 0), font=font)
-  draw.text(((x0 + x1) / 2 - 3 * len(xlabel), y1 + 24), xlabel, fill=(0, 0, 0), font=font)
-  draw.text((left + 8, top + 26), ylabel, fill=(0, 0, 0), font=font)
+  return importlib.util.find_spec("matplotlib") is not None
 
 
 def plot_rate_distortion(rd: dict[str, Any], path: str | os.PathLike, *, title: str = "") -> epath.Path:
   """Draws the paper's Figure 5 (distortion and rate vs. reverse steps, distortion vs. rate) as a PNG.
+
+  Needs matplotlib (`pip install "diffusion_jax[plot]"`); the figures
+  themselves are in rate_distortion.json and TensorBoard either way.
 
   Args:
     rd: from `rate_distortion`.
@@ -328,22 +281,33 @@ def plot_rate_distortion(rd: dict[str, Any], path: str | os.PathLike, *, title: 
 
   Returns:
     The path written.
-  """
-  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
 
+  Raises:
+    FileExistsError: `path` exists.
+    ImportError: matplotlib is not installed (the message names the extra).
+  """
   path = epath.Path(path)
-  if path.exists():  # checked before drawing; save_image checks again
+  if path.exists():
     raise FileExistsError(f"{path} exists; refusing to overwrite it.")
-  w, h, head = 420, 320, 24
-  image = Image.new("RGB", (3 * w, h + head), (255, 255, 255))
-  draw = ImageDraw.Draw(image)
-  font = ImageFont.load_default()
+  if not have_matplotlib():
+    raise ImportError('The rate-distortion chart needs matplotlib: pip install "diffusion_jax[plot]".')
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg", force=False)
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
+
   steps, rate, dist = rd["reverse_steps"], rd["rate_bpd"], rd["distortion_rmse"]
-  draw.text((10, 6), title, fill=(0, 0, 0), font=font)
-  _panel(draw, (0, head, w, head + h), steps, dist, title="Distortion vs. reverse steps",
-         xlabel="reverse steps k", ylabel="RMSE [0, 255]", font=font)
-  _panel(draw, (w, head, 2 * w, head + h), steps, rate, title="Rate vs. reverse steps",
-         xlabel="reverse steps k", ylabel="rate (bits/dim)", font=font, color=(214, 39, 40))
-  _panel(draw, (2 * w, head, 3 * w, head + h), rate, dist, title="Distortion vs. rate",
-         xlabel="rate (bits/dim)", ylabel="RMSE [0, 255]", font=font, color=(44, 160, 44))
-  return images_lib.save_image(np.asarray(image), path)
+  fig = figure.Figure(figsize=(12, 3.6), dpi=100, layout="constrained")
+  axes = fig.subplots(1, 3)
+  panels = [(steps, dist, "Distortion vs. reverse steps", "reverse steps k", "RMSE [0, 255]", "C0"),
+            (steps, rate, "Rate vs. reverse steps", "reverse steps k", "rate (bits/dim)", "C3"),
+            (rate, dist, "Distortion vs. rate", "rate (bits/dim)", "RMSE [0, 255]", "C2")]
+  for ax, (xs, ys, name, xlabel, ylabel, color) in zip(axes, panels):
+    ax.plot(xs, ys, color=color, linewidth=1.5)
+    ax.set(title=name, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png")
+  return runtime.atomic_write(path, buf.getvalue())

@@ -67,7 +67,7 @@ from jax.sharding import Mesh
 
 from diffusion_jax import checkpointing
 from diffusion_jax import images as images_lib
-from diffusion_jax import inception
+from diffusion_jax.evaluation import inception
 from diffusion_jax import input_pipeline
 from diffusion_jax import metric_writer
 from diffusion_jax import runtime
@@ -623,7 +623,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
   if jax.process_index() == 0:
     eval_dir = epath.Path(workdir) / EVAL_DIR
     eval_dir.mkdir(parents=True, exist_ok=True)
-    names = (["bpd.json", "rate_distortion.json", "rate_distortion.png"] if "bpd" in results else [])
+    chart = bpd_lib.have_matplotlib()
+    if "bpd" in results and not chart:
+      logging.info('Rate-distortion figures in rate_distortion.json; for the chart: pip install "diffusion_jax[plot]".')
+    names = (["bpd.json", "rate_distortion.json"] + (["rate_distortion.png"] if chart else [])
+             if "bpd" in results else [])
     names += ["fid.json"] if "fid" in results else []
     paths = result_paths(eval_dir, step, names)
     if "bpd" in results:
@@ -631,11 +635,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
       rd_record = {**common, "split": results["bpd"]["split"], "num_examples": results["bpd"]["num_examples"],
                    "prior_bpd": results["bpd"]["prior_bpd"], **results["rate_distortion"]}
       _write_json(paths["rate_distortion.json"], rd_record)
-      bpd_lib.plot_rate_distortion(
-          results["rate_distortion"], paths["rate_distortion.png"],
-          title=(f"{config.data.dataset}:{results['bpd']['split']}, step {step} (EMA), "
-                 f"{results['bpd']['num_examples']} images: rate {results['rate_distortion']['final_rate_bpd']:.3f}"
-                 f" + distortion {results['rate_distortion']['final_distortion_bpd']:.3f} bits/dim"))
+      if chart:
+        rd = results["rate_distortion"]
+        bpd_lib.plot_rate_distortion(
+            rd, paths["rate_distortion.png"],
+            title=(f"{config.data.dataset}:{results['bpd']['split']}, step {step} (EMA), "
+                   f"{results['bpd']['num_examples']} images: rate {rd['final_rate_bpd']:.3f}"
+                   f" + distortion {rd['final_distortion_bpd']:.3f} bits/dim"))
     if "fid" in results:
       _write_json(paths["fid.json"], {**common, **results["fid"]})
     results["files"] = [str(p) for p in paths.values()]

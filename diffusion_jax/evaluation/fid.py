@@ -25,11 +25,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from diffusion_jax import inception
+from diffusion_jax import errors
 from diffusion_jax import runtime
+from diffusion_jax.evaluation import inception
 
 InceptionFn = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 
@@ -37,6 +39,29 @@ InceptionFn = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 # ----------------------------------------------------------------------------
 # The feature extractor.
 # ----------------------------------------------------------------------------
+
+
+@jax.jit
+def _float_range(images):
+  x = images.astype(jnp.float32)
+  return jnp.min(x), jnp.max(x), jnp.any(x != jnp.round(x))
+
+
+def check_pixel_range(images) -> None:
+  """Refuses float images that are not in [0, 255] (pytorch-fid's convention); uint8 images always pass.
+
+  Floats in [-1, 1] or [0, 1] (a model's output, or ToTensor's) would be
+  scaled by 1/255 as if they were pixels, giving a meaningless FID, so they
+  are an error that says how to convert them.
+  """
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    return
+  lo, hi, fractional = (float(v) for v in jax.device_get(_float_range(images)))
+  if lo < 0.0 or hi > 255.0 or (0.0 < hi <= 1.0 and fractional):
+    raise errors.UserError(
+        f"Inception takes uint8 images or floats in [0, 255] (pytorch-fid's convention); these {images.dtype} images "
+        f"lie in [{lo:.3g}, {hi:.3g}]. Convert images in [-1, 1] with diffusion_jax.images.to_uint8, and images in "
+        "[0, 1] by multiplying by 255.")
 
 
 def make_inception_fn(
@@ -78,6 +103,7 @@ def make_inception_fn(
     jitted = jax.jit(apply, in_shardings=(replicated, batch), out_shardings=(batch, batch))
 
   def inception_fn(images):
+    check_pixel_range(images)
     return jitted(params, images)
 
   return inception_fn

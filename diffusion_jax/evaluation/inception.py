@@ -57,6 +57,8 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from diffusion_jax import errors
+
 FID_WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 )
@@ -83,40 +85,18 @@ PrecisionLike = Any
 # ----------------------------------------------------------------------------
 
 
-def _bilinear_taps(in_size: int, out_size: int):
-  """Source indices and weights of PyTorch's bilinear resize, align_corners=False.
-
-  Mirrors `upsample_bilinear2d`: src = scale·(dst + 0.5) − 0.5 with
-  scale = in/out, clamped at 0, and the upper tap clamped to the last pixel.
-  Computed in float32, as PyTorch does for float32 inputs.
-
-  Returns:
-    (i0 [out], i1 [out], lambda1 [out] float32): output = (1-λ)·x[i0] + λ·x[i1].
-  """
-  scale = np.float32(in_size) / np.float32(out_size)
-  dst = np.arange(out_size, dtype=np.float32)
-  src = np.maximum(scale * (dst + np.float32(0.5)) - np.float32(0.5), np.float32(0.0))
-  i0 = np.minimum(np.floor(src).astype(np.int32), in_size - 1)
-  i1 = np.minimum(i0 + 1, in_size - 1)
-  lam = (src - i0.astype(np.float32)).astype(np.float32)
-  return i0, i1, lam
-
-
 def resize_bilinear(x: Array, size: tuple[int, int]) -> Array:
   """Bilinear resize of [B, H, W, C] floats to [B, size[0], size[1], C].
 
-  Matches `torch.nn.functional.interpolate(mode='bilinear',
-  align_corners=False, antialias=False)`, for up- and downsampling.
+  `jax.image.resize` without antialiasing: half-pixel centres and edge
+  clamping, as `torch.nn.functional.interpolate(mode='bilinear',
+  align_corners=False, antialias=False)` (pytorch-fid's resize) for up- and
+  downsampling (equal to float32 rounding; tests/fid_test.py).
   """
-  _, h, w, _ = x.shape
-  if (h, w) != tuple(size):
-    i0, i1, lam = _bilinear_taps(w, size[1])
-    lam = jnp.asarray(lam).reshape(1, 1, -1, 1)
-    x = jnp.take(x, i0, axis=2) * (1.0 - lam) + jnp.take(x, i1, axis=2) * lam
-    i0, i1, lam = _bilinear_taps(h, size[0])
-    lam = jnp.asarray(lam).reshape(1, -1, 1, 1)
-    x = jnp.take(x, i0, axis=1) * (1.0 - lam) + jnp.take(x, i1, axis=1) * lam
-  return x
+  b, h, w, c = x.shape
+  if (h, w) == tuple(size):
+    return x
+  return jax.image.resize(x, (b, int(size[0]), int(size[1]), c), method="bilinear", antialias=False)
 
 
 def preprocess(images: Array, *, resize: bool = True) -> Array:
@@ -394,7 +374,7 @@ def param_shapes() -> Params:
 # ----------------------------------------------------------------------------
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(pickle.UnpicklingError, errors.UserError):
   """A checkpoint's pickle references something other than tensors and storages."""
 
 
@@ -771,7 +751,14 @@ def download_weights(dest: str | os.PathLike, url: str = FID_WEIGHTS_URL, *, sha
   fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
   try:
     h = hashlib.sha256()
-    with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
+    try:
+      response = urllib.request.urlopen(url, timeout=60)
+    except OSError as e:  # URLError, timeouts, DNS: offline or blocked
+      raise errors.UserError(
+          f"Could not download the FID Inception weights from {url} ({getattr(e, 'reason', e)}). On a machine "
+          f"without internet access, download the file elsewhere and copy it to {dest} (or to torch hub's "
+          "checkpoints folder), or pass its path with --config.eval.inception_weights=<path>.") from None
+    with os.fdopen(fd, "wb") as f, response:
       for chunk in iter(lambda: response.read(1 << 20), b""):
         h.update(chunk)
         f.write(chunk)
@@ -782,6 +769,18 @@ def download_weights(dest: str | os.PathLike, url: str = FID_WEIGHTS_URL, *, sha
     pathlib.Path(tmp).unlink(missing_ok=True)
     raise
   return dest
+
+
+def _read_weights(path: pathlib.Path):
+  """`load_torch_checkpoint(path)`, with files that are not torch checkpoints reported by name."""
+  try:
+    return load_torch_checkpoint(path)
+  except UnsafeCheckpointError:
+    raise
+  except (pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError, struct.error, zipfile.BadZipFile) as e:
+    raise errors.UserError(
+        f"{path} is not a PyTorch checkpoint of the FID Inception weights ({type(e).__name__}: {e}). Pass "
+        f"pytorch-fid's {FID_WEIGHTS_FILENAME} (from {FID_WEIGHTS_URL}) or a .npz written by this package.") from None
 
 
 def load_params(
@@ -802,9 +801,12 @@ def load_params(
   """
   if path is not None:
     path = pathlib.Path(path)
+    if not path.is_file():
+      raise errors.UserError(f"FID Inception weights {path} do not exist: pass pytorch-fid's {FID_WEIGHTS_FILENAME} "
+                             f"or a .npz written by this package (downloaded from {FID_WEIGHTS_URL}).")
     if path.suffix == ".npz":
       return load_params_npz(path)
-    return params_from_state_dict(load_torch_checkpoint(path))
+    return params_from_state_dict(_read_weights(path))
 
   cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
   npz = cache_dir / FID_WEIGHTS_NPZ_FILENAME
@@ -821,7 +823,7 @@ def load_params(
       )
     pth = download_weights(candidates[0])
   verify_checksum(pth)
-  params = params_from_state_dict(load_torch_checkpoint(pth))
+  params = params_from_state_dict(_read_weights(pth))
   save_params_npz(params, npz)
   return params
 
