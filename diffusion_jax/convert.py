@@ -33,15 +33,44 @@ Commands:
   python -m diffusion_jax.convert tf2diffusers --checkpoint=/path/model.ckpt-790000 \
       --config=configs/cifar.py --out=/path/unet
 
-The config chosen with --config (configs/cifar.py, configs/lsun_*.py,
+Without --config the converters build the config from the checkpoint:
+infer_architecture reads ch, ch_mult, num_res_blocks, the attention levels,
+resamp_with_conv, the class table (num_classes) and the input/output channels
+off the tensors, on top of a base config: --preset=cifar10|celebahq|lsun
+(configs/cifar.py, configs/celebahq.py, configs/lsun_bedroom.py) or, for a bare
+--image_size=N, configs/cifar.py at that size. A TF checkpoint does not tell
+its image size, so tf2jax and tf2diffusers need --image_size or --preset;
+diffusers2jax takes the folder's sample_size. 2C output channels mean a learned
+variance: model_var_type 'learned' for TF checkpoints (the paper's code:
+log σ²), for diffusers the scheduler's variance_type (scheduler/
+scheduler_config.json) or else 'learned_range' (improved DDPM), with
+loss_type 'hybrid', since 'mse' cannot train a learned variance. C output
+channels keep the preset's fixed variance (or the scheduler's).
+
+  python -m diffusion_jax.convert tf2jax --checkpoint=/path/model.ckpt-790000 \
+      --preset=cifar10 --out=/path/ddpm_cifar10
+  python -m diffusion_jax.convert diffusers2jax --folder=/path/ddpm-cifar10-32 --out=/path/ddpm_cifar10
+
+A config chosen with --config (configs/cifar.py, configs/lsun_*.py,
 configs/celebahq.py) must describe the checkpoint's network; every parameter
-is checked against the U-Net built from it and mismatches are reported by
-parameter path. Fields can be overridden as for training, e.g.
---config.model.dropout=0.0.
+is checked against the U-Net built from it, mismatches are reported by
+parameter path, and the message gives the `--config.*` overrides that describe
+the checkpoint (e.g. --config.model.attn_resolutions='(16,)'
+--config.diffusion.model_var_type=learned_range
+--config.diffusion.loss_type=hybrid). Fields can be overridden as for
+training, e.g. --config.model.dropout=0.0.
+
+Class-conditional networks (model.num_classes = K > 0: `class_embed/embedding`
+of K + 1 rows, the last the null class) are diffusers' UNet2DModel with
+num_class_embeds = K + 1; both add the class row to the timestep embedding
+after the time MLP. Other class_embed_types are refused.
+
+User errors (bad flags, paths, checkpoints, configs) end the command with one
+`error: <message>` line and exit status 2, without a traceback.
 
 The library functions work on nested dicts of NumPy arrays:
 `tf_checkpoint_to_params`, `diffusers_to_params`, `params_to_diffusers`,
-`validate_params`, `infer_architecture`.
+`validate_params`, `infer_architecture`, `inferred_config`.
 """
 
 from __future__ import annotations
@@ -58,6 +87,9 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from diffusion_jax import cli
+from diffusion_jax import errors
+
 Params = dict[str, Any]
 
 TF_INSTALL_HINT = 'pip install "diffusion_jax[tf]"'
@@ -73,8 +105,8 @@ DIFFUSERS_BIN = "diffusion_pytorch_model.bin"
 _MAX_LISTED = 25
 
 
-class ConversionError(ValueError):
-  """A checkpoint that does not match the network it is converted to or from."""
+class ConversionError(errors.UserError):
+  """A checkpoint that does not match the network it is converted to or from (a user error: no traceback)."""
 
 
 # ----------------------------------------------------------------------------
@@ -122,6 +154,12 @@ def _first_dim(tree: Mapping[str, Any], candidates) -> int | None:
   return None
 
 
+def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]] | str:
+  if not isinstance(tree, Mapping):
+    return type(tree).__name__
+  return {_fmt(p): tuple(np.shape(v)) for p, v in _flatten(tree).items()}
+
+
 def _max_index(tree: Mapping[str, Any], prefix: str) -> int:
   """1 + the largest i of keys `{prefix}{i}` (0 if none)."""
   found = [int(k[len(prefix):]) for k in tree if re.fullmatch(re.escape(prefix) + r"\d+", k)]
@@ -140,9 +178,10 @@ def infer_architecture(params: Mapping[str, Any]) -> dict[str, Any]:
 
   Returns:
     dict(ch, ch_mult, num_res_blocks, attn_levels, resamp_with_conv,
-    in_channels, out_ch); `attn_levels` are the level indices (0 = full
-    resolution) with attention, since the resolutions themselves depend on the
-    image size.
+    in_channels, out_ch, num_classes); `attn_levels` are the level indices
+    (0 = full resolution) with attention, since the resolutions themselves
+    depend on the image size; `num_classes` is 0 for an unconditional network
+    and K for a `class_embed/embedding` of K + 1 rows (the last: the null class).
 
   Raises:
     ConversionError: if the tree is not a DDPM U-Net's.
@@ -174,14 +213,23 @@ def infer_architecture(params: Mapping[str, Any]) -> dict[str, Any]:
   out_ch = _first_dim(params, (("conv_out", "kernel", 3), ("conv_out", "bias", 0)))
   attn_levels = tuple(i for i in range(num_levels) if _max_index(params[f"down_{i}"], "attn_") > 0)
   resamp_with_conv = "downsample" in params["down_0"] if num_levels > 1 else True
+  num_classes = 0
+  if "class_embed" in params:
+    rows = _first_dim(params, (("class_embed", "embedding", 0),))
+    if rows is None or rows < 2:
+      raise ConversionError(
+          "class_embed/embedding must be a [num_classes + 1, 4 ch] table with at least 2 rows (the last is the null "
+          f"class); got {_flat_shapes(params['class_embed'])}.")
+    num_classes = rows - 1
   return dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=_max_index(params["down_0"], "block_"),
               attn_levels=attn_levels, resamp_with_conv=resamp_with_conv,
-              in_channels=3 if in_channels is None else in_channels, out_ch=3 if out_ch is None else out_ch)
+              in_channels=3 if in_channels is None else in_channels, out_ch=3 if out_ch is None else out_ch,
+              num_classes=num_classes)
 
 
 @functools.lru_cache(maxsize=8)
 def _abstract_params(ch, ch_mult, num_res_blocks, attn_resolutions, resamp_with_conv, image_size, in_channels,
-                     out_ch) -> dict[tuple[str, ...], tuple[int, ...]]:
+                     out_ch, num_classes=0) -> dict[tuple[str, ...], tuple[int, ...]]:
   """{path: shape} of the U-Net with these hyperparameters, via jax.eval_shape (nothing is computed)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -189,7 +237,8 @@ def _abstract_params(ch, ch_mult, num_res_blocks, attn_resolutions, resamp_with_
   from diffusion_jax.models import unet  # pylint: disable=g-import-not-at-top
 
   model = unet.UNet(ch=ch, out_ch=out_ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
-                    attn_resolutions=attn_resolutions, dropout=0.0, resamp_with_conv=resamp_with_conv)
+                    attn_resolutions=attn_resolutions, dropout=0.0, resamp_with_conv=resamp_with_conv,
+                    num_classes=num_classes)
   x = jax.ShapeDtypeStruct((1, image_size, image_size, in_channels), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.int32)
   variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x, t)
@@ -201,7 +250,7 @@ def _expected_from_architecture(arch: Mapping[str, Any]) -> dict[tuple[str, ...]
   image_size = 4 * 2 ** (num_levels - 1)  # any size divisible by 2^(levels-1): the shapes do not depend on it
   return _abstract_params(arch["ch"], tuple(arch["ch_mult"]), arch["num_res_blocks"],
                           tuple(image_size // 2**i for i in arch["attn_levels"]), arch["resamp_with_conv"],
-                          image_size, arch["in_channels"], arch["out_ch"])
+                          image_size, arch["in_channels"], arch["out_ch"], arch.get("num_classes", 0))
 
 
 def _model_out_ch(config) -> int:
@@ -216,7 +265,8 @@ def expected_shapes(config) -> dict[str, tuple[int, ...]]:
 
   model = runtime.build_network(config)
   shapes = _abstract_params(model.ch, tuple(model.ch_mult), model.num_res_blocks, tuple(model.attn_resolutions),
-                            model.resamp_with_conv, config.data.image_size, config.data.channels, model.out_ch)
+                            model.resamp_with_conv, config.data.image_size, config.data.channels, model.out_ch,
+                            model.num_classes)
   return {_fmt(p): s for p, s in shapes.items()}
 
 
@@ -236,38 +286,139 @@ def _compare(params: Mapping[str, Any], expected: Mapping[tuple[str, ...], tuple
   return parts
 
 
-def _describe(arch: Mapping[str, Any]) -> str:
-  return (f"ch={arch['ch']}, ch_mult={tuple(arch['ch_mult'])}, num_res_blocks={arch['num_res_blocks']}, "
-          f"attention at levels {tuple(arch['attn_levels'])}, in_channels={arch['in_channels']}, "
-          f"out_ch={arch['out_ch']}")
+LEARNED_VAR_TYPES = ("learned", "learned_range")
+# The learned variance each source implies for 2C output channels: the paper's TF code has only 'learned' (the
+# network outputs log σ²); diffusers' models with a learned variance come from improved DDPM, 'learned_range'.
+TF_LEARNED_VAR_TYPE = "learned"
+DIFFUSERS_LEARNED_VAR_TYPE = "learned_range"
+LEARNED_LOSS_TYPE = "hybrid"  # L_simple + λ L_vlb (improved DDPM); 'kl' (the bound alone) trains it as well
 
 
-def validate_params(params: Mapping[str, Any], config) -> None:
-  """Checks that `params` fit the U-Net that `config` (model, data, diffusion sections) builds.
+def architecture_fields(arch: Mapping[str, Any], image_size: int) -> dict[str, Any]:
+  """Config fields ({"model.ch": 32, ...}) of an `infer_architecture` result for images of `image_size`."""
+  return {
+      "model.ch": arch["ch"],
+      "model.ch_mult": tuple(arch["ch_mult"]),
+      "model.num_res_blocks": arch["num_res_blocks"],
+      "model.attn_resolutions": tuple(int(image_size) // 2**i for i in arch["attn_levels"]),
+      "model.resamp_with_conv": arch["resamp_with_conv"],
+      "model.num_classes": arch.get("num_classes", 0),
+      "data.channels": arch["in_channels"],
+  }
+
+
+def _describe(arch: Mapping[str, Any], image_size: int | None = None) -> str:
+  """The network in config-field terms; attention as levels only when no image size places it."""
+  fields = architecture_fields(arch, image_size or 1)
+  if image_size is None:
+    del fields["model.attn_resolutions"]
+  text = ", ".join(f"{k}={v!r}" for k, v in fields.items())
+  if image_size is None:
+    text += f", attention at levels {tuple(arch['attn_levels'])} (0 = full resolution)"
+  return text + f", {arch['out_ch']} output channels"
+
+
+def _config_value(config, field: str) -> Any:
+  section, key = field.split(".")
+  value = config[section].get(key, 0 if key == "num_classes" else None)
+  return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def _variance_fixes(config, out_ch: int, channels: int, *, learned_var_type: str = DIFFUSERS_LEARNED_VAR_TYPE
+                    ) -> list[tuple[str, Any, Any]]:
+  """(field, config value, needed value) of the diffusion fields that give `out_ch` outputs for `channels` inputs."""
+  var_type, loss_type = config.diffusion.model_var_type, config.diffusion.loss_type
+  fixes = []
+  if out_ch == 2 * channels and var_type not in LEARNED_VAR_TYPES:
+    fixes.append(("diffusion.model_var_type", var_type, learned_var_type))
+    if loss_type == "mse":
+      fixes.append(("diffusion.loss_type", loss_type, LEARNED_LOSS_TYPE))
+  elif out_ch == channels and var_type in LEARNED_VAR_TYPES:
+    fixes.append(("diffusion.model_var_type", var_type, "fixedlarge"))
+    if loss_type == "hybrid":
+      fixes.append(("diffusion.loss_type", loss_type, "mse"))
+  return fixes
+
+
+def _flags_text(diffs: list[tuple[str, Any, Any]]) -> str:
+  return " ".join(f"--config.{k}={_flag_value(v)}" for k, _, v in diffs)
+
+
+def _fix_note(diffs: list[tuple[str, Any, Any]]) -> str:
+  wanted = {k: v for k, _, v in diffs}
+  notes = []
+  if wanted.get("diffusion.loss_type") == LEARNED_LOSS_TYPE:
+    notes.append("a learned variance is trained by loss_type hybrid or kl, not mse")
+  if wanted.get("diffusion.model_var_type") == "fixedlarge":
+    notes.append("fixedsmall is the other fixed variance (the paper's 256x256 models)")
+  return f" ({'; '.join(notes)})" if notes else ""
+
+
+def check_diffusion_config(config) -> None:
+  """Checks the diffusion section's variance and loss types, naming the `--config.diffusion.*` flag that fixes them.
 
   Raises:
-    ConversionError: listing missing, unexpected and wrongly shaped parameters by path.
+    ConversionError: for a learned variance with loss_type='mse' or a fixed one with loss_type='hybrid'.
+  """
+  var_type, loss_type = config.diffusion.model_var_type, config.diffusion.loss_type
+  if var_type in LEARNED_VAR_TYPES and loss_type == "mse":
+    raise ConversionError(
+        f"diffusion.model_var_type={var_type!r} is a learned variance, which loss_type='mse' cannot train; pass "
+        f"--config.diffusion.loss_type={LEARNED_LOSS_TYPE} (or --config.diffusion.loss_type=kl) as well.")
+  if var_type not in LEARNED_VAR_TYPES and loss_type == "hybrid":
+    raise ConversionError(
+        f"diffusion.loss_type='hybrid' trains a learned variance, but model_var_type={var_type!r} is fixed; pass "
+        "--config.diffusion.loss_type=mse, or --config.diffusion.model_var_type=learned_range for a network "
+        "with 2C output channels.")
+
+
+def validate_params(params: Mapping[str, Any], config, *,
+                    learned_var_type: str = DIFFUSERS_LEARNED_VAR_TYPE) -> None:
+  """Checks that `params` fit the U-Net that `config` (model, data, diffusion sections) builds.
+
+  Args:
+    params: our nested parameter dict.
+    config: the full config.
+    learned_var_type: the model_var_type the fix in the message names for 2C
+      output channels ('learned' for the paper's TF checkpoints).
+
+  Raises:
+    ConversionError: listing missing, unexpected and wrongly shaped parameters by path, with the
+      `--config.*` overrides that describe the checkpoint.
   """
   from diffusion_jax import runtime  # pylint: disable=g-import-not-at-top  (jax/flax only when needed)
 
+  check_diffusion_config(config)
   model = runtime.build_network(config)
   out_ch = model.out_ch
   expected = _abstract_params(model.ch, tuple(model.ch_mult), model.num_res_blocks, tuple(model.attn_resolutions),
-                              model.resamp_with_conv, config.data.image_size, config.data.channels, out_ch)
+                              model.resamp_with_conv, config.data.image_size, config.data.channels, out_ch,
+                              model.num_classes)
   parts = _compare(params, expected)
   if not parts:
     return
+  size = int(config.data.image_size)
   try:
-    found = "a U-Net with " + _describe(infer_architecture(params))
+    arch = infer_architecture(params)
   except ConversionError:
-    found = "parameters"
+    arch = None
+  fix = ("Choose the matching config (configs/cifar.py, configs/lsun_*.py, configs/celebahq.py) or override fields "
+         "(e.g. --config.model.ch_mult=..., --config.diffusion.model_var_type=...).")
+  found = "parameters"
+  if arch is not None:
+    found = f"a U-Net with {_describe(arch, size)} (at data.image_size={size})"
+    diffs = [(k, _config_value(config, k), v) for k, v in architecture_fields(arch, size).items()
+             if _config_value(config, k) != v]
+    diffs += _variance_fixes(config, arch["out_ch"], arch["in_channels"], learned_var_type=learned_var_type)
+    if diffs:
+      fix = ("Choose the matching config file or pass " + _flags_text(diffs) + _fix_note(diffs)
+             + ", or leave out --config to build the config from the checkpoint (see --preset, --image_size).")
   raise ConversionError(
-      f"The checkpoint holds {found}, which does not match the model of the config (ch={model.ch}, "
-      f"ch_mult={tuple(model.ch_mult)}, num_res_blocks={model.num_res_blocks}, "
-      f"attn_resolutions={tuple(model.attn_resolutions)} at image_size={config.data.image_size}, "
-      f"channels={config.data.channels}, out_ch={out_ch} from model_var_type={config.diffusion.model_var_type!r}).\n"
-      "Choose the matching config (configs/cifar.py, configs/lsun_*.py, configs/celebahq.py) or override fields "
-      "(e.g. --config.model.ch_mult=..., --config.diffusion.model_var_type=...).\n" + "\n".join(parts))
+      f"The checkpoint holds {found}, which does not match the model of the config (model.ch={model.ch}, "
+      f"model.ch_mult={tuple(model.ch_mult)}, model.num_res_blocks={model.num_res_blocks}, "
+      f"model.attn_resolutions={tuple(model.attn_resolutions)}, model.resamp_with_conv={model.resamp_with_conv}, "
+      f"model.num_classes={model.num_classes}, data.channels={config.data.channels} at data.image_size={size}, "
+      f"out_ch={out_ch} from model_var_type={config.diffusion.model_var_type!r}).\n" + fix + "\n" + "\n".join(parts))
 
 
 def _check_complete(params: Mapping[str, Any], source: str, fmt=_fmt) -> None:
@@ -470,6 +621,8 @@ def _layer_kind(path: tuple[str, ...]) -> str:
   name = path[-1]
   if name in _NORM_LAYERS:
     return "norm"
+  if name == "class_embed":
+    return "embed"
   if name in ("dense0", "dense1", "temb_proj", "q", "k", "v", "proj_out"):
     return "dense"
   if name == "nin_shortcut":
@@ -487,6 +640,8 @@ def _diffusers_layer(path: tuple[str, ...], num_levels: int) -> list[str]:
     return [path[0]]
   if path == ("norm_out",):
     return ["conv_norm_out"]
+  if path == ("class_embed",):
+    return ["class_embedding"]  # nn.Embedding(num_class_embeds, 4 ch): the same [rows, 4 ch] table
   m = re.fullmatch(r"(down|up)_(\d+)", path[0])
   if len(path) != 3:
     block = None
@@ -514,7 +669,7 @@ def _diffusers_layer(path: tuple[str, ...], num_levels: int) -> list[str]:
 
 
 def _diffusers_keys(path: tuple[str, ...], num_levels: int) -> list[str]:
-  leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}.get(path[-1])
+  leaf = {"kernel": "weight", "scale": "weight", "bias": "bias", "embedding": "weight"}.get(path[-1])
   if leaf is None:
     raise ConversionError(f"No diffusers counterpart for parameter {_fmt(path)}.")
   return [f"{layer}.{leaf}" for layer in _diffusers_layer(path[:-1], num_levels)]
@@ -560,8 +715,11 @@ def diffusers_architecture(diffusers_config: Mapping[str, Any]) -> dict[str, Any
 
   Returns:
     Our config fields: {"model": {ch, ch_mult, num_res_blocks,
-    attn_resolutions, resamp_with_conv}, "data": {image_size, channels}},
-    plus "out_ch" (the network's output channels).
+    attn_resolutions, resamp_with_conv, num_classes}, "data": {image_size,
+    channels}}, plus "out_ch" (the network's output channels). A
+    `num_class_embeds` table (diffusers adds its row to the timestep embedding
+    after the time MLP, as our U-Net adds `class_embed`) gives num_classes =
+    num_class_embeds - 1: the last row is our null class.
 
   Raises:
     ConversionError: naming the first field that the DDPM U-Net does not implement.
@@ -591,8 +749,11 @@ def diffusers_architecture(diffusers_config: Mapping[str, Any]) -> dict[str, Any
       ("mid_block_scale_factor", lambda v: v == 1, "1"),
       ("resnet_time_scale_shift", lambda v: v == "default", "'default' (additive)"),
       ("add_attention", lambda v: v is True, "True"),
-      ("class_embed_type", lambda v: v is None, "None"),
-      ("num_class_embeds", lambda v: v is None, "None"),
+      ("class_embed_type", lambda v: v is None,
+       "None (with num_class_embeds: a learned class table added to the timestep embedding, the only "
+       "class conditioning the DDPM U-Net implements)"),
+      ("num_class_embeds", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 2),
+       "None (unconditional) or num_classes + 1 >= 2 (the last row is the null class)"),
   ]
   for field, ok, wanted in requirements:
     if not ok(cfg[field]):
@@ -637,7 +798,8 @@ def diffusers_architecture(diffusers_config: Mapping[str, Any]) -> dict[str, Any
     raise _refuse("sample_size", size, f"a multiple of 2^(levels-1) = {2 ** (num_levels - 1)}")
   return dict(
       model=dict(ch=ch, ch_mult=tuple(c // ch for c in channels), num_res_blocks=int(cfg["layers_per_block"]),
-                 attn_resolutions=tuple(size // 2**i for i in attn_levels), resamp_with_conv=True),
+                 attn_resolutions=tuple(size // 2**i for i in attn_levels), resamp_with_conv=True,
+                 num_classes=int(cfg["num_class_embeds"]) - 1 if cfg["num_class_embeds"] else 0),
       data=dict(image_size=size, channels=int(cfg["in_channels"])),
       out_ch=int(cfg["out_channels"]),
   )
@@ -697,8 +859,8 @@ def diffusers_to_params(folder: str | os.PathLike) -> tuple[Params, dict[str, An
   Returns:
     (params, overrides): float32 NumPy arrays in our layout, and the config
     values the network implies, {"model": {ch, ch_mult, num_res_blocks,
-    attn_resolutions, resamp_with_conv}, "data": {image_size, channels},
-    "out_ch": output channels}.
+    attn_resolutions, resamp_with_conv, num_classes}, "data": {image_size,
+    channels}, "out_ch": output channels}.
 
   Raises:
     ConversionError: for an architecture we do not implement (naming the
@@ -712,7 +874,8 @@ def diffusers_to_params(folder: str | os.PathLike) -> tuple[Params, dict[str, An
   overrides = diffusers_architecture(diffusers_config)
   m = overrides["model"]
   expected = _abstract_params(m["ch"], m["ch_mult"], m["num_res_blocks"], m["attn_resolutions"], True,
-                              overrides["data"]["image_size"], overrides["data"]["channels"], overrides["out_ch"])
+                              overrides["data"]["image_size"], overrides["data"]["channels"], overrides["out_ch"],
+                              m["num_classes"])
   state = _read_diffusers_weights(folder)
   num_levels = len(m["ch_mult"])
   used, flat, missing, wrong = set(), {}, [], []
@@ -784,7 +947,8 @@ def diffusers_config_for(config, *, out_ch: int | None = None) -> dict[str, Any]
       "resnet_time_scale_shift": "default",
       "add_attention": True,
       "class_embed_type": None,
-      "num_class_embeds": None,
+      # Our class_embed (num_classes + 1 rows, the last the null class) is diffusers' class_embedding table.
+      "num_class_embeds": int(model.num_classes) + 1 if model.get("num_classes", 0) else None,
       "num_train_timesteps": None,
   }
 
@@ -822,11 +986,161 @@ def params_to_diffusers(params: Mapping[str, Any], config, folder: str | os.Path
 
 
 # ----------------------------------------------------------------------------
+# Configs built from the checkpoint (no --config).
+# ----------------------------------------------------------------------------
+
+PRESETS = {"cifar10": "configs/cifar.py", "celebahq": "configs/celebahq.py", "lsun": "configs/lsun_bedroom.py"}
+DIFFUSERS_SCHEDULER_CONFIG = "scheduler_config.json"
+# DDPMScheduler.variance_type -> our model_var_type. fixed_small_log samples with the same σ as fixed_small;
+# fixed_large_log is GLIDE's log β, our fixedlarge.
+_DIFFUSERS_VARIANCE = {"fixed_small": "fixedsmall", "fixed_small_log": "fixedsmall", "fixed_large": "fixedlarge",
+                       "fixed_large_log": "fixedlarge", "learned_range": "learned_range"}
+_DIFFUSERS_PREDICTION = {"epsilon": "eps", "sample": "xstart", "v_prediction": "v"}
+
+
+def preset_config(name: str):
+  """The full config of a preset: cifar10, celebahq or lsun (configs/cifar.py, celebahq.py, lsun_bedroom.py).
+
+  Raises:
+    ConversionError: for an unknown name, listing the presets.
+  """
+  from diffusion_jax import config_base  # pylint: disable=g-import-not-at-top
+
+  if name == "cifar10":
+    return config_base.get_base_config()
+  if name == "celebahq":
+    return config_base.get_256_config("celeb_a_hq", num_train_steps=500_000, random_flip=True)
+  if name == "lsun":
+    return config_base.get_256_config("lsun_bedroom", num_train_steps=2_400_000, random_flip=False)
+  raise ConversionError(f"Unknown preset {name!r}; choose one of " +
+                        ", ".join(f"--preset={k} ({v})" for k, v in PRESETS.items()) + ".")
+
+
+def inferred_config(arch: Mapping[str, Any], *, image_size: int | None = None, preset: str | None = None,
+                    model_var_type: str | None = None, model_mean_type: str | None = None,
+                    learned_var_type: str = DIFFUSERS_LEARNED_VAR_TYPE):
+  """The full config of a checkpoint: a preset's with the network read off the tensors.
+
+  Args:
+    arch: `infer_architecture(params)`.
+    image_size: the image size (data.image_size); default: the preset's.
+    preset: the base config (see `PRESETS`); default cifar10, configs/cifar.py.
+    model_var_type: the variance type the source records (a diffusers
+      scheduler's), checked against the output channels; default: the
+      preset's for C output channels, `learned_var_type` for 2C.
+    model_mean_type: the source's prediction type; default: the preset's (eps).
+    learned_var_type: the learned variance type 2C output channels imply.
+
+  Returns:
+    The config: model.ch, ch_mult, num_res_blocks, attn_resolutions (image_size
+    // 2**level of each attention level), resamp_with_conv, num_classes and
+    data.channels from the tensors, data.image_size, and the diffusion's
+    model_var_type with loss_type 'hybrid' for a learned variance.
+
+  Raises:
+    ConversionError: for an image size the network cannot take, or a variance
+      type that contradicts the output channels.
+  """
+  config = preset_config(preset or "cifar10")
+  if image_size is not None:
+    if int(image_size) < 1:
+      raise ConversionError(f"--image_size must be positive, got {image_size}.")
+    config.data.image_size = int(image_size)
+  size = int(config.data.image_size)
+  factor = 2 ** (len(arch["ch_mult"]) - 1)
+  if size % factor:
+    raise ConversionError(
+        f"Image size {size} is not divisible by 2^(levels-1) = {factor} for the checkpoint's "
+        f"{len(arch['ch_mult'])} levels; pass the size it was trained at, e.g. --image_size={max(factor, 32)}.")
+  for field, value in architecture_fields(arch, size).items():
+    section, key = field.split(".")
+    config[section][key] = value
+  channels, out_ch = arch["in_channels"], arch["out_ch"]
+  if out_ch == 2 * channels:
+    var_type = model_var_type or learned_var_type
+    if var_type not in LEARNED_VAR_TYPES:
+      raise ConversionError(
+          f"The network has {out_ch} = 2 x {channels} output channels (a learned variance), but its source records "
+          f"the fixed variance {var_type!r}; pass --config with the variance type you mean.")
+    config.diffusion.model_var_type = var_type
+    if config.diffusion.loss_type == "mse":
+      config.diffusion.loss_type = LEARNED_LOSS_TYPE
+  elif out_ch == channels:
+    var_type = model_var_type or config.diffusion.model_var_type
+    if var_type in LEARNED_VAR_TYPES:
+      raise ConversionError(
+          f"The network has {out_ch} output channels for {channels} input channels (a fixed variance), but its "
+          f"source records the learned variance {var_type!r}; pass --config with the variance type you mean.")
+    config.diffusion.model_var_type = var_type
+    if config.diffusion.loss_type == "hybrid":
+      config.diffusion.loss_type = "mse"
+  else:
+    raise ConversionError(
+        f"The network has {out_ch} output channels for {channels} input channels; the DDPM U-Net outputs C (a "
+        "fixed variance) or 2C (a learned one), so no config describes it.")
+  if model_mean_type:
+    config.diffusion.model_mean_type = model_mean_type
+  return config
+
+
+def diffusers_scheduler_types(folder: str | os.PathLike) -> dict[str, str]:
+  """model_var_type and model_mean_type from a diffusers folder's scheduler config, if it has one.
+
+  Looks for `scheduler/scheduler_config.json` in the folder (a pipeline), in
+  the pipeline above a `unet/` folder, and for `scheduler_config.json` itself.
+
+  Returns:
+    {} without a scheduler config; else the fields it sets, e.g.
+    {"model_var_type": "fixedlarge", "model_mean_type": "eps"}.
+
+  Raises:
+    ConversionError: for a variance or prediction type we do not implement.
+  """
+  folder = pathlib.Path(folder)
+  candidates = [folder / "scheduler" / DIFFUSERS_SCHEDULER_CONFIG, folder / DIFFUSERS_SCHEDULER_CONFIG]
+  if folder.name == "unet":
+    candidates.append(folder.parent / "scheduler" / DIFFUSERS_SCHEDULER_CONFIG)
+  path = next((c for c in candidates if c.is_file()), None)
+  if path is None:
+    return {}
+  try:
+    scheduler = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConversionError(f"{path} is not valid JSON: {e}") from None
+  out = {}
+  variance = scheduler.get("variance_type")
+  if variance is not None:
+    if variance not in _DIFFUSERS_VARIANCE:
+      why = (" (diffusers' 'learned' network outputs the variance itself, ours 'learned' its log)"
+             if variance == "learned" else "")
+      raise ConversionError(
+          f"{path} has variance_type={variance!r}, which has no counterpart here{why}; supported: "
+          f"{', '.join(_DIFFUSERS_VARIANCE)}. Pass --config with the model_var_type you mean.")
+    out["model_var_type"] = _DIFFUSERS_VARIANCE[variance]
+  prediction = scheduler.get("prediction_type")
+  if prediction is not None:
+    if prediction not in _DIFFUSERS_PREDICTION:
+      raise ConversionError(f"{path} has prediction_type={prediction!r}; supported: "
+                            f"{', '.join(_DIFFUSERS_PREDICTION)}. Pass --config with the model_mean_type you mean.")
+    out["model_mean_type"] = _DIFFUSERS_PREDICTION[prediction]
+  return out
+
+
+def _config_summary(config) -> str:
+  fields = ["data.image_size", "data.channels", "model.ch", "model.ch_mult", "model.num_res_blocks",
+            "model.attn_resolutions", "model.resamp_with_conv", "model.num_classes"]
+  text = ", ".join(f"{k}={_config_value(config, k)!r}" for k in fields)
+  d = config.diffusion
+  return f"{text}, diffusion.model_var_type={d.model_var_type!r}, diffusion.loss_type={d.loss_type!r}"
+
+
+# ----------------------------------------------------------------------------
 # Writing our checkpoint directories.
 # ----------------------------------------------------------------------------
 
 
-def check_config_matches(config, overrides: Mapping[str, Any]) -> None:
+def check_config_matches(config, overrides: Mapping[str, Any], *,
+                         learned_var_type: str = DIFFUSERS_LEARNED_VAR_TYPE) -> None:
   """Checks that a config describes the network a diffusers model implies (see diffusers_to_params).
 
   Raises:
@@ -835,24 +1149,26 @@ def check_config_matches(config, overrides: Mapping[str, Any]) -> None:
   diffs = []
   for section in ("model", "data"):
     for key, value in overrides[section].items():
-      current = config[section][key]
-      if isinstance(current, (list, tuple)):
-        current = tuple(current)
+      current = _config_value(config, f"{section}.{key}")
       if current != value:
         diffs.append((f"{section}.{key}", current, value))
   lines = [f"  {k}: config {c!r}, checkpoint {v!r}" for k, c, v in diffs]
-  fix = " ".join(f"--config.{k}={_flag_value(v)}" for k, _, v in diffs)
-  if not diffs:
-    out_ch = _model_out_ch(config)
-    if out_ch != overrides["out_ch"]:
-      lines.append(f"  output channels: config {out_ch} (diffusion.model_var_type="
-                   f"{config.diffusion.model_var_type!r}), checkpoint {overrides['out_ch']}")
-      fix = ("a model_var_type with " + ("a learned variance (learned or learned_range, with loss_type hybrid or kl)"
-                                         if overrides["out_ch"] == 2 * config.data.channels else
-                                         "a fixed variance (fixedlarge or fixedsmall)"))
+  channels, out_ch = overrides["data"]["channels"], overrides["out_ch"]
+  if out_ch not in (channels, 2 * channels):
+    raise ConversionError(
+        f"The network has {out_ch} output channels for {channels} input channels; the DDPM U-Net outputs C (a "
+        "fixed variance) or 2C (a learned one), so it cannot be converted.")
+  variance = _variance_fixes(config, out_ch, channels, learned_var_type=learned_var_type)
+  if variance:
+    learned = config.diffusion.model_var_type in LEARNED_VAR_TYPES
+    lines.append(f"  output channels: config {(2 if learned else 1) * channels} (diffusion.model_var_type="
+                 f"{config.diffusion.model_var_type!r}), checkpoint {out_ch}")
+    diffs += variance
   if lines:
     raise ConversionError("The config does not describe this network:\n" + "\n".join(lines)
-                          + f"\nChoose the matching config file or pass {fix}")
+                          + f"\nChoose the matching config file or pass {_flags_text(diffs)}{_fix_note(diffs)}, "
+                          "or leave out --config to build the config from the checkpoint.")
+  check_diffusion_config(config)
 
 
 def _flag_value(v) -> str:
@@ -885,11 +1201,18 @@ def _define_flags():
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
   config = config_flags.DEFINE_config_file(
-      "config", None, "Config file of the network (configs/cifar.py, configs/lsun_*.py, configs/celebahq.py); "
-      "needed by tf2jax, diffusers2jax and tf2diffusers. Fields can be overridden: --config.model.dropout=0.0.",
-      lock_config=True)
+      "config", None, "Config file of the network (configs/cifar.py, configs/lsun_*.py, configs/celebahq.py) for "
+      "tf2jax, diffusers2jax and tf2diffusers; fields can be overridden: --config.model.dropout=0.0. Without it, "
+      "the config is built from the checkpoint's tensors (see --preset, --image_size).", lock_config=True)
   return dict(
       config=config,
+      preset=flags.DEFINE_string(
+          "preset", None, "Without --config: the base config, one of " +
+          ", ".join(f"{k} ({v})" for k, v in PRESETS.items()) + "; the network (ch, ch_mult, blocks, attention, "
+          "channels, variance) is read off the checkpoint. Default: cifar10."),
+      image_size=flags.DEFINE_integer(
+          "image_size", None, "Without --config: the image size (the TF tensors do not tell it; tf2jax and "
+          "tf2diffusers need --image_size or --preset). diffusers2jax takes the folder's sample_size."),
       checkpoint=flags.DEFINE_string(
           "checkpoint", None, "tf2jax/tf2diffusers: the TF1 checkpoint prefix (.../model.ckpt-790000), one of its "
           "files, or its directory. Needs TensorFlow: " + TF_INSTALL_HINT),
@@ -898,7 +1221,7 @@ def _define_flags():
           "jax2diffusers). tf2jax without --raw keeps both copies (params = raw, ema_params = EMA)."),
       folder=flags.DEFINE_string(
           "folder", None, "diffusers2jax: a UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors "
-          "or .bin) or a pipeline folder with unet/."),
+          "or .bin) or a pipeline folder with unet/ (and scheduler/, whose variance_type is used without --config)."),
       workdir=flags.DEFINE_string(
           "workdir", None, "jax2diffusers: our training workdir or converted directory (or one checkpoints/<step>)."),
       step=flags.DEFINE_integer("step", None, "Step recorded in (tf2jax, diffusers2jax) or read from "
@@ -906,6 +1229,10 @@ def _define_flags():
       out=flags.DEFINE_string("out", None, "Output: our checkpoint directory (*2jax) or a diffusers folder "
                               "(*2diffusers). Existing outputs are never overwritten."),
   )
+
+
+def _value(f: Mapping[str, Any], name: str):
+  return f[name].value if name in f else None
 
 
 def _run(command: str, f: Mapping[str, Any]) -> None:
@@ -917,11 +1244,31 @@ def _run(command: str, f: Mapping[str, Any]) -> None:
     return f[name].value
 
   out = need("out")
+  config = f["config"].value
+  preset, image_size = _value(f, "preset") or None, _value(f, "image_size")
+  if config is not None and (preset or image_size is not None):
+    raise ConversionError("Give either --config or --preset/--image_size (which build the config from the "
+                          "checkpoint), not both; drop --preset/--image_size or --config.")
+  if preset:
+    preset_config(preset)  # an unknown preset fails before any checkpoint is read
+  if config is not None and command != "jax2diffusers":
+    check_diffusion_config(config)  # e.g. a learned variance with loss_type='mse': before reading the checkpoint
+
+  def built(config, base):
+    logging.info("Built the config from the checkpoint (base %s): %s.", base, _config_summary(config))
+    return config
+
   if command in ("tf2jax", "tf2diffusers"):
-    config = need("config")
+    if config is None and not preset and image_size is None:
+      raise ConversionError(
+          f"{command} without --config needs the image size, which a TF checkpoint's tensors do not tell: pass "
+          "--image_size=N (e.g. 32), --preset=cifar10|celebahq|lsun, or --config=configs/cifar.py.")
     ckpt = read_tf_checkpoint(need("checkpoint"))
     chosen = _tf_select(ckpt, use_ema=not f["raw"].value)
-    validate_params(chosen, config)
+    if config is None:
+      config = built(inferred_config(infer_architecture(chosen), image_size=image_size, preset=preset,
+                                     learned_var_type=TF_LEARNED_VAR_TYPE), PRESETS[preset or "cifar10"])
+    validate_params(chosen, config, learned_var_type=TF_LEARNED_VAR_TYPE)
     if command == "tf2diffusers":
       params_to_diffusers(chosen, config, out)
     else:
@@ -932,11 +1279,21 @@ def _run(command: str, f: Mapping[str, Any]) -> None:
       write_checkpoint(out, config=config, params=params, ema_params=chosen, step=step)
     logging.info("Converted %s (%s weights) to %s.", ckpt["prefix"], "raw" if f["raw"].value else "EMA", out)
   elif command == "diffusers2jax":
-    config = need("config")
-    params, overrides = diffusers_to_params(need("folder"))
-    check_config_matches(config, overrides)
+    folder = need("folder")
+    params, overrides = diffusers_to_params(folder)
+    if config is None:
+      size = overrides["data"]["image_size"]
+      if image_size is not None and image_size != size:
+        raise ConversionError(
+            f"--image_size={image_size}, but the diffusers model's sample_size is {size} (it places the attention "
+            f"layers); pass --image_size={size} or leave it out.")
+      types = diffusers_scheduler_types(folder)
+      config = built(inferred_config(infer_architecture(params), image_size=size, preset=preset, **types),
+                     PRESETS[preset or "cifar10"])
+    else:
+      check_config_matches(config, overrides)
     write_checkpoint(out, config=config, params=params, ema_params=params, step=f["step"].value or 0)
-    logging.info("Converted %s to %s.", f["folder"].value, out)
+    logging.info("Converted %s to %s.", folder, out)
   elif command == "jax2diffusers":
     from diffusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
 
@@ -948,6 +1305,7 @@ def _run(command: str, f: Mapping[str, Any]) -> None:
 
 
 def main() -> None:
+  """The command: user errors (configs, paths, checkpoints) end as one `error: ...` line with exit status 2."""
   from absl import app  # pylint: disable=g-import-not-at-top
 
   flag_values = _define_flags()
@@ -955,10 +1313,8 @@ def main() -> None:
   def run(argv):
     if len(argv) != 2 or argv[1] not in COMMANDS:
       raise app.UsageError(f"Give one command, one of {', '.join(COMMANDS)}; got {argv[1:]}. See --help.")
-    try:
-      _run(argv[1], flag_values)
-    except (ConversionError, FileNotFoundError, FileExistsError, ImportError) as e:
-      raise SystemExit(f"{argv[1]} failed: {e}") from None
+    cli.start()
+    cli.exit_on_user_error(_run, argv[1], flag_values)
 
   app.run(run)
 

@@ -147,7 +147,8 @@ def tiny_folder(tiny, tmp_path_factory):
 def test_diffusers_tiny_matches_diffusers_forward(tiny, tiny_folder):
   params, overrides = convert.diffusers_to_params(tiny_folder)
   assert overrides == dict(
-      model=dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), resamp_with_conv=True),
+      model=dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), resamp_with_conv=True,
+                 num_classes=0),
       data=dict(image_size=8, channels=1), out_ch=2)
   convert.validate_params(params, _load_config("tiny", **LEARNED))
   x, t = _inputs(TINY, batch=4)
@@ -201,6 +202,9 @@ def test_diffusers_bin_without_torch_is_a_clear_error(tiny, tiny_folder, tmp_pat
     ("attention_head_dim", 8),
     ("resnet_time_scale_shift", "scale_shift"),
     ("class_embed_type", "timestep"),
+    ("class_embed_type", "identity"),
+    ("class_embed_type", "projection"),
+    ("num_class_embeds", 1),
     ("downsample_padding", 1),
     ("add_attention", False),
     ("up_block_types", ["UpBlock2D", "AttnUpBlock2D"]),
@@ -250,7 +254,9 @@ def test_params_against_wrong_config_list_paths(tiny_folder):
   message = str(e.value)
   assert "conv_in/kernel: checkpoint (3, 3, 1, 32), model (3, 3, 3, 128)" in message
   assert "missing from the checkpoint" in message and "down_0/block_1/conv1/kernel" in message
-  assert "ch=32, ch_mult=(1, 2)" in message
+  assert "model.ch=32, model.ch_mult=(1, 2)" in message and "levels" not in message
+  assert "pass --config.model.ch=32 --config.model.ch_mult='(1,2)' --config.model.num_res_blocks=1 " in message
+  assert "--config.data.channels=1" in message
   with pytest.raises(convert.ConversionError, match=r"model_var_type='fixedlarge'(.|\n)*"
                      r"conv_out/kernel: checkpoint \(3, 3, 32, 2\), model \(3, 3, 32, 1\)"):
     convert.validate_params(params, _load_config("tiny"))  # fixedlarge: 1 output channel
@@ -455,7 +461,7 @@ def test_tf_missing_tensorflow_names_the_extra(monkeypatch, tmp_path):
 
 
 def _flags(**values):
-  names = ("config", "checkpoint", "raw", "folder", "workdir", "step", "out")
+  names = ("config", "preset", "image_size", "checkpoint", "raw", "folder", "workdir", "step", "out")
   defaults = dict(raw=False)
   return {n: types.SimpleNamespace(value=values.get(n, defaults.get(n))) for n in names}
 
@@ -517,3 +523,197 @@ def test_cli_help_and_lazy_imports():
                               "print(sorted(m for m in ('torch', 'tensorflow', 'diffusers', 'jax') if m in sys.modules))")],
       check=False, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
   assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------------------
+# Configs built from the checkpoint (no --config), and messages in flag terms.
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset,name", [("cifar10", "cifar"), ("celebahq", "celebahq"), ("lsun", "lsun_bedroom")])
+def test_presets_are_the_config_files(preset, name):
+  assert convert.preset_config(preset).to_dict() == _load_config(name).to_dict()
+  assert convert.PRESETS[preset] == f"configs/{name}.py"
+
+
+def test_cli_tf2jax_without_config_infers_the_architecture(tf_vars, tmp_path):
+  from diffusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
+
+  prefix = _write_tf(tmp_path / "tf" / "model.ckpt-790000", _tf_checkpoint(tf_vars, slots=False))
+  with pytest.raises(convert.ConversionError, match=r"needs the image size(.|\n)*--image_size=N"):
+    convert._run("tf2jax", _flags(checkpoint=prefix, out=str(tmp_path / "a")))
+  with pytest.raises(convert.ConversionError, match="either --config or --preset"):
+    convert._run("tf2jax", _flags(config=_load_config("tiny"), image_size=8, checkpoint=prefix,
+                                  out=str(tmp_path / "a")))
+  with pytest.raises(convert.ConversionError, match=r"Unknown preset 'cifar'(.|\n)*--preset=cifar10"):
+    convert._run("tf2jax", _flags(preset="cifar", checkpoint=prefix, out=str(tmp_path / "a")))
+
+  out = tmp_path / "ours"
+  convert._run("tf2jax", _flags(image_size=8, checkpoint=prefix, out=str(out)))
+  config, ema, step = checkpointing.load_params(out)
+  assert step == 790000
+  expected = _load_config("cifar")  # a bare --image_size: configs/cifar.py with the checkpoint's network
+  expected.data.update(image_size=8, channels=1)
+  expected.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
+  expected.diffusion.update(model_var_type="learned", loss_type="hybrid")  # 2 output channels; the paper's 'learned'
+  assert config.to_dict() == json.loads(json.dumps(expected.to_dict())), config
+  assert json.loads((out / "config.json").read_text())["model"]["attn_resolutions"] == [4]
+  _assert_trees_equal(ema, convert.tf_checkpoint_to_params(prefix))
+
+  out = tmp_path / "lsun"
+  convert._run("tf2jax", _flags(preset="lsun", checkpoint=prefix, out=str(out)))
+  config, _, _ = checkpointing.load_params(out)
+  assert (config.data.dataset, config.data.image_size, config.model.dropout) == ("lsun_bedroom", 256, 0.0)
+  assert tuple(config.model.attn_resolutions) == (128,) and tuple(config.model.ch_mult) == (1, 2)
+
+
+def test_mismatch_messages_give_the_config_overrides(tiny_folder, tf_vars, tmp_path):
+  params, overrides = convert.diffusers_to_params(tiny_folder)
+  config = _load_config("tiny")
+  config.model.attn_resolutions = (8,)  # attention at full resolution; the checkpoint has it at 4x4
+  with pytest.raises(convert.ConversionError) as e:
+    convert.validate_params(params, config)
+  message = str(e.value)
+  assert ("pass --config.model.attn_resolutions='(4,)' --config.diffusion.model_var_type=learned_range "
+          "--config.diffusion.loss_type=hybrid") in message, message
+  assert "levels" not in message and "model.attn_resolutions=(4,)" in message
+  with pytest.raises(convert.ConversionError) as e:
+    convert.check_config_matches(config, overrides)
+  message = str(e.value)
+  assert "model.attn_resolutions: config (8,), checkpoint (4,)" in message
+  assert ("pass --config.model.attn_resolutions='(4,)' --config.diffusion.model_var_type=learned_range "
+          "--config.diffusion.loss_type=hybrid") in message, message
+
+  prefix = _write_tf(tmp_path / "tf" / "model.ckpt-1", _tf_checkpoint(tf_vars, slots=False))
+  with pytest.raises(convert.ConversionError, match=re.escape(
+      "--config.model.attn_resolutions='(4,)' --config.diffusion.model_var_type=learned "
+      "--config.diffusion.loss_type=hybrid")):
+    convert._run("tf2jax", _flags(config=config, checkpoint=prefix, out=str(tmp_path / "a")))
+
+  config = _load_config("tiny", model_var_type="learned_range", loss_type="hybrid")
+  fixed = dict(convert._flatten(params))
+  fixed[("conv_out", "kernel")] = fixed[("conv_out", "kernel")][..., :1]
+  fixed[("conv_out", "bias")] = fixed[("conv_out", "bias")][:1]
+  with pytest.raises(convert.ConversionError, match=re.escape(
+      "pass --config.diffusion.model_var_type=fixedlarge --config.diffusion.loss_type=mse")):
+    convert.validate_params(convert._unflatten(fixed), config)
+
+
+def test_cli_diffusers2jax_without_config_reads_the_scheduler(tiny_folder, tmp_path):
+  from diffusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
+
+  out = tmp_path / "plain"
+  convert._run("diffusers2jax", _flags(folder=str(tiny_folder), out=str(out)))
+  config, params, _ = checkpointing.load_params(out)
+  assert (config.diffusion.model_var_type, config.diffusion.loss_type) == ("learned_range", "hybrid")
+  assert (config.data.image_size, config.data.channels, tuple(config.model.attn_resolutions)) == (8, 1, (4,))
+  _assert_trees_equal(params, convert.diffusers_to_params(tiny_folder)[0])
+  with pytest.raises(convert.ConversionError, match="sample_size is 8"):
+    convert._run("diffusers2jax", _flags(folder=str(tiny_folder), image_size=16, out=str(tmp_path / "x")))
+
+  pipeline = tmp_path / "pipeline"
+  shutil.copytree(tiny_folder, pipeline / "unet")
+  (pipeline / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline"}))
+  (pipeline / "scheduler").mkdir()
+  scheduler = pipeline / "scheduler" / "scheduler_config.json"
+  scheduler.write_text(json.dumps({"_class_name": "DDPMScheduler", "variance_type": "learned",
+                                   "prediction_type": "epsilon"}))
+  with pytest.raises(convert.ConversionError, match=r"variance_type='learned'(.|\n)*variance itself"):
+    convert._run("diffusers2jax", _flags(folder=str(pipeline), out=str(tmp_path / "x")))
+  scheduler.write_text(json.dumps({"variance_type": "fixed_small"}))
+  with pytest.raises(convert.ConversionError, match="2 x 1 output channels.*fixed variance 'fixedsmall'"):
+    convert._run("diffusers2jax", _flags(folder=str(pipeline), out=str(tmp_path / "x")))
+  scheduler.write_text(json.dumps({"variance_type": "learned_range", "prediction_type": "v_prediction"}))
+  out = tmp_path / "from_pipeline"
+  convert._run("diffusers2jax", _flags(folder=str(pipeline), preset="celebahq", out=str(out)))
+  config, _, _ = checkpointing.load_params(out)
+  assert (config.diffusion.model_var_type, config.diffusion.model_mean_type) == ("learned_range", "v")
+  assert (config.data.dataset, config.data.image_size, config.model.dropout) == ("celeb_a_hq", 8, 0.0)
+
+
+def test_cli_user_error_is_one_line_without_traceback(tf_vars, tmp_path):
+  prefix = _write_tf(tmp_path / "tf" / "model.ckpt-1", _tf_checkpoint(tf_vars, slots=False))
+  env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             DIFFUSION_JAX_CACHE_DIR="0")
+  result = subprocess.run(
+      [sys.executable, "-m", "diffusion_jax.convert", "tf2jax", f"--checkpoint={prefix}", "--config=configs/tiny.py",
+       "--config.diffusion.model_var_type=learned", f"--out={tmp_path / 'out'}"],
+      check=False, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr
+  assert "--config.diffusion.loss_type=hybrid" in errors[0] and "kl" in errors[0], errors[0]
+  assert not (tmp_path / "out").exists()
+  assert issubclass(convert.ConversionError, convert.errors.UserError)
+
+
+# ----------------------------------------------------------------------------
+# Class-conditional networks: diffusers' num_class_embeds.
+# ----------------------------------------------------------------------------
+
+
+def _our_conditional_forward(params, config, x, t, y) -> np.ndarray:
+  from diffusion_jax import runtime  # pylint: disable=g-import-not-at-top
+
+  model = runtime.build_network(config)
+  assert model.num_classes == 3
+  fn = jax.jit(lambda params, x, t, y: model.apply({"params": params}, x, t, train=False, y=y))
+  return np.asarray(fn(params, x, t, y))
+
+
+def _torch_conditional_forward(model, x, t, y) -> np.ndarray:
+  with torch.no_grad():
+    out = model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t).long(),
+                class_labels=torch.from_numpy(y).long()).sample
+  return out.numpy().transpose(0, 2, 3, 1)
+
+
+def test_conditional_export_matches_diffusers_and_imports_back(tmp_path):
+  from diffusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
+
+  config = _load_config("tiny", **LEARNED)
+  config.model.num_classes = 3
+  params = _random_params(config, seed=7)
+  assert convert._flatten(params)[("class_embed", "embedding")].shape == (4, 128)  # 3 classes + the null class
+  assert convert.infer_architecture(params)["num_classes"] == 3
+  folder = convert.params_to_diffusers(params, config, tmp_path / "unet")
+  assert json.loads((folder / "config.json").read_text())["num_class_embeds"] == 4
+  model = diffusers.UNet2DModel.from_pretrained(folder).eval()
+  assert model.class_embedding.weight.shape == (4, 128)
+  x, t = _inputs(TINY, batch=4, seed=4)
+  y = np.array([0, 1, 2, 3], np.int32)  # 3 = the null class (guidance's unconditional pass)
+  ours = _our_conditional_forward(params, config, x, t, y)
+  _report("conditional export to diffusers", _torch_conditional_forward(model, x, t, y), ours)
+  other = _our_conditional_forward(params, config, x, t, np.array([1, 2, 3, 0], np.int32))
+  assert np.max(np.abs(other - ours)) > 1e-2  # the labels matter
+
+  back, overrides = convert.diffusers_to_params(folder)
+  assert overrides["model"]["num_classes"] == 3
+  _assert_trees_equal(back, params)
+  convert.check_config_matches(config, overrides)
+  out = tmp_path / "ours"
+  convert._run("diffusers2jax", _flags(folder=str(folder), out=str(out)))  # config built from the folder
+  saved, loaded, _ = checkpointing.load_params(out)
+  assert saved.model.num_classes == 3
+  _assert_trees_equal(loaded, params)
+
+  unconditional = _load_config("tiny", **LEARNED)
+  with pytest.raises(convert.ConversionError, match=re.escape("pass --config.model.num_classes=3")):
+    convert.check_config_matches(unconditional, overrides)
+  with pytest.raises(convert.ConversionError, match=re.escape("--config.model.num_classes=3")):
+    convert.validate_params(params, unconditional)
+
+
+def test_conditional_diffusers_import_matches_diffusers_forward(tmp_path):
+  model = _random_diffusers(dict(TINY, num_class_embeds=4), seed=8)
+  model.save_pretrained(tmp_path)
+  params, overrides = convert.diffusers_to_params(tmp_path)
+  config = _load_config("tiny", **LEARNED)
+  config.model.num_classes = 3
+  convert.check_config_matches(config, overrides)
+  convert.validate_params(params, config)
+  x, t = _inputs(TINY, batch=4, seed=5)
+  y = np.array([3, 2, 1, 0], np.int32)
+  _report("conditional diffusers import", _our_conditional_forward(params, config, x, t, y),
+          _torch_conditional_forward(model, x, t, y))
