@@ -77,3 +77,36 @@ def test_benchmarked_train_step_donates_its_state_and_counts_flops():
   assert c.info["flops_per_step_per_device"] > 0
   assert c.items_per_run == 4
   c.run(1)  # runs under jax.transfer_guard("disallow"): no implicit host transfers in the step loop
+
+
+def test_digits_peer_trains_samples_and_scores(tmp_path):
+  """The PyTorch digits peer end to end at toy sizes: a 2-second budget, 8 samples of 3 steps."""
+  import json
+  import math
+
+  from benchmarks import digits_peer
+  from configs import digits
+
+  assert digits_peer.ema_decay(0, 0.999) == pytest.approx(0.1)
+  assert digits_peer.ema_decay(10**6, 0.999) == pytest.approx(0.999)
+  assert digits_peer.warmup_factor(0, 100) == 0.0 and digits_peer.warmup_factor(50, 100) == 0.5
+  assert digits_peer.warmup_factor(100, 100) == 1.0
+  config = digits.get_config()
+  for sampler in ("ddpm", "dpmsolver"):
+    payload, samples = digits_peer.run(config, seconds=2.0 if sampler == "ddpm" else 0.0, threads=2,
+                                       sampler=sampler, num_samples=8, num_steps=3, sample_batch=5, log_every_s=0)
+    assert samples.shape == (8, 8, 8, 1) and samples.dtype == np.uint8
+    assert payload["steps"] >= 1 and payload["num_samples"] == 8
+    assert 900_000 < payload["num_params"] < 1_200_000  # configs/digits.py's U-Net, about 1.0M parameters
+    keys = ["train_seconds", "sampling_seconds", "final_loss", "digits_fd", "digits_is", "digits_confidence",
+            "digits_precision", "digits_recall", "digits_memorisation"]
+    for key in keys + (["steps_per_s"] if sampler == "ddpm" else []):
+      assert math.isfinite(payload[key]), key
+    assert len(payload["load_average_at_start"]) == 3
+  assert payload["steps"] == 1  # a zero budget stops after the first step (no steps/s: nothing was timed)
+  npz, png = digits_peer.save_samples(str(tmp_path / "samples.npz"), samples)
+  with np.load(npz) as data:
+    np.testing.assert_array_equal(data["images"], samples)
+  assert (tmp_path / "samples.png").exists()
+  harness.write_json(str(tmp_path / "peer.json"), payload)
+  assert json.loads((tmp_path / "peer.json").read_text())["digits_fd"] == payload["digits_fd"]
