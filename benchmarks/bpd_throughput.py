@@ -21,8 +21,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from benchmarks import harness
-from benchmarks import programs
+from benchmarks import harness, programs
 from diffusion_jax import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar.py", "The model/diffusion config.",

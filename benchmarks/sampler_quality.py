@@ -23,10 +23,8 @@ import numpy as np
 from absl import app, flags
 
 from diffusion_jax import images as images_lib
-from diffusion_jax import input_pipeline
-from diffusion_jax import runtime
-from diffusion_jax.evaluation import digits_metric
-from diffusion_jax.evaluation import sample_export
+from diffusion_jax import input_pipeline, runtime
+from diffusion_jax.evaluation import digits_metric, sample_export
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "A trained digits workdir.")
 _SAMPLERS = flags.DEFINE_list("samplers", ["ancestral", "ddim", "dpmpp2m", "dpmpp3m", "dpmpp2m_sde", "euler", "heun"],
@@ -89,7 +87,8 @@ def main(argv):
                                                               if not isinstance(v, list)})
     rows.append(row)
     print(f"{spec.folder_name:32s} calls {spec.network_calls:5d}  {seconds:7.1f} s  FD {metric['digits_fd']:7.3f}  "
-          f"IS {metric['digits_is']:5.2f}  conf {metric['digits_confidence']:.3f}  prec {metric['digits_precision']:.3f}"
+          f"IS {metric['digits_is']:5.2f}  conf {metric['digits_confidence']:.3f}  "
+          f"prec {metric['digits_precision']:.3f}"
           f"  rec {metric['digits_recall']:.3f}  memo {metric['digits_memorisation']:.3f}", flush=True)
   print()
   print(f"| sampler | network calls | s / {_NUM.value} samples | FD | IS | confidence | precision | recall |")

@@ -20,9 +20,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from benchmarks import harness
-from benchmarks import programs
-from benchmarks import torch_baseline
+from benchmarks import harness, programs, torch_baseline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar.py", "The model/diffusion config.",
                                           lock_config=True)
@@ -108,7 +106,8 @@ def main(argv):
   if batch_size != REFERENCE_SAMPLES:
     notes.append(f"{REFERENCE_SAMPLES}x{T} (the paper's batch) extrapolated linearly in batch size as well: see JSON")
   harness.print_table(f"Sampling throughput, {config.data.dataset} model, batch {batch_size}, {_DTYPE.value}",
-                      ["row", "img*steps/s", "s/step", "TFLOP/s", "MFU", "compile s", f"s for {batch_size}x{T}", "JAX/PyTorch"],
+                      ["row", "img*steps/s", "s/step", "TFLOP/s", "MFU", "compile s", f"s for {batch_size}x{T}",
+                       "JAX/PyTorch"],
                       rows, notes)
   harness.write_json(_JSON_OUT.value, {
       "benchmark": "sampling_throughput", "environment": env, "batch_size": batch_size, "dtype": _DTYPE.value,

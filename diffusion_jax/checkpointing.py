@@ -33,10 +33,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-
-import orbax.checkpoint as ocp
 
 from diffusion_jax import config_base
 from diffusion_jax import errors as errors_lib
@@ -538,7 +537,8 @@ def load_params(
   if not manager.all_steps():
     raise FileNotFoundError(f"{checkpoint_dir(workdir)} holds no checkpoint.")
   if step is not None and step not in manager.all_steps():
-    raise FileNotFoundError(f"No checkpoint of step {step} in {checkpoint_dir(workdir)}; present: {manager.all_steps()}.")
+    raise FileNotFoundError(
+        f"No checkpoint of step {step} in {checkpoint_dir(workdir)}; present: {manager.all_steps()}.")
 
   def args(step):
     return ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(_host_target(manager, step))})

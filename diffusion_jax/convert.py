@@ -87,8 +87,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from diffusion_jax import cli
-from diffusion_jax import errors
+from diffusion_jax import cli, errors
 
 Params = dict[str, Any]
 

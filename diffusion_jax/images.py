@@ -16,7 +16,8 @@ def to_uint8(x) -> np.ndarray:
   return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def make_grid(images, *, ncols: int | None = None, padding: int = 2, scale: int = 1, pad_value: int = 255) -> np.ndarray:
+def make_grid(images, *, ncols: int | None = None, padding: int = 2, scale: int = 1,
+              pad_value: int = 255) -> np.ndarray:
   """Tiles uint8 images [N, H, W, C] into one [H', W', C] picture.
 
   Args:

@@ -43,14 +43,12 @@ import os
 import pathlib
 from typing import Any
 
-from absl import flags
-from absl import logging
 import grain
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image
-from PIL import ImageOps
+from absl import flags, logging
+from PIL import Image, ImageOps
 
 from diffusion_jax import runtime
 
@@ -520,8 +518,9 @@ class _TrainLayout(grain.sources.RandomAccessDataSource):
     return image
 
   def __repr__(self) -> str:
-    return (f"TrainLayout({self._source!r}, {self._sampler!r}, global_batch={self._global_batch}, local_batch={self._local_batch}, "
-            f"offset={self._offset}, flip={self._flip}" + (", labels=True)" if self._labels else ")"))
+    return (f"TrainLayout({self._source!r}, {self._sampler!r}, global_batch={self._global_batch}, "
+            f"local_batch={self._local_batch}, offset={self._offset}, flip={self._flip}"
+            + (", labels=True)" if self._labels else ")"))
 
 
 # Positions a training stream can address (endless in practice: 2**40 examples).
@@ -557,9 +556,9 @@ def create_train_iterator(
 
   Returns:
     A `grain.DataLoaderIterator` yielding `{'image': float32 [B / P, H, W, C]}`
-    in [-1, 1] (and `'label'`: int32 [B / P] for a class-conditional config), with `get_state() -> bytes` and `set_state(bytes)`. A state
-    restores only into an iterator built with the same data, seed, process
-    count and worker count.
+    in [-1, 1] (and `'label'`: int32 [B / P] for a class-conditional config), with
+    `get_state() -> bytes` and `set_state(bytes)`. A state restores only into an
+    iterator built with the same data, seed, process count and worker count.
   """
   seed = config.training.seed if seed is None else seed
   if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:

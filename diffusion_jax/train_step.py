@@ -38,7 +38,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
   if bs % num_devices:
     raise ValueError(
         f"training.batch_size={bs} is not divisible by the {num_devices} devices; "
-        f"use a multiple of {num_devices} (e.g. --config.training.batch_size={max(1, bs // num_devices) * num_devices})."
+        f"use a multiple of {num_devices} "
+        f"(e.g. --config.training.batch_size={max(1, bs // num_devices) * num_devices})."
     )
   groups = config.optim.clip_groups
   if groups < 1 or bs % groups:

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import harness
-from benchmarks import programs
+from benchmarks import harness, programs
 from configs import tiny
 
 

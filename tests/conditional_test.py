@@ -9,10 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_jax import input_pipeline
-from diffusion_jax import runtime
-from diffusion_jax import train_step
-from diffusion_jax.models import unet
+from diffusion_jax import input_pipeline, runtime, train_step
 
 
 def tiny_config(num_classes=0):
@@ -179,8 +176,10 @@ def _toy_conditional_model(out_channels=1):
                                                 ("eps", "learned_range")])
 def test_guided_output_equals_the_formula_for_every_parametrisation(mean_type, var_type):
   from diffusion_jax import diffusion as diffusion_lib  # noqa: PLC0415
-  from diffusion_jax import samplers  # noqa: PLC0415
-  from diffusion_jax import schedules  # noqa: PLC0415
+  from diffusion_jax import (
+    samplers,  # noqa: PLC0415
+    schedules,  # noqa: PLC0415
+  )
 
   diffusion = diffusion_lib.GaussianDiffusion.create(
       schedules.get_beta_schedule("linear", beta_start=1e-4, beta_end=0.02, num_timesteps=20),
@@ -255,8 +254,10 @@ def test_sample_fn_takes_labels_as_ints_names_or_arrays(cond_workdir):
 
 
 def test_unconditional_models_refuse_labels_and_guidance(tmp_path):
-  from diffusion_jax import checkpointing  # noqa: PLC0415
-  from diffusion_jax import sampling  # noqa: PLC0415
+  from diffusion_jax import (
+    checkpointing,  # noqa: PLC0415
+    sampling,  # noqa: PLC0415
+  )
 
   config = tiny_config(0)
   params = _params(runtime.build_network(config))
@@ -272,8 +273,10 @@ def test_unconditional_models_refuse_labels_and_guidance(tmp_path):
 def test_mode_sample_writes_one_row_per_class_and_stores_labels(cond_workdir, tmp_path):
   import shutil  # noqa: PLC0415
 
-  from diffusion_jax import checkpointing  # noqa: PLC0415
-  from diffusion_jax import sampling  # noqa: PLC0415
+  from diffusion_jax import (
+    checkpointing,  # noqa: PLC0415
+    sampling,  # noqa: PLC0415
+  )
 
   run = tmp_path / "run"
   shutil.copytree(cond_workdir, run)
@@ -297,3 +300,24 @@ def test_mode_sample_writes_one_row_per_class_and_stores_labels(cond_workdir, tm
   assert out2.name == "step_4_ddim_3steps_eta0_cfg2_labels-digit7-2"
   _, labels2 = sampling.read_sample_chunks(sorted(out2.glob("samples_*.npz")), with_labels=True)
   np.testing.assert_array_equal(labels2, [7, 2])
+
+
+def test_bits_per_dim_of_a_conditional_model_use_the_true_labels(cond_workdir):
+  from diffusion_jax import sampling  # noqa: PLC0415
+  from diffusion_jax.evaluation import bpd  # noqa: PLC0415
+
+  model = sampling.load_model(cond_workdir)
+  rng = jax.random.PRNGKey(7)
+  result = bpd.compute_bpd(model, model.config, rng, batch_size=8, max_examples=8, drop_remainder=True,
+                           progress=False)
+  assert result["conditional"] and result["num_examples"] == 8
+  images, labels = input_pipeline.load_digits(model.config.data.eval_split)
+  x = jnp.asarray(images[:8].astype(np.float32) / 127.5 - 1.0)
+  fn = runtime.bind(runtime.model_fn(model.model), model.params)
+
+  def total(y):
+    out = model.diffusion.calc_bpd_loop(lambda x_t, t: fn(x_t, t, y), x, jax.random.fold_in(rng, 0))
+    return float(np.mean(out["total_bpd"]))
+
+  assert result["total_bpd"] == pytest.approx(total(jnp.asarray(labels[:8], jnp.int32)), rel=1e-5)
+  assert result["total_bpd"] != pytest.approx(total(jnp.full((8,), 10, jnp.int32)), rel=1e-5)  # not the null class

@@ -21,7 +21,8 @@ import sys  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-CACHE_DIR = pathlib.Path(os.environ.get("DIFFUSION_JAX_TEST_CACHE", pathlib.Path.home() / ".cache" / "diffusion_jax_tests"))
+CACHE_DIR = pathlib.Path(
+    os.environ.get("DIFFUSION_JAX_TEST_CACHE", pathlib.Path.home() / ".cache" / "diffusion_jax_tests"))
 
 jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR / "jax"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -23,10 +23,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import diffusers  # noqa: E402
-import torch  # noqa: E402
-
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
+import torch  # noqa: E402
 from safetensors import numpy as st_numpy  # noqa: E402
 
 from diffusion_jax import convert  # noqa: E402
@@ -520,7 +519,8 @@ def test_cli_help_and_lazy_imports():
   assert result.returncode != 0 and "one of tf2jax, diffusers2jax" in result.stderr, result.stderr
   result = subprocess.run(
       [sys.executable, "-c", ("import sys, diffusion_jax.convert; "
-                              "print(sorted(m for m in ('torch', 'tensorflow', 'diffusers', 'jax') if m in sys.modules))")],
+                              "print(sorted(m for m in ('torch', 'tensorflow', 'diffusers', 'jax') "
+                              "if m in sys.modules))")],
       check=False, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
   assert result.stdout.strip() == "[]", result.stdout + result.stderr
 

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from torch import nn as tnn
 
-from diffusion_jax.evaluation import inception
-from diffusion_jax.evaluation import fid
+from diffusion_jax.evaluation import fid, inception
 
 torch.set_num_threads(2)
 

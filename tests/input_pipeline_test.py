@@ -6,11 +6,10 @@ import subprocess
 import sys
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
-from diffusion_jax import config_base
-from diffusion_jax import input_pipeline
+from diffusion_jax import config_base, input_pipeline
 
 
 def _config(dataset="digits", *, image_size=8, channels=1, batch_size=8, random_flip=True, data_dir=""):

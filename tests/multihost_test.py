@@ -18,11 +18,9 @@ import time
 
 import jax
 import numpy as np
+from conftest import CACHE_DIR, REPO_ROOT
 
-from conftest import CACHE_DIR
-from conftest import REPO_ROOT
-from diffusion_jax import checkpointing
-from diffusion_jax import train
+from diffusion_jax import checkpointing, train
 
 EXIT_PREEMPTED = 75  # diffusion_jax.main.EXIT_PREEMPTED
 

@@ -6,11 +6,10 @@ import pathlib
 import jax
 import nbformat
 import numpy as np
-from configs import tiny
 from nbclient import NotebookClient
 
-from diffusion_jax import checkpointing
-from diffusion_jax import runtime
+from configs import tiny
+from diffusion_jax import checkpointing, runtime
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "ddpm_sampling.ipynb"
 

@@ -5,11 +5,9 @@ import os
 import jax
 import numpy as np
 import pytest
-from configs import tiny
 
-from diffusion_jax import checkpointing
-from diffusion_jax import sampling
-from diffusion_jax import runtime
+from configs import tiny
+from diffusion_jax import checkpointing, runtime, sampling
 
 
 def _random_params(cfg, seed=0):

@@ -12,11 +12,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import checkpointing
-from diffusion_jax import train
-from diffusion_jax import runtime
-from diffusion_jax import optimizer
-from diffusion_jax import train_step
+from diffusion_jax import checkpointing, optimizer, runtime, train, train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -45,8 +45,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from diffusion_jax import input_pipeline
-from diffusion_jax import runtime
+from diffusion_jax import input_pipeline, runtime
 from diffusion_jax.models import unet
 
 # ----------------------------------------------------------------------------
@@ -55,14 +54,21 @@ from diffusion_jax.models import unet
 
 
 @functools.lru_cache(maxsize=8)
-def _bpd_sums_fn(model_def: unet.UNet, mesh: Mesh, clip_denoised: bool):
-  """jit(params, diffusion, images [B, H, W, C], mask [B], rng) -> masked sums over the batch, replicated."""
+def _bpd_sums_fn(model_def: unet.UNet, mesh: Mesh, clip_denoised: bool, conditional: bool = False):
+  """jit(params, diffusion, images [B, H, W, C], mask [B], rng[, labels [B]]) -> masked sums, replicated.
+
+  A conditional network is evaluated on each image's true label: the bound is that of p(x | y).
+  """
   replicated = runtime.replicated(mesh)
   sharded = runtime.batch_sharding(mesh)
   apply = runtime.model_fn(model_def)
 
-  def fn(params, diffusion, images, mask, rng):
-    out = diffusion.calc_bpd_loop(runtime.bind(apply, params), images, rng, clip_denoised=clip_denoised)
+  def fn(params, diffusion, images, mask, rng, *labels):
+    model_fn = runtime.bind(apply, params)
+    if labels:
+      bound, (y,) = model_fn, labels
+      model_fn = lambda x_t, t: bound(x_t, t, y)  # noqa: E731
+    out = diffusion.calc_bpd_loop(model_fn, images, rng, clip_denoised=clip_denoised)
     m = mask.astype(jnp.float32)
     return {
         "count": jnp.sum(m),
@@ -73,7 +79,8 @@ def _bpd_sums_fn(model_def: unet.UNet, mesh: Mesh, clip_denoised: bool):
         "mse": jnp.sum(out["mse"] * m[:, None], axis=0),
     }
 
-  return jax.jit(fn, in_shardings=(replicated, replicated, sharded, sharded, replicated), out_shardings=replicated)
+  in_shardings = (replicated, replicated, sharded, sharded, replicated) + ((sharded,) if conditional else ())
+  return jax.jit(fn, in_shardings=in_shardings, out_shardings=replicated)
 
 
 def _progress(iterable, total: int, enabled: bool, desc: str):
@@ -116,6 +123,9 @@ def compute_bpd(
     mesh: the device mesh (default: all devices on one 'data' axis).
     progress: a tqdm progress bar on process 0.
 
+  A class-conditional model is evaluated on each image's true label (the
+  bound of p(x | y); `"conditional": true` in the result).
+
   Returns:
     A JSON-serialisable dict: `total_bpd` (mean over images of prior + Σ_t
     terms), `total_bpd_sem` (its standard error over images), `prior_bpd`,
@@ -145,7 +155,8 @@ def compute_bpd(
 
   iterator = input_pipeline.create_eval_iterator(config, split=split, batch_size=batch_size,
                                                  drop_remainder=drop_remainder, max_examples=max_examples)
-  fn = _bpd_sums_fn(model.model, mesh, clip_denoised)
+  conditional = bool(getattr(model.model, "num_classes", 0))
+  fn = _bpd_sums_fn(model.model, mesh, clip_denoised, conditional)
   replicated = runtime.replicated(mesh)
   params = jax.device_put(model.params, replicated)
   diffusion = jax.device_put(model.diffusion, replicated)
@@ -161,8 +172,8 @@ def compute_bpd(
   pending = None
   desc = f"bits/dim on {config.data.dataset}:{split}"
   for index, batch in enumerate(_progress(iterator, iterator.num_batches, progress, desc)):
-    images, mask = runtime.global_array((batch["image"], batch["mask"]), mesh)
-    out = fn(params, diffusion, images, mask, jax.random.fold_in(rng, index))
+    arrays = runtime.global_array((batch["image"], batch["mask"]) + ((batch["label"],) if conditional else ()), mesh)
+    out = fn(params, diffusion, *arrays[:2], jax.random.fold_in(rng, index), *arrays[2:])
     if pending is not None:
       accumulate(pending)  # the previous batch's sums, while this batch runs
     pending = out
@@ -196,6 +207,7 @@ def compute_bpd(
       "batch_size": batch_size,
       "max_examples": max_examples,
       "num_timesteps": T,
+      "conditional": conditional,
   }
   logging.info("bits/dim %.5f ± %.5f on %d of %d images of %s:%s (prior %.2e, decoder %.4f, step %d, ema=%s).",
                total, result["total_bpd_sem"], count, iterator.split_size, config.data.dataset, split,

@@ -29,8 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from diffusion_jax import errors
-from diffusion_jax import runtime
+from diffusion_jax import errors, runtime
 from diffusion_jax.evaluation import inception
 
 InceptionFn = Callable[[jax.Array], tuple[jax.Array, jax.Array]]

@@ -22,13 +22,10 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from diffusion_jax import checkpointing
+from diffusion_jax import checkpointing, runtime, samplers
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import images as images_lib
-from diffusion_jax import runtime
-from diffusion_jax import samplers
 from diffusion_jax.models import unet
-
 
 # The sampler settings every entry point takes besides the sampler's name (see `samplers.resolve`).
 SAMPLER_SETTINGS = ("num_steps", "eta", "timestep_spacing", "sigma_schedule", "order", "lower_order_final")
@@ -236,7 +233,8 @@ def generate(model: LoadedModel, indices: np.ndarray, rng, *, sampler="ancestral
   n = len(indices)
   batch_size = n if batch_size is None else max(int(batch_size), n)
   padded = runtime.pad_to_multiple(batch_size, runtime.data_size(mesh))
-  idx = np.concatenate([np.asarray(indices, np.int32), int(np.max(indices)) + 1 + np.arange(padded - n, dtype=np.int32)])
+  pad = int(np.max(indices)) + 1 + np.arange(padded - n, dtype=np.int32)
+  idx = np.concatenate([np.asarray(indices, np.int32), pad])
   sharding = runtime.batch_sharding(mesh)
   args = (model.params_on(mesh), rng, jax.device_put(idx, sharding))
   kwargs = {}

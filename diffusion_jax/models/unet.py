@@ -54,7 +54,8 @@ def _norm(name: str, dtype) -> nn.GroupNorm:
 
 def _conv(features: int, name: str, dtype, *, scale: float = 1.0, stride: int = 1) -> nn.Conv:
   return nn.Conv(
-      features, (3, 3), strides=(stride, stride), padding="SAME", kernel_init=default_init(scale), dtype=dtype, name=name
+      features, (3, 3), strides=(stride, stride), padding="SAME", kernel_init=default_init(scale), dtype=dtype,
+      name=name
   )
 
 

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -152,7 +151,8 @@ def _check_guidance(cond, guidance_scale, null_label, batch):
     return
   if jnp.ndim(cond) != 1 or jnp.shape(cond)[0] != batch or not jnp.issubdtype(jnp.result_type(cond), jnp.integer):
     raise ValueError(
-        f"cond must be [B] = [{batch}] integer class labels, got shape {jnp.shape(cond)}, dtype {jnp.result_type(cond)}."
+        f"cond must be [B] = [{batch}] integer class labels, got shape {jnp.shape(cond)}, "
+        f"dtype {jnp.result_type(cond)}."
     )
   scale = _maybe_concrete(guidance_scale)
   if scale is not None and (scale.ndim != 0 or not np.isfinite(scale)):

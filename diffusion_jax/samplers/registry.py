@@ -200,7 +200,8 @@ def resolve(
     order = order_value
   elif order is not None:
     with_order = [k for k, s in _REGISTRY.items() if s.orders]
-    raise ValueError(f"order={order!r} does not apply to sampler {name!r}; multistep samplers are {_choices(with_order)}.")
+    raise ValueError(
+        f"order={order!r} does not apply to sampler {name!r}; multistep samplers are {_choices(with_order)}.")
   if n < sampler.min_steps(order):
     raise ValueError(
         f"sampler {name!r} (order {order}) needs num_steps >= {sampler.min_steps(order)}, got {n}; "
