@@ -52,8 +52,9 @@ _EMA_MAX = flags.DEFINE_float("ema_max_decay", 0.999, "The EMA decay is min(this
 _GRAD_CLIP = flags.DEFINE_float("grad_clip", 1.0, "Global gradient-norm clipping (0: none).")
 _THREADS = flags.DEFINE_integer("threads", None, "torch intra-op threads (default: os.cpu_count()).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seeds torch, the epoch shuffles and the sampling generator.")
-_SAMPLER = flags.DEFINE_enum("sampler", "ddpm", ["ddpm", "dpmsolver"],
-                             "ddpm: DDPMScheduler ancestral steps; dpmsolver: DPM-Solver++(2M).")
+_SAMPLER = flags.DEFINE_enum("sampler", "ddpm", ["ddpm", "dpmsolver", "dpmsolver_sde"],
+                             "ddpm: DDPMScheduler ancestral steps; dpmsolver: DPM-Solver++(2M); "
+                             "dpmsolver_sde: its SDE variant (sde-dpmsolver++, order 2).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1000, "Images to draw and score.")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 1000, "Sampler steps (network calls per image).")
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 500, "Sampling batch.")
@@ -82,11 +83,12 @@ def ddpm_scheduler(diffusers):
 def sampling_scheduler(diffusers, sampler: str):
   if sampler == "ddpm":
     return ddpm_scheduler(diffusers)
-  if sampler == "dpmsolver":
+  if sampler in ("dpmsolver", "dpmsolver_sde"):
+    algorithm = "sde-dpmsolver++" if sampler == "dpmsolver_sde" else "dpmsolver++"
     return diffusers.DPMSolverMultistepScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="linear",
                                                  beta_start=BETA_START, beta_end=BETA_END,
-                                                 algorithm_type="dpmsolver++", solver_order=2)
-  raise ValueError(f"Unknown sampler {sampler!r}; use 'ddpm' or 'dpmsolver'.")
+                                                 algorithm_type=algorithm, solver_order=2)
+  raise ValueError(f"Unknown sampler {sampler!r}; use 'ddpm', 'dpmsolver' or 'dpmsolver_sde'.")
 
 
 def ema_decay(num_updates: int, max_decay: float) -> float:
@@ -200,7 +202,7 @@ def sample(model, ema_params, *, num_samples: int, num_steps: int, batch_size: i
     num_samples: images to draw.
     num_steps: scheduler steps (`set_timesteps(num_steps)`).
     batch_size: images per sampling batch.
-    sampler: 'ddpm' (DDPMScheduler) or 'dpmsolver' (DPM-Solver++, order 2).
+    sampler: 'ddpm' (DDPMScheduler), 'dpmsolver' (DPM-Solver++, order 2) or 'dpmsolver_sde' (its SDE variant).
     seed: seeds the torch.Generator of the initial noise and the step noise.
   """
   torch, diffusers = torch_baseline.import_torch()

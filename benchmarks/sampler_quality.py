@@ -34,7 +34,7 @@ _FULL = flags.DEFINE_list("full_samplers", ["ancestral"], "Samplers also run at 
 _NUM = flags.DEFINE_integer("num_samples", 1000, "Images per setting.")
 _BATCH = flags.DEFINE_integer("batch_size", 500, "Sampling batch.")
 _SEED = flags.DEFINE_integer("seed", 1, "Sampling rng.")
-_KARRAS = flags.DEFINE_boolean("karras", True, "Also run the σ-samplers (euler, heun, dpmpp*) on the Karras grid.")
+_KARRAS = flags.DEFINE_list("karras", ["dpmpp2m"], "σ-samplers also run on the Karras σ grid.")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Write the results here as JSON.")
 
 SIGMA_SAMPLERS = ("euler", "heun", "dpmpp2m", "dpmpp3m", "dpmpp2m_sde", "dpmpp3m_sde")
@@ -70,7 +70,7 @@ def main(argv):
   settings = []
   for name in _SAMPLERS.value:
     for calls in [int(c) for c in _CALLS.value] + ([T] if name in _FULL.value else []):
-      schedules = [None] + (["karras"] if _KARRAS.value and name in SIGMA_SAMPLERS else [])
+      schedules = [None] + (["karras"] if name in _KARRAS.value and name in SIGMA_SAMPLERS else [])
       for schedule in schedules:
         try:
           spec = sample_export.resolve_sampler(T, name, num_steps=min(_steps(name, calls), T), sigma_schedule=schedule)
