@@ -18,10 +18,12 @@ GPU:
 from __future__ import annotations
 
 import jax
-from absl import app, flags
+from absl import app
+from absl import flags
 from ml_collections import config_flags
 
-from benchmarks import harness, programs
+from benchmarks import harness
+from benchmarks import programs
 from diffusion_jax import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar.py", "The model/diffusion config.",

@@ -25,7 +25,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from absl import app, flags
+from absl import app
+from absl import flags
 
 from diffusion_jax import input_pipeline
 from diffusion_jax.evaluation import digits_metric

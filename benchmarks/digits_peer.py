@@ -34,10 +34,12 @@ import time
 from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import app
+from absl import flags
 from ml_collections import config_flags
 
-from benchmarks import harness, torch_baseline
+from benchmarks import harness
+from benchmarks import torch_baseline
 from diffusion_jax import images as images_lib
 from diffusion_jax import input_pipeline
 from diffusion_jax.evaluation import digits_metric

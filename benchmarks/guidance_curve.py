@@ -17,7 +17,8 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app
+from absl import flags
 
 from diffusion_jax import input_pipeline
 from diffusion_jax import sampling

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
-from diffusion_jax import runtime, samplers
+from diffusion_jax import runtime
+from diffusion_jax import samplers
 from diffusion_jax import train_step as train_step_lib
 
 

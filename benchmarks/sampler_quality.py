@@ -20,11 +20,14 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app
+from absl import flags
 
 from diffusion_jax import images as images_lib
-from diffusion_jax import input_pipeline, runtime
-from diffusion_jax.evaluation import digits_metric, sample_export
+from diffusion_jax import input_pipeline
+from diffusion_jax import runtime
+from diffusion_jax.evaluation import digits_metric
+from diffusion_jax.evaluation import sample_export
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "A trained digits workdir.")
 _SAMPLERS = flags.DEFINE_list("samplers", ["ancestral", "ddim", "dpmpp2m", "dpmpp3m", "dpmpp2m_sde", "euler", "heun"],

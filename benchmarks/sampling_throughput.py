@@ -17,10 +17,13 @@ GPU (the paper's 256 samples × 1000 ancestral steps, measured in full):
 from __future__ import annotations
 
 import jax
-from absl import app, flags
+from absl import app
+from absl import flags
 from ml_collections import config_flags
 
-from benchmarks import harness, programs, torch_baseline
+from benchmarks import harness
+from benchmarks import programs
+from benchmarks import torch_baseline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar.py", "The model/diffusion config.",
                                           lock_config=True)

@@ -24,7 +24,8 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import app
+from absl import flags
 
 _CONFIGS = flags.DEFINE_list("configs", ["configs/tiny.py", "configs/digits.py"], "Configs to start.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Runs per figure (the median is reported).")

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import app
+from absl import flags
 
 from diffusion_jax import input_pipeline
 from diffusion_jax.evaluation import digits_metric

@@ -22,10 +22,13 @@ from __future__ import annotations
 import os
 
 import jax
-from absl import app, flags
+from absl import app
+from absl import flags
 from ml_collections import config_flags
 
-from benchmarks import harness, programs, torch_baseline
+from benchmarks import harness
+from benchmarks import programs
+from benchmarks import torch_baseline
 from diffusion_jax import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar.py", "The model/diffusion config.",

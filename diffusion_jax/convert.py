@@ -87,7 +87,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from diffusion_jax import cli, errors
+from diffusion_jax import cli
+from diffusion_jax import errors
 
 Params = dict[str, Any]
 

@@ -47,8 +47,10 @@ import grain
 import jax
 import ml_collections
 import numpy as np
-from absl import flags, logging
-from PIL import Image, ImageOps
+from absl import flags
+from absl import logging
+from PIL import Image
+from PIL import ImageOps
 
 from diffusion_jax import runtime
 

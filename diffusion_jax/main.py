@@ -16,7 +16,9 @@ import shlex
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app
+from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from diffusion_jax import cli

@@ -25,10 +25,14 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from diffusion_jax import checkpointing, runtime, samplers
+from diffusion_jax import checkpointing
 from diffusion_jax import images as images_lib
+from diffusion_jax import runtime
+from diffusion_jax import samplers
 from diffusion_jax.evaluation import sample_export
-from diffusion_jax.evaluation.sample_export import LoadedModel, load_model, model_from_config  # noqa: F401 (API)
+from diffusion_jax.evaluation.sample_export import LoadedModel  # noqa: F401 (API)
+from diffusion_jax.evaluation.sample_export import load_model  # noqa: F401 (API)
+from diffusion_jax.evaluation.sample_export import model_from_config  # noqa: F401 (API)
 
 _progress = sample_export.progress_bar
 generate = sample_export.generate

@@ -28,9 +28,13 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from diffusion_jax import checkpointing, input_pipeline, metric_writer, runtime, samplers
+from diffusion_jax import checkpointing
 from diffusion_jax import images as images_lib
+from diffusion_jax import input_pipeline
+from diffusion_jax import metric_writer
 from diffusion_jax import optimizer as optimizer_lib
+from diffusion_jax import runtime
+from diffusion_jax import samplers
 from diffusion_jax import train_step as train_step_lib
 
 TrainState = train_step_lib.TrainState

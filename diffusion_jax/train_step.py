@@ -9,7 +9,8 @@ data has one) sharded over the data axis. The step's randomness is
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import jax

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import harness, programs
+from benchmarks import harness
+from benchmarks import programs
 from configs import tiny
 
 

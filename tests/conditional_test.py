@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_jax import input_pipeline, runtime, train_step
+from diffusion_jax import input_pipeline
+from diffusion_jax import runtime
+from diffusion_jax import train_step
 
 
 def tiny_config(num_classes=0):
@@ -41,7 +43,8 @@ def test_unconditional_network_ignores_labels_and_keeps_its_parameters():
 
 
 def test_paper_parameter_count_unchanged_and_conditional_adds_the_table():
-  from configs import cifar, cifar_cond  # noqa: PLC0415
+  from configs import cifar  # noqa: PLC0415
+  from configs import cifar_cond  # noqa: PLC0415
 
   def count(config):
     net = runtime.build_network(config)
@@ -176,10 +179,8 @@ def _toy_conditional_model(out_channels=1):
                                                 ("eps", "learned_range")])
 def test_guided_output_equals_the_formula_for_every_parametrisation(mean_type, var_type):
   from diffusion_jax import diffusion as diffusion_lib  # noqa: PLC0415
-  from diffusion_jax import (
-    samplers,  # noqa: PLC0415
-    schedules,  # noqa: PLC0415
-  )
+  from diffusion_jax import samplers  # noqa: PLC0415
+  from diffusion_jax import schedules  # noqa: PLC0415
 
   diffusion = diffusion_lib.GaussianDiffusion.create(
       schedules.get_beta_schedule("linear", beta_start=1e-4, beta_end=0.02, num_timesteps=20),
@@ -254,10 +255,8 @@ def test_sample_fn_takes_labels_as_ints_names_or_arrays(cond_workdir):
 
 
 def test_unconditional_models_refuse_labels_and_guidance(tmp_path):
-  from diffusion_jax import (
-    checkpointing,  # noqa: PLC0415
-    sampling,  # noqa: PLC0415
-  )
+  from diffusion_jax import checkpointing  # noqa: PLC0415
+  from diffusion_jax import sampling  # noqa: PLC0415
 
   config = tiny_config(0)
   params = _params(runtime.build_network(config))
@@ -273,10 +272,8 @@ def test_unconditional_models_refuse_labels_and_guidance(tmp_path):
 def test_mode_sample_writes_one_row_per_class_and_stores_labels(cond_workdir, tmp_path):
   import shutil  # noqa: PLC0415
 
-  from diffusion_jax import (
-    checkpointing,  # noqa: PLC0415
-    sampling,  # noqa: PLC0415
-  )
+  from diffusion_jax import checkpointing  # noqa: PLC0415
+  from diffusion_jax import sampling  # noqa: PLC0415
 
   run = tmp_path / "run"
   shutil.copytree(cond_workdir, run)

@@ -11,7 +11,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from diffusion_jax import diffusion, schedules
+from diffusion_jax import diffusion
+from diffusion_jax import schedules
 from diffusion_jax.models import unet
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import diffusion, schedules
+from diffusion_jax import diffusion
+from diffusion_jax import schedules
 
 MEAN_TYPES = ("eps", "xstart", "xprev", "v")
 VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")

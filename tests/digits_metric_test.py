@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from diffusion_jax import checkpointing, input_pipeline, runtime
+from diffusion_jax import checkpointing
+from diffusion_jax import input_pipeline
+from diffusion_jax import runtime
 from diffusion_jax.evaluation import digits_metric as dm
 from diffusion_jax.evaluation import evaluate as eval_lib
 

@@ -11,7 +11,10 @@ import pytest
 from absl import flags
 
 from configs import tiny
-from diffusion_jax import checkpointing, input_pipeline, runtime, schedules
+from diffusion_jax import checkpointing
+from diffusion_jax import input_pipeline
+from diffusion_jax import runtime
+from diffusion_jax import schedules
 from diffusion_jax.evaluation import bpd as bpd_lib
 from diffusion_jax.evaluation import evaluate as eval_lib
 

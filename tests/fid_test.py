@@ -17,10 +17,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 from torch import nn as tnn
 
-from diffusion_jax.evaluation import fid, inception
+from diffusion_jax.evaluation import fid
+from diffusion_jax.evaluation import inception
 
 torch.set_num_threads(2)
 

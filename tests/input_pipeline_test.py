@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_jax import config_base, input_pipeline
+from diffusion_jax import config_base
+from diffusion_jax import input_pipeline
 
 
 def _config(dataset="digits", *, image_size=8, channels=1, batch_size=8, random_flip=True, data_dir=""):

@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from diffusion_jax import runtime, samplers, train_step
+from diffusion_jax import runtime
+from diffusion_jax import samplers
+from diffusion_jax import train_step
 from diffusion_jax.evaluation import bpd
 
 PLATFORMS = ("cuda", "tpu")

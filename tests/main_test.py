@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CACHE_DIR, REPO_ROOT
+from conftest import CACHE_DIR
+from conftest import REPO_ROOT
 
 
 def _run(*args, timeout=300):

@@ -18,9 +18,12 @@ import time
 
 import jax
 import numpy as np
-from conftest import CACHE_DIR, REPO_ROOT
+import pytest
+from conftest import CACHE_DIR
+from conftest import REPO_ROOT
 
-from diffusion_jax import checkpointing, train
+from diffusion_jax import checkpointing
+from diffusion_jax import train
 
 EXIT_PREEMPTED = 75  # diffusion_jax.main.EXIT_PREEMPTED
 
@@ -31,13 +34,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(workdir, process_id, port, log_path, **training):
+def _start(workdir, process_id, port, log_path, num_classes=0, **training):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR / "jax"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   command = [sys.executable, "-m", "diffusion_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
              f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={process_id}",
-             *(f"--config.training.{k}={v}" for k, v in dict(dict(log_every=1), **training).items())]
+             *(f"--config.training.{k}={v}" for k, v in dict(dict(log_every=1), **training).items()),
+             f"--config.model.num_classes={num_classes}"]
   with open(log_path, "w") as log:
     return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -47,11 +51,13 @@ def _steps(workdir):
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
 
 
-def test_two_processes_train_like_one_and_stop_together_on_sigterm(tmp_path):
+@pytest.mark.parametrize("num_classes", [0, 10])  # 10: class-conditional, labels in the batch, label dropout
+def test_two_processes_train_like_one_and_stop_together_on_sigterm(tmp_path, num_classes):
   workdir = tmp_path / "run"
   port = _free_port()
   logs = [tmp_path / f"process_{i}.log" for i in range(2)]
-  procs = [_start(workdir, i, port, logs[i], num_train_steps=100, checkpoint_every=1000) for i in range(2)]
+  procs = [_start(workdir, i, port, logs[i], num_classes=num_classes, num_train_steps=100, checkpoint_every=1000)
+           for i in range(2)]
   try:
     deadline = time.monotonic() + 400
     while "step 2/100" not in logs[0].read_text():  # both processes are in the training loop
@@ -82,6 +88,7 @@ def test_two_processes_train_like_one_and_stop_together_on_sigterm(tmp_path):
   # The same steps on one process with 4 devices: the same parameters up to float32 rounding (the
   # cross-process gradient sum adds in another order than the in-process one).
   config = _tiny_config(num_train_steps=step, checkpoint_every=1000)
+  config.model.num_classes = num_classes
   single = jax.device_get(train.train_and_evaluate(config, str(tmp_path / "single")))
   for use_ema, expected in ((False, single.params), (True, single.ema_params)):
     _, params, loaded_step = checkpointing.load_params(workdir, use_ema=use_ema, step=step)

@@ -9,7 +9,8 @@ import numpy as np
 from nbclient import NotebookClient
 
 from configs import tiny
-from diffusion_jax import checkpointing, runtime
+from diffusion_jax import checkpointing
+from diffusion_jax import runtime
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "ddpm_sampling.ipynb"
 

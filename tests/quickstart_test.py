@@ -9,10 +9,16 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import CACHE_DIR, REPO_ROOT
+from conftest import CACHE_DIR
+from conftest import REPO_ROOT
 
-from diffusion_jax import checkpointing, input_pipeline, runtime, train, train_step
-from diffusion_jax.evaluation import digits_metric, final_eval
+from diffusion_jax import checkpointing
+from diffusion_jax import input_pipeline
+from diffusion_jax import runtime
+from diffusion_jax import train
+from diffusion_jax import train_step
+from diffusion_jax.evaluation import digits_metric
+from diffusion_jax.evaluation import final_eval
 
 BIG = 1_000_000
 

@@ -21,9 +21,11 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import CACHE_DIR, REPO_ROOT
+from conftest import CACHE_DIR
+from conftest import REPO_ROOT
 
-from diffusion_jax import checkpointing, train
+from diffusion_jax import checkpointing
+from diffusion_jax import train
 
 NUM_STEPS = 16
 EXIT_PREEMPTED = 75  # diffusion_jax.main.EXIT_PREEMPTED (importing main would define its absl flags here)

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import samplers
@@ -450,7 +451,8 @@ def test_parity_with_diffusers_on_a_converted_unet(case, tmp_path, monkeypatch):
   import torch
 
   from configs import tiny
-  from diffusion_jax import convert, runtime
+  from diffusion_jax import convert
+  from diffusion_jax import runtime
 
   config = tiny.get_config()
   config.diffusion.num_timesteps = PARITY_T

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from diffusion_jax import checkpointing, runtime, sampling
+from diffusion_jax import checkpointing
+from diffusion_jax import runtime
+from diffusion_jax import sampling
 
 
 def _random_params(cfg, seed=0):

@@ -12,7 +12,11 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffusion_jax import checkpointing, optimizer, runtime, train, train_step
+from diffusion_jax import checkpointing
+from diffusion_jax import optimizer
+from diffusion_jax import runtime
+from diffusion_jax import train
+from diffusion_jax import train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -189,8 +193,10 @@ def _train(cfg, workdir):
   return jax.device_get(train.train_and_evaluate(cfg, str(workdir)))
 
 
-def test_train_loop_checkpoints_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("num_classes", [0, 10])  # 10: labels in the batch and label dropout resume exactly too
+def test_train_loop_checkpoints_and_resumes_exactly(tmp_path, num_classes):
   cfg = tiny_config()
+  cfg.model.num_classes = num_classes
   cfg.training.num_train_steps = 4
   cfg.training.checkpoint_every = 2
   full = _train(cfg, tmp_path / "full")
@@ -200,6 +206,7 @@ def test_train_loop_checkpoints_and_resumes_exactly(tmp_path):
 
   # Stop after 2 steps, then continue to 4 from the checkpoint: the same parameters.
   short = tiny_config()
+  short.model.num_classes = num_classes
   short.training.num_train_steps = 2
   _train(short, tmp_path / "resumed")
   resumed = _train(cfg, tmp_path / "resumed")

@@ -45,7 +45,8 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from diffusion_jax import input_pipeline, runtime
+from diffusion_jax import input_pipeline
+from diffusion_jax import runtime
 from diffusion_jax.models import unet
 
 # ----------------------------------------------------------------------------

@@ -53,7 +53,8 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -64,11 +65,16 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from diffusion_jax import checkpointing, input_pipeline, metric_writer, runtime
+from diffusion_jax import checkpointing
 from diffusion_jax import images as images_lib
+from diffusion_jax import input_pipeline
+from diffusion_jax import metric_writer
+from diffusion_jax import runtime
 from diffusion_jax.evaluation import bpd as bpd_lib
-from diffusion_jax.evaluation import digits_metric, inception, sample_export
+from diffusion_jax.evaluation import digits_metric
 from diffusion_jax.evaluation import fid as fid_lib
+from diffusion_jax.evaluation import inception
+from diffusion_jax.evaluation import sample_export
 
 METRICS = ("bpd", "fid")
 EVAL_DIR = "eval"

@@ -21,15 +21,19 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from collections.abc import Iterable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
-from diffusion_jax import errors, runtime
+from diffusion_jax import errors
+from diffusion_jax import runtime
 from diffusion_jax.evaluation import inception
 
 InceptionFn = Callable[[jax.Array], tuple[jax.Array, jax.Array]]

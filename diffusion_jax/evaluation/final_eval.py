@@ -34,9 +34,12 @@ from absl import logging
 from etils import epath
 
 from diffusion_jax import images as images_lib
-from diffusion_jax import input_pipeline, metric_writer, runtime
-from diffusion_jax.evaluation import digits_metric, sample_export
+from diffusion_jax import input_pipeline
+from diffusion_jax import metric_writer
+from diffusion_jax import runtime
+from diffusion_jax.evaluation import digits_metric
 from diffusion_jax.evaluation import evaluate as evaluate_lib
+from diffusion_jax.evaluation import sample_export
 
 EVAL_DIR = "eval"
 TENSORBOARD_PREFIX = "final_eval/"

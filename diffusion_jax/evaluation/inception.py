@@ -47,7 +47,8 @@ import tarfile
 import tempfile
 import urllib.request
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn

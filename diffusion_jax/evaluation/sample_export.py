@@ -22,9 +22,11 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from diffusion_jax import checkpointing, runtime, samplers
+from diffusion_jax import checkpointing
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import images as images_lib
+from diffusion_jax import runtime
+from diffusion_jax import samplers
 from diffusion_jax.models import unet
 
 # The sampler settings every entry point takes besides the sampler's name (see `samplers.resolve`).

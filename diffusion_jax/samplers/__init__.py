@@ -51,17 +51,32 @@ Classifier-free guidance: `cond`, `guidance_scale`, `null_label` (see `driver`).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.diffusion import GaussianDiffusion
-from diffusion_jax.samplers import ancestral, ddim, dpmpp, driver, euler, grids, heun, registry  # noqa: F401
-from diffusion_jax.samplers.base import Plan, Sampler, StepContext  # noqa: F401
-from diffusion_jax.samplers.grids import SIGMA_SCHEDULES, TIMESTEP_SPACINGS, respace, space_timesteps  # noqa: F401
-from diffusion_jax.samplers.registry import SamplerSpec, register, resolve  # noqa: F401
+from diffusion_jax.samplers import ancestral  # noqa: F401
+from diffusion_jax.samplers import ddim  # noqa: F401
+from diffusion_jax.samplers import dpmpp  # noqa: F401
+from diffusion_jax.samplers import driver  # noqa: F401
+from diffusion_jax.samplers import euler  # noqa: F401
+from diffusion_jax.samplers import grids  # noqa: F401
+from diffusion_jax.samplers import heun  # noqa: F401
+from diffusion_jax.samplers import registry  # noqa: F401
+from diffusion_jax.samplers.base import Plan  # noqa: F401
+from diffusion_jax.samplers.base import Sampler  # noqa: F401
+from diffusion_jax.samplers.base import StepContext  # noqa: F401
+from diffusion_jax.samplers.grids import SIGMA_SCHEDULES  # noqa: F401
+from diffusion_jax.samplers.grids import TIMESTEP_SPACINGS  # noqa: F401
+from diffusion_jax.samplers.grids import respace  # noqa: F401
+from diffusion_jax.samplers.grids import space_timesteps  # noqa: F401
+from diffusion_jax.samplers.registry import SamplerSpec  # noqa: F401
+from diffusion_jax.samplers.registry import register  # noqa: F401
+from diffusion_jax.samplers.registry import resolve  # noqa: F401
 
 SAMPLERS = registry.names()
 

@@ -20,8 +20,12 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.samplers import grids, registry
-from diffusion_jax.samplers.base import Plan, Sampler, noise_steps, timesteps_array
+from diffusion_jax.samplers import grids
+from diffusion_jax.samplers import registry
+from diffusion_jax.samplers.base import Plan
+from diffusion_jax.samplers.base import Sampler
+from diffusion_jax.samplers.base import noise_steps
+from diffusion_jax.samplers.base import timesteps_array
 
 
 def _xprev_to_respaced(diffusion, loop_diffusion, model_output, x_t, t, loop_t):

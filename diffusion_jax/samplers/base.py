@@ -25,7 +25,9 @@ such an object and passes it to `registry.register`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any
+from typing import Callable
+from typing import NamedTuple
 
 import numpy as np
 

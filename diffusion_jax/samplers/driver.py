@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.samplers.base import Plan, Sampler, StepContext
+from diffusion_jax.samplers.base import Plan
+from diffusion_jax.samplers.base import Sampler
+from diffusion_jax.samplers.base import StepContext
 
 
 def per_example_normal(keys, step, shape):

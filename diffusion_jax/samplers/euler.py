@@ -28,8 +28,13 @@ import dataclasses
 
 import numpy as np
 
-from diffusion_jax.samplers import grids, registry
-from diffusion_jax.samplers.base import Plan, Sampler, noise_steps, per_call, timesteps_array
+from diffusion_jax.samplers import grids
+from diffusion_jax.samplers import registry
+from diffusion_jax.samplers.base import Plan
+from diffusion_jax.samplers.base import Sampler
+from diffusion_jax.samplers.base import noise_steps
+from diffusion_jax.samplers.base import per_call
+from diffusion_jax.samplers.base import timesteps_array
 
 K_SPACINGS = ("leading", "trailing", "linspace")
 

@@ -18,8 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.samplers import registry
-from diffusion_jax.samplers.base import Plan, Sampler, noise_steps, per_call, timesteps_array
-from diffusion_jax.samplers.euler import K_SPACINGS, Euler, k_sigmas, sigma_coefficients
+from diffusion_jax.samplers.base import Plan
+from diffusion_jax.samplers.base import Sampler
+from diffusion_jax.samplers.base import noise_steps
+from diffusion_jax.samplers.base import per_call
+from diffusion_jax.samplers.base import timesteps_array
+from diffusion_jax.samplers.euler import K_SPACINGS
+from diffusion_jax.samplers.euler import Euler
+from diffusion_jax.samplers.euler import k_sigmas
+from diffusion_jax.samplers.euler import sigma_coefficients
 
 
 @dataclasses.dataclass(frozen=True)
