@@ -59,7 +59,10 @@ def create_train_state(config, network: unet.UNet, rng, params=None, ema_params=
     params = runtime.init_params(network, rng, runtime.image_shape(config))
   ema_params = params if ema_params is None else ema_params
   tx = optimizer_lib.create_optimizer(config.optim) if tx is None else tx
-  return TrainState.create(apply_fn=network.apply, params=params, tx=tx, ema_params=ema_params)
+  state = TrainState.create(apply_fn=network.apply, params=params, tx=tx, ema_params=ema_params)
+  # A strongly typed int32 step, as a restored checkpoint has it: a fresh and a resumed run then compile the
+  # same program, so a restart finds the fresh run's step in the persistent compilation cache.
+  return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def drop_labels(rng: jax.Array, labels: jax.Array, rate: float, null_label: int) -> jax.Array:
