@@ -223,11 +223,19 @@ def test_mode_eval_end_to_end(workdir, monkeypatch, repo_root, n_devices):
           "--config.eval.drop_remainder=False", "--config.eval.fid_stats_max_examples=8",
           "--config.sampling.sampler=ddim", "--config.sampling.num_steps=3"]
   monkeypatch.setattr(sys, "argv", argv)  # config_flags registers the --config.* overrides it sees in sys.argv
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
+  from diffusion_jax import cli  # pylint: disable=g-import-not-at-top
+
+  absl_level = absl_logging.get_absl_logger().level
   flags.FLAGS(argv)
   try:
     main.main(["main"])
   finally:
     flags.FLAGS.unparse_flags()
+    # Leave logging as the other tests expect it (parsing and unparsing the flags moves absl's verbosity).
+    absl_logging.get_absl_logger().setLevel(absl_level)
+    absl_logging.get_absl_handler().removeFilter(cli._FILTER)  # pylint: disable=protected-access
 
   eval_dir = workdir / "eval"
   step = f"step_{STEP:06d}"

@@ -214,7 +214,9 @@ def test_every_checkpoint_damaged_is_one_message_naming_the_steps_and_the_fix(re
     checkpointing.load_params(workdir)
   proc = subprocess.run(_command(workdir), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2, proc.stderr[-3000:]
-  assert "error: No checkpoint in" in proc.stderr and "Traceback" not in proc.stderr
+  assert "error: No checkpoint in" in proc.stderr
+  # No traceback of the error itself (under load, Orbax's asyncio threads may print their own at shutdown).
+  assert "UserError" not in proc.stderr and f'File "{REPO_ROOT / "diffusion_jax"}' not in proc.stderr
 
 
 @contextlib.contextmanager
