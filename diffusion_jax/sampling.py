@@ -96,19 +96,9 @@ def sample_fn(
   if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
     raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
   spec = _spec(model, sampler, num_steps, eta, settings)
-  all_labels = sample_export.resolve_labels(model, labels, int(num_samples))
-  batch_size = int(batch_size or model.config.sampling.batch_size)
-  mesh = runtime.make_mesh()
-  size = runtime.data_size(mesh)
-  batch_size = min(runtime.pad_to_multiple(batch_size, size), runtime.pad_to_multiple(num_samples, size))
-  starts = range(0, num_samples, batch_size)
-  out = []
-  for start in _progress(starts, len(starts), progress, f"sampling ({spec.folder_name})"):
-    idx = np.arange(start, min(start + batch_size, num_samples))
-    out.append(generate(model, idx, rng, sampler=spec, clip_denoised=clip_denoised,
-                        labels=None if all_labels is None else all_labels[idx], guidance_scale=guidance_scale,
-                        batch_size=batch_size, mesh=mesh)["samples"])
-  return images_lib.to_uint8(np.concatenate(out))
+  return sample_export.generate_set(model, int(num_samples), rng, sampler=spec, clip_denoised=clip_denoised,
+                                    labels=labels, guidance_scale=guidance_scale, batch_size=batch_size,
+                                    progress=progress)
 
 
 def progressive_fn(model: LoadedModel, num_samples: int, rng: jax.Array, *, every: int | None = None,

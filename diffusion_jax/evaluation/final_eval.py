@@ -33,7 +33,6 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from diffusion_jax import images as images_lib
 from diffusion_jax import input_pipeline
 from diffusion_jax import metric_writer
 from diffusion_jax import runtime
@@ -56,19 +55,11 @@ def samples_from_params(config: ml_collections.ConfigDict, params, num_samples: 
   and, for a conditional model, is of class i mod K.
   """
   model = sample_export.model_from_config(config, params, step=step)
-  spec = sample_export.resolve_sampler(model.diffusion.num_timesteps, sampler, **settings)
   labels = sample_export.resolve_labels(model, None, num_samples)
-  mesh = runtime.make_mesh()
-  size = runtime.data_size(mesh)
-  batch_size = min(runtime.pad_to_multiple(int(config.sampling.batch_size), size),
-                   runtime.pad_to_multiple(num_samples, size))
-  out = []
-  for start in range(0, num_samples, batch_size):
-    idx = np.arange(start, min(start + batch_size, num_samples))
-    out.append(sample_export.generate(model, idx, rng, sampler=spec, clip_denoised=config.sampling.clip_denoised,
-                                      labels=None if labels is None else labels[idx], guidance_scale=guidance_scale,
-                                      batch_size=batch_size, mesh=mesh)["samples"])
-  return images_lib.to_uint8(np.concatenate(out)), labels
+  images = sample_export.generate_set(model, num_samples, rng, sampler=sampler,
+                                      clip_denoised=config.sampling.clip_denoised, labels=labels,
+                                      guidance_scale=guidance_scale, **settings)
+  return images, labels
 
 
 def result_path(eval_dir: epath.Path, step: int) -> epath.Path:

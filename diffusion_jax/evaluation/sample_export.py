@@ -252,6 +252,28 @@ def generate(model: LoadedModel, indices: np.ndarray, rng, *, sampler="ancestral
   return {k: v[:n] for k, v in runtime.to_host(out).items()}
 
 
+def generate_set(model: LoadedModel, num_samples: int, rng, *, sampler="ancestral", clip_denoised=True,
+                 labels=None, guidance_scale=1.0, batch_size: int | None = None, progress: bool = False,
+                 **settings) -> np.ndarray:
+  """uint8 [num_samples, H, W, C]: samples 0..num_samples−1 in batches of `batch_size` (default:
+  config.sampling.batch_size), every batch padded to the same size; sample i depends only on (rng, i, its
+  label). `labels` as in `resolve_labels`; **settings as in `resolve_sampler`."""
+  spec = resolve_sampler(model.diffusion.num_timesteps, sampler, **settings)
+  all_labels = resolve_labels(model, labels, int(num_samples))
+  mesh = runtime.make_mesh()
+  size = runtime.data_size(mesh)
+  batch_size = int(batch_size or model.config.sampling.batch_size)
+  batch_size = min(runtime.pad_to_multiple(batch_size, size), runtime.pad_to_multiple(num_samples, size))
+  starts = range(0, num_samples, batch_size)
+  out = []
+  for start in progress_bar(starts, len(starts), progress, f"sampling ({spec.folder_name})"):
+    idx = np.arange(start, min(start + batch_size, num_samples))
+    out.append(generate(model, idx, rng, sampler=spec, clip_denoised=clip_denoised,
+                        labels=None if all_labels is None else all_labels[idx], guidance_scale=guidance_scale,
+                        batch_size=batch_size, mesh=mesh)["samples"])
+  return images_lib.to_uint8(np.concatenate(out))
+
+
 def progress_bar(iterable, total, enabled, desc):
   """A tqdm bar over `iterable` on process 0 when `enabled`."""
   if not enabled or jax.process_index() != 0:
