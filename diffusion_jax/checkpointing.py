@@ -22,11 +22,17 @@ from __future__ import annotations
 
 import errno
 import json
+import logging as logging_std
 import os
+import pathlib
+import re
 import shutil
+import sys
 import threading
 import time
+import traceback
 import uuid
+import warnings
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -312,6 +318,96 @@ def _short(error: BaseException, limit: int = 400) -> str:
   return f"{type(error).__name__}: {text}"
 
 
+_READ_ERROR = re.compile(r'Error reading "(?P<key>[^"]+)" in OCDBT database at local file "(?P<db>[^"]+)"')
+_VALUE_SIZE = re.compile(r"byte range \[\d+, (?P<wanted>\d+)\) is not valid for value of size (?P<size>\d+)")
+
+
+def _errors_in_chain(error: BaseException):
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def _describe_restore_error(error: BaseException) -> str:
+  """What failed, in the user's terms: the array and the file where TensorStore says so, else the error's first line.
+
+  Orbax reports an unreadable array as "Encountered error while reading array
+  index …" with a TensorStore spec; the cause underneath names the array's key
+  in the OCDBT database and, for a short file, the size it found. The data file
+  of that size in the database is the damaged one.
+  """
+  for e in _errors_in_chain(error):
+    match = _READ_ERROR.search(str(e))
+    if not match:
+      continue
+    array = match.group("key").rsplit("/", 1)[0]
+    database = epath.Path(match.group("db"))
+    size = _VALUE_SIZE.search(str(e))
+    if size:
+      found, wanted = int(size.group("size")), int(size.group("wanted"))
+      files = [pathlib.Path(root) / name for root, _, names in os.walk(database) for name in names
+               if pathlib.Path(root).name == "d" and (pathlib.Path(root) / name).stat().st_size == found]
+      where = f"the data file {files[0]}" if len(files) == 1 else f"a data file in {database}"
+      return (f"array {array} cannot be read: {where} holds {found:,} bytes, but the array is stored up to byte "
+              f"{wanted:,} (the file is truncated)")
+    return f"array {array} cannot be read from {database}: {_short(e)}"
+  return _short(error)
+
+
+_ABANDONED_READ = "_read_array_index_and_device_put"  # Orbax's coroutine reading one array
+
+
+def _raised_in_abandoned_read(error: BaseException | None) -> bool:
+  for e in _errors_in_chain(error):
+    if _READ_ERROR.search(str(e)) or any(frame.name == _ABANDONED_READ
+                                         for frame in traceback.extract_tb(e.__traceback__)):
+      return True
+  return False
+
+
+def _is_abandoned_read(unraisable) -> bool:
+  if getattr(getattr(unraisable, "object", None), "__qualname__", "").endswith(_ABANDONED_READ):
+    return True
+  error = unraisable.exc_value
+  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    frames = traceback.extract_tb(unraisable.exc_traceback)
+    return bool(frames) and frames[-1].name == "_check_closed"
+  return _raised_in_abandoned_read(error)
+
+
+class _AbandonedReadFilter(logging_std.Filter):
+  """asyncio's "exception was never retrieved" for the reads of a restore that already failed."""
+
+  def filter(self, record):
+    return not (record.exc_info and _raised_in_abandoned_read(record.exc_info[1]))
+
+
+def _quiet_abandoned_reads() -> None:
+  """Drops the reports of the reads Orbax abandons after a failed restore; everything else passes on.
+
+  When one array of a checkpoint cannot be read, Orbax's restore raises at
+  once and closes its event loop while TensorStore is still reading the other
+  arrays; each of those reads then reports "Event loop is closed", its
+  coroutine's own error, an unretrieved future or a coroutine never awaited
+  through `sys.unraisablehook`, asyncio's logger and `warnings`: thousands of tracebacks for one damaged file.
+  `restore_latest` reports the failure itself.
+  """
+  if getattr(sys.unraisablehook, "_drops_abandoned_reads", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _is_abandoned_read(unraisable):
+      previous(unraisable)
+
+  hook._drops_abandoned_reads = True
+  sys.unraisablehook = hook
+  logging_std.getLogger("asyncio").addFilter(_AbandonedReadFilter())
+  warnings.filterwarnings("ignore", message=f"coroutine '{_ABANDONED_READ}' was never awaited", category=RuntimeWarning)
+
+
 def restore_latest(
     manager: ocp.CheckpointManager, make_args, *, steps: Sequence[int] | None = None
 ) -> tuple[int, Any] | None:
@@ -330,6 +426,7 @@ def restore_latest(
   """
   steps = sorted(manager.all_steps() if steps is None else steps, reverse=True)
   errors = []
+  _quiet_abandoned_reads()
   for step in steps:
     try:
       args = make_args(step)
@@ -342,8 +439,8 @@ def restore_latest(
         _verify_integrity(step, restored)
     except Exception as e:  # noqa: BLE001 - any failure to read marks the checkpoint as bad
       logging.warning("Checkpoint of step %d in %s is unreadable and is skipped: %s. Trying an older one.",
-                      step, manager.directory, _short(e))
-      errors.append(f"step {step}: {_short(e)}")
+                      step, manager.directory, _describe_restore_error(e))
+      errors.append(f"step {step}: {_describe_restore_error(e)}")
       continue
     if errors:
       logging.warning("Using the checkpoint of step %d after skipping %d unreadable newer checkpoint(s) (steps %s).",

@@ -183,9 +183,12 @@ def _train(config, workdir: str) -> None:
     state = train.train_and_evaluate(config, workdir, summary=summary)
   except BaseException as e:
     what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed ({type(e).__name__})"
-    summary.print(f"Training {what} at step {summary.step if summary.step is not None else '?'} of {num_steps}; "
-                  "the newest complete checkpoint below is intact. Fix the error and run the same command again "
-                  "to continue.")
+    if summary.step is None:
+      summary.print(f"Training {what} before its first step; the error is below. Fix it and run the same command "
+                    "again.")
+    else:
+      summary.print(f"Training {what} at step {summary.step} of {num_steps}; the newest complete checkpoint below is "
+                    "intact. Fix the error and run the same command again to continue.")
     raise
   step = int(state.step)
   budget = train.last_finish() == "time_budget"
