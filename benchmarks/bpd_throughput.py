@@ -26,13 +26,14 @@ from benchmarks import harness
 from benchmarks import programs
 from diffusion_jax import runtime
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar.py", "The model/diffusion config.",
-                                          lock_config=True)
-_BATCH = flags.DEFINE_integer("batch_size", None, "Global eval batch (default: 8 on CPU, config.eval.batch_size "
-                              "otherwise).")
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar.py", "The model/diffusion config.", lock_config=True)
+_BATCH = flags.DEFINE_integer(
+  "batch_size", None, "Global eval batch (default: 8 on CPU, config.eval.batch_size otherwise)."
+)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Activation dtype (model.dtype).")
-_TERMS = flags.DEFINE_integer("num_terms", None, "Bound terms (timesteps T) per call (default: 5 on CPU, the "
-                              "config's T otherwise).")
+_TERMS = flags.DEFINE_integer(
+  "num_terms", None, "Bound terms (timesteps T) per call (default: 5 on CPU, the config's T otherwise)."
+)
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls (after one untimed call).")
 _EVAL_IMAGES = flags.DEFINE_integer("eval_images", 10_000, "Images of the evaluation to extrapolate to.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s per device (overrides the built-in table).")
@@ -48,8 +49,9 @@ def main(argv):
   num_terms = _TERMS.value or (5 if on_cpu else full_terms)
   env = harness.environment()
   peak = harness.peak_flops_per_device(env["device_kind"], _DTYPE.value, _PEAK.value)
-  print(f"{env['device_kind']} x{env['num_devices']}, jax {env['jax']}, {env['cpu_count']} CPUs, "
-        f"load {env['load_average']}")
+  print(
+    f"{env['device_kind']} x{env['num_devices']}, jax {env['jax']}, {env['cpu_count']} CPUs, load {env['load_average']}"
+  )
 
   config = config.copy_and_resolve_references()
   config.unlock()
@@ -69,20 +71,44 @@ def main(argv):
   mfu = achieved / (peak * jax.device_count()) if achieved and peak else None
   eval_s = _EVAL_IMAGES.value * full_terms / r["rate"]
   harness.print_table(
-      f"Bits/dim throughput, {config.data.dataset} model, batch {batch_size}, {_DTYPE.value}",
-      ["row", "img*terms/s", "s/term", "TFLOP/s", "MFU", "compile s", f"s for {_EVAL_IMAGES.value}x{full_terms}"],
-      [[name, r["rate"], sec_per_term, achieved / 1e12 if achieved else None,
-        f"{100 * mfu:.1f}%" if mfu else "n/a", compile_s, f"{eval_s:.4g} (extrapolated)"]],
-      [f"load average at the start {env['load_average']}; {env['cpu_count']} CPUs",
-       f"img*terms/s: median of {_REPEATS.value} calls; every term is one network call at batch {batch_size}",
-       f"the {_EVAL_IMAGES.value}-image, {full_terms}-term evaluation is extrapolated from this rate"])
-  harness.write_json(_JSON_OUT.value, {
-      "benchmark": "bpd_throughput", "environment": env, "batch_size": batch_size, "dtype": _DTYPE.value,
-      "num_terms": num_terms, "flops_per_network_call": flops_call, "peak_flops_per_device": peak,
-      "image_terms_per_s": r["rate"], "seconds_per_term": sec_per_term,
-      "achieved_tflops": achieved / 1e12 if achieved else None, "mfu": mfu, "compile_s": compile_s,
-      f"seconds_for_{_EVAL_IMAGES.value}x{full_terms}_extrapolated": eval_s, **r,
-  })
+    f"Bits/dim throughput, {config.data.dataset} model, batch {batch_size}, {_DTYPE.value}",
+    ["row", "img*terms/s", "s/term", "TFLOP/s", "MFU", "compile s", f"s for {_EVAL_IMAGES.value}x{full_terms}"],
+    [
+      [
+        name,
+        r["rate"],
+        sec_per_term,
+        achieved / 1e12 if achieved else None,
+        f"{100 * mfu:.1f}%" if mfu else "n/a",
+        compile_s,
+        f"{eval_s:.4g} (extrapolated)",
+      ]
+    ],
+    [
+      f"load average at the start {env['load_average']}; {env['cpu_count']} CPUs",
+      f"img*terms/s: median of {_REPEATS.value} calls; every term is one network call at batch {batch_size}",
+      f"the {_EVAL_IMAGES.value}-image, {full_terms}-term evaluation is extrapolated from this rate",
+    ],
+  )
+  harness.write_json(
+    _JSON_OUT.value,
+    {
+      "benchmark": "bpd_throughput",
+      "environment": env,
+      "batch_size": batch_size,
+      "dtype": _DTYPE.value,
+      "num_terms": num_terms,
+      "flops_per_network_call": flops_call,
+      "peak_flops_per_device": peak,
+      "image_terms_per_s": r["rate"],
+      "seconds_per_term": sec_per_term,
+      "achieved_tflops": achieved / 1e12 if achieved else None,
+      "mfu": mfu,
+      "compile_s": compile_s,
+      f"seconds_for_{_EVAL_IMAGES.value}x{full_terms}_extrapolated": eval_s,
+      **r,
+    },
+  )
 
 
 if __name__ == "__main__":

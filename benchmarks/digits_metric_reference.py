@@ -36,8 +36,7 @@ _PARTITIONS = flags.DEFINE_integer("num_partitions", 5, "Random partitions of th
 _K = flags.DEFINE_integer("k", digits_metric.DEFAULT_K, "Neighbour of the precision/recall radii.")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Write the results here as JSON.")
 
-FIGURES = ("digits_fd", "digits_is", "digits_confidence", "digits_precision", "digits_recall",
-           "digits_memorisation")
+FIGURES = ("digits_fd", "digits_is", "digits_confidence", "digits_precision", "digits_recall", "digits_memorisation")
 
 
 def _noisy(images: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
@@ -56,12 +55,14 @@ def reference_values(seed: int = 0, num_partitions: int = 5, k: int = digits_met
   half = len(test_images) // 2
   for _ in range(num_partitions):
     order = rng.permutation(len(test_images))
-    halves += [score(test_images[order[:half]]), score(test_images[order[half:2 * half]])]
+    halves += [score(test_images[order[:half]]), score(test_images[order[half : 2 * half]])]
   rows[f"test halves ({len(halves)}×{half})"] = {
-      **{f: (float(np.mean([h[f] for h in halves])), float(np.std([h[f] for h in halves], ddof=1)))
-         for f in FIGURES},
-      "num_samples": half, "num_reference": len(train_images), "k": k}
-  rows["train copies"] = score(train_images[rng.permutation(len(train_images))[:len(test_images)]])
+    **{f: (float(np.mean([h[f] for h in halves])), float(np.std([h[f] for h in halves], ddof=1))) for f in FIGURES},
+    "num_samples": half,
+    "num_reference": len(train_images),
+    "k": k,
+  }
+  rows["train copies"] = score(train_images[rng.permutation(len(train_images))[: len(test_images)]])
   for std in (25, 50):
     rows[f"test + noise σ={std}"] = score(_noisy(test_images, std, rng))
   rows["uniform noise"] = score(rng.integers(0, 256, test_images.shape).astype(np.uint8))
@@ -69,16 +70,19 @@ def reference_values(seed: int = 0, num_partitions: int = 5, k: int = digits_met
 
 
 def markdown_table(rows: dict) -> str:
-  head = ("| set | N | FD ↓ | IS ↑ | confidence ↑ | precision ↑ | recall ↑ | memorisation |\n"
-          "|---|---|---|---|---|---|---|---|")
+  head = (
+    "| set | N | FD ↓ | IS ↑ | confidence ↑ | precision ↑ | recall ↑ | memorisation |\n"
+    "|---|---|---|---|---|---|---|---|"
+  )
   lines = [head]
   for name, row in rows.items():
     cells = []
     for f in FIGURES:
       value = row[f]
       digits = 2 if f in ("digits_fd", "digits_is") else 3
-      cells.append(f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}" if isinstance(value, tuple) else
-                   f"{value:.{digits}f}")
+      cells.append(
+        f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}" if isinstance(value, tuple) else f"{value:.{digits}f}"
+      )
     lines.append(f"| {name} | {row['num_samples']} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -86,13 +90,18 @@ def markdown_table(rows: dict) -> str:
 def main(argv):
   del argv
   rows = reference_values(_SEED.value, _PARTITIONS.value, _K.value)
-  print(f"Digit metric against the digits train split (1500 images), k = {_K.value}, seed {_SEED.value}, "
-        f"classifier sha256 {digits_metric.weights_sha256()[:12]}:\n")
+  print(
+    f"Digit metric against the digits train split (1500 images), k = {_K.value}, seed {_SEED.value}, "
+    f"classifier sha256 {digits_metric.weights_sha256()[:12]}:\n"
+  )
   print(markdown_table(rows))
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
-      json.dump({"seed": _SEED.value, "k": _K.value, "classifier_sha256": digits_metric.weights_sha256(),
-                 "rows": rows}, f, indent=2)
+      json.dump(
+        {"seed": _SEED.value, "k": _K.value, "classifier_sha256": digits_metric.weights_sha256(), "rows": rows},
+        f,
+        indent=2,
+      )
     print(f"\nWrote {_JSON_OUT.value}.")
 
 

@@ -44,8 +44,9 @@ from diffusion_jax import images as images_lib
 from diffusion_jax import input_pipeline
 from diffusion_jax.evaluation import digits_metric
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py", "The config whose U-Net is built.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "configs/digits.py", "The config whose U-Net is built.", lock_config=True
+)
 _SECONDS = flags.DEFINE_float("seconds", 600.0, "Training wall time, counted from the end of the first step.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Training batch.")
 _LR = flags.DEFINE_float("lr", 2e-4, "Adam learning rate after the warm-up.")
@@ -54,15 +55,22 @@ _EMA_MAX = flags.DEFINE_float("ema_max_decay", 0.999, "The EMA decay is min(this
 _GRAD_CLIP = flags.DEFINE_float("grad_clip", 1.0, "Global gradient-norm clipping (0: none).")
 _THREADS = flags.DEFINE_integer("threads", None, "torch intra-op threads (default: os.cpu_count()).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seeds torch, the epoch shuffles and the sampling generator.")
-_SAMPLER = flags.DEFINE_enum("sampler", "ddpm", ["ddpm", "dpmsolver", "dpmsolver_sde"],
-                             "ddpm: DDPMScheduler ancestral steps; dpmsolver: DPM-Solver++(2M); "
-                             "dpmsolver_sde: its SDE variant (sde-dpmsolver++, order 2).")
+_SAMPLER = flags.DEFINE_enum(
+  "sampler",
+  "ddpm",
+  ["ddpm", "dpmsolver", "dpmsolver_sde"],
+  "ddpm: DDPMScheduler ancestral steps; dpmsolver: DPM-Solver++(2M); "
+  "dpmsolver_sde: its SDE variant (sde-dpmsolver++, order 2).",
+)
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1000, "Images to draw and score.")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 1000, "Sampler steps (network calls per image).")
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 500, "Sampling batch.")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Write the results here as JSON.")
-_SAMPLES_OUT = flags.DEFINE_string("samples_out", "", "Write the uint8 samples here (.npz, key 'images') and a "
-                                   "PNG grid beside it (same name, .png); both are overwritten.")
+_SAMPLES_OUT = flags.DEFINE_string(
+  "samples_out",
+  "",
+  "Write the uint8 samples here (.npz, key 'images') and a PNG grid beside it (same name, .png); both are overwritten.",
+)
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02
@@ -77,9 +85,14 @@ def digits_train_images() -> np.ndarray:
 
 def ddpm_scheduler(diffusers):
   """The noise schedule of training and ancestral sampling (diffusers' train_unconditional defaults)."""
-  return diffusers.DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="linear",
-                                 beta_start=BETA_START, beta_end=BETA_END, variance_type="fixed_small",
-                                 clip_sample=True)
+  return diffusers.DDPMScheduler(
+    num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+    beta_schedule="linear",
+    beta_start=BETA_START,
+    beta_end=BETA_END,
+    variance_type="fixed_small",
+    clip_sample=True,
+  )
 
 
 def sampling_scheduler(diffusers, sampler: str):
@@ -87,9 +100,14 @@ def sampling_scheduler(diffusers, sampler: str):
     return ddpm_scheduler(diffusers)
   if sampler in ("dpmsolver", "dpmsolver_sde"):
     algorithm = "sde-dpmsolver++" if sampler == "dpmsolver_sde" else "dpmsolver++"
-    return diffusers.DPMSolverMultistepScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="linear",
-                                                 beta_start=BETA_START, beta_end=BETA_END,
-                                                 algorithm_type=algorithm, solver_order=2)
+    return diffusers.DPMSolverMultistepScheduler(
+      num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+      beta_schedule="linear",
+      beta_start=BETA_START,
+      beta_end=BETA_END,
+      algorithm_type=algorithm,
+      solver_order=2,
+    )
   raise ValueError(f"Unknown sampler {sampler!r}; use 'ddpm', 'dpmsolver' or 'dpmsolver_sde'.")
 
 
@@ -112,11 +130,21 @@ def _batches(num: int, batch_size: int, rng: np.random.Generator):
   while True:
     perm = rng.permutation(num)
     for i in range(num // batch_size):
-      yield perm[i * batch_size:(i + 1) * batch_size]
+      yield perm[i * batch_size : (i + 1) * batch_size]
 
 
-def train(config, *, seconds: float, batch_size: int = 64, lr: float = 2e-4, warmup_steps: int = 100,
-          ema_max_decay: float = 0.999, grad_clip: float = 1.0, seed: int = 0, log_every_s: float = 60.0):
+def train(
+  config,
+  *,
+  seconds: float,
+  batch_size: int = 64,
+  lr: float = 2e-4,
+  warmup_steps: int = 100,
+  ema_max_decay: float = 0.999,
+  grad_clip: float = 1.0,
+  seed: int = 0,
+  log_every_s: float = 60.0,
+):
   """Trains the diffusers U-Net for `seconds` of wall time after the first step.
 
   Args:
@@ -182,20 +210,21 @@ def train(config, *, seconds: float, batch_size: int = 64, lr: float = 2e-4, war
       break
   train_s = now - t_first
   stats = {
-      "steps": step,
-      "train_seconds": train_s,  # after the first step
-      "first_step_seconds": first_step_s,
-      "steps_per_s": (step - 1) / train_s if train_s > 0 else float("nan"),  # the steps after the first
-      "images_per_s": (step - 1) * batch_size / train_s if train_s > 0 else float("nan"),
-      "final_loss": float(np.mean(losses[-LOSS_WINDOW:])),
-      "first_loss": losses[0],
-      "epochs": step * batch_size / len(data),
+    "steps": step,
+    "train_seconds": train_s,  # after the first step
+    "first_step_seconds": first_step_s,
+    "steps_per_s": (step - 1) / train_s if train_s > 0 else float("nan"),  # the steps after the first
+    "images_per_s": (step - 1) * batch_size / train_s if train_s > 0 else float("nan"),
+    "final_loss": float(np.mean(losses[-LOSS_WINDOW:])),
+    "first_loss": losses[0],
+    "epochs": step * batch_size / len(data),
   }
   return model, ema, stats
 
 
-def sample(model, ema_params, *, num_samples: int, num_steps: int, batch_size: int = 500, sampler: str = "ddpm",
-           seed: int = 0) -> np.ndarray:
+def sample(
+  model, ema_params, *, num_samples: int, num_steps: int, batch_size: int = 500, sampler: str = "ddpm", seed: int = 0
+) -> np.ndarray:
   """Draws images with the EMA weights (copied into `model`); float32 NHWC, as the sampler leaves them.
 
   Args:
@@ -232,10 +261,23 @@ def _finite(v) -> bool:
   return isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def run(config, *, seconds: float, batch_size: int = 64, lr: float = 2e-4, warmup_steps: int = 100,
-        ema_max_decay: float = 0.999, grad_clip: float = 1.0, threads: int | None = None, seed: int = 0,
-        sampler: str = "ddpm", num_samples: int = 1000, num_steps: int = 1000, sample_batch: int = 500,
-        log_every_s: float = 60.0) -> tuple[dict[str, Any], np.ndarray]:
+def run(
+  config,
+  *,
+  seconds: float,
+  batch_size: int = 64,
+  lr: float = 2e-4,
+  warmup_steps: int = 100,
+  ema_max_decay: float = 0.999,
+  grad_clip: float = 1.0,
+  threads: int | None = None,
+  seed: int = 0,
+  sampler: str = "ddpm",
+  num_samples: int = 1000,
+  num_steps: int = 1000,
+  sample_batch: int = 500,
+  log_every_s: float = 60.0,
+) -> tuple[dict[str, Any], np.ndarray]:
   """Trains, samples and scores; returns (the JSON payload, the uint8 samples [N, 8, 8, 1])."""
   load_average = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
   imported = torch_baseline.import_torch()
@@ -246,21 +288,35 @@ def run(config, *, seconds: float, batch_size: int = 64, lr: float = 2e-4, warmu
   torch.set_num_threads(threads)
   env = harness.environment()
   env.update(harness.torch_environment(torch))
-  print(f"torch {env['torch']}, diffusers {env.get('diffusers')}, {threads} threads of {os.cpu_count()} CPUs, "
-        f"load {load_average}", flush=True)
+  print(
+    f"torch {env['torch']}, diffusers {env.get('diffusers')}, {threads} threads of {os.cpu_count()} CPUs, "
+    f"load {load_average}",
+    flush=True,
+  )
 
-  model, ema, train_stats = train(config, seconds=seconds, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-                                  ema_max_decay=ema_max_decay, grad_clip=grad_clip, seed=seed,
-                                  log_every_s=log_every_s)
+  model, ema, train_stats = train(
+    config,
+    seconds=seconds,
+    batch_size=batch_size,
+    lr=lr,
+    warmup_steps=warmup_steps,
+    ema_max_decay=ema_max_decay,
+    grad_clip=grad_clip,
+    seed=seed,
+    log_every_s=log_every_s,
+  )
   num_params = sum(p.numel() for p in model.parameters())
-  print(f"UNet2DModel: {num_params:,} parameters; {train_stats['steps']} steps in {train_stats['train_seconds']:.1f} s "
-        f"after the first ({train_stats['steps_per_s']:.2f} steps/s), final loss {train_stats['final_loss']:.4f}",
-        flush=True)
+  print(
+    f"UNet2DModel: {num_params:,} parameters; {train_stats['steps']} steps in {train_stats['train_seconds']:.1f} s "
+    f"after the first ({train_stats['steps_per_s']:.2f} steps/s), final loss {train_stats['final_loss']:.4f}",
+    flush=True,
+  )
 
   print(f"Sampling {num_samples} images, {num_steps} {sampler} steps, batch {sample_batch}...", flush=True)
   t0 = time.perf_counter()
-  samples = sample(model, ema, num_samples=num_samples, num_steps=num_steps, batch_size=sample_batch,
-                   sampler=sampler, seed=seed)
+  samples = sample(
+    model, ema, num_samples=num_samples, num_steps=num_steps, batch_size=sample_batch, sampler=sampler, seed=seed
+  )
   sampling_s = time.perf_counter() - t0
   samples_uint8 = images_lib.to_uint8(samples)
 
@@ -270,53 +326,68 @@ def run(config, *, seconds: float, batch_size: int = 64, lr: float = 2e-4, warmu
   metric_s = time.perf_counter() - t0
 
   payload = {
-      "benchmark": "digits_peer",
-      "load_average_at_start": load_average,
-      "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-      "environment": env,
-      "num_params": int(num_params),
-      "recipe": {
-          "network": "diffusers UNet2DModel(**convert.diffusers_config_for(config))",
-          "scheduler": f"DDPMScheduler(T={NUM_TRAIN_TIMESTEPS}, linear beta {BETA_START}..{BETA_END}, "
-                       "fixed_small, clip_sample=True)",
-          "optimizer": "Adam(betas=(0.9, 0.999), eps=1e-8), linear warm-up from 0, then constant",
-          "lr": lr, "warmup_steps": warmup_steps, "batch_size": batch_size, "grad_clip": grad_clip,
-          "ema": f"min({ema_max_decay}, (1 + n) / (10 + n))", "ema_max_decay": ema_max_decay,
-          "threads": threads, "seed": seed,
-      },
-      "budget_seconds": seconds,
-      **train_stats,
-      "sampler": sampler,
-      "num_steps": num_steps,
-      "sample_batch": sample_batch,
-      "sampling_seconds": sampling_s,
-      "metric_seconds": metric_s,
-      **metrics,
-      "config": config.to_dict(),
+    "benchmark": "digits_peer",
+    "load_average_at_start": load_average,
+    "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    "environment": env,
+    "num_params": int(num_params),
+    "recipe": {
+      "network": "diffusers UNet2DModel(**convert.diffusers_config_for(config))",
+      "scheduler": f"DDPMScheduler(T={NUM_TRAIN_TIMESTEPS}, linear beta {BETA_START}..{BETA_END}, "
+      "fixed_small, clip_sample=True)",
+      "optimizer": "Adam(betas=(0.9, 0.999), eps=1e-8), linear warm-up from 0, then constant",
+      "lr": lr,
+      "warmup_steps": warmup_steps,
+      "batch_size": batch_size,
+      "grad_clip": grad_clip,
+      "ema": f"min({ema_max_decay}, (1 + n) / (10 + n))",
+      "ema_max_decay": ema_max_decay,
+      "threads": threads,
+      "seed": seed,
+    },
+    "budget_seconds": seconds,
+    **train_stats,
+    "sampler": sampler,
+    "num_steps": num_steps,
+    "sample_batch": sample_batch,
+    "sampling_seconds": sampling_s,
+    "metric_seconds": metric_s,
+    **metrics,
+    "config": config.to_dict(),
   }
   return payload, samples_uint8
 
 
 def print_summary(payload: dict[str, Any]) -> None:
   rows = [
-      ["parameters", f"{payload['num_params']:,}"],
-      ["steps", payload["steps"]],
-      ["steps/s", payload["steps_per_s"]],
-      ["train s (after step 1)", payload["train_seconds"]],
-      ["first step s", payload["first_step_seconds"]],
-      ["epochs", payload["epochs"]],
-      [f"final loss (last {LOSS_WINDOW})", payload["final_loss"]],
-      [f"sampling s ({payload['num_samples']} × {payload['num_steps']} {payload['sampler']})",
-       payload["sampling_seconds"]],
+    ["parameters", f"{payload['num_params']:,}"],
+    ["steps", payload["steps"]],
+    ["steps/s", payload["steps_per_s"]],
+    ["train s (after step 1)", payload["train_seconds"]],
+    ["first step s", payload["first_step_seconds"]],
+    ["epochs", payload["epochs"]],
+    [f"final loss (last {LOSS_WINDOW})", payload["final_loss"]],
+    [
+      f"sampling s ({payload['num_samples']} × {payload['num_steps']} {payload['sampler']})",
+      payload["sampling_seconds"],
+    ],
   ]
-  for key in ("digits_fd", "digits_is", "digits_confidence", "digits_precision", "digits_recall",
-              "digits_memorisation"):
+  for key in (
+    "digits_fd",
+    "digits_is",
+    "digits_confidence",
+    "digits_precision",
+    "digits_recall",
+    "digits_memorisation",
+  ):
     rows.append([key, payload[key]])
   rows.append(["class histogram", " ".join(str(c) for c in payload["digits_class_histogram"])])
-  notes = [f"load average at the start {payload['load_average_at_start']}, at the end "
-           f"{payload['load_average_at_end']}; "
-           f"torch threads {payload['environment'].get('torch_threads')} of {os.cpu_count()} CPUs",
-           f"budget {payload['budget_seconds']:g} s of training wall time after the first step"]
+  notes = [
+    f"load average at the start {payload['load_average_at_start']}, at the end "
+    f"{payload['load_average_at_end']}; "
+    f"torch threads {payload['environment'].get('torch_threads')} of {os.cpu_count()} CPUs",
+    f"budget {payload['budget_seconds']:g} s of training wall time after the first step",
+  ]
   harness.print_table("PyTorch peer (diffusers DDPM recipe) on the 8×8 digits", ["figure", "value"], rows, notes)
 
 
@@ -335,10 +406,20 @@ def save_samples(path: str, samples_uint8: np.ndarray) -> tuple[str, str]:
 def main(argv):
   del argv
   payload, samples_uint8 = run(
-      _CONFIG.value, seconds=_SECONDS.value, batch_size=_BATCH.value, lr=_LR.value, warmup_steps=_WARMUP.value,
-      ema_max_decay=_EMA_MAX.value, grad_clip=_GRAD_CLIP.value, threads=_THREADS.value, seed=_SEED.value,
-      sampler=_SAMPLER.value, num_samples=_NUM_SAMPLES.value, num_steps=_NUM_STEPS.value,
-      sample_batch=_SAMPLE_BATCH.value)
+    _CONFIG.value,
+    seconds=_SECONDS.value,
+    batch_size=_BATCH.value,
+    lr=_LR.value,
+    warmup_steps=_WARMUP.value,
+    ema_max_decay=_EMA_MAX.value,
+    grad_clip=_GRAD_CLIP.value,
+    threads=_THREADS.value,
+    seed=_SEED.value,
+    sampler=_SAMPLER.value,
+    num_samples=_NUM_SAMPLES.value,
+    num_steps=_NUM_STEPS.value,
+    sample_batch=_SAMPLE_BATCH.value,
+  )
   print_summary(payload)
   if _SAMPLES_OUT.value:
     payload["samples_npz"], payload["samples_png"] = save_samples(_SAMPLES_OUT.value, samples_uint8)

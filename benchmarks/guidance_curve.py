@@ -47,26 +47,50 @@ def main(argv):
   print(f"{model!r}: {_SAMPLER.value}, {_STEPS.value} steps, {_NUM.value} samples per scale", flush=True)
   for scale in [float(s) for s in _SCALES.value]:
     t0 = time.perf_counter()
-    images = sampling.sample_fn(model, _NUM.value, rng, sampler=_SAMPLER.value, num_steps=_STEPS.value,
-                                labels=labels, guidance_scale=scale, batch_size=_BATCH.value, progress=False)
+    images = sampling.sample_fn(
+      model,
+      _NUM.value,
+      rng,
+      sampler=_SAMPLER.value,
+      num_steps=_STEPS.value,
+      labels=labels,
+      guidance_scale=scale,
+      batch_size=_BATCH.value,
+      progress=False,
+    )
     seconds = time.perf_counter() - t0
     metric = digits_metric.compute_digit_metrics(images, reference)
     cond = evaluate.conditional_digit_metrics(images, labels, reference, np.asarray(reference_labels))
     rows.append(dict(guidance_scale=scale, seconds=seconds, **metric, **cond))
-    print(f"s={scale:g}: class accuracy {cond['digits_class_accuracy']:.3f}, FD {metric['digits_fd']:.2f}, "
-          f"IS {metric['digits_is']:.2f}, precision {metric['digits_precision']:.3f}, recall "
-          f"{metric['digits_recall']:.3f} ({seconds:.0f} s)", flush=True)
+    print(
+      f"s={scale:g}: class accuracy {cond['digits_class_accuracy']:.3f}, FD {metric['digits_fd']:.2f}, "
+      f"IS {metric['digits_is']:.2f}, precision {metric['digits_precision']:.3f}, recall "
+      f"{metric['digits_recall']:.3f} ({seconds:.0f} s)",
+      flush=True,
+    )
   print()
   print("| guidance scale s | class accuracy | FD | IS | confidence | precision | recall |")
   print("|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['guidance_scale']:g} | {r['digits_class_accuracy']:.3f} | {r['digits_fd']:.2f} | "
-          f"{r['digits_is']:.2f} | {r['digits_confidence']:.3f} | {r['digits_precision']:.3f} | "
-          f"{r['digits_recall']:.3f} |")
+    print(
+      f"| {r['guidance_scale']:g} | {r['digits_class_accuracy']:.3f} | {r['digits_fd']:.2f} | "
+      f"{r['digits_is']:.2f} | {r['digits_confidence']:.3f} | {r['digits_precision']:.3f} | "
+      f"{r['digits_recall']:.3f} |"
+    )
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
-      json.dump(dict(workdir=_WORKDIR.value, step=model.step, sampler=_SAMPLER.value, num_steps=_STEPS.value,
-                     num_samples=_NUM.value, rows=rows), f, indent=1)
+      json.dump(
+        dict(
+          workdir=_WORKDIR.value,
+          step=model.step,
+          sampler=_SAMPLER.value,
+          num_steps=_STEPS.value,
+          num_samples=_NUM.value,
+          rows=rows,
+        ),
+        f,
+        indent=1,
+      )
 
 
 if __name__ == "__main__":

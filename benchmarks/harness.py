@@ -30,19 +30,19 @@ import jax
 # with TF32 enabled, float32 matmuls can reach the TF32 peak instead (H100 SXM 495, A100 156).
 # TPUs have one matrix-unit peak (bf16); float32 matmuls run through it in bf16 passes, so both use it.
 PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
-    ("H100 PCIe", 756.0, 51.0),
-    ("H100", 989.0, 67.0),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("H200", 989.0, 67.0),
-    ("GH200", 989.0, 67.0),
-    ("A100", 312.0, 19.5),
-    ("TPU v3", 123.0, 123.0),
-    ("TPU v4", 275.0, 275.0),
-    ("TPU v5 lite", 197.0, 197.0),  # v5e
-    ("TPU v5e", 197.0, 197.0),
-    ("TPU v5p", 459.0, 459.0),
-    ("TPU v5", 459.0, 459.0),  # v5p reports "TPU v5"
-    ("TPU v6 lite", 918.0, 918.0),  # v6e (Trillium)
-    ("TPU v6e", 918.0, 918.0),
+  ("H100 PCIe", 756.0, 51.0),
+  ("H100", 989.0, 67.0),  # SXM ("NVIDIA H100 80GB HBM3")
+  ("H200", 989.0, 67.0),
+  ("GH200", 989.0, 67.0),
+  ("A100", 312.0, 19.5),
+  ("TPU v3", 123.0, 123.0),
+  ("TPU v4", 275.0, 275.0),
+  ("TPU v5 lite", 197.0, 197.0),  # v5e
+  ("TPU v5e", 197.0, 197.0),
+  ("TPU v5p", 459.0, 459.0),
+  ("TPU v5", 459.0, 459.0),  # v5p reports "TPU v5"
+  ("TPU v6 lite", 918.0, 918.0),  # v6e (Trillium)
+  ("TPU v6e", 918.0, 918.0),
 )
 
 
@@ -78,17 +78,17 @@ def environment() -> dict[str, Any]:
   """Versions, devices, threads and machine load, for the JSON and the table header."""
   devices = jax.devices()
   env = {
-      "python": platform.python_version(),
-      "jax": jax.__version__,
-      "backend": jax.default_backend(),
-      "device_kind": devices[0].device_kind,
-      "num_devices": len(devices),
-      "num_processes": jax.process_count(),
-      "cpu_count": os.cpu_count(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-      "hostname": platform.node(),
-      "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "device_kind": devices[0].device_kind,
+    "num_devices": len(devices),
+    "num_processes": jax.process_count(),
+    "cpu_count": os.cpu_count(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    "hostname": platform.node(),
+    "time": time.strftime("%Y-%m-%d %H:%M:%S"),
   }
   try:
     import flax  # pylint: disable=g-import-not-at-top
@@ -100,8 +100,11 @@ def environment() -> dict[str, Any]:
 
 
 def torch_environment(torch) -> dict[str, Any]:
-  env = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-         "torch_interop_threads": torch.get_num_interop_threads()}
+  env = {
+    "torch": torch.__version__,
+    "torch_threads": torch.get_num_threads(),
+    "torch_interop_threads": torch.get_num_interop_threads(),
+  }
   try:
     import diffusers  # pylint: disable=g-import-not-at-top
 
@@ -136,8 +139,9 @@ def _median(xs: Sequence[float]) -> float:
   return float(statistics.median(xs)) if xs else float("nan")
 
 
-def time_interleaved(contenders: Sequence[Contender], *, warmup: int, windows: int, per_window: int,
-                     log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+def time_interleaved(
+  contenders: Sequence[Contender], *, warmup: int, windows: int, per_window: int, log: Callable[[str], None] = print
+) -> dict[str, dict[str, Any]]:
   """Warms up every contender, then times `windows` alternating windows of `per_window` units each.
 
   Returns:
@@ -163,9 +167,14 @@ def time_interleaved(contenders: Sequence[Contender], *, warmup: int, windows: i
     load = f" | load {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
     log(f"  window {w + 1}/{windows}: " + ", ".join(parts) + load)
   return {
-      c.name: {"rate": _median(rates[c.name]), "rates": rates[c.name], "seconds_per_run": _median(secs[c.name]),
-               "windows": windows, "per_window": per_window}
-      for c in contenders
+    c.name: {
+      "rate": _median(rates[c.name]),
+      "rates": rates[c.name],
+      "seconds_per_run": _median(secs[c.name]),
+      "windows": windows,
+      "per_window": per_window,
+    }
+    for c in contenders
   }
 
 

@@ -78,8 +78,14 @@ def train_step(config, clip_groups: int, batch_size: int, dtype: str, peak: floa
         state, _ = compiled(state, batch, rng)
       box["state"] = jax.block_until_ready(state)
 
-  info = {"compile_s": compile_s, "clip_groups": clip_groups, "dtype": dtype, "donated_state": donated,
-          "flops_per_step_per_device": flops, "peak_flops_per_device": peak}
+  info = {
+    "compile_s": compile_s,
+    "clip_groups": clip_groups,
+    "dtype": dtype,
+    "donated_state": donated,
+    "flops_per_step_per_device": flops,
+    "peak_flops_per_device": peak,
+  }
   name = f"jax (clip_groups={clip_groups})"
   return harness.Contender(name, run, batch_size, flops * jax.device_count() if flops else None, info)
 
@@ -87,8 +93,9 @@ def train_step(config, clip_groups: int, batch_size: int, dtype: str, peak: floa
 def sampler(name, diffusion, model, params, image_shape, batch_size, sampler_name, num_steps, flops_per_call):
   """`samplers.make_sharded_sampler` compiled ahead of time; `run(n)` draws n batches of num_steps steps."""
   mesh = runtime.make_mesh()
-  fn = samplers.make_sharded_sampler(diffusion, runtime.inference_fn(model), mesh, image_shape, sampler=sampler_name,
-                                     num_steps=num_steps)
+  fn = samplers.make_sharded_sampler(
+    diffusion, runtime.inference_fn(model), mesh, image_shape, sampler=sampler_name, num_steps=num_steps
+  )
   params = runtime.put_replicated(params, mesh)
   indices = jax.device_put(jnp.arange(batch_size, dtype=jnp.int32), runtime.batch_sharding(mesh))
   rng = runtime.put_replicated(jax.random.PRNGKey(1), mesh)
@@ -102,8 +109,9 @@ def sampler(name, diffusion, model, params, image_shape, batch_size, sampler_nam
     jax.block_until_ready(out)
 
   info = {"compile_s": compile_s, "sampler": sampler_name, "num_steps": num_steps}
-  return harness.Contender(name, run, batch_size * num_steps,
-                           flops_per_call * num_steps if flops_per_call else None, info)
+  return harness.Contender(
+    name, run, batch_size * num_steps, flops_per_call * num_steps if flops_per_call else None, info
+  )
 
 
 def bpd_loop(model, params, diffusion, image_shape, batch_size: int) -> harness.Contender:
@@ -132,5 +140,10 @@ def bpd_loop(model, params, diffusion, image_shape, batch_size: int) -> harness.
     jax.block_until_ready(out)
 
   num_terms = diffusion.num_timesteps
-  return harness.Contender(f"jax calc_bpd_loop ({num_terms} terms)", run, batch_size * num_terms, None,
-                           {"compile_s": compile_s, "num_terms": num_terms})
+  return harness.Contender(
+    f"jax calc_bpd_loop ({num_terms} terms)",
+    run,
+    batch_size * num_terms,
+    None,
+    {"compile_s": compile_s, "num_terms": num_terms},
+  )

@@ -30,8 +30,9 @@ from diffusion_jax.evaluation import digits_metric
 from diffusion_jax.evaluation import sample_export
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "A trained digits workdir.")
-_SAMPLERS = flags.DEFINE_list("samplers", ["ancestral", "ddim", "dpmpp2m", "dpmpp3m", "dpmpp2m_sde", "euler", "heun"],
-                              "Samplers to measure.")
+_SAMPLERS = flags.DEFINE_list(
+  "samplers", ["ancestral", "ddim", "dpmpp2m", "dpmpp3m", "dpmpp2m_sde", "euler", "heun"], "Samplers to measure."
+)
 _CALLS = flags.DEFINE_list("calls", ["10", "20", "50", "100"], "Network calls per image.")
 _FULL = flags.DEFINE_list("full_samplers", ["ancestral"], "Samplers also run at T network calls (the paper's 1000).")
 _NUM = flags.DEFINE_integer("num_samples", 1000, "Images per setting.")
@@ -85,24 +86,45 @@ def main(argv):
   print(f"{model!r}: {len(settings)} settings, {_NUM.value} samples each", flush=True)
   for spec in settings:
     seconds, compile_s, metric = measure(model, spec, _NUM.value, _BATCH.value, rng, reference)
-    row = dict(setting=spec.folder_name, sampler=spec.name, num_steps=spec.num_steps, calls=spec.network_calls,
-               seconds=seconds, compile_seconds=compile_s, **{k: v for k, v in metric.items()
-                                                              if not isinstance(v, list)})
+    row = dict(
+      setting=spec.folder_name,
+      sampler=spec.name,
+      num_steps=spec.num_steps,
+      calls=spec.network_calls,
+      seconds=seconds,
+      compile_seconds=compile_s,
+      **{k: v for k, v in metric.items() if not isinstance(v, list)},
+    )
     rows.append(row)
-    print(f"{spec.folder_name:32s} calls {spec.network_calls:5d}  {seconds:7.1f} s  FD {metric['digits_fd']:7.3f}  "
-          f"IS {metric['digits_is']:5.2f}  conf {metric['digits_confidence']:.3f}  "
-          f"prec {metric['digits_precision']:.3f}"
-          f"  rec {metric['digits_recall']:.3f}  memo {metric['digits_memorisation']:.3f}", flush=True)
+    print(
+      f"{spec.folder_name:32s} calls {spec.network_calls:5d}  {seconds:7.1f} s  FD {metric['digits_fd']:7.3f}  "
+      f"IS {metric['digits_is']:5.2f}  conf {metric['digits_confidence']:.3f}  "
+      f"prec {metric['digits_precision']:.3f}"
+      f"  rec {metric['digits_recall']:.3f}  memo {metric['digits_memorisation']:.3f}",
+      flush=True,
+    )
   print()
   print(f"| sampler | network calls | s / {_NUM.value} samples | FD | IS | confidence | precision | recall |")
   print("|---|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['setting']} | {r['calls']} | {r['seconds']:.1f} | {r['digits_fd']:.2f} | {r['digits_is']:.2f} | "
-          f"{r['digits_confidence']:.3f} | {r['digits_precision']:.3f} | {r['digits_recall']:.3f} |")
+    print(
+      f"| {r['setting']} | {r['calls']} | {r['seconds']:.1f} | {r['digits_fd']:.2f} | {r['digits_is']:.2f} | "
+      f"{r['digits_confidence']:.3f} | {r['digits_precision']:.3f} | {r['digits_recall']:.3f} |"
+    )
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
-      json.dump(dict(workdir=_WORKDIR.value, step=model.step, num_samples=_NUM.value, batch_size=_BATCH.value,
-                     devices=jax.device_count(), rows=rows), f, indent=1)
+      json.dump(
+        dict(
+          workdir=_WORKDIR.value,
+          step=model.step,
+          num_samples=_NUM.value,
+          batch_size=_BATCH.value,
+          devices=jax.device_count(),
+          rows=rows,
+        ),
+        f,
+        indent=1,
+      )
 
 
 if __name__ == "__main__":

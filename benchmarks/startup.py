@@ -63,10 +63,19 @@ def bare_import() -> float:
 
 
 def _train(config: str, workdir: str, steps: int) -> list[str]:
-  return [sys.executable, "-m", "diffusion_jax.main", f"--config={config}", f"--workdir={workdir}",
-          f"--config.training.num_train_steps={steps}", "--config.training.log_every=1",
-          "--config.training.sample_every=0", "--config.training.final_eval=False",
-          "--config.training.time_budget_s=0", f"--config.training.checkpoint_every={steps}"]
+  return [
+    sys.executable,
+    "-m",
+    "diffusion_jax.main",
+    f"--config={config}",
+    f"--workdir={workdir}",
+    f"--config.training.num_train_steps={steps}",
+    "--config.training.log_every=1",
+    "--config.training.sample_every=0",
+    "--config.training.final_eval=False",
+    "--config.training.time_budget_s=0",
+    f"--config.training.checkpoint_every={steps}",
+  ]
 
 
 def measure(config: str, repeats: int) -> dict[str, float]:
@@ -92,8 +101,11 @@ def main(argv):
   for config in _CONFIGS.value:
     r = measure(config, _REPEATS.value)
     results[config] = r
-    print(f"{config}: import {r['import']:.1f} s, cold first step {r['cold']:.1f} s, warm restart first step "
-          f"{r['warm']:.1f} s (warm − import {r['warm_minus_import']:.1f} s; medians of {_REPEATS.value})", flush=True)
+    print(
+      f"{config}: import {r['import']:.1f} s, cold first step {r['cold']:.1f} s, warm restart first step "
+      f"{r['warm']:.1f} s (warm − import {r['warm_minus_import']:.1f} s; medians of {_REPEATS.value})",
+      flush=True,
+    )
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
       json.dump(results, f, indent=1)

@@ -63,10 +63,20 @@ def _tables(diffusion, torch, device) -> dict[str, Any]:
   def t(name):
     return torch.as_tensor(np.array(getattr(diffusion, name), np.float32), device=device)
 
-  return {name: t(name) for name in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "betas",
-                                     "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-                                     "posterior_mean_coef1", "posterior_mean_coef2", "fixedlarge_log_variance",
-                                     "posterior_log_variance_clipped")}
+  return {
+    name: t(name)
+    for name in (
+      "sqrt_alphas_cumprod",
+      "sqrt_one_minus_alphas_cumprod",
+      "betas",
+      "sqrt_recip_alphas_cumprod",
+      "sqrt_recipm1_alphas_cumprod",
+      "posterior_mean_coef1",
+      "posterior_mean_coef2",
+      "fixedlarge_log_variance",
+      "posterior_log_variance_clipped",
+    )
+  }
 
 
 class TrainStep:
@@ -90,8 +100,14 @@ class TrainStep:
     self.params = [p for p in self.model.parameters()]
     self.ema = [p.detach().clone() for p in self.params]
     fused = self.device == "cuda"
-    self.opt = torch.optim.Adam(self.params, lr=config.optim.learning_rate, betas=(config.optim.b1, config.optim.b2),
-                                eps=config.optim.eps, fused=fused or None, foreach=None if fused else True)
+    self.opt = torch.optim.Adam(
+      self.params,
+      lr=config.optim.learning_rate,
+      betas=(config.optim.b1, config.optim.b2),
+      eps=config.optim.eps,
+      fused=fused or None,
+      foreach=None if fused else True,
+    )
     self.grad_clip = float(config.optim.grad_clip)
     self.ema_decay = float(config.optim.ema_decay)
     self.num_timesteps = diffusion.num_timesteps
@@ -111,8 +127,10 @@ class TrainStep:
     b = self.x0.shape[0]
     t = torch.randint(0, self.num_timesteps, (b,), device=self.device)
     noise = torch.randn_like(self.x0)
-    x_t = (self.tables["sqrt_alphas_cumprod"][t].view(b, 1, 1, 1) * self.x0
-           + self.tables["sqrt_one_minus_alphas_cumprod"][t].view(b, 1, 1, 1) * noise)
+    x_t = (
+      self.tables["sqrt_alphas_cumprod"][t].view(b, 1, 1, 1) * self.x0
+      + self.tables["sqrt_one_minus_alphas_cumprod"][t].view(b, 1, 1, 1) * noise
+    )
     with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast):
       out = self.forward(x_t, t).sample
     loss = torch.mean(torch.square(out.float() - noise))
@@ -138,8 +156,9 @@ class AncestralSampler:
   costs), so `run(1)` times num_steps network calls at batch `batch_size`.
   """
 
-  def __init__(self, config, diffusion, batch_size: int, num_steps: int, *, compile: bool, autocast: bool,
-               seed: int = 0):
+  def __init__(
+    self, config, diffusion, batch_size: int, num_steps: int, *, compile: bool, autocast: bool, seed: int = 0
+  ):
     torch, diffusers = import_torch()
     if diffusion.model_mean_type != "eps" or diffusion.model_var_type not in ("fixedlarge", "fixedsmall"):
       raise ValueError("The PyTorch sampling baseline covers eps models with a fixed variance only.")

@@ -35,8 +35,11 @@ _BATCH = flags.DEFINE_integer("batch_size", 128, "Batch size.")
 _LR = flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate (linear warmup, then cosine decay to 0).")
 _WD = flags.DEFINE_float("weight_decay", 1e-4, "AdamW weight decay.")
 _SHIFT = flags.DEFINE_integer("max_shift", 1, "Random shifts of up to this many pixels in each direction.")
-_OUT = flags.DEFINE_string("out", str(digits_metric.WEIGHTS_PATH), "Where to write the weights (.npz); the log "
-                           "goes next to it as <name>_log.txt.")
+_OUT = flags.DEFINE_string(
+  "out",
+  str(digits_metric.WEIGHTS_PATH),
+  "Where to write the weights (.npz); the log goes next to it as <name>_log.txt.",
+)
 
 
 def _to_float(images: np.ndarray) -> np.ndarray:
@@ -90,7 +93,7 @@ def train(seed: int, steps: int, batch_size: int, learning_rate: float, weight_d
   for step in range(steps):
     if pos + batch_size > len(order):
       order, pos = order_rng.permutation(len(x_all)), 0
-    idx = order[pos:pos + batch_size]
+    idx = order[pos : pos + batch_size]
     pos += batch_size
     params, opt_state, loss = step_fn(params, opt_state, x_all[idx], y_all[idx], step)
     if (step + 1) % 500 == 0 or step + 1 == steps:
@@ -112,25 +115,25 @@ def main(argv):
   out = digits_metric.save_params(params, _OUT.value)
   log_path = out.with_name(out.stem + "_log.txt")
   lines = [
-      "# Training log of the digit classifier (diffusion_jax.evaluation.digits_metric.DigitClassifier)",
-      f"command: python -m benchmarks.train_digit_classifier --seed={seed} --steps={steps} --batch_size={batch_size} "
-      f"--learning_rate={_LR.value:g} --weight_decay={_WD.value:g} --max_shift={_SHIFT.value}",
-      "data: digits train split (1500 images) for training; test split (297 images) only scored at the end",
-      f"seed: {seed}",
-      f"steps: {steps}",
-      f"batch_size: {batch_size}",
-      f"optimizer: adamw, peak learning rate {_LR.value:g}, warmup + cosine decay, weight decay {_WD.value:g}",
-      f"augmentation: random shifts of up to {_SHIFT.value} pixel(s) in each direction, background-filled",
-      f"feature_dim: {digits_metric.FEATURE_DIM}",
-      f"parameters: {sum(int(np.size(v)) for v in jax.tree.leaves(params))}",
-      *[f"loss at step {s}: {loss:.4f}" for s, loss in info["losses"]],
-      f"train_accuracy: {train_acc:.4f}",
-      f"test_accuracy: {test_acc:.4f}",
-      f"test_errors: {errors} of {len(test_labels)}",
-      f"train_seconds: {info['train_seconds']:.1f}",
-      f"jax: {jax.__version__}, platform: {jax.default_backend()}, python: {platform.python_version()}",
-      f"weights: {out.name}, sha256 {digits_metric.weights_sha256(out)}",
-      f"created: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
+    "# Training log of the digit classifier (diffusion_jax.evaluation.digits_metric.DigitClassifier)",
+    f"command: python -m benchmarks.train_digit_classifier --seed={seed} --steps={steps} --batch_size={batch_size} "
+    f"--learning_rate={_LR.value:g} --weight_decay={_WD.value:g} --max_shift={_SHIFT.value}",
+    "data: digits train split (1500 images) for training; test split (297 images) only scored at the end",
+    f"seed: {seed}",
+    f"steps: {steps}",
+    f"batch_size: {batch_size}",
+    f"optimizer: adamw, peak learning rate {_LR.value:g}, warmup + cosine decay, weight decay {_WD.value:g}",
+    f"augmentation: random shifts of up to {_SHIFT.value} pixel(s) in each direction, background-filled",
+    f"feature_dim: {digits_metric.FEATURE_DIM}",
+    f"parameters: {sum(int(np.size(v)) for v in jax.tree.leaves(params))}",
+    *[f"loss at step {s}: {loss:.4f}" for s, loss in info["losses"]],
+    f"train_accuracy: {train_acc:.4f}",
+    f"test_accuracy: {test_acc:.4f}",
+    f"test_errors: {errors} of {len(test_labels)}",
+    f"train_seconds: {info['train_seconds']:.1f}",
+    f"jax: {jax.__version__}, platform: {jax.default_backend()}, python: {platform.python_version()}",
+    f"weights: {out.name}, sha256 {digits_metric.weights_sha256(out)}",
+    f"created: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
   ]
   pathlib.Path(log_path).write_text("\n".join(lines) + "\n")
   print("\n".join(lines))

@@ -1,6 +1,6 @@
 r"""A tiny configuration for tests: 8×8 grayscale digits, a 2-level U-Net, T = 20.
 
-  python -m diffusion_jax.main --config=configs/tiny.py --workdir=/tmp/tiny
+python -m diffusion_jax.main --config=configs/tiny.py --workdir=/tmp/tiny
 """
 
 from diffusion_jax import config_base

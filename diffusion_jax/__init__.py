@@ -15,15 +15,15 @@ _xla_flags.apply()  # XLA:CPU options, before JAX starts its backends (see diffu
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_model": "diffusion_jax.sampling",
-    "sample_fn": "diffusion_jax.sampling",
-    "interpolate_fn": "diffusion_jax.sampling",
-    "progressive_fn": "diffusion_jax.sampling",
-    "save_image_grid": "diffusion_jax.sampling",
-    "LoadedModel": "diffusion_jax.sampling",
-    "GaussianDiffusion": "diffusion_jax.diffusion",
-    "get_beta_schedule": "diffusion_jax.schedules",
-    "UNet": "diffusion_jax.models.unet",
+  "load_model": "diffusion_jax.sampling",
+  "sample_fn": "diffusion_jax.sampling",
+  "interpolate_fn": "diffusion_jax.sampling",
+  "progressive_fn": "diffusion_jax.sampling",
+  "save_image_grid": "diffusion_jax.sampling",
+  "LoadedModel": "diffusion_jax.sampling",
+  "GaussianDiffusion": "diffusion_jax.diffusion",
+  "get_beta_schedule": "diffusion_jax.schedules",
+  "UNet": "diffusion_jax.models.unet",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -56,8 +56,16 @@ CORRUPT_DIR = "corrupt_checkpoints"
 
 # Config fields a run may change when it continues from a workdir; everything
 # else (data, model, diffusion, optimizer) must match the saved config.
-RESUMABLE_FIELDS = ("training", "sampling", "eval", "data.data_dir", "data.worker_count", "data.skip_corrupt",
-                    "model.dtype", "model.remat")
+RESUMABLE_FIELDS = (
+  "training",
+  "sampling",
+  "eval",
+  "data.data_dir",
+  "data.worker_count",
+  "data.skip_corrupt",
+  "model.dtype",
+  "model.remat",
+)
 
 
 # ----------------------------------------------------------------------------
@@ -97,8 +105,11 @@ def incompatible_fields(saved: Mapping[str, Any], requested: Mapping[str, Any]) 
   a, b = _flatten(saved), _flatten(requested)
   # A field that one config lacks (written by an older version) counts as the base config's default.
   defaults = _flatten(config_base.get_base_config().to_dict())
-  return sorted(k for k in set(a) | set(b)
-                if not free(k) and a.get(k, defaults.get(k, "<missing>")) != b.get(k, defaults.get(k, "<missing>")))
+  return sorted(
+    k
+    for k in set(a) | set(b)
+    if not free(k) and a.get(k, defaults.get(k, "<missing>")) != b.get(k, defaults.get(k, "<missing>"))
+  )
 
 
 def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
@@ -119,9 +130,9 @@ def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) 
       a, b = _flatten(old), _flatten(new)
       details = "; ".join(f"{k}: saved {a.get(k, '<missing>')!r}, requested {b.get(k, '<missing>')!r}" for k in diff)
       raise ValueError(
-          f"The workdir {workdir} holds a run with a different configuration ({details}). "
-          "Use a new --workdir, or pass the saved configuration "
-          f"(--config={path})."
+        f"The workdir {workdir} holds a run with a different configuration ({details}). "
+        "Use a new --workdir, or pass the saved configuration "
+        f"(--config={path})."
       )
     if old == new:
       return
@@ -204,8 +215,13 @@ class _SaveLog:
         return
       step, size, t0 = self._pending.pop(0)
     if jax.process_index() == 0:
-      logging.info("Saved the checkpoint of step %d (%s of arrays, %.1f s) in %s.", step, _format_bytes(size),
-                   time.monotonic() - t0, self._directory)
+      logging.info(
+        "Saved the checkpoint of step %d (%s of arrays, %.1f s) in %s.",
+        step,
+        _format_bytes(size),
+        time.monotonic() - t0,
+        self._directory,
+      )
 
 
 class _LoggingCheckpointManager(ocp.CheckpointManager):
@@ -234,8 +250,12 @@ def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
 
 
 def create_manager(
-    workdir: str | os.PathLike, *, max_to_keep: int | None = 2, async_save: bool = True, item_handlers=None,
-    log_saves: bool = False,
+  workdir: str | os.PathLike,
+  *,
+  max_to_keep: int | None = 2,
+  async_save: bool = True,
+  item_handlers=None,
+  log_saves: bool = False,
 ) -> ocp.CheckpointManager:
   """An Orbax CheckpointManager on workdir/checkpoints (created if needed).
 
@@ -246,12 +266,13 @@ def create_manager(
   directory = checkpoint_dir(workdir)
   save_log = _SaveLog(directory) if log_saves else None
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep,
-      create=True,
-      enable_async_checkpointing=async_save,
-      cleanup_tmp_directories=True,  # leftovers of saves cut short (kill -9, preemption)
-      async_options=(ocp.AsyncOptions(post_finalization_callback=save_log.finished)
-                     if save_log is not None and async_save else None),
+    max_to_keep=max_to_keep,
+    create=True,
+    enable_async_checkpointing=async_save,
+    cleanup_tmp_directories=True,  # leftovers of saves cut short (kill -9, preemption)
+    async_options=(
+      ocp.AsyncOptions(post_finalization_callback=save_log.finished) if save_log is not None and async_save else None
+    ),
   )
   if save_log is None:
     return ocp.CheckpointManager(directory, options=options, item_handlers=item_handlers)
@@ -307,8 +328,10 @@ def _verify_integrity(step: int, restored: Any) -> None:
   bad = sorted(k for k in expected if actual.get(k) != expected[k])
   if bad:
     listed = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-    raise ValueError(f"checksum mismatch in {len(bad)} of {len(expected)} arrays ({listed}): the files of "
-                     f"step {step} were changed after they were written")
+    raise ValueError(
+      f"checksum mismatch in {len(bad)} of {len(expected)} arrays ({listed}): the files of "
+      f"step {step} were changed after they were written"
+    )
 
 
 def _short(error: BaseException, limit: int = 400) -> str:
@@ -347,11 +370,17 @@ def _describe_restore_error(error: BaseException) -> str:
     size = _VALUE_SIZE.search(str(e))
     if size:
       found, wanted = int(size.group("size")), int(size.group("wanted"))
-      files = [pathlib.Path(root) / name for root, _, names in os.walk(database) for name in names
-               if pathlib.Path(root).name == "d" and (pathlib.Path(root) / name).stat().st_size == found]
+      files = [
+        pathlib.Path(root) / name
+        for root, _, names in os.walk(database)
+        for name in names
+        if pathlib.Path(root).name == "d" and (pathlib.Path(root) / name).stat().st_size == found
+      ]
       where = f"the data file {files[0]}" if len(files) == 1 else f"a data file in {database}"
-      return (f"array {array} cannot be read: {where} holds {found:,} bytes, but the array is stored up to byte "
-              f"{wanted:,} (the file is truncated)")
+      return (
+        f"array {array} cannot be read: {where} holds {found:,} bytes, but the array is stored up to byte "
+        f"{wanted:,} (the file is truncated)"
+      )
     return f"array {array} cannot be read from {database}: {_short(e)}"
   return _short(error)
 
@@ -361,8 +390,9 @@ _ABANDONED_READ = "_read_array_index_and_device_put"  # Orbax's coroutine readin
 
 def _raised_in_abandoned_read(error: BaseException | None) -> bool:
   for e in _errors_in_chain(error):
-    if _READ_ERROR.search(str(e)) or any(frame.name == _ABANDONED_READ
-                                         for frame in traceback.extract_tb(e.__traceback__)):
+    if _READ_ERROR.search(str(e)) or any(
+      frame.name == _ABANDONED_READ for frame in traceback.extract_tb(e.__traceback__)
+    ):
       return True
   return False
 
@@ -409,7 +439,7 @@ def _quiet_abandoned_reads() -> None:
 
 
 def restore_latest(
-    manager: ocp.CheckpointManager, make_args, *, steps: Sequence[int] | None = None
+  manager: ocp.CheckpointManager, make_args, *, steps: Sequence[int] | None = None
 ) -> tuple[int, Any] | None:
   """Restores the newest readable checkpoint; returns (step, restored) or None if there is none.
 
@@ -430,26 +460,39 @@ def restore_latest(
   for step in steps:
     try:
       args = make_args(step)
-      check = (INTEGRITY_ITEM not in args and STATE_ITEM in args
-               and (epath.Path(manager.directory) / str(step) / INTEGRITY_ITEM).exists())
+      check = (
+        INTEGRITY_ITEM not in args
+        and STATE_ITEM in args
+        and (epath.Path(manager.directory) / str(step) / INTEGRITY_ITEM).exists()
+      )
       if check:
         args = ocp.args.Composite(**dict(args.items()), **{INTEGRITY_ITEM: ocp.args.JsonRestore()})
       restored = manager.restore(step, args=args)
       if check:
         _verify_integrity(step, restored)
     except Exception as e:  # noqa: BLE001 - any failure to read marks the checkpoint as bad
-      logging.warning("Checkpoint of step %d in %s is unreadable and is skipped: %s. Trying an older one.",
-                      step, manager.directory, _describe_restore_error(e))
+      logging.warning(
+        "Checkpoint of step %d in %s is unreadable and is skipped: %s. Trying an older one.",
+        step,
+        manager.directory,
+        _describe_restore_error(e),
+      )
       errors.append(f"step {step}: {_describe_restore_error(e)}")
       continue
     if errors:
-      logging.warning("Using the checkpoint of step %d after skipping %d unreadable newer checkpoint(s) (steps %s).",
-                      step, len(errors), ", ".join(e.split(":")[0].split()[1] for e in errors))
+      logging.warning(
+        "Using the checkpoint of step %d after skipping %d unreadable newer checkpoint(s) (steps %s).",
+        step,
+        len(errors),
+        ", ".join(e.split(":")[0].split()[1] for e in errors),
+      )
     return step, restored
   if errors:
     raise errors_lib.UserError(
-        f"No checkpoint in {manager.directory} could be restored:\n  " + "\n  ".join(errors) +
-        f"\nRestore the files from a backup, or move {manager.directory} aside to start over.")
+      f"No checkpoint in {manager.directory} could be restored:\n  "
+      + "\n  ".join(errors)
+      + f"\nRestore the files from a backup, or move {manager.directory} aside to start over."
+    )
   return None
 
 
@@ -526,8 +569,8 @@ def check_workdir(workdir: str | os.PathLike, *, checkpoint_bytes: int = 0) -> N
     probe.unlink()
   except OSError as e:
     raise PermissionError(
-        f"The workdir {workdir} is not writable ({e.strerror or _short(e)}). Checkpoints, logs and samples are written "
-        "there: choose a writable --workdir, or fix the permissions or mount (read-only file system?)."
+      f"The workdir {workdir} is not writable ({e.strerror or _short(e)}). Checkpoints, logs and samples are written "
+      "there: choose a writable --workdir, or fix the permissions or mount (read-only file system?)."
     ) from e
   if not _is_local(workdir) or checkpoint_bytes <= 0:
     return
@@ -535,11 +578,11 @@ def check_workdir(workdir: str | os.PathLike, *, checkpoint_bytes: int = 0) -> N
   needed = 2 * checkpoint_bytes
   if free < needed:
     raise OSError(
-        errno.ENOSPC,
-        f"Not enough free space for the workdir {workdir}: {_format_bytes(free)} free, but two checkpoints need about "
-        f"{_format_bytes(needed)} ({_format_bytes(checkpoint_bytes)} each). Free some space or choose another "
-        "--workdir.",
-        os.fspath(workdir),
+      errno.ENOSPC,
+      f"Not enough free space for the workdir {workdir}: {_format_bytes(free)} free, but two checkpoints need about "
+      f"{_format_bytes(needed)} ({_format_bytes(checkpoint_bytes)} each). Free some space or choose another "
+      "--workdir.",
+      os.fspath(workdir),
     )
 
 
@@ -549,12 +592,12 @@ def check_workdir(workdir: str | os.PathLike, *, checkpoint_bytes: int = 0) -> N
 
 
 def save_model_checkpoint(
-    directory: str | os.PathLike,
-    *,
-    config: ml_collections.ConfigDict,
-    params: Any,
-    ema_params: Any | None = None,
-    step: int = 0,
+  directory: str | os.PathLike,
+  *,
+  config: ml_collections.ConfigDict,
+  params: Any,
+  ema_params: Any | None = None,
+  step: int = 0,
 ) -> epath.Path:
   """Writes parameters as a workdir that `load_params`, sampling, eval and fine-tuning accept.
 
@@ -574,8 +617,10 @@ def save_model_checkpoint(
   if step in manager.all_steps():
     raise FileExistsError(f"{checkpoint_dir(directory) / str(step)} already exists; refusing to overwrite it.")
   tree = dict(step=step, params=params, ema_params=params if ema_params is None else ema_params)
-  manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(tree),
-                                                INTEGRITY_ITEM: integrity_save_args(tree)}))
+  manager.save(
+    step,
+    args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(tree), INTEGRITY_ITEM: integrity_save_args(tree)}),
+  )
   manager.wait_until_finished()
   manager.close()
   return checkpoint_dir(directory) / str(step)
@@ -590,9 +635,9 @@ def _find_workdir(path: epath.Path) -> tuple[epath.Path, int | None]:
   if path.name.isdigit() and path.parent.name == CHECKPOINT_DIR and (path.parent.parent / CONFIG_FILE).exists():
     return path.parent.parent, int(path.name)
   raise FileNotFoundError(
-      f"{path} holds no diffusion_jax checkpoint: expected a workdir with {CONFIG_FILE} and {CHECKPOINT_DIR}/, "
-      "its checkpoints/ folder, or one checkpoints/<step> folder. To use released weights, convert them first "
-      "(python -m diffusion_jax.convert --help)."
+    f"{path} holds no diffusion_jax checkpoint: expected a workdir with {CONFIG_FILE} and {CHECKPOINT_DIR}/, "
+    "its checkpoints/ folder, or one checkpoints/<step> folder. To use released weights, convert them first "
+    "(python -m diffusion_jax.convert --help)."
   )
 
 
@@ -615,7 +660,7 @@ def _host_target(manager: ocp.CheckpointManager, step: int) -> Any:
 
 
 def load_params(
-    path: str | os.PathLike, *, use_ema: bool = True, step: int | None = None
+  path: str | os.PathLike, *, use_ema: bool = True, step: int | None = None
 ) -> tuple[ml_collections.ConfigDict, Any, int]:
   """Loads a model's parameters (as host NumPy arrays) from a workdir or checkpoint directory.
 
@@ -636,7 +681,8 @@ def load_params(
     raise FileNotFoundError(f"{checkpoint_dir(workdir)} holds no checkpoint.")
   if step is not None and step not in manager.all_steps():
     raise FileNotFoundError(
-        f"No checkpoint of step {step} in {checkpoint_dir(workdir)}; present: {manager.all_steps()}.")
+      f"No checkpoint of step {step} in {checkpoint_dir(workdir)}; present: {manager.all_steps()}."
+    )
 
   def args(step):
     return ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(_host_target(manager, step))})

@@ -162,12 +162,20 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]] | str:
 
 def _max_index(tree: Mapping[str, Any], prefix: str) -> int:
   """1 + the largest i of keys `{prefix}{i}` (0 if none)."""
-  found = [int(k[len(prefix):]) for k in tree if re.fullmatch(re.escape(prefix) + r"\d+", k)]
+  found = [int(k[len(prefix) :]) for k in tree if re.fullmatch(re.escape(prefix) + r"\d+", k)]
   return max(found) + 1 if found else 0
 
 
-_BLOCK_OUT = (("conv1", "kernel", 3), ("conv1", "bias", 0), ("conv2", "kernel", 3), ("conv2", "bias", 0),
-              ("norm2", "scale", 0), ("norm2", "bias", 0), ("temb_proj", "kernel", 1), ("temb_proj", "bias", 0))
+_BLOCK_OUT = (
+  ("conv1", "kernel", 3),
+  ("conv1", "bias", 0),
+  ("conv2", "kernel", 3),
+  ("conv2", "bias", 0),
+  ("norm2", "scale", 0),
+  ("norm2", "bias", 0),
+  ("temb_proj", "kernel", 1),
+  ("temb_proj", "bias", 0),
+)
 
 
 def infer_architecture(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -188,17 +196,25 @@ def infer_architecture(params: Mapping[str, Any]) -> dict[str, Any]:
   """
   if not isinstance(params, Mapping):
     raise ConversionError(f"Expected a nested dict of parameters, got {type(params).__name__}.")
-  ch = _first_dim(params, (("conv_in", "kernel", 3), ("conv_in", "bias", 0), ("norm_out", "scale", 0),
-                           ("norm_out", "bias", 0), ("conv_out", "kernel", 2)))
+  ch = _first_dim(
+    params,
+    (
+      ("conv_in", "kernel", 3),
+      ("conv_in", "bias", 0),
+      ("norm_out", "scale", 0),
+      ("norm_out", "bias", 0),
+      ("conv_out", "kernel", 2),
+    ),
+  )
   if ch is None and isinstance(params.get("temb"), Mapping):
     dense0 = _first_dim(params["temb"], (("dense0", "kernel", 0),))
     ch = dense0
   num_levels = _max_index(params, "down_")
-  if ch is None or num_levels == 0 or not all(isinstance(params.get(f"down_{i}"), Mapping)
-                                              for i in range(num_levels)):
+  if ch is None or num_levels == 0 or not all(isinstance(params.get(f"down_{i}"), Mapping) for i in range(num_levels)):
     raise ConversionError(
-        "Not a DDPM U-Net parameter tree: expected conv_in, down_0, ..., mid, up_0, ..., norm_out, conv_out; "
-        f"got top-level keys {sorted(params)}.")
+      "Not a DDPM U-Net parameter tree: expected conv_in, down_0, ..., mid, up_0, ..., norm_out, conv_out; "
+      f"got top-level keys {sorted(params)}."
+    )
   ch_mult = []
   for i in range(num_levels):
     level = params[f"down_{i}"]
@@ -218,27 +234,42 @@ def infer_architecture(params: Mapping[str, Any]) -> dict[str, Any]:
     rows = _first_dim(params, (("class_embed", "embedding", 0),))
     if rows is None or rows < 2:
       raise ConversionError(
-          "class_embed/embedding must be a [num_classes + 1, 4 ch] table with at least 2 rows (the last is the null "
-          f"class); got {_flat_shapes(params['class_embed'])}.")
+        "class_embed/embedding must be a [num_classes + 1, 4 ch] table with at least 2 rows (the last is the null "
+        f"class); got {_flat_shapes(params['class_embed'])}."
+      )
     num_classes = rows - 1
-  return dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=_max_index(params["down_0"], "block_"),
-              attn_levels=attn_levels, resamp_with_conv=resamp_with_conv,
-              in_channels=3 if in_channels is None else in_channels, out_ch=3 if out_ch is None else out_ch,
-              num_classes=num_classes)
+  return dict(
+    ch=ch,
+    ch_mult=tuple(ch_mult),
+    num_res_blocks=_max_index(params["down_0"], "block_"),
+    attn_levels=attn_levels,
+    resamp_with_conv=resamp_with_conv,
+    in_channels=3 if in_channels is None else in_channels,
+    out_ch=3 if out_ch is None else out_ch,
+    num_classes=num_classes,
+  )
 
 
 @functools.lru_cache(maxsize=8)
-def _abstract_params(ch, ch_mult, num_res_blocks, attn_resolutions, resamp_with_conv, image_size, in_channels,
-                     out_ch, num_classes=0) -> dict[tuple[str, ...], tuple[int, ...]]:
+def _abstract_params(
+  ch, ch_mult, num_res_blocks, attn_resolutions, resamp_with_conv, image_size, in_channels, out_ch, num_classes=0
+) -> dict[tuple[str, ...], tuple[int, ...]]:
   """{path: shape} of the U-Net with these hyperparameters, via jax.eval_shape (nothing is computed)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   from diffusion_jax.models import unet  # pylint: disable=g-import-not-at-top
 
-  model = unet.UNet(ch=ch, out_ch=out_ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
-                    attn_resolutions=attn_resolutions, dropout=0.0, resamp_with_conv=resamp_with_conv,
-                    num_classes=num_classes)
+  model = unet.UNet(
+    ch=ch,
+    out_ch=out_ch,
+    ch_mult=ch_mult,
+    num_res_blocks=num_res_blocks,
+    attn_resolutions=attn_resolutions,
+    dropout=0.0,
+    resamp_with_conv=resamp_with_conv,
+    num_classes=num_classes,
+  )
   x = jax.ShapeDtypeStruct((1, image_size, image_size, in_channels), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.int32)
   variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x, t)
@@ -248,9 +279,17 @@ def _abstract_params(ch, ch_mult, num_res_blocks, attn_resolutions, resamp_with_
 def _expected_from_architecture(arch: Mapping[str, Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
   num_levels = len(arch["ch_mult"])
   image_size = 4 * 2 ** (num_levels - 1)  # any size divisible by 2^(levels-1): the shapes do not depend on it
-  return _abstract_params(arch["ch"], tuple(arch["ch_mult"]), arch["num_res_blocks"],
-                          tuple(image_size // 2**i for i in arch["attn_levels"]), arch["resamp_with_conv"],
-                          image_size, arch["in_channels"], arch["out_ch"], arch.get("num_classes", 0))
+  return _abstract_params(
+    arch["ch"],
+    tuple(arch["ch_mult"]),
+    arch["num_res_blocks"],
+    tuple(image_size // 2**i for i in arch["attn_levels"]),
+    arch["resamp_with_conv"],
+    image_size,
+    arch["in_channels"],
+    arch["out_ch"],
+    arch.get("num_classes", 0),
+  )
 
 
 def _model_out_ch(config) -> int:
@@ -264,9 +303,17 @@ def expected_shapes(config) -> dict[str, tuple[int, ...]]:
   from diffusion_jax import runtime  # pylint: disable=g-import-not-at-top  (jax/flax only when needed)
 
   model = runtime.build_network(config)
-  shapes = _abstract_params(model.ch, tuple(model.ch_mult), model.num_res_blocks, tuple(model.attn_resolutions),
-                            model.resamp_with_conv, config.data.image_size, config.data.channels, model.out_ch,
-                            model.num_classes)
+  shapes = _abstract_params(
+    model.ch,
+    tuple(model.ch_mult),
+    model.num_res_blocks,
+    tuple(model.attn_resolutions),
+    model.resamp_with_conv,
+    config.data.image_size,
+    config.data.channels,
+    model.out_ch,
+    model.num_classes,
+  )
   return {_fmt(p): s for p, s in shapes.items()}
 
 
@@ -274,8 +321,11 @@ def _compare(params: Mapping[str, Any], expected: Mapping[tuple[str, ...], tuple
   flat = _flatten(params)
   missing = sorted(fmt(p) for p in expected if p not in flat)
   unexpected = sorted(fmt(p) for p in flat if p not in expected)
-  wrong = sorted(f"{fmt(p)}: checkpoint {tuple(np.shape(flat[p]))}, model {s}"
-                 for p, s in expected.items() if p in flat and tuple(np.shape(flat[p])) != s)
+  wrong = sorted(
+    f"{fmt(p)}: checkpoint {tuple(np.shape(flat[p]))}, model {s}"
+    for p, s in expected.items()
+    if p in flat and tuple(np.shape(flat[p])) != s
+  )
   parts = []
   if missing:
     parts.append(_listing("missing from the checkpoint", missing))
@@ -297,13 +347,13 @@ LEARNED_LOSS_TYPE = "hybrid"  # L_simple + λ L_vlb (improved DDPM); 'kl' (the b
 def architecture_fields(arch: Mapping[str, Any], image_size: int) -> dict[str, Any]:
   """Config fields ({"model.ch": 32, ...}) of an `infer_architecture` result for images of `image_size`."""
   return {
-      "model.ch": arch["ch"],
-      "model.ch_mult": tuple(arch["ch_mult"]),
-      "model.num_res_blocks": arch["num_res_blocks"],
-      "model.attn_resolutions": tuple(int(image_size) // 2**i for i in arch["attn_levels"]),
-      "model.resamp_with_conv": arch["resamp_with_conv"],
-      "model.num_classes": arch.get("num_classes", 0),
-      "data.channels": arch["in_channels"],
+    "model.ch": arch["ch"],
+    "model.ch_mult": tuple(arch["ch_mult"]),
+    "model.num_res_blocks": arch["num_res_blocks"],
+    "model.attn_resolutions": tuple(int(image_size) // 2**i for i in arch["attn_levels"]),
+    "model.resamp_with_conv": arch["resamp_with_conv"],
+    "model.num_classes": arch.get("num_classes", 0),
+    "data.channels": arch["in_channels"],
   }
 
 
@@ -324,8 +374,9 @@ def _config_value(config, field: str) -> Any:
   return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
-def _variance_fixes(config, out_ch: int, channels: int, *, learned_var_type: str = DIFFUSERS_LEARNED_VAR_TYPE
-                    ) -> list[tuple[str, Any, Any]]:
+def _variance_fixes(
+  config, out_ch: int, channels: int, *, learned_var_type: str = DIFFUSERS_LEARNED_VAR_TYPE
+) -> list[tuple[str, Any, Any]]:
   """(field, config value, needed value) of the diffusion fields that give `out_ch` outputs for `channels` inputs."""
   var_type, loss_type = config.diffusion.model_var_type, config.diffusion.loss_type
   fixes = []
@@ -363,17 +414,18 @@ def check_diffusion_config(config) -> None:
   var_type, loss_type = config.diffusion.model_var_type, config.diffusion.loss_type
   if var_type in LEARNED_VAR_TYPES and loss_type == "mse":
     raise ConversionError(
-        f"diffusion.model_var_type={var_type!r} is a learned variance, which loss_type='mse' cannot train; pass "
-        f"--config.diffusion.loss_type={LEARNED_LOSS_TYPE} (or --config.diffusion.loss_type=kl) as well.")
+      f"diffusion.model_var_type={var_type!r} is a learned variance, which loss_type='mse' cannot train; pass "
+      f"--config.diffusion.loss_type={LEARNED_LOSS_TYPE} (or --config.diffusion.loss_type=kl) as well."
+    )
   if var_type not in LEARNED_VAR_TYPES and loss_type == "hybrid":
     raise ConversionError(
-        f"diffusion.loss_type='hybrid' trains a learned variance, but model_var_type={var_type!r} is fixed; pass "
-        "--config.diffusion.loss_type=mse, or --config.diffusion.model_var_type=learned_range for a network "
-        "with 2C output channels.")
+      f"diffusion.loss_type='hybrid' trains a learned variance, but model_var_type={var_type!r} is fixed; pass "
+      "--config.diffusion.loss_type=mse, or --config.diffusion.model_var_type=learned_range for a network "
+      "with 2C output channels."
+    )
 
 
-def validate_params(params: Mapping[str, Any], config, *,
-                    learned_var_type: str = DIFFUSERS_LEARNED_VAR_TYPE) -> None:
+def validate_params(params: Mapping[str, Any], config, *, learned_var_type: str = DIFFUSERS_LEARNED_VAR_TYPE) -> None:
   """Checks that `params` fit the U-Net that `config` (model, data, diffusion sections) builds.
 
   Args:
@@ -391,9 +443,17 @@ def validate_params(params: Mapping[str, Any], config, *,
   check_diffusion_config(config)
   model = runtime.build_network(config)
   out_ch = model.out_ch
-  expected = _abstract_params(model.ch, tuple(model.ch_mult), model.num_res_blocks, tuple(model.attn_resolutions),
-                              model.resamp_with_conv, config.data.image_size, config.data.channels, out_ch,
-                              model.num_classes)
+  expected = _abstract_params(
+    model.ch,
+    tuple(model.ch_mult),
+    model.num_res_blocks,
+    tuple(model.attn_resolutions),
+    model.resamp_with_conv,
+    config.data.image_size,
+    config.data.channels,
+    out_ch,
+    model.num_classes,
+  )
   parts = _compare(params, expected)
   if not parts:
     return
@@ -402,23 +462,33 @@ def validate_params(params: Mapping[str, Any], config, *,
     arch = infer_architecture(params)
   except ConversionError:
     arch = None
-  fix = ("Choose the matching config (configs/cifar.py, configs/lsun_*.py, configs/celebahq.py) or override fields "
-         "(e.g. --config.model.ch_mult=..., --config.diffusion.model_var_type=...).")
+  fix = (
+    "Choose the matching config (configs/cifar.py, configs/lsun_*.py, configs/celebahq.py) or override fields "
+    "(e.g. --config.model.ch_mult=..., --config.diffusion.model_var_type=...)."
+  )
   found = "parameters"
   if arch is not None:
     found = f"a U-Net with {_describe(arch, size)} (at data.image_size={size})"
-    diffs = [(k, _config_value(config, k), v) for k, v in architecture_fields(arch, size).items()
-             if _config_value(config, k) != v]
+    diffs = [
+      (k, _config_value(config, k), v)
+      for k, v in architecture_fields(arch, size).items()
+      if _config_value(config, k) != v
+    ]
     diffs += _variance_fixes(config, arch["out_ch"], arch["in_channels"], learned_var_type=learned_var_type)
     if diffs:
-      fix = ("Choose the matching config file or pass " + _flags_text(diffs) + _fix_note(diffs)
-             + ", or leave out --config to build the config from the checkpoint (see --preset, --image_size).")
+      fix = (
+        "Choose the matching config file or pass "
+        + _flags_text(diffs)
+        + _fix_note(diffs)
+        + ", or leave out --config to build the config from the checkpoint (see --preset, --image_size)."
+      )
   raise ConversionError(
-      f"The checkpoint holds {found}, which does not match the model of the config (model.ch={model.ch}, "
-      f"model.ch_mult={tuple(model.ch_mult)}, model.num_res_blocks={model.num_res_blocks}, "
-      f"model.attn_resolutions={tuple(model.attn_resolutions)}, model.resamp_with_conv={model.resamp_with_conv}, "
-      f"model.num_classes={model.num_classes}, data.channels={config.data.channels} at data.image_size={size}, "
-      f"out_ch={out_ch} from model_var_type={config.diffusion.model_var_type!r}).\n" + fix + "\n" + "\n".join(parts))
+    f"The checkpoint holds {found}, which does not match the model of the config (model.ch={model.ch}, "
+    f"model.ch_mult={tuple(model.ch_mult)}, model.num_res_blocks={model.num_res_blocks}, "
+    f"model.attn_resolutions={tuple(model.attn_resolutions)}, model.resamp_with_conv={model.resamp_with_conv}, "
+    f"model.num_classes={model.num_classes}, data.channels={config.data.channels} at data.image_size={size}, "
+    f"out_ch={out_ch} from model_var_type={config.diffusion.model_var_type!r}).\n" + fix + "\n" + "\n".join(parts)
+  )
 
 
 def _check_complete(params: Mapping[str, Any], source: str, fmt=_fmt) -> None:
@@ -426,8 +496,7 @@ def _check_complete(params: Mapping[str, Any], source: str, fmt=_fmt) -> None:
   arch = infer_architecture(params)
   parts = _compare(params, _expected_from_architecture(arch), fmt)
   if parts:
-    raise ConversionError(
-        f"{source} is not a complete DDPM U-Net with {_describe(arch)}:\n" + "\n".join(parts))
+    raise ConversionError(f"{source} is not a complete DDPM U-Net with {_describe(arch)}:\n" + "\n".join(parts))
 
 
 # ----------------------------------------------------------------------------
@@ -453,7 +522,7 @@ def _import_tensorflow():
     return runtime.import_tensorflow()
   except ImportError as e:
     raise ImportError(
-        f"Reading the original TensorFlow checkpoints needs TensorFlow: {TF_INSTALL_HINT} ({e.__cause__ or e})."
+      f"Reading the original TensorFlow checkpoints needs TensorFlow: {TF_INSTALL_HINT} ({e.__cause__ or e})."
     ) from None
 
 
@@ -463,16 +532,18 @@ def _resolve_tf_path(path: str | os.PathLike, tf) -> str:
     latest = tf.train.latest_checkpoint(path)
     if latest is None:
       raise FileNotFoundError(
-          f"{path} is a directory without a TF 'checkpoint' index file; pass the checkpoint prefix, "
-          "e.g. .../model.ckpt-790000.")
+        f"{path} is a directory without a TF 'checkpoint' index file; pass the checkpoint prefix, "
+        "e.g. .../model.ckpt-790000."
+      )
     return latest
   for suffix in (".index", ".meta"):
     path = path.removesuffix(suffix)
   path = re.sub(r"\.data-\d+-of-\d+$", "", path)
   if not os.path.exists(path + ".index"):
     raise FileNotFoundError(
-        f"No TensorFlow checkpoint at {path}: expected {path}.index and {path}.data-00000-of-00001 "
-        "(pass the prefix, e.g. .../model.ckpt-790000).")
+      f"No TensorFlow checkpoint at {path}: expected {path}.index and {path}.data-00000-of-00001 "
+      "(pass the prefix, e.g. .../model.ckpt-790000)."
+    )
   return path
 
 
@@ -515,13 +586,15 @@ def read_tf_checkpoint(path: str | os.PathLike, *, scope: str = TF_SCOPE) -> dic
       unknown.append(name)
   if unknown:
     raise ConversionError(
-        f"The TensorFlow checkpoint {prefix} has variables in scope {scope!r} that are no DDPM U-Net parameter "
-        "(expected .../W, /b, /gamma, /beta, their /ExponentialMovingAverage copies and optimizer slots):\n"
-        + _listing("unused", unknown))
+      f"The TensorFlow checkpoint {prefix} has variables in scope {scope!r} that are no DDPM U-Net parameter "
+      "(expected .../W, /b, /gamma, /beta, their /ExponentialMovingAverage copies and optimizer slots):\n"
+      + _listing("unused", unknown)
+    )
   if not raw and not ema:
     raise ConversionError(
-        f"The TensorFlow checkpoint {prefix} has no variables in scope {scope!r}; it holds "
-        f"{', '.join(sorted(shapes)[:10]) or 'nothing'}.")
+      f"The TensorFlow checkpoint {prefix} has no variables in scope {scope!r}; it holds "
+      f"{', '.join(sorted(shapes)[:10]) or 'nothing'}."
+    )
   if ignored:
     logging.info("Ignoring %d variables that are no model parameters (e.g. %s).", len(ignored), ignored[0])
 
@@ -552,16 +625,20 @@ def _tf_select(ckpt: Mapping[str, Any], *, use_ema: bool) -> Params:
   if use_ema:
     if ema is None:
       raise ConversionError(
-          f"The TensorFlow checkpoint {prefix} has no {TF_EMA_SUFFIX} copies of the parameters; "
-          "convert the raw weights instead (use_ema=False, --raw).")
+        f"The TensorFlow checkpoint {prefix} has no {TF_EMA_SUFFIX} copies of the parameters; "
+        "convert the raw weights instead (use_ema=False, --raw)."
+      )
     if raw is not None:
       raw_paths, ema_paths = set(_flatten(raw)), set(_flatten(ema))
       parts = []
       if raw_paths - ema_paths:
         parts.append(_listing("without an EMA copy", sorted(_tf_name(p) for p in raw_paths - ema_paths)))
       if ema_paths - raw_paths:
-        parts.append(_listing("EMA copy without the variable",
-                              sorted(f"{_tf_name(p)}/{TF_EMA_SUFFIX}" for p in ema_paths - raw_paths)))
+        parts.append(
+          _listing(
+            "EMA copy without the variable", sorted(f"{_tf_name(p)}/{TF_EMA_SUFFIX}" for p in ema_paths - raw_paths)
+          )
+        )
       if parts:
         raise ConversionError(f"The TensorFlow checkpoint {prefix} is inconsistent:\n" + "\n".join(parts))
     params, what = ema, "EMA"
@@ -599,18 +676,44 @@ def tf_checkpoint_to_params(path: str | os.PathLike, *, use_ema: bool = True) ->
 
 # UNet2DModel's constructor defaults: fields absent from an (older) config.json take these values.
 _DIFFUSERS_DEFAULTS = dict(
-    sample_size=None, in_channels=3, out_channels=3, center_input_sample=False, time_embedding_type="positional",
-    time_embedding_dim=None, freq_shift=0, flip_sin_to_cos=True,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-    mid_block_type="UNetMidBlock2D", up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(224, 448, 672, 896), layers_per_block=2, mid_block_scale_factor=1, downsample_padding=1,
-    downsample_type="conv", upsample_type="conv", dropout=0.0, act_fn="silu", attention_head_dim=8,
-    norm_num_groups=32, attn_norm_num_groups=None, norm_eps=1e-5, resnet_time_scale_shift="default",
-    add_attention=True, class_embed_type=None, num_class_embeds=None, num_train_timesteps=None,
+  sample_size=None,
+  in_channels=3,
+  out_channels=3,
+  center_input_sample=False,
+  time_embedding_type="positional",
+  time_embedding_dim=None,
+  freq_shift=0,
+  flip_sin_to_cos=True,
+  down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+  mid_block_type="UNetMidBlock2D",
+  up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+  block_out_channels=(224, 448, 672, 896),
+  layers_per_block=2,
+  mid_block_scale_factor=1,
+  downsample_padding=1,
+  downsample_type="conv",
+  upsample_type="conv",
+  dropout=0.0,
+  act_fn="silu",
+  attention_head_dim=8,
+  norm_num_groups=32,
+  attn_norm_num_groups=None,
+  norm_eps=1e-5,
+  resnet_time_scale_shift="default",
+  add_attention=True,
+  class_embed_type=None,
+  num_class_embeds=None,
+  num_train_timesteps=None,
 )
 
-_RESNET = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
-           "nin_shortcut": "conv_shortcut"}
+_RESNET = {
+  "norm1": "norm1",
+  "conv1": "conv1",
+  "temb_proj": "time_emb_proj",
+  "norm2": "norm2",
+  "conv2": "conv2",
+  "nin_shortcut": "conv_shortcut",
+}
 _ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 # Names of diffusers' attention layers before 0.15 (and in google/ddpm-* .bin files).
 _ATTN_OLD = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
@@ -646,8 +749,11 @@ def _diffusers_layer(path: tuple[str, ...], num_levels: int) -> list[str]:
   if len(path) != 3:
     block = None
   elif path[0] == "mid":
-    block = {"block_1": "mid_block.resnets.0", "block_2": "mid_block.resnets.1",
-             "attn_1": "mid_block.attentions.0"}.get(path[1])
+    block = {
+      "block_1": "mid_block.resnets.0",
+      "block_2": "mid_block.resnets.1",
+      "attn_1": "mid_block.attentions.0",
+    }.get(path[1])
   elif m:
     i = int(m.group(2))
     top = f"down_blocks.{i}" if m.group(1) == "down" else f"up_blocks.{num_levels - 1 - i}"
@@ -703,8 +809,9 @@ def _to_torch_layout(value: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
 
 def _refuse(field: str, value: Any, wanted: str) -> ConversionError:
   return ConversionError(
-      f"Unsupported diffusers UNet2DModel: {field}={value!r}, but the DDPM U-Net needs {wanted}. "
-      "Only the architecture of Ho et al. 2020 (google/ddpm-*) can be converted.")
+    f"Unsupported diffusers UNet2DModel: {field}={value!r}, but the DDPM U-Net needs {wanted}. "
+    "Only the architecture of Ho et al. 2020 (google/ddpm-*) can be converted."
+  )
 
 
 def diffusers_architecture(diffusers_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -734,26 +841,32 @@ def diffusers_architecture(diffusers_config: Mapping[str, Any]) -> dict[str, Any
     logging.warning("Ignoring config fields that UNet2DModel does not know (as diffusers does): %s", unknown)
 
   requirements = [
-      ("center_input_sample", lambda v: v is False, "False"),
-      ("time_embedding_type", lambda v: v == "positional", "'positional' (sinusoidal)"),
-      ("flip_sin_to_cos", lambda v: v is False, "False (sin first)"),
-      ("freq_shift", lambda v: v == 1, "1 (frequencies exp(-ln(1e4) j/(half-1)))"),
-      ("act_fn", lambda v: v in ("silu", "swish"), "'silu'"),
-      ("norm_num_groups", lambda v: v == 32, "32"),
-      ("attn_norm_num_groups", lambda v: v in (None, 32), "None or 32"),
-      ("norm_eps", lambda v: isinstance(v, (int, float)) and math.isclose(v, 1e-6, rel_tol=1e-6), "1e-6"),
-      ("downsample_padding", lambda v: v == 0, "0 (pad right/bottom, as TF 'SAME')"),
-      ("downsample_type", lambda v: v == "conv", "'conv'"),
-      ("upsample_type", lambda v: v == "conv", "'conv'"),
-      ("mid_block_type", lambda v: v == "UNetMidBlock2D", "'UNetMidBlock2D'"),
-      ("mid_block_scale_factor", lambda v: v == 1, "1"),
-      ("resnet_time_scale_shift", lambda v: v == "default", "'default' (additive)"),
-      ("add_attention", lambda v: v is True, "True"),
-      ("class_embed_type", lambda v: v is None,
-       "None (with num_class_embeds: a learned class table added to the timestep embedding, the only "
-       "class conditioning the DDPM U-Net implements)"),
-      ("num_class_embeds", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 2),
-       "None (unconditional) or num_classes + 1 >= 2 (the last row is the null class)"),
+    ("center_input_sample", lambda v: v is False, "False"),
+    ("time_embedding_type", lambda v: v == "positional", "'positional' (sinusoidal)"),
+    ("flip_sin_to_cos", lambda v: v is False, "False (sin first)"),
+    ("freq_shift", lambda v: v == 1, "1 (frequencies exp(-ln(1e4) j/(half-1)))"),
+    ("act_fn", lambda v: v in ("silu", "swish"), "'silu'"),
+    ("norm_num_groups", lambda v: v == 32, "32"),
+    ("attn_norm_num_groups", lambda v: v in (None, 32), "None or 32"),
+    ("norm_eps", lambda v: isinstance(v, (int, float)) and math.isclose(v, 1e-6, rel_tol=1e-6), "1e-6"),
+    ("downsample_padding", lambda v: v == 0, "0 (pad right/bottom, as TF 'SAME')"),
+    ("downsample_type", lambda v: v == "conv", "'conv'"),
+    ("upsample_type", lambda v: v == "conv", "'conv'"),
+    ("mid_block_type", lambda v: v == "UNetMidBlock2D", "'UNetMidBlock2D'"),
+    ("mid_block_scale_factor", lambda v: v == 1, "1"),
+    ("resnet_time_scale_shift", lambda v: v == "default", "'default' (additive)"),
+    ("add_attention", lambda v: v is True, "True"),
+    (
+      "class_embed_type",
+      lambda v: v is None,
+      "None (with num_class_embeds: a learned class table added to the timestep embedding, the only "
+      "class conditioning the DDPM U-Net implements)",
+    ),
+    (
+      "num_class_embeds",
+      lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 2),
+      "None (unconditional) or num_classes + 1 >= 2 (the last row is the null class)",
+    ),
   ]
   for field, ok, wanted in requirements:
     if not ok(cfg[field]):
@@ -776,8 +889,11 @@ def diffusers_architecture(diffusers_config: Mapping[str, Any]) -> dict[str, Any
     up_kind = up[num_levels - 1 - i]
     want_up = "AttnUpBlock2D" if kind == "AttnDownBlock2D" else "UpBlock2D"
     if up_kind != want_up:
-      raise _refuse(f"up_block_types[{num_levels - 1 - i}]", up_kind,
-                    f"{want_up!r} to mirror down_block_types[{i}]={kind!r} (attention at the same resolution)")
+      raise _refuse(
+        f"up_block_types[{num_levels - 1 - i}]",
+        up_kind,
+        f"{want_up!r} to mirror down_block_types[{i}]={kind!r} (attention at the same resolution)",
+      )
     if kind == "AttnDownBlock2D":
       attn_levels.append(i)
   head_dim = cfg["attention_head_dim"]
@@ -797,11 +913,16 @@ def diffusers_architecture(diffusers_config: Mapping[str, Any]) -> dict[str, Any
   if size % 2 ** (num_levels - 1):
     raise _refuse("sample_size", size, f"a multiple of 2^(levels-1) = {2 ** (num_levels - 1)}")
   return dict(
-      model=dict(ch=ch, ch_mult=tuple(c // ch for c in channels), num_res_blocks=int(cfg["layers_per_block"]),
-                 attn_resolutions=tuple(size // 2**i for i in attn_levels), resamp_with_conv=True,
-                 num_classes=int(cfg["num_class_embeds"]) - 1 if cfg["num_class_embeds"] else 0),
-      data=dict(image_size=size, channels=int(cfg["in_channels"])),
-      out_ch=int(cfg["out_channels"]),
+    model=dict(
+      ch=ch,
+      ch_mult=tuple(c // ch for c in channels),
+      num_res_blocks=int(cfg["layers_per_block"]),
+      attn_resolutions=tuple(size // 2**i for i in attn_levels),
+      resamp_with_conv=True,
+      num_classes=int(cfg["num_class_embeds"]) - 1 if cfg["num_class_embeds"] else 0,
+    ),
+    data=dict(image_size=size, channels=int(cfg["in_channels"])),
+    out_ch=int(cfg["out_channels"]),
   )
 
 
@@ -828,15 +949,17 @@ def _read_diffusers_weights(folder: pathlib.Path) -> dict[str, np.ndarray]:
       return dict(st_numpy.load_file(str(st)))
     except (SafetensorError, OSError, ValueError, TypeError) as e:
       raise ConversionError(
-          f"{st} cannot be read: it is corrupt or truncated, or holds a dtype NumPy lacks such as bfloat16 "
-          f"({type(e).__name__}: {e}).") from None
+        f"{st} cannot be read: it is corrupt or truncated, or holds a dtype NumPy lacks such as bfloat16 "
+        f"({type(e).__name__}: {e})."
+      ) from None
   if binary.exists():
     try:
       import torch  # pylint: disable=g-import-not-at-top
     except ImportError:
       raise ImportError(
-          f"{binary} is a PyTorch pickle and reading it needs torch (pip install torch); or convert it to "
-          f"{DIFFUSERS_SAFETENSORS}, which needs nothing.") from None
+        f"{binary} is a PyTorch pickle and reading it needs torch (pip install torch); or convert it to "
+        f"{DIFFUSERS_SAFETENSORS}, which needs nothing."
+      ) from None
     try:
       state = torch.load(str(binary), map_location="cpu", weights_only=True)
     except Exception as e:  # pylint: disable=broad-except
@@ -873,9 +996,17 @@ def diffusers_to_params(folder: str | os.PathLike) -> tuple[Params, dict[str, An
     raise ConversionError(f"{folder / DIFFUSERS_CONFIG} is not valid JSON: {e}") from None
   overrides = diffusers_architecture(diffusers_config)
   m = overrides["model"]
-  expected = _abstract_params(m["ch"], m["ch_mult"], m["num_res_blocks"], m["attn_resolutions"], True,
-                              overrides["data"]["image_size"], overrides["data"]["channels"], overrides["out_ch"],
-                              m["num_classes"])
+  expected = _abstract_params(
+    m["ch"],
+    m["ch_mult"],
+    m["num_res_blocks"],
+    m["attn_resolutions"],
+    True,
+    overrides["data"]["image_size"],
+    overrides["data"]["channels"],
+    overrides["out_ch"],
+    m["num_classes"],
+  )
   state = _read_diffusers_weights(folder)
   num_levels = len(m["ch_mult"])
   used, flat, missing, wrong = set(), {}, [], []
@@ -914,42 +1045,43 @@ def diffusers_config_for(config, *, out_ch: int | None = None) -> dict[str, Any]
   """The UNet2DModel config.json for our U-Net of a full config (model and data sections)."""
   model = config.model
   if not model.resamp_with_conv:
-    raise ConversionError("diffusers' UNet2DModel always resamples with convolutions; "
-                          "model.resamp_with_conv=False cannot be exported.")
+    raise ConversionError(
+      "diffusers' UNet2DModel always resamples with convolutions; model.resamp_with_conv=False cannot be exported."
+    )
   size = int(config.data.image_size)
   num_levels = len(model.ch_mult)
   attn = [size // 2**i in tuple(model.attn_resolutions) for i in range(num_levels)]
   return {
-      "_class_name": "UNet2DModel",
-      "sample_size": size,
-      "in_channels": int(config.data.channels),
-      "out_channels": int(out_ch if out_ch is not None else _model_out_ch(config)),
-      "center_input_sample": False,
-      "time_embedding_type": "positional",
-      "time_embedding_dim": None,
-      "freq_shift": 1,
-      "flip_sin_to_cos": False,
-      "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-      "mid_block_type": "UNetMidBlock2D",
-      "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-      "block_out_channels": [int(model.ch * m) for m in model.ch_mult],
-      "layers_per_block": int(model.num_res_blocks),
-      "mid_block_scale_factor": 1,
-      "downsample_padding": 0,
-      "downsample_type": "conv",
-      "upsample_type": "conv",
-      "dropout": float(model.dropout),
-      "act_fn": "silu",
-      "attention_head_dim": None,
-      "norm_num_groups": 32,
-      "attn_norm_num_groups": None,
-      "norm_eps": 1e-6,
-      "resnet_time_scale_shift": "default",
-      "add_attention": True,
-      "class_embed_type": None,
-      # Our class_embed (num_classes + 1 rows, the last the null class) is diffusers' class_embedding table.
-      "num_class_embeds": int(model.num_classes) + 1 if model.get("num_classes", 0) else None,
-      "num_train_timesteps": None,
+    "_class_name": "UNet2DModel",
+    "sample_size": size,
+    "in_channels": int(config.data.channels),
+    "out_channels": int(out_ch if out_ch is not None else _model_out_ch(config)),
+    "center_input_sample": False,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "freq_shift": 1,
+    "flip_sin_to_cos": False,
+    "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+    "mid_block_type": "UNetMidBlock2D",
+    "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+    "block_out_channels": [int(model.ch * m) for m in model.ch_mult],
+    "layers_per_block": int(model.num_res_blocks),
+    "mid_block_scale_factor": 1,
+    "downsample_padding": 0,
+    "downsample_type": "conv",
+    "upsample_type": "conv",
+    "dropout": float(model.dropout),
+    "act_fn": "silu",
+    "attention_head_dim": None,
+    "norm_num_groups": 32,
+    "attn_norm_num_groups": None,
+    "norm_eps": 1e-6,
+    "resnet_time_scale_shift": "default",
+    "add_attention": True,
+    "class_embed_type": None,
+    # Our class_embed (num_classes + 1 rows, the last the null class) is diffusers' class_embedding table.
+    "num_class_embeds": int(model.num_classes) + 1 if model.get("num_classes", 0) else None,
+    "num_train_timesteps": None,
   }
 
 
@@ -993,8 +1125,13 @@ PRESETS = {"cifar10": "configs/cifar.py", "celebahq": "configs/celebahq.py", "ls
 DIFFUSERS_SCHEDULER_CONFIG = "scheduler_config.json"
 # DDPMScheduler.variance_type -> our model_var_type. fixed_small_log samples with the same σ as fixed_small;
 # fixed_large_log is GLIDE's log β, our fixedlarge.
-_DIFFUSERS_VARIANCE = {"fixed_small": "fixedsmall", "fixed_small_log": "fixedsmall", "fixed_large": "fixedlarge",
-                       "fixed_large_log": "fixedlarge", "learned_range": "learned_range"}
+_DIFFUSERS_VARIANCE = {
+  "fixed_small": "fixedsmall",
+  "fixed_small_log": "fixedsmall",
+  "fixed_large": "fixedlarge",
+  "fixed_large_log": "fixedlarge",
+  "learned_range": "learned_range",
+}
 _DIFFUSERS_PREDICTION = {"epsilon": "eps", "sample": "xstart", "v_prediction": "v"}
 
 
@@ -1012,13 +1149,20 @@ def preset_config(name: str):
     return config_base.get_256_config("celeb_a_hq", num_train_steps=500_000, random_flip=True)
   if name == "lsun":
     return config_base.get_256_config("lsun_bedroom", num_train_steps=2_400_000, random_flip=False)
-  raise ConversionError(f"Unknown preset {name!r}; choose one of " +
-                        ", ".join(f"--preset={k} ({v})" for k, v in PRESETS.items()) + ".")
+  raise ConversionError(
+    f"Unknown preset {name!r}; choose one of " + ", ".join(f"--preset={k} ({v})" for k, v in PRESETS.items()) + "."
+  )
 
 
-def inferred_config(arch: Mapping[str, Any], *, image_size: int | None = None, preset: str | None = None,
-                    model_var_type: str | None = None, model_mean_type: str | None = None,
-                    learned_var_type: str = DIFFUSERS_LEARNED_VAR_TYPE):
+def inferred_config(
+  arch: Mapping[str, Any],
+  *,
+  image_size: int | None = None,
+  preset: str | None = None,
+  model_var_type: str | None = None,
+  model_mean_type: str | None = None,
+  learned_var_type: str = DIFFUSERS_LEARNED_VAR_TYPE,
+):
   """The full config of a checkpoint: a preset's with the network read off the tensors.
 
   Args:
@@ -1050,8 +1194,9 @@ def inferred_config(arch: Mapping[str, Any], *, image_size: int | None = None, p
   factor = 2 ** (len(arch["ch_mult"]) - 1)
   if size % factor:
     raise ConversionError(
-        f"Image size {size} is not divisible by 2^(levels-1) = {factor} for the checkpoint's "
-        f"{len(arch['ch_mult'])} levels; pass the size it was trained at, e.g. --image_size={max(factor, 32)}.")
+      f"Image size {size} is not divisible by 2^(levels-1) = {factor} for the checkpoint's "
+      f"{len(arch['ch_mult'])} levels; pass the size it was trained at, e.g. --image_size={max(factor, 32)}."
+    )
   for field, value in architecture_fields(arch, size).items():
     section, key = field.split(".")
     config[section][key] = value
@@ -1060,8 +1205,9 @@ def inferred_config(arch: Mapping[str, Any], *, image_size: int | None = None, p
     var_type = model_var_type or learned_var_type
     if var_type not in LEARNED_VAR_TYPES:
       raise ConversionError(
-          f"The network has {out_ch} = 2 x {channels} output channels (a learned variance), but its source records "
-          f"the fixed variance {var_type!r}; pass --config with the variance type you mean.")
+        f"The network has {out_ch} = 2 x {channels} output channels (a learned variance), but its source records "
+        f"the fixed variance {var_type!r}; pass --config with the variance type you mean."
+      )
     config.diffusion.model_var_type = var_type
     if config.diffusion.loss_type == "mse":
       config.diffusion.loss_type = LEARNED_LOSS_TYPE
@@ -1069,15 +1215,17 @@ def inferred_config(arch: Mapping[str, Any], *, image_size: int | None = None, p
     var_type = model_var_type or config.diffusion.model_var_type
     if var_type in LEARNED_VAR_TYPES:
       raise ConversionError(
-          f"The network has {out_ch} output channels for {channels} input channels (a fixed variance), but its "
-          f"source records the learned variance {var_type!r}; pass --config with the variance type you mean.")
+        f"The network has {out_ch} output channels for {channels} input channels (a fixed variance), but its "
+        f"source records the learned variance {var_type!r}; pass --config with the variance type you mean."
+      )
     config.diffusion.model_var_type = var_type
     if config.diffusion.loss_type == "hybrid":
       config.diffusion.loss_type = "mse"
   else:
     raise ConversionError(
-        f"The network has {out_ch} output channels for {channels} input channels; the DDPM U-Net outputs C (a "
-        "fixed variance) or 2C (a learned one), so no config describes it.")
+      f"The network has {out_ch} output channels for {channels} input channels; the DDPM U-Net outputs C (a "
+      "fixed variance) or 2C (a learned one), so no config describes it."
+    )
   if model_mean_type:
     config.diffusion.model_mean_type = model_mean_type
   return config
@@ -1111,24 +1259,38 @@ def diffusers_scheduler_types(folder: str | os.PathLike) -> dict[str, str]:
   variance = scheduler.get("variance_type")
   if variance is not None:
     if variance not in _DIFFUSERS_VARIANCE:
-      why = (" (diffusers' 'learned' network outputs the variance itself, ours 'learned' its log)"
-             if variance == "learned" else "")
+      why = (
+        " (diffusers' 'learned' network outputs the variance itself, ours 'learned' its log)"
+        if variance == "learned"
+        else ""
+      )
       raise ConversionError(
-          f"{path} has variance_type={variance!r}, which has no counterpart here{why}; supported: "
-          f"{', '.join(_DIFFUSERS_VARIANCE)}. Pass --config with the model_var_type you mean.")
+        f"{path} has variance_type={variance!r}, which has no counterpart here{why}; supported: "
+        f"{', '.join(_DIFFUSERS_VARIANCE)}. Pass --config with the model_var_type you mean."
+      )
     out["model_var_type"] = _DIFFUSERS_VARIANCE[variance]
   prediction = scheduler.get("prediction_type")
   if prediction is not None:
     if prediction not in _DIFFUSERS_PREDICTION:
-      raise ConversionError(f"{path} has prediction_type={prediction!r}; supported: "
-                            f"{', '.join(_DIFFUSERS_PREDICTION)}. Pass --config with the model_mean_type you mean.")
+      raise ConversionError(
+        f"{path} has prediction_type={prediction!r}; supported: "
+        f"{', '.join(_DIFFUSERS_PREDICTION)}. Pass --config with the model_mean_type you mean."
+      )
     out["model_mean_type"] = _DIFFUSERS_PREDICTION[prediction]
   return out
 
 
 def _config_summary(config) -> str:
-  fields = ["data.image_size", "data.channels", "model.ch", "model.ch_mult", "model.num_res_blocks",
-            "model.attn_resolutions", "model.resamp_with_conv", "model.num_classes"]
+  fields = [
+    "data.image_size",
+    "data.channels",
+    "model.ch",
+    "model.ch_mult",
+    "model.num_res_blocks",
+    "model.attn_resolutions",
+    "model.resamp_with_conv",
+    "model.num_classes",
+  ]
   text = ", ".join(f"{k}={_config_value(config, k)!r}" for k in fields)
   d = config.diffusion
   return f"{text}, diffusion.model_var_type={d.model_var_type!r}, diffusion.loss_type={d.loss_type!r}"
@@ -1139,8 +1301,9 @@ def _config_summary(config) -> str:
 # ----------------------------------------------------------------------------
 
 
-def check_config_matches(config, overrides: Mapping[str, Any], *,
-                         learned_var_type: str = DIFFUSERS_LEARNED_VAR_TYPE) -> None:
+def check_config_matches(
+  config, overrides: Mapping[str, Any], *, learned_var_type: str = DIFFUSERS_LEARNED_VAR_TYPE
+) -> None:
   """Checks that a config describes the network a diffusers model implies (see diffusers_to_params).
 
   Raises:
@@ -1156,18 +1319,24 @@ def check_config_matches(config, overrides: Mapping[str, Any], *,
   channels, out_ch = overrides["data"]["channels"], overrides["out_ch"]
   if out_ch not in (channels, 2 * channels):
     raise ConversionError(
-        f"The network has {out_ch} output channels for {channels} input channels; the DDPM U-Net outputs C (a "
-        "fixed variance) or 2C (a learned one), so it cannot be converted.")
+      f"The network has {out_ch} output channels for {channels} input channels; the DDPM U-Net outputs C (a "
+      "fixed variance) or 2C (a learned one), so it cannot be converted."
+    )
   variance = _variance_fixes(config, out_ch, channels, learned_var_type=learned_var_type)
   if variance:
     learned = config.diffusion.model_var_type in LEARNED_VAR_TYPES
-    lines.append(f"  output channels: config {(2 if learned else 1) * channels} (diffusion.model_var_type="
-                 f"{config.diffusion.model_var_type!r}), checkpoint {out_ch}")
+    lines.append(
+      f"  output channels: config {(2 if learned else 1) * channels} (diffusion.model_var_type="
+      f"{config.diffusion.model_var_type!r}), checkpoint {out_ch}"
+    )
     diffs += variance
   if lines:
-    raise ConversionError("The config does not describe this network:\n" + "\n".join(lines)
-                          + f"\nChoose the matching config file or pass {_flags_text(diffs)}{_fix_note(diffs)}, "
-                          "or leave out --config to build the config from the checkpoint.")
+    raise ConversionError(
+      "The config does not describe this network:\n"
+      + "\n".join(lines)
+      + f"\nChoose the matching config file or pass {_flags_text(diffs)}{_fix_note(diffs)}, "
+      "or leave out --config to build the config from the checkpoint."
+    )
   check_diffusion_config(config)
 
 
@@ -1177,16 +1346,16 @@ def _flag_value(v) -> str:
   return str(v)
 
 
-def write_checkpoint(directory: str | os.PathLike, *, config, params: Params, ema_params: Params | None = None,
-                     step: int = 0):
+def write_checkpoint(
+  directory: str | os.PathLike, *, config, params: Params, ema_params: Params | None = None, step: int = 0
+):
   """Validates parameters against `config` and writes a directory our loaders accept (config.json + Orbax)."""
   validate_params(params, config)
   if ema_params is not None and ema_params is not params:
     validate_params(ema_params, config)
   from diffusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
 
-  return checkpointing.save_model_checkpoint(directory, config=config, params=params, ema_params=ema_params,
-                                             step=step)
+  return checkpointing.save_model_checkpoint(directory, config=config, params=params, ema_params=ema_params, step=step)
 
 
 # ----------------------------------------------------------------------------
@@ -1201,33 +1370,62 @@ def _define_flags():
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
   config = config_flags.DEFINE_config_file(
-      "config", None, "Config file of the network (configs/cifar.py, configs/lsun_*.py, configs/celebahq.py) for "
-      "tf2jax, diffusers2jax and tf2diffusers; fields can be overridden: --config.model.dropout=0.0. Without it, "
-      "the config is built from the checkpoint's tensors (see --preset, --image_size).", lock_config=True)
+    "config",
+    None,
+    "Config file of the network (configs/cifar.py, configs/lsun_*.py, configs/celebahq.py) for "
+    "tf2jax, diffusers2jax and tf2diffusers; fields can be overridden: --config.model.dropout=0.0. Without it, "
+    "the config is built from the checkpoint's tensors (see --preset, --image_size).",
+    lock_config=True,
+  )
   return dict(
-      config=config,
-      preset=flags.DEFINE_string(
-          "preset", None, "Without --config: the base config, one of " +
-          ", ".join(f"{k} ({v})" for k, v in PRESETS.items()) + "; the network (ch, ch_mult, blocks, attention, "
-          "channels, variance) is read off the checkpoint. Default: cifar10."),
-      image_size=flags.DEFINE_integer(
-          "image_size", None, "Without --config: the image size (the TF tensors do not tell it; tf2jax and "
-          "tf2diffusers need --image_size or --preset). diffusers2jax takes the folder's sample_size."),
-      checkpoint=flags.DEFINE_string(
-          "checkpoint", None, "tf2jax/tf2diffusers: the TF1 checkpoint prefix (.../model.ckpt-790000), one of its "
-          "files, or its directory. Needs TensorFlow: " + TF_INSTALL_HINT),
-      raw=flags.DEFINE_bool(
-          "raw", False, "Convert the raw training weights instead of the EMA weights (tf2jax, tf2diffusers, "
-          "jax2diffusers). tf2jax without --raw keeps both copies (params = raw, ema_params = EMA)."),
-      folder=flags.DEFINE_string(
-          "folder", None, "diffusers2jax: a UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors "
-          "or .bin) or a pipeline folder with unet/ (and scheduler/, whose variance_type is used without --config)."),
-      workdir=flags.DEFINE_string(
-          "workdir", None, "jax2diffusers: our training workdir or converted directory (or one checkpoints/<step>)."),
-      step=flags.DEFINE_integer("step", None, "Step recorded in (tf2jax, diffusers2jax) or read from "
-                                "(jax2diffusers) our checkpoint; default: the TF global_step, 0, the newest."),
-      out=flags.DEFINE_string("out", None, "Output: our checkpoint directory (*2jax) or a diffusers folder "
-                              "(*2diffusers). Existing outputs are never overwritten."),
+    config=config,
+    preset=flags.DEFINE_string(
+      "preset",
+      None,
+      "Without --config: the base config, one of "
+      + ", ".join(f"{k} ({v})" for k, v in PRESETS.items())
+      + "; the network (ch, ch_mult, blocks, attention, "
+      "channels, variance) is read off the checkpoint. Default: cifar10.",
+    ),
+    image_size=flags.DEFINE_integer(
+      "image_size",
+      None,
+      "Without --config: the image size (the TF tensors do not tell it; tf2jax and "
+      "tf2diffusers need --image_size or --preset). diffusers2jax takes the folder's sample_size.",
+    ),
+    checkpoint=flags.DEFINE_string(
+      "checkpoint",
+      None,
+      "tf2jax/tf2diffusers: the TF1 checkpoint prefix (.../model.ckpt-790000), one of its "
+      "files, or its directory. Needs TensorFlow: " + TF_INSTALL_HINT,
+    ),
+    raw=flags.DEFINE_bool(
+      "raw",
+      False,
+      "Convert the raw training weights instead of the EMA weights (tf2jax, tf2diffusers, "
+      "jax2diffusers). tf2jax without --raw keeps both copies (params = raw, ema_params = EMA).",
+    ),
+    folder=flags.DEFINE_string(
+      "folder",
+      None,
+      "diffusers2jax: a UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors "
+      "or .bin) or a pipeline folder with unet/ (and scheduler/, whose variance_type is used without --config).",
+    ),
+    workdir=flags.DEFINE_string(
+      "workdir", None, "jax2diffusers: our training workdir or converted directory (or one checkpoints/<step>)."
+    ),
+    step=flags.DEFINE_integer(
+      "step",
+      None,
+      "Step recorded in (tf2jax, diffusers2jax) or read from "
+      "(jax2diffusers) our checkpoint; default: the TF global_step, 0, the newest.",
+    ),
+    out=flags.DEFINE_string(
+      "out",
+      None,
+      "Output: our checkpoint directory (*2jax) or a diffusers folder "
+      "(*2diffusers). Existing outputs are never overwritten.",
+    ),
   )
 
 
@@ -1247,8 +1445,10 @@ def _run(command: str, f: Mapping[str, Any]) -> None:
   config = f["config"].value
   preset, image_size = _value(f, "preset") or None, _value(f, "image_size")
   if config is not None and (preset or image_size is not None):
-    raise ConversionError("Give either --config or --preset/--image_size (which build the config from the "
-                          "checkpoint), not both; drop --preset/--image_size or --config.")
+    raise ConversionError(
+      "Give either --config or --preset/--image_size (which build the config from the "
+      "checkpoint), not both; drop --preset/--image_size or --config."
+    )
   if preset:
     preset_config(preset)  # an unknown preset fails before any checkpoint is read
   if config is not None and command != "jax2diffusers":
@@ -1261,13 +1461,18 @@ def _run(command: str, f: Mapping[str, Any]) -> None:
   if command in ("tf2jax", "tf2diffusers"):
     if config is None and not preset and image_size is None:
       raise ConversionError(
-          f"{command} without --config needs the image size, which a TF checkpoint's tensors do not tell: pass "
-          "--image_size=N (e.g. 32), --preset=cifar10|celebahq|lsun, or --config=configs/cifar.py.")
+        f"{command} without --config needs the image size, which a TF checkpoint's tensors do not tell: pass "
+        "--image_size=N (e.g. 32), --preset=cifar10|celebahq|lsun, or --config=configs/cifar.py."
+      )
     ckpt = read_tf_checkpoint(need("checkpoint"))
     chosen = _tf_select(ckpt, use_ema=not f["raw"].value)
     if config is None:
-      config = built(inferred_config(infer_architecture(chosen), image_size=image_size, preset=preset,
-                                     learned_var_type=TF_LEARNED_VAR_TYPE), PRESETS[preset or "cifar10"])
+      config = built(
+        inferred_config(
+          infer_architecture(chosen), image_size=image_size, preset=preset, learned_var_type=TF_LEARNED_VAR_TYPE
+        ),
+        PRESETS[preset or "cifar10"],
+      )
     validate_params(chosen, config, learned_var_type=TF_LEARNED_VAR_TYPE)
     if command == "tf2diffusers":
       params_to_diffusers(chosen, config, out)
@@ -1285,11 +1490,14 @@ def _run(command: str, f: Mapping[str, Any]) -> None:
       size = overrides["data"]["image_size"]
       if image_size is not None and image_size != size:
         raise ConversionError(
-            f"--image_size={image_size}, but the diffusers model's sample_size is {size} (it places the attention "
-            f"layers); pass --image_size={size} or leave it out.")
+          f"--image_size={image_size}, but the diffusers model's sample_size is {size} (it places the attention "
+          f"layers); pass --image_size={size} or leave it out."
+        )
       types = diffusers_scheduler_types(folder)
-      config = built(inferred_config(infer_architecture(params), image_size=size, preset=preset, **types),
-                     PRESETS[preset or "cifar10"])
+      config = built(
+        inferred_config(infer_architecture(params), image_size=size, preset=preset, **types),
+        PRESETS[preset or "cifar10"],
+      )
     else:
       check_config_matches(config, overrides)
     write_checkpoint(out, config=config, params=params, ema_params=params, step=f["step"].value or 0)
@@ -1297,11 +1505,11 @@ def _run(command: str, f: Mapping[str, Any]) -> None:
   elif command == "jax2diffusers":
     from diffusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
 
-    config, params, step = checkpointing.load_params(need("workdir"), use_ema=not f["raw"].value,
-                                                     step=f["step"].value)
+    config, params, step = checkpointing.load_params(need("workdir"), use_ema=not f["raw"].value, step=f["step"].value)
     params_to_diffusers(params, config, out)
-    logging.info("Exported step %d (%s weights) of %s to %s.", step, "raw" if f["raw"].value else "EMA",
-                 f["workdir"].value, out)
+    logging.info(
+      "Exported step %d (%s weights) of %s to %s.", step, "raw" if f["raw"].value else "EMA", f["workdir"].value, out
+    )
 
 
 def main() -> None:

@@ -42,9 +42,7 @@ ModelFn = Callable[[Array, Array], Array]
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
   """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) in nats, elementwise (broadcasting)."""
-  return 0.5 * (
-      -1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2) + jnp.square(mean1 - mean2) * jnp.exp(-logvar2)
-  )
+  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2) + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
 
 
 def approx_standard_normal_cdf(x):
@@ -67,9 +65,7 @@ def discretized_gaussian_log_likelihood(x, *, means, log_scales):
     [B, H, W, C] log-probabilities, floored at log(1e-12).
   """
   if x.shape != jnp.broadcast_shapes(x.shape, jnp.shape(means), jnp.shape(log_scales)):
-    raise ValueError(
-        f"means {jnp.shape(means)} and log_scales {jnp.shape(log_scales)} must broadcast to x {x.shape}."
-    )
+    raise ValueError(f"means {jnp.shape(means)} and log_scales {jnp.shape(log_scales)} must broadcast to x {x.shape}.")
   centered_x = x - means
   inv_stdv = jnp.exp(-log_scales)
   cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered_x + 1.0 / 255.0))
@@ -122,13 +118,13 @@ class GaussianDiffusion:
 
   @classmethod
   def create(
-      cls,
-      betas,
-      *,
-      model_mean_type: str = "eps",
-      model_var_type: str = "fixedlarge",
-      loss_type: str = "mse",
-      hybrid_lambda: float = 0.001,
+    cls,
+    betas,
+    *,
+    model_mean_type: str = "eps",
+    model_var_type: str = "fixedlarge",
+    loss_type: str = "mse",
+    hybrid_lambda: float = 0.001,
   ) -> GaussianDiffusion:
     """Precomputes the tables in float64 and stores them as float32.
 
@@ -151,22 +147,22 @@ class GaussianDiffusion:
         rank, or a loss that does not fit the variance type.
     """
     for name, value, choices in (
-        ("model_mean_type", model_mean_type, MODEL_MEAN_TYPES),
-        ("model_var_type", model_var_type, MODEL_VAR_TYPES),
-        ("loss_type", loss_type, LOSS_TYPES),
+      ("model_mean_type", model_mean_type, MODEL_MEAN_TYPES),
+      ("model_var_type", model_var_type, MODEL_VAR_TYPES),
+      ("loss_type", loss_type, LOSS_TYPES),
     ):
       if value not in choices:
         raise ValueError(f"Unknown {name} {value!r}; valid choices are {', '.join(choices)}.")
     learned = model_var_type in ("learned", "learned_range")
     if loss_type == "mse" and learned:
       raise ValueError(
-          f"loss_type='mse' cannot train a {model_var_type!r} variance; use loss_type='hybrid' or 'kl', "
-          "or a fixed variance (fixedlarge/fixedsmall)."
+        f"loss_type='mse' cannot train a {model_var_type!r} variance; use loss_type='hybrid' or 'kl', "
+        "or a fixed variance (fixedlarge/fixedsmall)."
       )
     if loss_type == "hybrid" and not learned:
       raise ValueError(
-          f"loss_type='hybrid' trains a learned variance, but model_var_type={model_var_type!r}; "
-          "use 'learned' or 'learned_range', or loss_type='mse'."
+        f"loss_type='hybrid' trains a learned variance, but model_var_type={model_var_type!r}; "
+        "use 'learned' or 'learned_range', or loss_type='mse'."
       )
 
     betas = np.asarray(betas, dtype=np.float64)
@@ -185,27 +181,27 @@ class GaussianDiffusion:
       posterior_log_variance_clipped = np.log(np.append(first, posterior_variance[1:]))
       fixedlarge_log_variance = np.log(np.append(first, betas[1:]))
       tables = dict(
-          betas=betas,
-          alphas_cumprod=alphas_cumprod,
-          alphas_cumprod_prev=alphas_cumprod_prev,
-          sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
-          sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
-          log_one_minus_alphas_cumprod=np.log(1.0 - alphas_cumprod),
-          sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
-          sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
-          posterior_variance=posterior_variance,
-          posterior_log_variance_clipped=posterior_log_variance_clipped,
-          posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-          posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
-          fixedlarge_log_variance=fixedlarge_log_variance,
-          log_betas=np.log(betas),
+        betas=betas,
+        alphas_cumprod=alphas_cumprod,
+        alphas_cumprod_prev=alphas_cumprod_prev,
+        sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
+        sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
+        log_one_minus_alphas_cumprod=np.log(1.0 - alphas_cumprod),
+        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
+        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
+        posterior_variance=posterior_variance,
+        posterior_log_variance_clipped=posterior_log_variance_clipped,
+        posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+        posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+        fixedlarge_log_variance=fixedlarge_log_variance,
+        log_betas=np.log(betas),
       )
     return cls(
-        **{k: jnp.asarray(v, dtype=jnp.float32) for k, v in tables.items()},
-        model_mean_type=model_mean_type,
-        model_var_type=model_var_type,
-        loss_type=loss_type,
-        hybrid_lambda=float(hybrid_lambda),
+      **{k: jnp.asarray(v, dtype=jnp.float32) for k, v in tables.items()},
+      model_mean_type=model_mean_type,
+      model_var_type=model_var_type,
+      loss_type=loss_type,
+      hybrid_lambda=float(hybrid_lambda),
     )
 
   # --------------------------------------------------------------------------
@@ -231,7 +227,7 @@ class GaussianDiffusion:
       raise ValueError(f"{name} must be a floating-point array, got dtype {jnp.result_type(x)}.")
     if jnp.ndim(t) != 1 or jnp.shape(t)[0] != jnp.shape(x)[0]:
       raise ValueError(
-          f"t must have shape [B] = [{jnp.shape(x)[0]}] (one timestep per example), got shape {jnp.shape(t)}."
+        f"t must have shape [B] = [{jnp.shape(x)[0]}] (one timestep per example), got shape {jnp.shape(t)}."
       )
     if not jnp.issubdtype(jnp.result_type(t), jnp.integer):
       raise ValueError(f"t must hold integer timesteps in [0, {self.num_timesteps}), got dtype {jnp.result_type(t)}.")
@@ -260,8 +256,8 @@ class GaussianDiffusion:
     if noise.shape != x_start.shape:
       raise ValueError(f"noise has shape {noise.shape}, expected x_start's shape {x_start.shape}.")
     return (
-        self._extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
+      self._extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+      + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
     )
 
   def q_posterior_mean_variance(self, x_start, x_t, t):
@@ -270,8 +266,8 @@ class GaussianDiffusion:
     if x_start.shape != x_t.shape:
       raise ValueError(f"x_start has shape {x_start.shape}, expected x_t's shape {x_t.shape}.")
     mean = (
-        self._extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
-        + self._extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
+      self._extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
+      + self._extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
     )
     variance = self._extract(self.posterior_variance, t, x_t.shape)
     log_variance_clipped = self._extract(self.posterior_log_variance_clipped, t, x_t.shape)
@@ -283,13 +279,13 @@ class GaussianDiffusion:
 
   def predict_xstart_from_eps(self, x_t, t, eps):
     return (
-        self._extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-        - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
+      self._extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+      - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
     )
 
   def predict_eps_from_xstart(self, x_t, t, pred_xstart):
     return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart) / self._extract(
-        self.sqrt_recipm1_alphas_cumprod, t, x_t.shape
+      self.sqrt_recipm1_alphas_cumprod, t, x_t.shape
     )
 
   def predict_xstart_from_xprev(self, x_t, t, xprev):
@@ -299,15 +295,15 @@ class GaussianDiffusion:
 
   def predict_xstart_from_v(self, x_t, t, v):
     return (
-        self._extract(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
-        - self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v
+      self._extract(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
+      - self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v
     )
 
   def get_v(self, x_start, noise, t):
     """The v-prediction target √ᾱ_t ε − √(1−ᾱ_t) x_0 (Salimans & Ho 2022)."""
     return (
-        self._extract(self.sqrt_alphas_cumprod, t, x_start.shape) * noise
-        - self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * x_start
+      self._extract(self.sqrt_alphas_cumprod, t, x_start.shape) * noise
+      - self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * x_start
     )
 
   # --------------------------------------------------------------------------
@@ -320,8 +316,8 @@ class GaussianDiffusion:
     expected = x_t.shape[:-1] + (self.model_output_channels(c),)
     if model_output.shape != expected:
       raise ValueError(
-          f"model_output has shape {model_output.shape}, expected {expected} "
-          f"(model_var_type={self.model_var_type!r} needs {self.model_output_channels(c)} output channels)."
+        f"model_output has shape {model_output.shape}, expected {expected} "
+        f"(model_var_type={self.model_var_type!r} needs {self.model_output_channels(c)} output channels)."
       )
     model_output = model_output.astype(jnp.float32)
     if self.learned_variance:
@@ -411,9 +407,7 @@ class GaussianDiffusion:
     out = self.p_mean_variance(model_output, x_t, t, clip_denoised=clip_denoised)
     kl = normal_kl(true_mean, true_log_variance_clipped, out["mean"], out["log_variance"])
     kl = _meanflat(kl) / math.log(2.0)
-    decoder_nll = -discretized_gaussian_log_likelihood(
-        x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
-    )
+    decoder_nll = -discretized_gaussian_log_likelihood(x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])
     decoder_nll = _meanflat(decoder_nll) / math.log(2.0)
     return dict(output=jnp.where(t == 0, decoder_nll, kl), pred_xstart=out["pred_xstart"])
 
@@ -504,15 +498,15 @@ class GaussianDiffusion:
 def from_config(config: Any) -> GaussianDiffusion:
   """Builds a GaussianDiffusion from a config's `diffusion` section (see configs/)."""
   betas = schedules.get_beta_schedule(
-      config.beta_schedule,
-      beta_start=config.beta_start,
-      beta_end=config.beta_end,
-      num_timesteps=config.num_timesteps,
+    config.beta_schedule,
+    beta_start=config.beta_start,
+    beta_end=config.beta_end,
+    num_timesteps=config.num_timesteps,
   )
   return GaussianDiffusion.create(
-      betas,
-      model_mean_type=config.model_mean_type,
-      model_var_type=config.model_var_type,
-      loss_type=config.loss_type,
-      hybrid_lambda=config.get("hybrid_lambda", 0.001),
+    betas,
+    model_mean_type=config.model_mean_type,
+    model_var_type=config.model_var_type,
+    loss_type=config.loss_type,
+    hybrid_lambda=config.get("hybrid_lambda", 0.001),
   )

@@ -16,8 +16,9 @@ def to_uint8(x) -> np.ndarray:
   return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def make_grid(images, *, ncols: int | None = None, padding: int = 2, scale: int = 1,
-              pad_value: int = 255) -> np.ndarray:
+def make_grid(
+  images, *, ncols: int | None = None, padding: int = 2, scale: int = 1, pad_value: int = 255
+) -> np.ndarray:
   """Tiles uint8 images [N, H, W, C] into one [H', W', C] picture.
 
   Args:
@@ -41,7 +42,7 @@ def make_grid(images, *, ncols: int | None = None, padding: int = 2, scale: int 
   for i in range(n):
     r, col = divmod(i, ncols)
     y, x = padding + r * (h + padding), padding + col * (w + padding)
-    grid[y:y + h, x:x + w] = images[i]
+    grid[y : y + h, x : x + w] = images[i]
   return grid
 
 

@@ -56,11 +56,11 @@ from diffusion_jax import runtime
 
 # Our dataset names → tfds names.
 TFDS_DATASETS = {
-    "cifar10": "cifar10",
-    "celeb_a_hq": "celeb_a_hq/256",
-    "lsun_bedroom": "lsun/bedroom",
-    "lsun_church_outdoor": "lsun/church_outdoor",
-    "lsun_cat": "lsun/cat",
+  "cifar10": "cifar10",
+  "celeb_a_hq": "celeb_a_hq/256",
+  "lsun_bedroom": "lsun/bedroom",
+  "lsun_church_outdoor": "lsun/church_outdoor",
+  "lsun_cat": "lsun/cat",
 }
 DATASETS = tuple(sorted([*TFDS_DATASETS, "digits", "folder"]))
 
@@ -154,8 +154,13 @@ def _load_image_file(path: pathlib.Path, image_size: int, channels: int) -> np.n
 class _ArraySource(grain.sources.RandomAccessDataSource):
   """Images held in memory, uint8 [N, H, W, C], with optional int labels [N]."""
 
-  def __init__(self, images: np.ndarray, description: str, labels: np.ndarray | None = None,
-               class_names: collections.abc.Sequence[str] | None = None):
+  def __init__(
+    self,
+    images: np.ndarray,
+    description: str,
+    labels: np.ndarray | None = None,
+    class_names: collections.abc.Sequence[str] | None = None,
+  ):
     self._images = images
     self._description = description
     self._labels = labels
@@ -212,15 +217,23 @@ class _TfdsSource(grain.sources.RandomAccessDataSource):
     return _fit_array(self._source[index]["image"], self._image_size, self._channels)
 
   def __repr__(self) -> str:
-    return (f"TfdsSource(name={self._tfds_name!r}, split={self._split!r}, num_examples={self._len}, "
-            f"image_size={self._image_size}, channels={self._channels})")
+    return (
+      f"TfdsSource(name={self._tfds_name!r}, split={self._split!r}, num_examples={self._len}, "
+      f"image_size={self._image_size}, channels={self._channels})"
+    )
 
 
 class _FolderSource(grain.sources.RandomAccessDataSource):
   """Image files decoded on access."""
 
-  def __init__(self, paths: collections.abc.Sequence[pathlib.Path], split: str, image_size: int, channels: int,
-               root: pathlib.Path | None = None):
+  def __init__(
+    self,
+    paths: collections.abc.Sequence[pathlib.Path],
+    split: str,
+    image_size: int,
+    channels: int,
+    root: pathlib.Path | None = None,
+  ):
     self._paths = tuple(paths)
     self._split = split
     self._image_size = image_size
@@ -244,22 +257,27 @@ class _FolderSource(grain.sources.RandomAccessDataSource):
     return _load_image_file(self._paths[index], self._image_size, self._channels)
 
   def __repr__(self) -> str:
-    return (f"FolderSource(split={self._split!r}, num_examples={len(self)}, "
-            f"image_size={self._image_size}, channels={self._channels})")
+    return (
+      f"FolderSource(split={self._split!r}, num_examples={len(self)}, "
+      f"image_size={self._image_size}, channels={self._channels})"
+    )
 
 
 def _prepare_instructions(tfds_name: str, data_dir: str) -> str:
   data_dir_flag = f" --data_dir={data_dir}" if data_dir else ""
   if tfds_name.startswith("celeb_a_hq"):
     return (
-        "CelebA-HQ cannot be downloaded automatically: follow the manual download steps at "
-        "https://www.tensorflow.org/datasets/catalog/celeb_a_hq, put the files in MANUAL_DIR, then run "
-        "(needs TensorFlow: pip install 'diffusion_jax[tf]')\n"
-        f"  tfds build {tfds_name} --manual_dir=MANUAL_DIR --file_format=array_record{data_dir_flag}")
-  return ("prepare it once (needs TensorFlow: pip install 'diffusion_jax[tf]') with\n"
-          f"  tfds build {tfds_name} --file_format=array_record{data_dir_flag}\n"
-          f"or in Python: tfds.builder({tfds_name!r}, data_dir={data_dir or None!r}, "
-          "file_format='array_record').download_and_prepare()")
+      "CelebA-HQ cannot be downloaded automatically: follow the manual download steps at "
+      "https://www.tensorflow.org/datasets/catalog/celeb_a_hq, put the files in MANUAL_DIR, then run "
+      "(needs TensorFlow: pip install 'diffusion_jax[tf]')\n"
+      f"  tfds build {tfds_name} --manual_dir=MANUAL_DIR --file_format=array_record{data_dir_flag}"
+    )
+  return (
+    "prepare it once (needs TensorFlow: pip install 'diffusion_jax[tf]') with\n"
+    f"  tfds build {tfds_name} --file_format=array_record{data_dir_flag}\n"
+    f"or in Python: tfds.builder({tfds_name!r}, data_dir={data_dir or None!r}, "
+    "file_format='array_record').download_and_prepare()"
+  )
 
 
 def _open_tfds_source(tfds_name: str, split: str, data_dir: str):
@@ -279,18 +297,22 @@ def _open_tfds_source(tfds_name: str, split: str, data_dir: str):
     except Exception:  # pylint: disable=broad-except
       raise ValueError(f"Cannot open tfds dataset {tfds_name!r} split {split!r} in {where}: {error}") from error
     if not prepared:
-      raise ValueError(f"tfds dataset {tfds_name!r} is not prepared in {where}; "
-                       f"{_prepare_instructions(tfds_name, data_dir)}") from error
+      raise ValueError(
+        f"tfds dataset {tfds_name!r} is not prepared in {where}; {_prepare_instructions(tfds_name, data_dir)}"
+      ) from error
     if file_format is not None and str(getattr(file_format, "value", file_format)) not in ("array_record", "parquet"):
       raise ValueError(
-          f"tfds dataset {tfds_name!r} in {version_dir} is stored as {getattr(file_format, 'value', file_format)}, "
-          "which has no random access; convert it (needs TensorFlow: pip install 'diffusion_jax[tf]') with\n"
-          f"  tfds convert_format --dataset_version_dir={version_dir} --out_file_format=array_record\n"
-          f"or rebuild it: {_prepare_instructions(tfds_name, data_dir)}") from error
+        f"tfds dataset {tfds_name!r} in {version_dir} is stored as {getattr(file_format, 'value', file_format)}, "
+        "which has no random access; convert it (needs TensorFlow: pip install 'diffusion_jax[tf]') with\n"
+        f"  tfds convert_format --dataset_version_dir={version_dir} --out_file_format=array_record\n"
+        f"or rebuild it: {_prepare_instructions(tfds_name, data_dir)}"
+      ) from error
     base_split = split.split("[", 1)[0].split("+", 1)[0]
     if splits and base_split not in splits:
-      raise ValueError(f"tfds dataset {tfds_name!r} has no split {split!r}; its splits are {sorted(splits)}. "
-                       "Set config.data.train_split / eval_split accordingly.") from error
+      raise ValueError(
+        f"tfds dataset {tfds_name!r} has no split {split!r}; its splits are {sorted(splits)}. "
+        "Set config.data.train_split / eval_split accordingly."
+      ) from error
     raise
   finally:
     runtime.hide_tensorflow_if_loaded()  # tfds may have imported TensorFlow
@@ -332,8 +354,10 @@ def _scan_folder(root: pathlib.Path, skip_corrupt: bool) -> list[pathlib.Path]:
   """The readable image files under `root`; corrupt ones raise or are skipped with a warning."""
   paths = _list_image_files(root)
   if not paths:
-    raise ValueError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root}. "
-                     "Set config.data.data_dir to a folder that contains images (searched recursively).")
+    raise ValueError(
+      f"No image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root}. "
+      "Set config.data.data_dir to a folder that contains images (searched recursively)."
+    )
   with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
     errors = list(pool.map(_check_image_file, paths))
   bad = [(path, error) for path, error in zip(paths, errors) if error is not None]
@@ -354,8 +378,10 @@ def _scan_folder(root: pathlib.Path, skip_corrupt: bool) -> list[pathlib.Path]:
 def _folder_split_root(data_config: ml_collections.ConfigDict, split: str) -> pathlib.Path:
   """`data_dir/<split>` if that folder exists, else `data_dir` itself for the train split."""
   if not data_config.data_dir:
-    raise ValueError("dataset='folder' reads images from config.data.data_dir, which is empty: "
-                     "set --config.data.data_dir=/path/to/images.")
+    raise ValueError(
+      "dataset='folder' reads images from config.data.data_dir, which is empty: "
+      "set --config.data.data_dir=/path/to/images."
+    )
   root = pathlib.Path(data_config.data_dir).expanduser()
   if not root.is_dir():
     raise ValueError(f"config.data.data_dir={str(root)!r} is not a folder; point it at a folder of images.")
@@ -363,9 +389,11 @@ def _folder_split_root(data_config: ml_collections.ConfigDict, split: str) -> pa
     return root / split
   if split == data_config.get("train_split", "train"):
     return root
-  raise ValueError(f"The image folder {root} has no sub-folder {split!r} for split {split!r}: "
-                   f"create {root / split} with its images, or set config.data.eval_split='' to skip evaluation "
-                   "on data.")
+  raise ValueError(
+    f"The image folder {root} has no sub-folder {split!r} for split {split!r}: "
+    f"create {root / split} with its images, or set config.data.eval_split='' to skip evaluation "
+    "on data."
+  )
 
 
 def load_digits(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
@@ -423,14 +451,21 @@ def _check_labels(source, config: ml_collections.ConfigDict, split: str) -> bool
     return False
   names = source.class_names
   if names is None:
-    hint = (" Put the images in one sub-folder per class under config.data.data_dir."
-            if config.data.dataset == "folder" else "")
-    raise ValueError(f"config.model.num_classes={num_classes} asks for a class-conditional model, but "
-                     f"{config.data.dataset}:{split} has no class labels.{hint} Or set --config.model.num_classes=0.")
+    hint = (
+      " Put the images in one sub-folder per class under config.data.data_dir."
+      if config.data.dataset == "folder"
+      else ""
+    )
+    raise ValueError(
+      f"config.model.num_classes={num_classes} asks for a class-conditional model, but "
+      f"{config.data.dataset}:{split} has no class labels.{hint} Or set --config.model.num_classes=0."
+    )
   if len(names) != num_classes:
-    raise ValueError(f"config.model.num_classes={num_classes}, but {config.data.dataset}:{split} has {len(names)} "
-                     f"classes ({', '.join(names[:12])}{', …' if len(names) > 12 else ''}); set "
-                     f"--config.model.num_classes={len(names)}.")
+    raise ValueError(
+      f"config.model.num_classes={num_classes}, but {config.data.dataset}:{split} has {len(names)} "
+      f"classes ({', '.join(names[:12])}{', …' if len(names) > 12 else ''}); set "
+      f"--config.model.num_classes={len(names)}."
+    )
   return True
 
 
@@ -458,8 +493,10 @@ class _Normalize(grain.transforms.Map):
   def map(self, element) -> Batch:
     if isinstance(element, tuple):
       images, labels = element
-      return {"image": images.astype(np.float32) / np.float32(127.5) - np.float32(1.0),
-              "label": np.asarray(labels, np.int32)}
+      return {
+        "image": images.astype(np.float32) / np.float32(127.5) - np.float32(1.0),
+        "label": np.asarray(labels, np.int32),
+      }
     return {"image": element.astype(np.float32) / np.float32(127.5) - np.float32(1.0)}
 
 
@@ -479,8 +516,10 @@ def _process_shard(process_index: int | None, process_count: int | None) -> tupl
 
 def _local_batch_size(global_batch_size: int, process_count: int, what: str) -> int:
   if global_batch_size < 1 or global_batch_size % process_count:
-    raise ValueError(f"{what}={global_batch_size} must be a positive multiple of the number of "
-                     f"processes ({process_count}); change the batch size.")
+    raise ValueError(
+      f"{what}={global_batch_size} must be a positive multiple of the number of "
+      f"processes ({process_count}); change the batch size."
+    )
   return global_batch_size // process_count
 
 
@@ -496,8 +535,9 @@ class _TrainLayout(grain.sources.RandomAccessDataSource):
   reads exactly the stream.
   """
 
-  def __init__(self, source, sampler, *, global_batch: int, local_batch: int, process_index: int, flip: bool,
-               labels: bool = False):
+  def __init__(
+    self, source, sampler, *, global_batch: int, local_batch: int, process_index: int, flip: bool, labels: bool = False
+  ):
     self._labels = labels
     self._source = source
     self._sampler = sampler
@@ -520,9 +560,11 @@ class _TrainLayout(grain.sources.RandomAccessDataSource):
     return image
 
   def __repr__(self) -> str:
-    return (f"TrainLayout({self._source!r}, {self._sampler!r}, global_batch={self._global_batch}, "
-            f"local_batch={self._local_batch}, offset={self._offset}, flip={self._flip}"
-            + (", labels=True)" if self._labels else ")"))
+    return (
+      f"TrainLayout({self._source!r}, {self._sampler!r}, global_batch={self._global_batch}, "
+      f"local_batch={self._local_batch}, offset={self._offset}, flip={self._flip}"
+      + (", labels=True)" if self._labels else ")")
+    )
 
 
 # Positions a training stream can address (endless in practice: 2**40 examples).
@@ -530,12 +572,12 @@ _STREAM_LENGTH = 2**40
 
 
 def create_train_iterator(
-    config: ml_collections.ConfigDict,
-    *,
-    seed: int | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    worker_count: int | None = None,
+  config: ml_collections.ConfigDict,
+  *,
+  seed: int | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  worker_count: int | None = None,
 ) -> grain.DataLoaderIterator:
   """An infinite, shuffled iterator over this process's contiguous part of every global batch.
 
@@ -578,14 +620,21 @@ def create_train_iterator(
   source = _make_source(config.data, config.data.train_split)
   stream = grain.samplers.IndexSampler(num_records=len(source), shuffle=True, num_epochs=None, seed=int(seed))
   labels = _check_labels(source, config, config.data.train_split)
-  layout = _TrainLayout(source, stream, global_batch=global_batch, local_batch=local_batch,
-                        process_index=process_index, flip=bool(config.data.random_flip), labels=labels)
+  layout = _TrainLayout(
+    source,
+    stream,
+    global_batch=global_batch,
+    local_batch=local_batch,
+    process_index=process_index,
+    flip=bool(config.data.random_flip),
+    labels=labels,
+  )
   loader = grain.DataLoader(
-      data_source=layout,
-      sampler=grain.samplers.SequentialSampler(num_records=_STREAM_LENGTH),
-      operations=[grain.transforms.Batch(local_batch, drop_remainder=True), _Normalize()],
-      worker_count=worker_count,
-      read_options=_read_options(source, 2 * local_batch),
+    data_source=layout,
+    sampler=grain.samplers.SequentialSampler(num_records=_STREAM_LENGTH),
+    operations=[grain.transforms.Batch(local_batch, drop_remainder=True), _Normalize()],
+    worker_count=worker_count,
+    read_options=_read_options(source, 2 * local_batch),
   )
   return iter(loader)
 
@@ -618,8 +667,9 @@ class _EvalLayout(grain.sources.RandomAccessDataSource):
   [k·B + p·b, k·B + (p+1)·b) with b = B / P. Slots past the end are padding.
   """
 
-  def __init__(self, source, num_examples: int, num_batches: int, global_batch: int, process_index: int,
-               local_batch: int):
+  def __init__(
+    self, source, num_examples: int, num_batches: int, global_batch: int, process_index: int, local_batch: int
+  ):
     self._source = source
     self._num_examples = num_examples
     self._num_batches = num_batches
@@ -644,8 +694,10 @@ class _EvalLayout(grain.sources.RandomAccessDataSource):
 
 def _eval_batch(elements: collections.abc.Sequence[tuple[np.ndarray, bool]]) -> Batch:
   images = np.stack([e[0] for e in elements])
-  batch = {"image": images.astype(np.float32) / np.float32(127.5) - np.float32(1.0),
-           "mask": np.array([e[1] for e in elements], dtype=bool)}
+  batch = {
+    "image": images.astype(np.float32) / np.float32(127.5) - np.float32(1.0),
+    "mask": np.array([e[1] for e in elements], dtype=bool),
+  }
   if elements and len(elements[0]) == 3:
     batch["label"] = np.array([e[2] for e in elements], np.int32)
   return batch
@@ -666,8 +718,16 @@ class EvalIterator(collections.abc.Iterable):
     local_batch_size: B / P.
   """
 
-  def __init__(self, dataset: grain.MapDataset, *, num_examples: int, num_batches: int, split_size: int,
-               global_batch_size: int, local_batch_size: int):
+  def __init__(
+    self,
+    dataset: grain.MapDataset,
+    *,
+    num_examples: int,
+    num_batches: int,
+    split_size: int,
+    global_batch_size: int,
+    local_batch_size: int,
+  ):
     self._dataset = dataset
     self.num_examples = num_examples
     self.num_batches = num_batches
@@ -682,19 +742,21 @@ class EvalIterator(collections.abc.Iterable):
     return self.num_batches
 
   def __repr__(self) -> str:
-    return (f"EvalIterator(num_examples={self.num_examples}, num_batches={self.num_batches}, "
-            f"split_size={self.split_size}, global_batch_size={self.global_batch_size})")
+    return (
+      f"EvalIterator(num_examples={self.num_examples}, num_batches={self.num_batches}, "
+      f"split_size={self.split_size}, global_batch_size={self.global_batch_size})"
+    )
 
 
 def create_eval_iterator(
-    config: ml_collections.ConfigDict,
-    *,
-    split: str | None = None,
-    batch_size: int | None = None,
-    drop_remainder: bool = False,
-    max_examples: int = 0,
-    process_index: int | None = None,
-    process_count: int | None = None,
+  config: ml_collections.ConfigDict,
+  *,
+  split: str | None = None,
+  batch_size: int | None = None,
+  drop_remainder: bool = False,
+  max_examples: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
 ) -> EvalIterator:
   """Fixed-order batches over a whole split, sharded across processes.
 
@@ -720,8 +782,10 @@ def create_eval_iterator(
   """
   split = config.data.eval_split if split is None else split
   if not split:
-    raise ValueError(f"No eval split: config.data.eval_split is empty for dataset {config.data.dataset!r}. "
-                     "Set it (e.g. --config.data.eval_split=test) or skip data-based evaluation.")
+    raise ValueError(
+      f"No eval split: config.data.eval_split is empty for dataset {config.data.dataset!r}. "
+      "Set it (e.g. --config.data.eval_split=test) or skip data-based evaluation."
+    )
   batch_size = config.eval.batch_size if batch_size is None else batch_size
   if max_examples < 0:
     raise ValueError(f"max_examples must be >= 0 (0 = the whole split), got {max_examples}.")
@@ -732,15 +796,34 @@ def create_eval_iterator(
   total = min(split_size, max_examples) if max_examples else split_size
   num_batches = total // batch_size if drop_remainder else -(-total // batch_size)
   if num_batches == 0:
-    raise ValueError(f"The split {split!r} has {total} examples, fewer than one global eval batch of {batch_size} "
-                     "with drop_remainder=True: lower the batch size or pad instead.")
+    raise ValueError(
+      f"The split {split!r} has {total} examples, fewer than one global eval batch of {batch_size} "
+      "with drop_remainder=True: lower the batch size or pad instead."
+    )
   num_examples = min(total, num_batches * batch_size)
   layout = _EvalLayout(source, total, num_batches, batch_size, process_index, local_batch)
   layout.labels = _check_labels(source, config, split) if "model" in config else False
-  dataset = grain.MapDataset.source(layout).batch(local_batch, batch_fn=_eval_batch).to_iter_dataset(
-      _read_options(source, 2 * local_batch))
+  dataset = (
+    grain.MapDataset.source(layout)
+    .batch(local_batch, batch_fn=_eval_batch)
+    .to_iter_dataset(_read_options(source, 2 * local_batch))
+  )
   if num_examples < split_size:
-    logging.info("Eval on %s:%s covers %d of %d examples (batch %d, drop_remainder=%s, max_examples=%d).",
-                 config.data.dataset, split, num_examples, split_size, batch_size, drop_remainder, max_examples)
-  return EvalIterator(dataset, num_examples=num_examples, num_batches=num_batches, split_size=split_size,
-                      global_batch_size=batch_size, local_batch_size=local_batch)
+    logging.info(
+      "Eval on %s:%s covers %d of %d examples (batch %d, drop_remainder=%s, max_examples=%d).",
+      config.data.dataset,
+      split,
+      num_examples,
+      split_size,
+      batch_size,
+      drop_remainder,
+      max_examples,
+    )
+  return EvalIterator(
+    dataset,
+    num_examples=num_examples,
+    num_batches=num_batches,
+    split_size=split_size,
+    global_batch_size=batch_size,
+    local_batch_size=local_batch,
+  )

@@ -33,10 +33,13 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run: checkpoints, logs, samples, eval results.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do with the workdir.")
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None,
-    "host:port of process 0 for multi-process GPU runs ($JAX_COORDINATOR_ADDRESS; TPU VMs and srun need none).")
+  "coordinator_address",
+  None,
+  "host:port of process 0 for multi-process GPU runs ($JAX_COORDINATOR_ADDRESS; TPU VMs and srun need none).",
+)
 _NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "Number of processes of a multi-process run ($JAX_NUM_PROCESSES).")
+  "num_processes", None, "Number of processes of a multi-process run ($JAX_NUM_PROCESSES)."
+)
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run ($JAX_PROCESS_ID).")
 
 
@@ -82,17 +85,20 @@ def _initialize_distributed() -> None:
   # Cross-process collectives on CPU need an implementation (gloo is the default from JAX 0.5 on).
   if jax.config.jax_cpu_collectives_implementation is None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  where = (f"coordinator {coordinator}, {num_processes} processes, process id {process_id}" if explicit
-           else f"auto-detected {cluster}")
+  where = (
+    f"coordinator {coordinator}, {num_processes} processes, process id {process_id}"
+    if explicit
+    else f"auto-detected {cluster}"
+  )
   logging.info("Starting the multi-process run (%s).", where)
   try:
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
   except Exception as e:  # noqa: BLE001 - JAX raises several types; every one means the run cannot start
     raise RuntimeError(
-        f"Could not join the multi-process run ({where}): {type(e).__name__}: {e}\n"
-        "Start every process with the same --coordinator_address=HOST:PORT (a free port on the host of process 0), "
-        "--num_processes=N and its own --process_id=0..N-1 (or run under srun, or on a TPU VM); "
-        "for a single process pass none of them."
+      f"Could not join the multi-process run ({where}): {type(e).__name__}: {e}\n"
+      "Start every process with the same --coordinator_address=HOST:PORT (a free port on the host of process 0), "
+      "--num_processes=N and its own --process_id=0..N-1 (or run under srun, or on a TPU VM); "
+      "for a single process pass none of them."
     ) from e
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)  # process 0 reports; the others only warn
@@ -139,8 +145,9 @@ class RunSummary:
       steps = "none (the run stopped before training started)"
     else:
       done = step - (self.start_step or 0)
-      steps = f"{step} of {self.num_steps}" + (f" ({done} in this run, from step {self.start_step})"
-                                               if self.start_step else "")
+      steps = f"{step} of {self.num_steps}" + (
+        f" ({done} in this run, from step {self.start_step})" if self.start_step else ""
+      )
     ckpt_dir = str(checkpointing.checkpoint_dir(workdir))
     try:
       ckpts = sorted(int(p) for p in os.listdir(ckpt_dir) if p.isdigit()) if "://" not in ckpt_dir else []
@@ -151,18 +158,17 @@ class RunSummary:
     args = [a for a in sys.argv[1:] if not a.startswith("--mode")]
     command = "python -m diffusion_jax.main " + shlex.join(args)
     return [
-        f"==== {outcome}",
-        f"  steps:        {steps}; wall time {wall_text}",
-        f"  final loss:   {self.loss:.5f} (step {self.step})" if self.loss is not None else
-        "  final loss:   none logged",
-        f"  checkpoints:  {ckpt_dir}" + (f" (newest: step {ckpts[-1]})" if ckpts else " (none)"),
-        f"  sample grids: {os.path.join(workdir, 'samples')}" + (f" (newest: {grid})" if grid else " (none)"),
-        f"  TensorBoard:  tensorboard --logdir={os.path.join(workdir, 'tensorboard')}",
-        f"  eval results: {os.path.join(workdir, 'eval')}" + (f" ({len(evals)} files)" if evals else
-                                                            " (none yet: add --mode=eval)"),
-        *([f"  final eval:   {self.final_eval}"] if self.final_eval else []),
-        f"  resume:       {command}",
-        f"  sample:       {command} --mode=sample",
+      f"==== {outcome}",
+      f"  steps:        {steps}; wall time {wall_text}",
+      f"  final loss:   {self.loss:.5f} (step {self.step})" if self.loss is not None else "  final loss:   none logged",
+      f"  checkpoints:  {ckpt_dir}" + (f" (newest: step {ckpts[-1]})" if ckpts else " (none)"),
+      f"  sample grids: {os.path.join(workdir, 'samples')}" + (f" (newest: {grid})" if grid else " (none)"),
+      f"  TensorBoard:  tensorboard --logdir={os.path.join(workdir, 'tensorboard')}",
+      f"  eval results: {os.path.join(workdir, 'eval')}"
+      + (f" ({len(evals)} files)" if evals else " (none yet: add --mode=eval)"),
+      *([f"  final eval:   {self.final_eval}"] if self.final_eval else []),
+      f"  resume:       {command}",
+      f"  sample:       {command} --mode=sample",
     ]
 
   def print(self, outcome: str, *, step: int | None = None) -> None:
@@ -184,17 +190,23 @@ def _train(config, workdir: str) -> None:
   except BaseException as e:
     what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed ({type(e).__name__})"
     if summary.step is None:
-      summary.print(f"Training {what} before its first step; the error is below. Fix it and run the same command "
-                    "again.")
+      summary.print(
+        f"Training {what} before its first step; the error is below. Fix it and run the same command again."
+      )
     else:
-      summary.print(f"Training {what} at step {summary.step} of {num_steps}; the newest complete checkpoint below is "
-                    "intact. Fix the error and run the same command again to continue.")
+      summary.print(
+        f"Training {what} at step {summary.step} of {num_steps}; the newest complete checkpoint below is "
+        "intact. Fix the error and run the same command again to continue."
+      )
     raise
   step = int(state.step)
   budget = train.last_finish() == "time_budget"
   if step < num_steps and not budget:
-    summary.print(f"Training stopped early at step {step} of {num_steps}; the checkpoint of step {step} is complete. "
-                  f"Run the same command again to continue. Exit status {EXIT_PREEMPTED}.", step=step)
+    summary.print(
+      f"Training stopped early at step {step} of {num_steps}; the checkpoint of step {step} is complete. "
+      f"Run the same command again to continue. Exit status {EXIT_PREEMPTED}.",
+      step=step,
+    )
     sys.exit(EXIT_PREEMPTED)
   if config.training.get("final_eval", False):
     from diffusion_jax.evaluation import final_eval  # pylint: disable=g-import-not-at-top
@@ -202,8 +214,11 @@ def _train(config, workdir: str) -> None:
     result = final_eval.evaluate_final(config, workdir, state.ema_params, step)
     if result is not None:
       summary.final_eval = final_eval.summary_line(result)
-  outcome = (f"Training finished: time budget of {config.training.time_budget_s:g} s reached at step {step}."
-             if budget else f"Training finished: {num_steps} steps.")
+  outcome = (
+    f"Training finished: time budget of {config.training.time_budget_s:g} s reached at step {step}."
+    if budget
+    else f"Training finished: {num_steps} steps."
+  )
   summary.print(outcome, step=step)
 
 
@@ -219,8 +234,14 @@ def _main(argv):
 
   import jax  # pylint: disable=g-import-not-at-top
 
-  logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
+  logging.info(
+    "JAX process %d/%d, %d local / %d global devices (%s).",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].platform,
+  )
   config = _CONFIG.value
   if _MODE.value == "train":
     _train(config, _WORKDIR.value)

@@ -208,8 +208,9 @@ def build_diffusion(config: ml_collections.ConfigDict) -> diffusion_lib.Gaussian
   return diffusion_lib.from_config(config.diffusion)
 
 
-def build_network(config: ml_collections.ConfigDict,
-                  diffusion: diffusion_lib.GaussianDiffusion | None = None) -> unet.UNet:
+def build_network(
+  config: ml_collections.ConfigDict, diffusion: diffusion_lib.GaussianDiffusion | None = None
+) -> unet.UNet:
   """The U-Net of a config; its output channels follow the diffusion's variance type."""
   diffusion = build_diffusion(config) if diffusion is None else diffusion
   return unet.from_config(config.model, out_ch=diffusion.model_output_channels(config.data.channels))
@@ -318,8 +319,8 @@ def import_tensorflow():
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(
-        "This needs TensorFlow (reading TF checkpoints or preparing a tfds dataset): "
-        "pip install 'diffusion_jax[tf]' (or tensorflow-cpu)."
+      "This needs TensorFlow (reading TF checkpoints or preparing a tfds dataset): "
+      "pip install 'diffusion_jax[tf]' (or tensorflow-cpu)."
     ) from e
   if not already:
     hide_accelerators_from_tensorflow(tf)

@@ -47,19 +47,19 @@ def _spec(model: LoadedModel, sampler, num_steps, eta, settings) -> samplers.Sam
 
 
 def sample_fn(
-    model: LoadedModel,
-    num_samples: int,
-    rng: jax.Array,
-    *,
-    sampler: str | samplers.SamplerSpec = "ancestral",
-    num_steps: int | None = None,
-    eta: float = 0.0,
-    clip_denoised: bool = True,
-    labels=None,
-    guidance_scale: float = 1.0,
-    batch_size: int | None = None,
-    progress: bool = True,
-    **settings,
+  model: LoadedModel,
+  num_samples: int,
+  rng: jax.Array,
+  *,
+  sampler: str | samplers.SamplerSpec = "ancestral",
+  num_steps: int | None = None,
+  eta: float = 0.0,
+  clip_denoised: bool = True,
+  labels=None,
+  guidance_scale: float = 1.0,
+  batch_size: int | None = None,
+  progress: bool = True,
+  **settings,
 ) -> np.ndarray:
   """Draws `num_samples` images from the model.
 
@@ -96,14 +96,32 @@ def sample_fn(
   if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
     raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
   spec = _spec(model, sampler, num_steps, eta, settings)
-  return sample_export.generate_set(model, int(num_samples), rng, sampler=spec, clip_denoised=clip_denoised,
-                                    labels=labels, guidance_scale=guidance_scale, batch_size=batch_size,
-                                    progress=progress)
+  return sample_export.generate_set(
+    model,
+    int(num_samples),
+    rng,
+    sampler=spec,
+    clip_denoised=clip_denoised,
+    labels=labels,
+    guidance_scale=guidance_scale,
+    batch_size=batch_size,
+    progress=progress,
+  )
 
 
-def progressive_fn(model: LoadedModel, num_samples: int, rng: jax.Array, *, every: int | None = None,
-                   sampler: str | samplers.SamplerSpec = "ancestral", num_steps: int | None = None, eta: float = 0.0,
-                   labels=None, guidance_scale: float = 1.0, **settings) -> dict[str, np.ndarray]:
+def progressive_fn(
+  model: LoadedModel,
+  num_samples: int,
+  rng: jax.Array,
+  *,
+  every: int | None = None,
+  sampler: str | samplers.SamplerSpec = "ancestral",
+  num_steps: int | None = None,
+  eta: float = 0.0,
+  labels=None,
+  guidance_scale: float = 1.0,
+  **settings,
+) -> dict[str, np.ndarray]:
   """Progressive generation (the paper's Figure 6): x0 predictions and x_t along the reverse process.
 
   Arguments as in `sample_fn`; `every`: record every k-th step (default: 10 pictures).
@@ -113,15 +131,35 @@ def progressive_fn(model: LoadedModel, num_samples: int, rng: jax.Array, *, ever
   """
   spec = _spec(model, sampler, num_steps, eta, settings)
   every = every or max(1, spec.num_steps // 10)
-  out = generate(model, np.arange(num_samples), rng, sampler=spec, progressive_every=every,
-                 labels=sample_export.resolve_labels(model, labels, int(num_samples)), guidance_scale=guidance_scale)
+  out = generate(
+    model,
+    np.arange(num_samples),
+    rng,
+    sampler=spec,
+    progressive_every=every,
+    labels=sample_export.resolve_labels(model, labels, int(num_samples)),
+    guidance_scale=guidance_scale,
+  )
   return {k: images_lib.to_uint8(v) for k, v in out.items()}
 
 
-def interpolate_fn(model: LoadedModel, x1, x2, rng: jax.Array, *, lambdas=None, t: int | None = None,
-                   sampler: str | samplers.SamplerSpec = "ancestral", num_steps: int | None = None, eta: float = 0.0,
-                   same_noise: bool = False, clip_denoised: bool = True, label=None, guidance_scale: float = 1.0,
-                   **settings) -> np.ndarray:
+def interpolate_fn(
+  model: LoadedModel,
+  x1,
+  x2,
+  rng: jax.Array,
+  *,
+  lambdas=None,
+  t: int | None = None,
+  sampler: str | samplers.SamplerSpec = "ancestral",
+  num_steps: int | None = None,
+  eta: float = 0.0,
+  same_noise: bool = False,
+  clip_denoised: bool = True,
+  label=None,
+  guidance_scale: float = 1.0,
+  **settings,
+) -> np.ndarray:
   """Interpolates between two images in latent space (the paper's §4.4, Figure 8).
 
   Both images are diffused to step t, their latents mixed as (1−λ)x_t + λx'_t
@@ -159,20 +197,35 @@ def interpolate_fn(model: LoadedModel, x1, x2, rng: jax.Array, *, lambdas=None, 
   guidance = {}
   if model.num_classes:
     n = int(np.shape(lambdas)[0])
-    cond = (np.full((n,), model.model.null_label, np.int32) if label is None
-            else sample_export.resolve_labels(model, label, n))
+    cond = (
+      np.full((n,), model.model.null_label, np.int32)
+      if label is None
+      else sample_export.resolve_labels(model, label, n)
+    )
     guidance = dict(cond=jnp.asarray(cond), guidance_scale=scale, null_label=model.model.null_label)
   elif label is not None:
     sample_export.resolve_labels(model, label, 1)  # raises: a label for an unconditional model
 
   model_fn = runtime.bind(runtime.model_fn(model.model), model.params)
-  out = samplers.interpolate(model.diffusion, model_fn, rng, jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(lambdas),
-                             t=t, sampler=spec, same_noise=same_noise, clip_denoised=clip_denoised, **guidance)
+  out = samplers.interpolate(
+    model.diffusion,
+    model_fn,
+    rng,
+    jnp.asarray(x1),
+    jnp.asarray(x2),
+    jnp.asarray(lambdas),
+    t=t,
+    sampler=spec,
+    same_noise=same_noise,
+    clip_denoised=clip_denoised,
+    **guidance,
+  )
   return images_lib.to_uint8(out)
 
 
-def save_image_grid(images, path: str | os.PathLike, *, ncols: int | None = None, scale: int = 1,
-                    overwrite: bool = False) -> epath.Path:
+def save_image_grid(
+  images, path: str | os.PathLike, *, ncols: int | None = None, scale: int = 1, overwrite: bool = False
+) -> epath.Path:
   """Writes uint8 [N, H, W, C] images as one PNG grid; refuses to overwrite an existing file unless asked."""
   return images_lib.save_image(images_lib.make_grid(images, ncols=ncols, scale=scale), path, overwrite=overwrite)
 
@@ -188,8 +241,10 @@ def _config_labels(model: LoadedModel, text: str):
   if not text:
     return None
   if not model.num_classes:
-    raise ValueError("config.sampling.labels applies to class-conditional models; this model is unconditional "
-                     "(leave --config.sampling.labels='').")
+    raise ValueError(
+      "config.sampling.labels applies to class-conditional models; this model is unconditional "
+      "(leave --config.sampling.labels='')."
+    )
   return [v.strip() for v in text.split(",") if v.strip()]
 
 
@@ -230,23 +285,46 @@ def sample_to_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathL
   model = load_model(workdir, use_ema=sc.use_ema)
   newer = [s for s in checkpointing.checkpoint_steps(workdir) if s > model.step]
   if newer:
-    logging.warning("SAMPLING THE CHECKPOINT OF STEP %d, NOT THE NEWEST: the checkpoint(s) of step %s in %s could "
-                    "not be read (see the warnings above). The samples go to a folder named after step %d.",
-                    model.step, ", ".join(map(str, newer)), checkpointing.checkpoint_dir(workdir), model.step)
+    logging.warning(
+      "SAMPLING THE CHECKPOINT OF STEP %d, NOT THE NEWEST: the checkpoint(s) of step %s in %s could "
+      "not be read (see the warnings above). The samples go to a folder named after step %d.",
+      model.step,
+      ", ".join(map(str, newer)),
+      checkpointing.checkpoint_dir(workdir),
+      model.step,
+    )
   spec = sample_export.sampler_from_config(sc, model.diffusion.num_timesteps)
   labels = _config_labels(model, sc.get("labels", ""))
   if labels is not None and len(labels) not in (1, sc.num_samples):
-    raise ValueError(f"config.sampling.labels lists {len(labels)} labels for num_samples={sc.num_samples}: give one "
-                     "label, or one per sample.")
-  resolved = sample_export.resolve_labels(model, None if labels is None else (labels if len(labels) > 1 else labels[0]),
-                                          sc.num_samples)
+    raise ValueError(
+      f"config.sampling.labels lists {len(labels)} labels for num_samples={sc.num_samples}: give one "
+      "label, or one per sample."
+    )
+  resolved = sample_export.resolve_labels(
+    model, None if labels is None else (labels if len(labels) > 1 else labels[0]), sc.num_samples
+  )
   scale = float(sc.get("guidance_scale", 1.0))
   out_dir = epath.Path(workdir) / "samples" / _sample_folder(model, spec, sc, labels)
   rng = jax.random.PRNGKey(config.eval.seed)
-  logging.info("Sampling step %d of %s (%s%s) into %s.", model.step, workdir, spec.folder_name,
-               f", guidance {scale:g}" if model.num_classes else "", out_dir)
-  paths = write_sample_chunks(model, out_dir, sc.num_samples, rng, sampler=spec, clip_denoised=sc.clip_denoised,
-                              chunk_size=sc.batch_size, labels=resolved, guidance_scale=scale)
+  logging.info(
+    "Sampling step %d of %s (%s%s) into %s.",
+    model.step,
+    workdir,
+    spec.folder_name,
+    f", guidance {scale:g}" if model.num_classes else "",
+    out_dir,
+  )
+  paths = write_sample_chunks(
+    model,
+    out_dir,
+    sc.num_samples,
+    rng,
+    sampler=spec,
+    clip_denoised=sc.clip_denoised,
+    chunk_size=sc.batch_size,
+    labels=resolved,
+    guidance_scale=scale,
+  )
   if jax.process_index() == 0:
     images, chunk_labels = read_sample_chunks(paths, with_labels=True)
     scale_px = max(1, 64 // model.image_shape[0])
@@ -254,15 +332,17 @@ def sample_to_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathL
     if not grid_path.exists():
       if model.num_classes and labels is None:
         per_class = max(1, min(10, sc.num_samples // model.num_classes))
-        save_image_grid(class_grid(images, chunk_labels, model.num_classes, per_class), grid_path, ncols=per_class,
-                        scale=scale_px)
+        save_image_grid(
+          class_grid(images, chunk_labels, model.num_classes, per_class), grid_path, ncols=per_class, scale=scale_px
+        )
       else:
         save_image_grid(images[:256], grid_path, scale=scale_px)
     prog_path = out_dir / "progressive.png"
     if not prog_path.exists():
       n_prog = min(8, sc.num_samples)
-      prog = progressive_fn(model, n_prog, rng, sampler=spec,
-                            labels=None if resolved is None else resolved[:n_prog], guidance_scale=scale)
+      prog = progressive_fn(
+        model, n_prog, rng, sampler=spec, labels=None if resolved is None else resolved[:n_prog], guidance_scale=scale
+      )
       rows = prog["pred_xstart"]  # [N, K, H, W, C]: one row per sample, x0 predictions left to right
       k = rows.shape[1]
       save_image_grid(rows.reshape((-1,) + rows.shape[2:]), prog_path, ncols=k, scale=scale_px)

@@ -31,14 +31,14 @@ def _cosine_beta(num_timesteps: int) -> np.ndarray:
     return math.cos((u + _COSINE_OFFSET) / (1 + _COSINE_OFFSET) * math.pi / 2) ** 2
 
   betas = [
-      min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), _COSINE_MAX_BETA)
-      for i in range(num_timesteps)
+    min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), _COSINE_MAX_BETA)
+    for i in range(num_timesteps)
   ]
   return np.asarray(betas, dtype=np.float64)
 
 
 def get_beta_schedule(
-    name: str, *, beta_start: float = 1e-4, beta_end: float = 0.02, num_timesteps: int = 1000
+  name: str, *, beta_start: float = 1e-4, beta_end: float = 0.02, num_timesteps: int = 1000
 ) -> np.ndarray:
   """Returns the variances β_t of the forward process, t = 0..T-1.
 
@@ -64,9 +64,7 @@ def get_beta_schedule(
     if not 0.0 < beta_end <= 1.0:
       raise ValueError(f"beta_end must lie in (0, 1], got {beta_end}.")
     if name != "const" and not 0.0 < beta_start <= beta_end:
-      raise ValueError(
-          f"beta_start must lie in (0, beta_end], got beta_start={beta_start}, beta_end={beta_end}."
-      )
+      raise ValueError(f"beta_start must lie in (0, beta_end], got beta_start={beta_start}, beta_end={beta_end}.")
 
   if name == "linear":
     betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)

@@ -93,8 +93,11 @@ class _Preemption:
     del frame
     name = signal.Signals(signum).name
     if self.requested.is_set():
-      logging.warning("Received %s again: still writing the checkpoint before exiting (kill -9 aborts at once; "
-                      "the previous checkpoint stays intact).", name)
+      logging.warning(
+        "Received %s again: still writing the checkpoint before exiting (kill -9 aborts at once; "
+        "the previous checkpoint stays intact).",
+        name,
+      )
       return
     self.reason = f"received {name}"
     if jax.process_count() == 1:
@@ -177,14 +180,14 @@ def _format_eta(seconds: float) -> str:
 def _check_finite(step: int, metrics: Mapping[str, float], last_saved: int | None, workdir) -> None:
   if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
     where = (
-        f"the last good checkpoint (step {last_saved}) in {checkpointing.checkpoint_dir(workdir)} is intact"
-        if last_saved is not None
-        else "no checkpoint was written"
+      f"the last good checkpoint (step {last_saved}) in {checkpointing.checkpoint_dir(workdir)} is intact"
+      if last_saved is not None
+      else "no checkpoint was written"
     )
     raise FloatingPointError(
-        f"Non-finite training loss/gradient at step {step} (loss={metrics['loss']}, "
-        f"grad_norm={metrics['grad_norm']}); {where}. Lower optim.learning_rate, keep optim.grad_clip > 0, "
-        "or train in float32 (model.dtype='float32')."
+      f"Non-finite training loss/gradient at step {step} (loss={metrics['loss']}, "
+      f"grad_norm={metrics['grad_norm']}); {where}. Lower optim.learning_rate, keep optim.grad_clip > 0, "
+      "or train in float32 (model.dtype='float32')."
     )
 
 
@@ -219,8 +222,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summa
   rng = jax.random.PRNGKey(tc.seed)
   init_rng, step_rng, sample_rng = jax.random.split(rng, 3)
   # Fail before any compilation on a workdir that cannot take the run's checkpoints.
-  create = functools.partial(train_step_lib.create_train_state, config, network,
-                             tx=optimizer_lib.create_optimizer(config.optim))
+  create = functools.partial(
+    train_step_lib.create_train_state, config, network, tx=optimizer_lib.create_optimizer(config.optim)
+  )
   abstract = jax.eval_shape(create, init_rng)
   checkpoint_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
   checkpointing.check_workdir(workdir, checkpoint_bytes=checkpoint_bytes)
@@ -229,8 +233,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summa
     checkpointing.write_class_names(workdir, input_pipeline.class_names(config.data))
   mesh = runtime.make_mesh(config)
 
-  train_iter = runtime.prefetch(input_pipeline.create_train_iterator(config, seed=tc.seed), mesh,
-                                size=max(1, tc.get("prefetch", 2)))
+  train_iter = runtime.prefetch(
+    input_pipeline.create_train_iterator(config, seed=tc.seed), mesh, size=max(1, tc.get("prefetch", 2))
+  )
   state = train_step_lib.init_state_sharded(config, network, mesh, init_rng)
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   manager = checkpointing.create_manager(workdir, max_to_keep=tc.keep_checkpoints, log_saves=True)
@@ -238,19 +243,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summa
   abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
   def restore_args(_):
-    return ocp.args.Composite(**{
+    return ocp.args.Composite(
+      **{
         checkpointing.STATE_ITEM: ocp.args.StandardRestore(abstract_state),
         checkpointing.DATA_ITEM: input_pipeline.train_restore_args(train_iter),
-    })
+      }
+    )
 
   found = checkpointing.restore_latest(manager, restore_args)
   if jax.process_count() > 1:
     steps = multihost_utils.process_allgather(np.asarray(-1 if found is None else found[0]))
     if len(set(np.asarray(steps).tolist())) != 1:
       raise RuntimeError(
-          f"The processes found different checkpoints to resume from (steps by process: {steps.tolist()}, -1: "
-          f"none) in {checkpointing.checkpoint_dir(workdir)}. The workdir must be storage that every process sees "
-          "the same (a bucket or a shared file system).")
+        f"The processes found different checkpoints to resume from (steps by process: {steps.tolist()}, -1: "
+        f"none) in {checkpointing.checkpoint_dir(workdir)}. The workdir must be storage that every process sees "
+        "the same (a bucket or a shared file system)."
+      )
   if found is not None:
     start_step, restored = found
     state = restored[checkpointing.STATE_ITEM]
@@ -268,18 +276,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summa
   if summary is not None:
     summary.started(start_step)
 
-  step_fn = train_step_lib.jit_train_step(mesh, network, diffusion, config.optim, state_sharding,
-                                          label_dropout=float(tc.get("label_dropout", 0.0)))
+  step_fn = train_step_lib.jit_train_step(
+    mesh, network, diffusion, config.optim, state_sharding, label_dropout=float(tc.get("label_dropout", 0.0))
+  )
   writer = metric_writer.MetricWriter(workdir)
   last_saved = start_step if found is not None else None
 
   def save(step, state):
     nonlocal last_saved
-    manager.save(step, args=ocp.args.Composite(**{
-        checkpointing.STATE_ITEM: ocp.args.StandardSave(state),
-        checkpointing.DATA_ITEM: input_pipeline.train_checkpoint_args(train_iter),
-        checkpointing.INTEGRITY_ITEM: checkpointing.integrity_save_args(state),
-    }), force=True)
+    manager.save(
+      step,
+      args=ocp.args.Composite(
+        **{
+          checkpointing.STATE_ITEM: ocp.args.StandardSave(state),
+          checkpointing.DATA_ITEM: input_pipeline.train_checkpoint_args(train_iter),
+          checkpointing.INTEGRITY_ITEM: checkpointing.integrity_save_args(state),
+        }
+      ),
+      force=True,
+    )
     last_saved = step
 
   num_steps = tc.num_train_steps
@@ -300,11 +315,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summa
       summary.logged(step, host_metrics)
     if jax.process_index() == 0:
       logging.info(
-          "step %d/%d | loss %.5f (q0..q3 %.4f %.4f %.4f %.4f) | grad_norm %.3f | lr %.2e | "
-          "%.2f steps/s, %.1f img/s | ETA %s",
-          step, num_steps, host_metrics["loss"], *(host_metrics[f"loss_q{i}"] for i in range(4)),
-          host_metrics["grad_norm"], host_metrics["lr"], steps_per_sec, steps_per_sec * images_per_step,
-          _format_eta(min((num_steps - step) / max(steps_per_sec, 1e-9), budget.remaining())),
+        "step %d/%d | loss %.5f (q0..q3 %.4f %.4f %.4f %.4f) | grad_norm %.3f | lr %.2e | "
+        "%.2f steps/s, %.1f img/s | ETA %s",
+        step,
+        num_steps,
+        host_metrics["loss"],
+        *(host_metrics[f"loss_q{i}"] for i in range(4)),
+        host_metrics["grad_norm"],
+        host_metrics["lr"],
+        steps_per_sec,
+        steps_per_sec * images_per_step,
+        _format_eta(min((num_steps - step) / max(steps_per_sec, 1e-9), budget.remaining())),
       )
     return host_metrics
 
@@ -328,13 +349,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summa
       want_ckpt = step % tc.checkpoint_every == 0 or is_last
       stop = preemption.should_stop(step, sync=want_log or want_ckpt)
       if not (stop or is_last) and budget.reached(metrics, previous_metrics, sync=want_log or want_ckpt):
-        logging.info("Time budget of %.0f s reached at step %d (%.1f s since the first step finished): writing the "
-                     "final checkpoint and finishing.", budget.seconds, step, budget.elapsed)
+        logging.info(
+          "Time budget of %.0f s reached at step %d (%.1f s since the first step finished): writing the "
+          "final checkpoint and finishing.",
+          budget.seconds,
+          step,
+          budget.elapsed,
+        )
         budget_done = is_last = want_log = want_ckpt = True
       previous_metrics = metrics
       if stop and not is_last:
-        logging.warning("Stopping at step %d (%s): writing the checkpoint of step %d, then exiting.", step,
-                        preemption.reason, step)
+        logging.warning(
+          "Stopping at step %d (%s): writing the checkpoint of step %d, then exiting.", step, preemption.reason, step
+        )
       if want_ckpt or stop:
         # Checked before the checkpoint is written, so a non-finite state is never saved.
         if want_log:
@@ -352,8 +379,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summa
       report(*pending)
   _last_finish = "time_budget" if budget_done else ("steps" if step >= num_steps else "stopped")
   if step < num_steps and not budget_done:
-    logging.warning("Stopped at step %d of %d; the checkpoint of step %d is complete in %s.", step, num_steps, step,
-                    checkpointing.checkpoint_dir(workdir))
+    logging.warning(
+      "Stopped at step %d of %d; the checkpoint of step %d is complete in %s.",
+      step,
+      num_steps,
+      step,
+      checkpointing.checkpoint_dir(workdir),
+    )
   return state
 
 
@@ -373,8 +405,12 @@ class _Profiler:
     if step == self._first and not self._active:
       jax.profiler.start_trace(str(self._dir))
       self._active = True
-      logging.info("Tracing steps %d to %d into %s (open with TensorBoard's profile plugin or Perfetto).",
-                   self._first + 1, self._last, self._dir)
+      logging.info(
+        "Tracing steps %d to %d into %s (open with TensorBoard's profile plugin or Perfetto).",
+        self._first + 1,
+        self._last,
+        self._dir,
+      )
     elif step == self._last and self._active:
       self.stop()
 
@@ -405,12 +441,14 @@ def _write_sample_grid(config, diffusion, network, state, mesh, rng, step, workd
   tc = config.training
   image_shape = runtime.image_shape(config)
   n = runtime.pad_to_multiple(tc.num_grid_samples, runtime.data_size(mesh))
-  spec = samplers.resolve(tc.grid_sampler, num_timesteps=diffusion.num_timesteps,
-                          num_steps=min(tc.grid_num_steps, diffusion.num_timesteps))
+  spec = samplers.resolve(
+    tc.grid_sampler, num_timesteps=diffusion.num_timesteps, num_steps=min(tc.grid_num_steps, diffusion.num_timesteps)
+  )
   key = (id(diffusion), network, id(mesh), image_shape, spec)
   if key not in _GRID_SAMPLERS:  # one compilation per run, not one per grid
     _GRID_SAMPLERS[key] = samplers.make_sharded_sampler(
-        diffusion, runtime.inference_fn(network), mesh, image_shape, sampler=spec, axis=runtime.DATA_AXIS)
+      diffusion, runtime.inference_fn(network), mesh, image_shape, sampler=spec, axis=runtime.DATA_AXIS
+    )
   fn = _GRID_SAMPLERS[key]
   sharding = runtime.batch_sharding(mesh)
   indices = jax.device_put(jnp.arange(n, dtype=jnp.int32), sharding)
@@ -419,7 +457,8 @@ def _write_sample_grid(config, diffusion, network, state, mesh, rng, step, workd
   samples = runtime.to_host(fn(state.ema_params, rng, indices, cond)["samples"])
   if jax.process_index() == 0:
     scale = max(1, 64 // config.data.image_size)
-    grid = images_lib.make_grid(images_lib.to_uint8(samples[: tc.num_grid_samples]), scale=scale,
-                                ncols=network.num_classes or None)
+    grid = images_lib.make_grid(
+      images_lib.to_uint8(samples[: tc.num_grid_samples]), scale=scale, ncols=network.num_classes or None
+    )
     images_lib.save_image(grid, epath.Path(workdir) / "samples" / f"grid_step_{step:08d}.png", overwrite=True)
     writer.image(step, "samples", grid)

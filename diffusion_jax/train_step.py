@@ -38,20 +38,19 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
   bs = config.training.batch_size
   if bs % num_devices:
     raise ValueError(
-        f"training.batch_size={bs} is not divisible by the {num_devices} devices; "
-        f"use a multiple of {num_devices} "
-        f"(e.g. --config.training.batch_size={max(1, bs // num_devices) * num_devices})."
+      f"training.batch_size={bs} is not divisible by the {num_devices} devices; "
+      f"use a multiple of {num_devices} "
+      f"(e.g. --config.training.batch_size={max(1, bs // num_devices) * num_devices})."
     )
   groups = config.optim.clip_groups
   if groups < 1 or bs % groups:
     raise ValueError(
-        f"optim.clip_groups={groups} must be a positive divisor of training.batch_size={bs} "
-        "(set --config.optim.clip_groups=1 to clip the whole batch's gradient)."
+      f"optim.clip_groups={groups} must be a positive divisor of training.batch_size={bs} "
+      "(set --config.optim.clip_groups=1 to clip the whole batch's gradient)."
     )
   if config.optim.ema_decay < 0 or config.optim.ema_decay >= 1:
     raise ValueError(f"optim.ema_decay must lie in [0, 1), got {config.optim.ema_decay}.")
-  runtime.build_network(config).check_input(
-      jax.ShapeDtypeStruct((1,) + runtime.image_shape(config), jnp.float32))
+  runtime.build_network(config).check_input(jax.ShapeDtypeStruct((1,) + runtime.image_shape(config), jnp.float32))
 
 
 def create_train_state(config, network: unet.UNet, rng, params=None, ema_params=None, tx=None) -> TrainState:
@@ -112,14 +111,14 @@ def grouped_clipped_gradients(grad_fn, params, batch, rngs, max_norm: float):
 
 
 def train_step(
-    state: TrainState,
-    batch: Mapping[str, jax.Array],
-    rng: jax.Array,
-    *,
-    network: unet.UNet,
-    diffusion: diffusion_lib.GaussianDiffusion,
-    optim_config,
-    label_dropout: float = 0.0,
+  state: TrainState,
+  batch: Mapping[str, jax.Array],
+  rng: jax.Array,
+  *,
+  network: unet.UNet,
+  diffusion: diffusion_lib.GaussianDiffusion,
+  optim_config,
+  label_dropout: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a global batch; pure, to be jitted with a donated state.
 
@@ -174,7 +173,8 @@ def train_step(
 
     arrays = (x, t, noise) + (() if cond is None else (cond,))
     grads, losses, grad_norm = grouped_clipped_gradients(
-        group_grad_fn, state.params, arrays, jax.random.split(dropout_rng, groups), optim_config.grad_clip)
+      group_grad_fn, state.params, arrays, jax.random.split(dropout_rng, groups), optim_config.grad_clip
+    )
 
   new_state = state.apply_gradients(grads=grads)
   # tf.train.ExponentialMovingAverage as used by the paper: decay ~0 before the first step.
@@ -191,23 +191,25 @@ def train_step(
   onehot = jax.nn.one_hot(quarter, 4, dtype=jnp.float32)
   per_quarter = jnp.sum(onehot * losses[:, None], axis=0) / jnp.maximum(jnp.sum(onehot, axis=0), 1.0)
   metrics = dict(
-      loss=jnp.mean(losses),
-      grad_norm=grad_norm,
-      lr=optimizer_lib.learning_rate_schedule(optim_config)(state.step),
-      **{f"loss_q{i}": per_quarter[i] for i in range(4)},
+    loss=jnp.mean(losses),
+    grad_norm=grad_norm,
+    lr=optimizer_lib.learning_rate_schedule(optim_config)(state.step),
+    **{f"loss_q{i}": per_quarter[i] for i in range(4)},
   )
   return new_state, metrics
 
 
-def jit_train_step(mesh: Mesh, network: unet.UNet, diffusion, optim_config, state_sharding, *,
-                   label_dropout: float = 0.0) -> Callable:
+def jit_train_step(
+  mesh: Mesh, network: unet.UNet, diffusion, optim_config, state_sharding, *, label_dropout: float = 0.0
+) -> Callable:
   """train_step jitted for `mesh`: replicated state (donated), batch pytree sharded on 'data'."""
   return jax.jit(
-      functools.partial(train_step, network=network, diffusion=diffusion, optim_config=optim_config,
-                        label_dropout=label_dropout),
-      in_shardings=(state_sharding, runtime.batch_sharding(mesh), runtime.replicated(mesh)),
-      out_shardings=(state_sharding, runtime.replicated(mesh)),
-      donate_argnums=(0,),
+    functools.partial(
+      train_step, network=network, diffusion=diffusion, optim_config=optim_config, label_dropout=label_dropout
+    ),
+    in_shardings=(state_sharding, runtime.batch_sharding(mesh), runtime.replicated(mesh)),
+    out_shardings=(state_sharding, runtime.replicated(mesh)),
+    donate_argnums=(0,),
   )
 
 

@@ -13,7 +13,9 @@ from benchmarks import programs
 from configs import tiny
 
 
-@pytest.mark.parametrize("kind, dtype, tflops", [
+@pytest.mark.parametrize(
+  "kind, dtype, tflops",
+  [
     ("NVIDIA H100 80GB HBM3", "bfloat16", 989.0),
     ("NVIDIA H100 80GB HBM3", "float32", 67.0),
     ("NVIDIA H100 PCIe", "bfloat16", 756.0),
@@ -23,7 +25,8 @@ from configs import tiny
     ("TPU v5 lite", "bfloat16", 197.0),
     ("TPU v5p", "bfloat16", 459.0),
     ("TPU v6 lite", "bfloat16", 918.0),
-])
+  ],
+)
 def test_peak_table(kind, dtype, tflops):
   assert harness.peak_flops_per_device(kind, dtype) == pytest.approx(tflops * 1e12)
 
@@ -34,7 +37,6 @@ def test_peak_unknown_on_cpu_unless_given():
 
 
 class _Fake:
-
   def __init__(self, result):
     self._result = result
 
@@ -93,13 +95,30 @@ def test_digits_peer_trains_samples_and_scores(tmp_path):
   assert digits_peer.warmup_factor(100, 100) == 1.0
   config = digits.get_config()
   for sampler in ("ddpm", "dpmsolver"):
-    payload, samples = digits_peer.run(config, seconds=2.0 if sampler == "ddpm" else 0.0, threads=2,
-                                       sampler=sampler, num_samples=8, num_steps=3, sample_batch=5, log_every_s=0)
+    payload, samples = digits_peer.run(
+      config,
+      seconds=2.0 if sampler == "ddpm" else 0.0,
+      threads=2,
+      sampler=sampler,
+      num_samples=8,
+      num_steps=3,
+      sample_batch=5,
+      log_every_s=0,
+    )
     assert samples.shape == (8, 8, 8, 1) and samples.dtype == np.uint8
     assert payload["steps"] >= 1 and payload["num_samples"] == 8
     assert 900_000 < payload["num_params"] < 1_200_000  # configs/digits.py's U-Net, about 1.0M parameters
-    keys = ["train_seconds", "sampling_seconds", "final_loss", "digits_fd", "digits_is", "digits_confidence",
-            "digits_precision", "digits_recall", "digits_memorisation"]
+    keys = [
+      "train_seconds",
+      "sampling_seconds",
+      "final_loss",
+      "digits_fd",
+      "digits_is",
+      "digits_confidence",
+      "digits_precision",
+      "digits_recall",
+      "digits_memorisation",
+    ]
     for key in keys + (["steps_per_s"] if sampler == "ddpm" else []):
       assert math.isfinite(payload[key]), key
     assert len(payload["load_average_at_start"]) == 3

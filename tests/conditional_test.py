@@ -93,8 +93,11 @@ def test_train_step_with_full_label_dropout_trains_the_null_class():
   rng = jax.random.PRNGKey(5)
 
   def run(labels, rate):
-    fn = jax.jit(functools.partial(train_step.train_step, network=net, diffusion=diffusion, optim_config=config.optim,
-                                   label_dropout=rate))
+    fn = jax.jit(
+      functools.partial(
+        train_step.train_step, network=net, diffusion=diffusion, optim_config=config.optim, label_dropout=rate
+      )
+    )
     return fn(state, {"image": x, "label": jnp.asarray(labels, jnp.int32)}, rng)
 
   dropped, m1 = run(np.arange(8) % 10, 1.0)
@@ -175,16 +178,20 @@ def _toy_conditional_model(out_channels=1):
   return model_fn
 
 
-@pytest.mark.parametrize("mean_type,var_type", [("eps", "fixedlarge"), ("xstart", "fixedsmall"), ("v", "fixedlarge"),
-                                                ("eps", "learned_range")])
+@pytest.mark.parametrize(
+  "mean_type,var_type", [("eps", "fixedlarge"), ("xstart", "fixedsmall"), ("v", "fixedlarge"), ("eps", "learned_range")]
+)
 def test_guided_output_equals_the_formula_for_every_parametrisation(mean_type, var_type):
   from diffusion_jax import diffusion as diffusion_lib  # noqa: PLC0415
   from diffusion_jax import samplers  # noqa: PLC0415
   from diffusion_jax import schedules  # noqa: PLC0415
 
   diffusion = diffusion_lib.GaussianDiffusion.create(
-      schedules.get_beta_schedule("linear", beta_start=1e-4, beta_end=0.02, num_timesteps=20),
-      model_mean_type=mean_type, model_var_type=var_type, loss_type="mse" if var_type != "learned_range" else "kl")
+    schedules.get_beta_schedule("linear", beta_start=1e-4, beta_end=0.02, num_timesteps=20),
+    model_mean_type=mean_type,
+    model_var_type=var_type,
+    loss_type="mse" if var_type != "learned_range" else "kl",
+  )
   learned = var_type == "learned_range"
   toy = _toy_conditional_model(2 if learned else 1)
   s, null = 2.5, 3
@@ -202,8 +209,11 @@ def test_guided_output_equals_the_formula_for_every_parametrisation(mean_type, v
   np.testing.assert_allclose(guided["samples"], want["samples"], rtol=1e-5, atol=1e-5)
   # Scale 1 is the conditional model; scale 0 the unconditional (null-label) one.
   one = samplers.sample(diffusion, toy, rng, idx, shape, cond=cond, guidance_scale=1.0, **kw)["samples"]
-  traced_one = jax.jit(lambda g: samplers.sample(diffusion, toy, rng, idx, shape, cond=cond, guidance_scale=g,
-                                                 null_label=null, **kw)["samples"])(1.0)
+  traced_one = jax.jit(
+    lambda g: samplers.sample(diffusion, toy, rng, idx, shape, cond=cond, guidance_scale=g, null_label=null, **kw)[
+      "samples"
+    ]
+  )(1.0)
   np.testing.assert_allclose(traced_one, one, rtol=1e-5, atol=1e-5)
   if not learned:  # (a learned variance keeps the conditional pass's variance at every scale)
     zero = samplers.sample(diffusion, toy, rng, idx, shape, cond=cond, guidance_scale=0.0, null_label=null, **kw)
@@ -244,8 +254,9 @@ def test_sample_fn_takes_labels_as_ints_names_or_arrays(cond_workdir):
   unguided = sampling.sample_fn(model, 6, rng, labels=3, **kw)
   assert not np.array_equal(unguided, threes)
   # Default labels: sample i is of class i mod K.
-  np.testing.assert_array_equal(sampling.sample_fn(model, 4, rng, **kw),
-                                sampling.sample_fn(model, 4, rng, labels=[0, 1, 2, 3], **kw))
+  np.testing.assert_array_equal(
+    sampling.sample_fn(model, 4, rng, **kw), sampling.sample_fn(model, 4, rng, labels=[0, 1, 2, 3], **kw)
+  )
   with pytest.raises(ValueError, match="Unknown class name 'cat'; the model's classes are digit0, digit1"):
     sampling.sample_fn(model, 2, rng, labels="cat", **kw)
   with pytest.raises(ValueError, match=r"Class label 10 is outside \[0, 10\)"):
@@ -265,8 +276,7 @@ def test_unconditional_models_refuse_labels_and_guidance(tmp_path):
   with pytest.raises(ValueError, match="this model is unconditional: leave labels=None"):
     sampling.sample_fn(model, 2, jax.random.PRNGKey(0), labels=3, num_steps=2, sampler="ddim", progress=False)
   with pytest.raises(ValueError, match="guidance_scale=3.0 needs a class-conditional model"):
-    sampling.sample_fn(model, 2, jax.random.PRNGKey(0), guidance_scale=3.0, num_steps=2, sampler="ddim",
-                       progress=False)
+    sampling.sample_fn(model, 2, jax.random.PRNGKey(0), guidance_scale=3.0, num_steps=2, sampler="ddim", progress=False)
 
 
 def test_mode_sample_writes_one_row_per_class_and_stores_labels(cond_workdir, tmp_path):
@@ -289,8 +299,9 @@ def test_mode_sample_writes_one_row_per_class_and_stores_labels(cond_workdir, tm
   cell = 8 * scale + 2
   assert grid.shape[:2] == (10 * cell + 2, 2 * cell + 2)  # 10 rows (classes) of 2 samples
   # Row c, column j holds the j-th sample of class c, i.e. sample 10·j + c.
-  np.testing.assert_array_equal(grid[2 + 3 * cell:2 + 3 * cell + 8 * scale:scale, 2 + cell:2 + cell + 8 * scale:scale],
-                                images[13, :, :, 0])
+  np.testing.assert_array_equal(
+    grid[2 + 3 * cell : 2 + 3 * cell + 8 * scale : scale, 2 + cell : 2 + cell + 8 * scale : scale], images[13, :, :, 0]
+  )
   config.sampling.labels = "digit7,2"
   config.sampling.num_samples = 2
   out2 = sampling.sample_to_workdir(config, run)
@@ -305,8 +316,7 @@ def test_bits_per_dim_of_a_conditional_model_use_the_true_labels(cond_workdir):
 
   model = sampling.load_model(cond_workdir)
   rng = jax.random.PRNGKey(7)
-  result = bpd.compute_bpd(model, model.config, rng, batch_size=8, max_examples=8, drop_remainder=True,
-                           progress=False)
+  result = bpd.compute_bpd(model, model.config, rng, batch_size=8, max_examples=8, drop_remainder=True, progress=False)
   assert result["conditional"] and result["num_examples"] == 8
   images, labels = input_pipeline.load_digits(model.config.data.eval_split)
   x = jnp.asarray(images[:8].astype(np.float32) / 127.5 - 1.0)

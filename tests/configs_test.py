@@ -56,9 +56,9 @@ def test_config_loads_and_builds(name):
   d = diffusion.from_config(config.diffusion)
   assert d.num_timesteps == config.diffusion.num_timesteps
   assert (d.model_mean_type, d.model_var_type, d.loss_type) == (
-      config.diffusion.model_mean_type,
-      config.diffusion.model_var_type,
-      config.diffusion.loss_type,
+    config.diffusion.model_mean_type,
+    config.diffusion.model_var_type,
+    config.diffusion.loss_type,
   )
   assert _num_params(name) > 0
   # config_flags locks the config, so a misspelt override fails loudly.
@@ -90,10 +90,10 @@ def test_cifar_is_the_paper_setting():
   assert c.eval.num_samples == 50_000
   assert _num_params("cifar.py") == 35_746_307
   betas = schedules.get_beta_schedule(
-      c.diffusion.beta_schedule,
-      beta_start=c.diffusion.beta_start,
-      beta_end=c.diffusion.beta_end,
-      num_timesteps=c.diffusion.num_timesteps,
+    c.diffusion.beta_schedule,
+    beta_start=c.diffusion.beta_start,
+    beta_end=c.diffusion.beta_end,
+    num_timesteps=c.diffusion.num_timesteps,
   )
   np.testing.assert_allclose(diffusion.from_config(c.diffusion).betas, np.linspace(1e-4, 0.02, 1000), rtol=1e-6)
   np.testing.assert_array_equal(betas, np.linspace(1e-4, 0.02, 1000))
@@ -102,13 +102,13 @@ def test_cifar_is_the_paper_setting():
 
 
 @pytest.mark.parametrize(
-    "name, dataset, steps, flip",
-    [
-        ("celebahq.py", "celeb_a_hq", 500_000, True),
-        ("lsun_bedroom.py", "lsun_bedroom", 2_400_000, False),  # the paper: no flips for Bedroom only
-        ("lsun_church.py", "lsun_church_outdoor", 1_200_000, True),
-        ("lsun_cat.py", "lsun_cat", 1_800_000, True),  # follows the paper; the script's docstring disagrees
-    ],
+  "name, dataset, steps, flip",
+  [
+    ("celebahq.py", "celeb_a_hq", 500_000, True),
+    ("lsun_bedroom.py", "lsun_bedroom", 2_400_000, False),  # the paper: no flips for Bedroom only
+    ("lsun_church.py", "lsun_church_outdoor", 1_200_000, True),
+    ("lsun_cat.py", "lsun_cat", 1_800_000, True),  # follows the paper; the script's docstring disagrees
+  ],
 )
 def test_256_configs(name, dataset, steps, flip):
   c = load_config(name)

@@ -9,7 +9,7 @@ import pathlib
 
 _N_DEVICES = 4
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_N_DEVICES}"
+  os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_N_DEVICES}"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -22,7 +22,8 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 CACHE_DIR = pathlib.Path(
-    os.environ.get("DIFFUSION_JAX_TEST_CACHE", pathlib.Path.home() / ".cache" / "diffusion_jax_tests"))
+  os.environ.get("DIFFUSION_JAX_TEST_CACHE", pathlib.Path.home() / ".cache" / "diffusion_jax_tests")
+)
 
 jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR / "jax"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -34,16 +34,39 @@ from diffusion_jax.models import unet  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # The DDPM architecture in diffusers' terms (DDPM_FACTS §7).
-DDPM_FIELDS = dict(act_fn="silu", attention_head_dim=None, norm_num_groups=32, norm_eps=1e-6, downsample_padding=0,
-                   flip_sin_to_cos=False, freq_shift=1, time_embedding_type="positional", center_input_sample=False,
-                   mid_block_scale_factor=1)
+DDPM_FIELDS = dict(
+  act_fn="silu",
+  attention_head_dim=None,
+  norm_num_groups=32,
+  norm_eps=1e-6,
+  downsample_padding=0,
+  flip_sin_to_cos=False,
+  freq_shift=1,
+  time_embedding_type="positional",
+  center_input_sample=False,
+  mid_block_scale_factor=1,
+)
 # configs/tiny.py's network (1 channel, 8x8, ch 32, ch_mult (1, 2), attention at 4x4) with a learned variance.
-TINY = dict(DDPM_FIELDS, sample_size=8, in_channels=1, out_channels=2, layers_per_block=1, block_out_channels=(32, 64),
-            down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
-CIFAR = dict(DDPM_FIELDS, sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
-             block_out_channels=(128, 256, 256, 256),
-             down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-             up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+TINY = dict(
+  DDPM_FIELDS,
+  sample_size=8,
+  in_channels=1,
+  out_channels=2,
+  layers_per_block=1,
+  block_out_channels=(32, 64),
+  down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+  up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+)
+CIFAR = dict(
+  DDPM_FIELDS,
+  sample_size=32,
+  in_channels=3,
+  out_channels=3,
+  layers_per_block=2,
+  block_out_channels=(128, 256, 256, 256),
+  down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+  up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+)
 ATOL = 1e-4  # float32, outputs of magnitude ~2
 LEARNED = dict(model_var_type="learned", loss_type="hybrid")  # 2 output channels
 
@@ -79,16 +102,22 @@ def _torch_forward(model, x: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 @functools.cache
 def _jitted(ch, ch_mult, num_res_blocks, attn_resolutions, out_ch):
-  model = unet.UNet(ch=ch, out_ch=out_ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
-                    attn_resolutions=attn_resolutions, dropout=0.0)
+  model = unet.UNet(
+    ch=ch, out_ch=out_ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions, dropout=0.0
+  )
   return jax.jit(lambda params, x, t: model.apply({"params": params}, x, t, train=False))
 
 
 def _our_forward(params, x: np.ndarray, t: np.ndarray) -> np.ndarray:
   arch = convert.infer_architecture(params)
   size = x.shape[1]
-  fn = _jitted(arch["ch"], arch["ch_mult"], arch["num_res_blocks"],
-               tuple(size // 2**i for i in arch["attn_levels"]), arch["out_ch"])
+  fn = _jitted(
+    arch["ch"],
+    arch["ch_mult"],
+    arch["num_res_blocks"],
+    tuple(size // 2**i for i in arch["attn_levels"]),
+    arch["out_ch"],
+  )
   return np.asarray(fn(params, x, t))
 
 
@@ -113,8 +142,9 @@ def _state(model) -> dict[str, np.ndarray]:
 def _write_diffusers(folder: pathlib.Path, config: dict, tensors: dict[str, np.ndarray]) -> pathlib.Path:
   folder.mkdir(parents=True, exist_ok=True)
   (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", **config}))
-  st_numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-                     str(folder / "diffusion_pytorch_model.safetensors"))
+  st_numpy.save_file(
+    {k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(folder / "diffusion_pytorch_model.safetensors")
+  )
   return folder
 
 
@@ -146,9 +176,10 @@ def tiny_folder(tiny, tmp_path_factory):
 def test_diffusers_tiny_matches_diffusers_forward(tiny, tiny_folder):
   params, overrides = convert.diffusers_to_params(tiny_folder)
   assert overrides == dict(
-      model=dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), resamp_with_conv=True,
-                 num_classes=0),
-      data=dict(image_size=8, channels=1), out_ch=2)
+    model=dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), resamp_with_conv=True, num_classes=0),
+    data=dict(image_size=8, channels=1),
+    out_ch=2,
+  )
   convert.validate_params(params, _load_config("tiny", **LEARNED))
   x, t = _inputs(TINY, batch=4)
   _report("diffusers tiny", _our_forward(params, x, t), _torch_forward(tiny.model, x, t))
@@ -192,7 +223,9 @@ def test_diffusers_bin_without_torch_is_a_clear_error(tiny, tiny_folder, tmp_pat
     convert.diffusers_to_params(tmp_path)
 
 
-@pytest.mark.parametrize("field,value", [
+@pytest.mark.parametrize(
+  "field,value",
+  [
     ("norm_num_groups", 16),
     ("norm_eps", 1e-5),
     ("flip_sin_to_cos", True),
@@ -208,7 +241,8 @@ def test_diffusers_bin_without_torch_is_a_clear_error(tiny, tiny_folder, tmp_pat
     ("add_attention", False),
     ("up_block_types", ["UpBlock2D", "AttnUpBlock2D"]),
     ("down_block_types", ["DownBlock2D", "SkipDownBlock2D"]),
-])
+  ],
+)
 def test_diffusers_unsupported_config_field_is_named(tiny, field, value, tmp_path):
   _write_diffusers(tmp_path, dict(TINY, **{field: value}), tiny.state)
   with pytest.raises(convert.ConversionError, match=re.escape(field.split("_types")[0])):
@@ -256,8 +290,11 @@ def test_params_against_wrong_config_list_paths(tiny_folder):
   assert "model.ch=32, model.ch_mult=(1, 2)" in message and "levels" not in message
   assert "pass --config.model.ch=32 --config.model.ch_mult='(1,2)' --config.model.num_res_blocks=1 " in message
   assert "--config.data.channels=1" in message
-  with pytest.raises(convert.ConversionError, match=r"model_var_type='fixedlarge'(.|\n)*"
-                     r"conv_out/kernel: checkpoint \(3, 3, 32, 2\), model \(3, 3, 32, 1\)"):
+  with pytest.raises(
+    convert.ConversionError,
+    match=r"model_var_type='fixedlarge'(.|\n)*"
+    r"conv_out/kernel: checkpoint \(3, 3, 32, 2\), model \(3, 3, 32, 1\)",
+  ):
     convert.validate_params(params, _load_config("tiny"))  # fixedlarge: 1 output channel
 
 
@@ -295,8 +332,14 @@ def test_export_loads_in_diffusers_and_computes_the_same(tmp_path):
 # Original TF1 checkpoints.
 # ----------------------------------------------------------------------------
 
-_TF_RESNET = {"norm1": "norm1", "conv1": "conv1", "time_emb_proj": "temb_proj", "norm2": "norm2", "conv2": "conv2",
-              "conv_shortcut": "nin_shortcut"}
+_TF_RESNET = {
+  "norm1": "norm1",
+  "conv1": "conv1",
+  "time_emb_proj": "temb_proj",
+  "norm2": "norm2",
+  "conv2": "conv2",
+  "conv_shortcut": "nin_shortcut",
+}
 _TF_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
@@ -345,10 +388,15 @@ def _write_tf(prefix: pathlib.Path, tensors: dict[str, np.ndarray], *, saver: bo
   much faster).
   """
   import tensorflow as tf  # noqa: PLC0415
+
   prefix.parent.mkdir(parents=True, exist_ok=True)
   if not saver:
-    tf.raw_ops.SaveV2(prefix=str(prefix), tensor_names=list(tensors), shape_and_slices=[""] * len(tensors),
-                      tensors=[tf.constant(v) for v in tensors.values()])
+    tf.raw_ops.SaveV2(
+      prefix=str(prefix),
+      tensor_names=list(tensors),
+      shape_and_slices=[""] * len(tensors),
+      tensors=[tf.constant(v) for v in tensors.values()],
+    )
     return str(prefix)
   graph = tf.Graph()
   with graph.as_default():
@@ -415,16 +463,19 @@ def test_tf_checkpoint_errors(tf_vars, tmp_path):
     convert.tf_checkpoint_to_params(prefix)
 
   extra_name = "model/down_0/block_0/conv_shortcut/W"
-  extra = {extra_name: np.zeros((1, 1, 32, 32), np.float32),
-           extra_name + "/ExponentialMovingAverage": np.zeros((1, 1, 32, 32), np.float32)}
+  extra = {
+    extra_name: np.zeros((1, 1, 32, 32), np.float32),
+    extra_name + "/ExponentialMovingAverage": np.zeros((1, 1, 32, 32), np.float32),
+  }
   prefix = _write_tf(tmp_path / "extra" / "model.ckpt-1", _tf_checkpoint(tf_vars, extra=extra, slots=False))
   with pytest.raises(convert.ConversionError, match=r"not in the model \(1\):\s+" + extra_name):
     convert.tf_checkpoint_to_params(prefix)
 
   q = "model/mid/attn_1/q/W"
   bad = dict(tf_vars.raw, **{q: np.zeros((64, 32), np.float32)})
-  prefix = _write_tf(tmp_path / "shape" / "model.ckpt-1",
-                     _tf_checkpoint(types.SimpleNamespace(raw=bad, ema=bad), slots=False))
+  prefix = _write_tf(
+    tmp_path / "shape" / "model.ckpt-1", _tf_checkpoint(types.SimpleNamespace(raw=bad, ema=bad), slots=False)
+  )
   with pytest.raises(convert.ConversionError, match=re.escape(f"{q}: checkpoint (64, 32), model (64, 64)")):
     convert.tf_checkpoint_to_params(prefix)
 
@@ -492,17 +543,22 @@ def test_cli_tf2jax_then_jax2diffusers(tiny, tf_vars, tmp_path):
 def test_cli_diffusers2jax_checks_the_config(tiny_folder, tmp_path):
   from diffusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
 
-  with pytest.raises(convert.ConversionError, match=r"model\.ch: config 128, checkpoint 32(.|\n)*"
-                     r"--config\.model\.ch=32 --config\.model\.ch_mult='\(1,2\)'"):
-    convert._run("diffusers2jax", _flags(config=_load_config("cifar"), folder=str(tiny_folder),
-                                         out=str(tmp_path / "a")))
-  with pytest.raises(convert.ConversionError, match=r"output channels: config 1 \(diffusion.model_var_type="
-                     r"'fixedlarge'\), checkpoint 2(.|\n)*learned_range"):
-    convert._run("diffusers2jax", _flags(config=_load_config("tiny"), folder=str(tiny_folder),
-                                         out=str(tmp_path / "a")))
+  with pytest.raises(
+    convert.ConversionError,
+    match=r"model\.ch: config 128, checkpoint 32(.|\n)*"
+    r"--config\.model\.ch=32 --config\.model\.ch_mult='\(1,2\)'",
+  ):
+    convert._run(
+      "diffusers2jax", _flags(config=_load_config("cifar"), folder=str(tiny_folder), out=str(tmp_path / "a"))
+    )
+  with pytest.raises(
+    convert.ConversionError,
+    match=r"output channels: config 1 \(diffusion.model_var_type="
+    r"'fixedlarge'\), checkpoint 2(.|\n)*learned_range",
+  ):
+    convert._run("diffusers2jax", _flags(config=_load_config("tiny"), folder=str(tiny_folder), out=str(tmp_path / "a")))
   out = tmp_path / "b"
-  convert._run("diffusers2jax", _flags(config=_load_config("tiny", **LEARNED),
-                                       folder=str(tiny_folder), out=str(out)))
+  convert._run("diffusers2jax", _flags(config=_load_config("tiny", **LEARNED), folder=str(tiny_folder), out=str(out)))
   _, params, step = checkpointing.load_params(out)
   assert step == 0
   _assert_trees_equal(params, convert.diffusers_to_params(tiny_folder)[0])
@@ -510,18 +566,44 @@ def test_cli_diffusers2jax_checks_the_config(tiny_folder, tmp_path):
 
 def test_cli_help_and_lazy_imports():
   env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  result = subprocess.run([sys.executable, "-m", "diffusion_jax.convert", "--help"], check=False,
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)  # --help exits with 1
+  result = subprocess.run(
+    [sys.executable, "-m", "diffusion_jax.convert", "--help"],
+    check=False,
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=REPO,
+    timeout=120,
+  )  # --help exits with 1
   for word in ("tf2jax", "diffusers2jax", "jax2diffusers", "ExponentialMovingAverage", "--checkpoint", "--raw"):
     assert word in result.stdout, (word, result.stdout, result.stderr)
-  result = subprocess.run([sys.executable, "-m", "diffusion_jax.convert", "tf2torch", "--out=/tmp/x"],
-                          check=False, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+  result = subprocess.run(
+    [sys.executable, "-m", "diffusion_jax.convert", "tf2torch", "--out=/tmp/x"],
+    check=False,
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=REPO,
+    timeout=120,
+  )
   assert result.returncode != 0 and "one of tf2jax, diffusers2jax" in result.stderr, result.stderr
   result = subprocess.run(
-      [sys.executable, "-c", ("import sys, diffusion_jax.convert; "
-                              "print(sorted(m for m in ('torch', 'tensorflow', 'diffusers', 'jax') "
-                              "if m in sys.modules))")],
-      check=False, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    [
+      sys.executable,
+      "-c",
+      (
+        "import sys, diffusion_jax.convert; "
+        "print(sorted(m for m in ('torch', 'tensorflow', 'diffusers', 'jax') "
+        "if m in sys.modules))"
+      ),
+    ],
+    check=False,
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=REPO,
+    timeout=120,
+  )
   assert result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
@@ -543,8 +625,9 @@ def test_cli_tf2jax_without_config_infers_the_architecture(tf_vars, tmp_path):
   with pytest.raises(convert.ConversionError, match=r"needs the image size(.|\n)*--image_size=N"):
     convert._run("tf2jax", _flags(checkpoint=prefix, out=str(tmp_path / "a")))
   with pytest.raises(convert.ConversionError, match="either --config or --preset"):
-    convert._run("tf2jax", _flags(config=_load_config("tiny"), image_size=8, checkpoint=prefix,
-                                  out=str(tmp_path / "a")))
+    convert._run(
+      "tf2jax", _flags(config=_load_config("tiny"), image_size=8, checkpoint=prefix, out=str(tmp_path / "a"))
+    )
   with pytest.raises(convert.ConversionError, match=r"Unknown preset 'cifar'(.|\n)*--preset=cifar10"):
     convert._run("tf2jax", _flags(preset="cifar", checkpoint=prefix, out=str(tmp_path / "a")))
 
@@ -574,28 +657,38 @@ def test_mismatch_messages_give_the_config_overrides(tiny_folder, tf_vars, tmp_p
   with pytest.raises(convert.ConversionError) as e:
     convert.validate_params(params, config)
   message = str(e.value)
-  assert ("pass --config.model.attn_resolutions='(4,)' --config.diffusion.model_var_type=learned_range "
-          "--config.diffusion.loss_type=hybrid") in message, message
+  assert (
+    "pass --config.model.attn_resolutions='(4,)' --config.diffusion.model_var_type=learned_range "
+    "--config.diffusion.loss_type=hybrid"
+  ) in message, message
   assert "levels" not in message and "model.attn_resolutions=(4,)" in message
   with pytest.raises(convert.ConversionError) as e:
     convert.check_config_matches(config, overrides)
   message = str(e.value)
   assert "model.attn_resolutions: config (8,), checkpoint (4,)" in message
-  assert ("pass --config.model.attn_resolutions='(4,)' --config.diffusion.model_var_type=learned_range "
-          "--config.diffusion.loss_type=hybrid") in message, message
+  assert (
+    "pass --config.model.attn_resolutions='(4,)' --config.diffusion.model_var_type=learned_range "
+    "--config.diffusion.loss_type=hybrid"
+  ) in message, message
 
   prefix = _write_tf(tmp_path / "tf" / "model.ckpt-1", _tf_checkpoint(tf_vars, slots=False))
-  with pytest.raises(convert.ConversionError, match=re.escape(
+  with pytest.raises(
+    convert.ConversionError,
+    match=re.escape(
       "--config.model.attn_resolutions='(4,)' --config.diffusion.model_var_type=learned "
-      "--config.diffusion.loss_type=hybrid")):
+      "--config.diffusion.loss_type=hybrid"
+    ),
+  ):
     convert._run("tf2jax", _flags(config=config, checkpoint=prefix, out=str(tmp_path / "a")))
 
   config = _load_config("tiny", model_var_type="learned_range", loss_type="hybrid")
   fixed = dict(convert._flatten(params))
   fixed[("conv_out", "kernel")] = fixed[("conv_out", "kernel")][..., :1]
   fixed[("conv_out", "bias")] = fixed[("conv_out", "bias")][:1]
-  with pytest.raises(convert.ConversionError, match=re.escape(
-      "pass --config.diffusion.model_var_type=fixedlarge --config.diffusion.loss_type=mse")):
+  with pytest.raises(
+    convert.ConversionError,
+    match=re.escape("pass --config.diffusion.model_var_type=fixedlarge --config.diffusion.loss_type=mse"),
+  ):
     convert.validate_params(convert._unflatten(fixed), config)
 
 
@@ -616,8 +709,9 @@ def test_cli_diffusers2jax_without_config_reads_the_scheduler(tiny_folder, tmp_p
   (pipeline / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline"}))
   (pipeline / "scheduler").mkdir()
   scheduler = pipeline / "scheduler" / "scheduler_config.json"
-  scheduler.write_text(json.dumps({"_class_name": "DDPMScheduler", "variance_type": "learned",
-                                   "prediction_type": "epsilon"}))
+  scheduler.write_text(
+    json.dumps({"_class_name": "DDPMScheduler", "variance_type": "learned", "prediction_type": "epsilon"})
+  )
   with pytest.raises(convert.ConversionError, match=r"variance_type='learned'(.|\n)*variance itself"):
     convert._run("diffusers2jax", _flags(folder=str(pipeline), out=str(tmp_path / "x")))
   scheduler.write_text(json.dumps({"variance_type": "fixed_small"}))
@@ -633,12 +727,27 @@ def test_cli_diffusers2jax_without_config_reads_the_scheduler(tiny_folder, tmp_p
 
 def test_cli_user_error_is_one_line_without_traceback(tf_vars, tmp_path):
   prefix = _write_tf(tmp_path / "tf" / "model.ckpt-1", _tf_checkpoint(tf_vars, slots=False))
-  env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             DIFFUSION_JAX_CACHE_DIR="0")
+  env = dict(
+    os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), DIFFUSION_JAX_CACHE_DIR="0"
+  )
   result = subprocess.run(
-      [sys.executable, "-m", "diffusion_jax.convert", "tf2jax", f"--checkpoint={prefix}", "--config=configs/tiny.py",
-       "--config.diffusion.model_var_type=learned", f"--out={tmp_path / 'out'}"],
-      check=False, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "diffusion_jax.convert",
+      "tf2jax",
+      f"--checkpoint={prefix}",
+      "--config=configs/tiny.py",
+      "--config.diffusion.model_var_type=learned",
+      f"--out={tmp_path / 'out'}",
+    ],
+    check=False,
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=REPO,
+    timeout=300,
+  )
   assert result.returncode == 2, result.stderr[-3000:]
   assert "Traceback" not in result.stderr, result.stderr
   errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -664,8 +773,9 @@ def _our_conditional_forward(params, config, x, t, y) -> np.ndarray:
 
 def _torch_conditional_forward(model, x, t, y) -> np.ndarray:
   with torch.no_grad():
-    out = model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t).long(),
-                class_labels=torch.from_numpy(y).long()).sample
+    out = model(
+      torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t).long(), class_labels=torch.from_numpy(y).long()
+    ).sample
   return out.numpy().transpose(0, 2, 3, 1)
 
 
@@ -715,5 +825,8 @@ def test_conditional_diffusers_import_matches_diffusers_forward(tmp_path):
   convert.validate_params(params, config)
   x, t = _inputs(TINY, batch=4, seed=5)
   y = np.array([3, 2, 1, 0], np.int32)
-  _report("conditional diffusers import", _our_conditional_forward(params, config, x, t, y),
-          _torch_conditional_forward(model, x, t, y))
+  _report(
+    "conditional diffusers import",
+    _our_conditional_forward(params, config, x, t, y),
+    _torch_conditional_forward(model, x, t, y),
+  )

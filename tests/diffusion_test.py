@@ -127,10 +127,10 @@ class _Ref:
 
   def mse_target(self, x0, xt, t, noise):
     return {
-        "eps": lambda: noise,
-        "xstart": lambda: x0,
-        "xprev": lambda: self.q_posterior(x0, xt, t)[0],
-        "v": lambda: self.v_target(x0, noise, t),
+      "eps": lambda: noise,
+      "xstart": lambda: x0,
+      "xprev": lambda: self.q_posterior(x0, xt, t)[0],
+      "v": lambda: self.v_target(x0, noise, t),
     }[self.mean_type]()
 
   def training_losses(self, model_fn, x0, t, noise):
@@ -163,9 +163,9 @@ def _np_dgll(x, means, log_scales):
   cdf_plus = _np_cdf(inv * (x - means + 1 / 255))
   cdf_min = _np_cdf(inv * (x - means - 1 / 255))
   return np.where(
-      x < -0.999,
-      np.log(np.maximum(cdf_plus, 1e-12)),
-      np.where(x > 0.999, np.log(np.maximum(1 - cdf_min, 1e-12)), np.log(np.maximum(cdf_plus - cdf_min, 1e-12))),
+    x < -0.999,
+    np.log(np.maximum(cdf_plus, 1e-12)),
+    np.where(x > 0.999, np.log(np.maximum(1 - cdf_min, 1e-12)), np.log(np.maximum(cdf_plus - cdf_min, 1e-12))),
   )
 
 
@@ -213,9 +213,7 @@ def _setup(mean_type, var_type, loss_type=None):
   if loss_type is None:
     loss_type = "hybrid" if var_type in ("learned", "learned_range") else "mse"
   betas = _linear_betas()
-  d = diffusion.GaussianDiffusion.create(
-      betas, model_mean_type=mean_type, model_var_type=var_type, loss_type=loss_type
-  )
+  d = diffusion.GaussianDiffusion.create(betas, model_mean_type=mean_type, model_var_type=var_type, loss_type=loss_type)
   return d, _Ref(betas, mean_type, var_type, loss_type)
 
 
@@ -228,12 +226,14 @@ def _j(x, dtype=jnp.float32):
 # ----------------------------------------------------------------------------
 
 # DDPM_FACTS §1, linear, T = 1000: t, β, ᾱ, β̃, log β̃ (clipped), log σ² fixedlarge, coef1, coef2.
-FACTS_TABLE = np.array([
+FACTS_TABLE = np.array(
+  [
     [0, 1e-4, 0.9999, 0.0, -9.816725135, -9.816725135, 1.0000000000001, 0.0],
     [1, 1.1991992e-4, 0.99978009, 5.4531877e-5, -9.816725135, -9.028686372, 0.54529150, 0.45470850],
     [499, 0.01004004, 0.078587243, 0.010031355, -4.602039550, -4.601174177, 0.0030700711, 0.99410667],
     [999, 0.02, 4.0358298e-5, 0.019999984, -3.912023829, -3.912023005, 1.2835149e-4, 0.98994868],
-])
+  ]
+)
 
 
 def test_reference_reproduces_facts_table():
@@ -241,16 +241,32 @@ def test_reference_reproduces_facts_table():
   ref = _Ref(_linear_betas())
   t = FACTS_TABLE[:, 0].astype(int)
   got = np.stack(
-      [ref.betas[t], ref.abar[t], ref.post_var[t], ref.post_logvar[t], ref.fixedlarge_logvar[t], ref.coef1[t],
-       ref.coef2[t]], axis=1)
+    [
+      ref.betas[t],
+      ref.abar[t],
+      ref.post_var[t],
+      ref.post_logvar[t],
+      ref.fixedlarge_logvar[t],
+      ref.coef1[t],
+      ref.coef2[t],
+    ],
+    axis=1,
+  )
   np.testing.assert_allclose(got, FACTS_TABLE[:, 1:], rtol=1e-7, atol=1e-15)
 
 
 def test_tables_match_facts_table():
   d = diffusion.GaussianDiffusion.create(_linear_betas())
   t = FACTS_TABLE[:, 0].astype(int)
-  tables = [d.betas, d.alphas_cumprod, d.posterior_variance, d.posterior_log_variance_clipped,
-            d.fixedlarge_log_variance, d.posterior_mean_coef1, d.posterior_mean_coef2]
+  tables = [
+    d.betas,
+    d.alphas_cumprod,
+    d.posterior_variance,
+    d.posterior_log_variance_clipped,
+    d.fixedlarge_log_variance,
+    d.posterior_mean_coef1,
+    d.posterior_mean_coef2,
+  ]
   for table in tables:
     assert table.dtype == jnp.float32 and table.shape == (1000,)
   got = np.stack([np.asarray(table)[t] for table in tables], axis=1)
@@ -264,20 +280,20 @@ def test_all_tables_match_reference(name):
   d = diffusion.GaussianDiffusion.create(betas)
   r = _Ref(betas)
   expected = dict(
-      betas=r.betas,
-      alphas_cumprod=r.abar,
-      alphas_cumprod_prev=r.abar_prev,
-      sqrt_alphas_cumprod=np.sqrt(r.abar),
-      sqrt_one_minus_alphas_cumprod=np.sqrt(1 - r.abar),
-      log_one_minus_alphas_cumprod=np.log(1 - r.abar),
-      sqrt_recip_alphas_cumprod=np.sqrt(1 / r.abar),
-      sqrt_recipm1_alphas_cumprod=np.sqrt(1 / r.abar - 1),
-      posterior_variance=r.post_var,
-      posterior_log_variance_clipped=r.post_logvar,
-      posterior_mean_coef1=r.coef1,
-      posterior_mean_coef2=r.coef2,
-      fixedlarge_log_variance=r.fixedlarge_logvar,
-      log_betas=np.log(r.betas),
+    betas=r.betas,
+    alphas_cumprod=r.abar,
+    alphas_cumprod_prev=r.abar_prev,
+    sqrt_alphas_cumprod=np.sqrt(r.abar),
+    sqrt_one_minus_alphas_cumprod=np.sqrt(1 - r.abar),
+    log_one_minus_alphas_cumprod=np.log(1 - r.abar),
+    sqrt_recip_alphas_cumprod=np.sqrt(1 / r.abar),
+    sqrt_recipm1_alphas_cumprod=np.sqrt(1 / r.abar - 1),
+    posterior_variance=r.post_var,
+    posterior_log_variance_clipped=r.post_logvar,
+    posterior_mean_coef1=r.coef1,
+    posterior_mean_coef2=r.coef2,
+    fixedlarge_log_variance=r.fixedlarge_logvar,
+    log_betas=np.log(r.betas),
   )
   for key, value in expected.items():
     table = getattr(d, key)
@@ -289,12 +305,12 @@ def test_all_tables_match_reference(name):
 def test_create_errors():
   betas = _linear_betas(10)
   for kwargs, match in [
-      (dict(model_mean_type="mu"), "model_mean_type.*eps, xstart, xprev, v"),
-      (dict(model_var_type="big"), "model_var_type.*fixedlarge, fixedsmall, learned, learned_range"),
-      (dict(loss_type="l1"), "loss_type.*mse, kl, hybrid"),
-      (dict(model_var_type="learned", loss_type="mse"), "hybrid"),
-      (dict(model_var_type="learned_range", loss_type="mse"), "hybrid"),
-      (dict(model_var_type="fixedlarge", loss_type="hybrid"), "learned"),
+    (dict(model_mean_type="mu"), "model_mean_type.*eps, xstart, xprev, v"),
+    (dict(model_var_type="big"), "model_var_type.*fixedlarge, fixedsmall, learned, learned_range"),
+    (dict(loss_type="l1"), "loss_type.*mse, kl, hybrid"),
+    (dict(model_var_type="learned", loss_type="mse"), "hybrid"),
+    (dict(model_var_type="learned_range", loss_type="mse"), "hybrid"),
+    (dict(model_var_type="fixedlarge", loss_type="hybrid"), "learned"),
   ]:
     with pytest.raises(ValueError, match=match):
       diffusion.GaussianDiffusion.create(betas, **kwargs)
@@ -346,7 +362,7 @@ def test_posterior_is_the_bayes_posterior():
   e = r._e
   prec = 1 / (1 - e(r.abar_prev, t)) + e(r.alphas, t) / e(r.betas, t)
   mean = (
-      np.sqrt(e(r.abar_prev, t)) * x0 / (1 - e(r.abar_prev, t)) + np.sqrt(e(r.alphas, t)) * xt / e(r.betas, t)
+    np.sqrt(e(r.abar_prev, t)) * x0 / (1 - e(r.abar_prev, t)) + np.sqrt(e(r.alphas, t)) * xt / e(r.betas, t)
   ) / prec
   got_mean, got_var, _ = d.q_posterior_mean_variance(_j(x0), _j(xt), _j(t, jnp.int32))
   np.testing.assert_allclose(got_mean, mean, rtol=RTOL, atol=1e-6)
@@ -374,7 +390,7 @@ def _check_pred_xstart(got, expected, ref, t):
   for i, ti in enumerate(t):
     atol = ATOL + (1e-6 / ref.coef1[ti] if ref.mean_type == "xprev" else 0.0)
     np.testing.assert_allclose(
-        got["pred_xstart"][i], expected["pred_xstart"][i], rtol=RTOL, atol=atol, err_msg=f"t={ti}"
+      got["pred_xstart"][i], expected["pred_xstart"][i], rtol=RTOL, atol=atol, err_msg=f"t={ti}"
     )
 
 
@@ -441,7 +457,7 @@ def test_algorithm_2_equals_p_sample_without_clipping(var_type):
   sigma2 = betas if var_type == "fixedlarge" else betas * (1 - abar_prev) / (1 - abar)
   e = lambda a: a[t][:, None, None, None]  # noqa: E731
   expected = (xt - e(betas) / np.sqrt(1 - e(abar)) * eps) / np.sqrt(e(alphas)) + np.where(
-      (t > 0)[:, None, None, None], np.sqrt(e(sigma2)), 0.0
+    (t > 0)[:, None, None, None], np.sqrt(e(sigma2)), 0.0
   ) * z
   got = d.p_sample(_j(eps), _j(xt), _j(t, jnp.int32), _j(z), clip_denoised=False)["sample"]
   # At t = 999 the code goes through x̂_0 = 157·x_t − 157·ε (float32 cancellation of ~1e-5).
@@ -474,7 +490,7 @@ def test_normal_kl_and_cdf():
   rng = np.random.default_rng(0)
   m1, m2, lv1, lv2 = (_f32(rng.normal(size=(5, 7))) for _ in range(4))
   np.testing.assert_allclose(
-      diffusion.normal_kl(_j(m1), _j(lv1), _j(m2), _j(lv2)), _np_normal_kl(m1, lv1, m2, lv2), rtol=1e-5, atol=1e-6
+    diffusion.normal_kl(_j(m1), _j(lv1), _j(m2), _j(lv2)), _np_normal_kl(m1, lv1, m2, lv2), rtol=1e-5, atol=1e-6
   )
   # KL of a distribution with itself is 0.
   np.testing.assert_allclose(diffusion.normal_kl(_j(m1), _j(lv1), _j(m1), _j(lv1)), 0.0, atol=1e-7)
@@ -491,7 +507,7 @@ def _grid():
 def test_discretized_likelihood_sums_to_one(mean, sigma):
   x = _grid()
   ll = diffusion.discretized_gaussian_log_likelihood(
-      _j(x), means=_j(np.full((1, 1, 1, 1), mean)), log_scales=_j(np.full((1, 1, 1, 1), math.log(sigma)))
+    _j(x), means=_j(np.full((1, 1, 1, 1), mean)), log_scales=_j(np.full((1, 1, 1, 1), math.log(sigma)))
   )
   assert ll.shape == (256, 1, 1, 1)
   # 256 float32 bin masses, each with ~1e-7 error.
@@ -534,13 +550,13 @@ def test_vb_terms_bpd(mean_type, var_type, clip):
 
 
 @pytest.mark.parametrize(
-    "mean_type, var_type, loss_type",
-    [
-        (m, v, l)
-        for m in MEAN_TYPES
-        for v in VAR_TYPES
-        for l in (("kl", "hybrid") if v.startswith("learned") else ("mse", "kl"))
-    ],
+  "mean_type, var_type, loss_type",
+  [
+    (m, v, l)
+    for m in MEAN_TYPES
+    for v in VAR_TYPES
+    for l in (("kl", "hybrid") if v.startswith("learned") else ("mse", "kl"))
+  ],
 )
 def test_training_losses(mean_type, var_type, loss_type):
   d, r = _setup(mean_type, var_type, loss_type)
@@ -706,23 +722,23 @@ def test_v_round_trip():
 
 
 BAD_INPUTS = [
-    (lambda d, dl, x0, t, n: d.q_sample(x0, t[:, None], n), r"t must have shape \[B\]"),
-    (lambda d, dl, x0, t, n: d.q_sample(x0, t[:2], n), r"t must have shape \[B\] = \[4\]"),
-    (lambda d, dl, x0, t, n: d.q_sample(x0, jnp.int32(3), n), r"t must have shape \[B\]"),
-    (lambda d, dl, x0, t, n: d.q_sample(x0, t.astype(jnp.float32), n), "integer"),
-    (lambda d, dl, x0, t, n: d.q_mean_variance(x0, t.astype(jnp.float32)), "integer"),
-    (lambda d, dl, x0, t, n: d.q_sample(x0, t, n[:, :2]), "noise has shape"),
-    (lambda d, dl, x0, t, n: d.q_sample(x0[0, 0, 0], t[:3], n[0, 0, 0]), "batched"),
-    (lambda d, dl, x0, t, n: d.q_sample(x0.astype(jnp.int32), t, n), "floating"),
-    (lambda d, dl, x0, t, n: d.q_posterior_mean_variance(x0[..., :2], x0, t), "x_start has shape"),
-    (lambda d, dl, x0, t, n: d.p_mean_variance(x0[..., :2], x0, t), "model_output has shape.*3 output channels"),
-    (lambda d, dl, x0, t, n: dl.p_mean_variance(x0, x0, t), "model_output.*'learned' needs 6 output channels"),
-    (lambda d, dl, x0, t, n: d.p_sample(x0, x0, t, n[..., :1]), "noise has shape"),
-    (lambda d, dl, x0, t, n: d.p_sample(x0, x0, t.astype(jnp.float32), n), "integer"),
-    (lambda d, dl, x0, t, n: d.vb_terms_bpd(x0, x0, x0, t[:3], clip_denoised=True), r"t must have shape"),
-    (lambda d, dl, x0, t, n: d.training_losses(lambda xt, tt: xt[..., :2], x0, t, n), "model_output has shape"),
-    (lambda d, dl, x0, t, n: d.training_losses(lambda xt, tt: xt, x0, t.astype(jnp.float32), n), "integer"),
-    (lambda d, dl, x0, t, n: d.training_losses(lambda xt, tt: xt, x0, t, n[:2]), "noise has shape"),
+  (lambda d, dl, x0, t, n: d.q_sample(x0, t[:, None], n), r"t must have shape \[B\]"),
+  (lambda d, dl, x0, t, n: d.q_sample(x0, t[:2], n), r"t must have shape \[B\] = \[4\]"),
+  (lambda d, dl, x0, t, n: d.q_sample(x0, jnp.int32(3), n), r"t must have shape \[B\]"),
+  (lambda d, dl, x0, t, n: d.q_sample(x0, t.astype(jnp.float32), n), "integer"),
+  (lambda d, dl, x0, t, n: d.q_mean_variance(x0, t.astype(jnp.float32)), "integer"),
+  (lambda d, dl, x0, t, n: d.q_sample(x0, t, n[:, :2]), "noise has shape"),
+  (lambda d, dl, x0, t, n: d.q_sample(x0[0, 0, 0], t[:3], n[0, 0, 0]), "batched"),
+  (lambda d, dl, x0, t, n: d.q_sample(x0.astype(jnp.int32), t, n), "floating"),
+  (lambda d, dl, x0, t, n: d.q_posterior_mean_variance(x0[..., :2], x0, t), "x_start has shape"),
+  (lambda d, dl, x0, t, n: d.p_mean_variance(x0[..., :2], x0, t), "model_output has shape.*3 output channels"),
+  (lambda d, dl, x0, t, n: dl.p_mean_variance(x0, x0, t), "model_output.*'learned' needs 6 output channels"),
+  (lambda d, dl, x0, t, n: d.p_sample(x0, x0, t, n[..., :1]), "noise has shape"),
+  (lambda d, dl, x0, t, n: d.p_sample(x0, x0, t.astype(jnp.float32), n), "integer"),
+  (lambda d, dl, x0, t, n: d.vb_terms_bpd(x0, x0, x0, t[:3], clip_denoised=True), r"t must have shape"),
+  (lambda d, dl, x0, t, n: d.training_losses(lambda xt, tt: xt[..., :2], x0, t, n), "model_output has shape"),
+  (lambda d, dl, x0, t, n: d.training_losses(lambda xt, tt: xt, x0, t.astype(jnp.float32), n), "integer"),
+  (lambda d, dl, x0, t, n: d.training_losses(lambda xt, tt: xt, x0, t, n[:2]), "noise has shape"),
 ]
 
 

@@ -80,9 +80,11 @@ def test_load_params_errors(tmp_path):
 
 
 def test_module_stays_below_the_face(repo_root):
-  code = ("import sys; from diffusion_jax.evaluation import digits_metric; "
-          "assert 'diffusion_jax.sampling' not in sys.modules, 'digits_metric imports sampling'; "
-          "assert not digits_metric._shipped_params.cache_info().currsize, 'weights loaded at import'")
+  code = (
+    "import sys; from diffusion_jax.evaluation import digits_metric; "
+    "assert 'diffusion_jax.sampling' not in sys.modules, 'digits_metric imports sampling'; "
+    "assert not digits_metric._shipped_params.cache_info().currsize, 'weights loaded at import'"
+  )
   subprocess.run([sys.executable, "-c", code], cwd=repo_root, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
@@ -183,8 +185,11 @@ def test_eval_hook_scores_digits_without_inception(workdir, monkeypatch, n_devic
   monkeypatch.setattr(eval_lib, "inception_weights", no_inception)
   written = {}
   write_tensorboard = eval_lib._write_tensorboard  # pylint: disable=protected-access
-  monkeypatch.setattr(eval_lib, "_write_tensorboard",
-                      lambda wd, step, scalars: (written.update(scalars), write_tensorboard(wd, step, scalars)))
+  monkeypatch.setattr(
+    eval_lib,
+    "_write_tensorboard",
+    lambda wd, step, scalars: (written.update(scalars), write_tensorboard(wd, step, scalars)),
+  )
   cfg = tiny.get_config()
   cfg.eval.metrics = ("fid",)
   cfg.eval.num_samples = 12
@@ -200,11 +205,18 @@ def test_eval_hook_scores_digits_without_inception(workdir, monkeypatch, n_devic
   assert record["num_samples"] == 12 and record["num_reference"] == 1500 and record["sampler"] == "ddim"
   assert record["classifier_sha256"] == dm.weights_sha256() and sum(record["digits_class_histogram"]) == 12
   # The figures are those of the exported samples.
-  samples = np.concatenate([np.load(p)["images"] for p in sorted((eval_dir / "samples_5_ddim_3steps_eta0_seed1")
-                                                                    .glob("samples_*.npz"))])
+  samples = np.concatenate(
+    [np.load(p)["images"] for p in sorted((eval_dir / "samples_5_ddim_3steps_eta0_seed1").glob("samples_*.npz"))]
+  )
   expected = dm.compute_digit_metrics(samples)
-  for name in ("digits_fd", "digits_is", "digits_confidence", "digits_precision", "digits_recall",
-               "digits_memorisation"):
+  for name in (
+    "digits_fd",
+    "digits_is",
+    "digits_confidence",
+    "digits_precision",
+    "digits_recall",
+    "digits_memorisation",
+  ):
     assert record[name] == pytest.approx(expected[name], rel=1e-9)
     assert written[f"eval/{name}"] == pytest.approx(expected[name], rel=1e-9)
   assert not list(eval_dir.glob("fid_stats_*"))  # no Inception reference statistics

@@ -57,8 +57,9 @@ def _numpy_bpd(model, x0, rng):
   Returns: (terms [B, T], mse [B, T], prior [B]) for the batch x0 [B, H, W, C].
   """
   cfg = model.config.diffusion
-  betas = schedules.get_beta_schedule(cfg.beta_schedule, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
-                                      num_timesteps=cfg.num_timesteps)
+  betas = schedules.get_beta_schedule(
+    cfg.beta_schedule, beta_start=cfg.beta_start, beta_end=cfg.beta_end, num_timesteps=cfg.num_timesteps
+  )
   T = len(betas)
   ab = np.cumprod(1.0 - betas)
   ab_prev = np.append(1.0, ab[:-1])
@@ -81,16 +82,22 @@ def _numpy_bpd(model, x0, rng):
   for t in range(T):
     noise = np.asarray(jax.random.normal(jax.random.fold_in(rng, t), x0.shape, jnp.float32), np.float64)
     x_t = np.sqrt(ab[t]) * x0 + np.sqrt(1.0 - ab[t]) * noise
-    eps = np.asarray(model.model.apply({"params": model.params}, jnp.asarray(x_t, jnp.float32),
-                                       jnp.full((b,), t, jnp.int32), train=False), np.float64)
+    eps = np.asarray(
+      model.model.apply(
+        {"params": model.params}, jnp.asarray(x_t, jnp.float32), jnp.full((b,), t, jnp.int32), train=False
+      ),
+      np.float64,
+    )
     pred_x0 = np.clip(np.sqrt(1.0 / ab[t]) * x_t - np.sqrt(1.0 / ab[t] - 1.0) * eps, -1.0, 1.0)
     mean = c1[t] * pred_x0 + c2[t] * x_t
     if t == 0:
       inv = np.exp(-0.5 * model_logvar[0])
       plus, minus = cdf(inv * (x0 - mean + 1 / 255)), cdf(inv * (x0 - mean - 1 / 255))
-      ll = np.where(x0 < -0.999, np.log(np.maximum(plus, 1e-12)),
-                    np.where(x0 > 0.999, np.log(np.maximum(1 - minus, 1e-12)),
-                             np.log(np.maximum(plus - minus, 1e-12))))
+      ll = np.where(
+        x0 < -0.999,
+        np.log(np.maximum(plus, 1e-12)),
+        np.where(x0 > 0.999, np.log(np.maximum(1 - minus, 1e-12)), np.log(np.maximum(plus - minus, 1e-12))),
+      )
       terms[:, t] = -meanflat(ll) / np.log(2.0)
     else:
       true_mean = c1[t] * x0 + c2[t] * x_t
@@ -119,7 +126,7 @@ def test_bpd_over_split_matches_numpy_loop(loaded, drop_remainder, n_devices):
   # so that its noise is that of the same [8, ...] draw; padded rows are dropped before averaging.
   terms, mse, prior = [], [], []
   for k, start in enumerate(range(0, n, 8)):
-    batch = images[start:start + 8]
+    batch = images[start : start + 8]
     real = len(batch)
     padded = np.concatenate([batch, -np.ones((8 - real,) + batch.shape[1:], np.float32)])
     t_, m_, p_ = _numpy_bpd(loaded, padded, jax.random.fold_in(rng, k))
@@ -142,11 +149,15 @@ def test_bpd_over_split_matches_numpy_loop(loaded, drop_remainder, n_devices):
   if not drop_remainder:
     # Masked sums over the padded last batch equal the plain average over its unpadded images.
     out = loaded.diffusion.calc_bpd_loop(
-        lambda x, t: loaded.model.apply({"params": loaded.params}, x, t, train=False),
-        jnp.asarray(np.concatenate([images[8:], -np.ones((4, 8, 8, 1), np.float32)])), jax.random.fold_in(rng, 1))
+      lambda x, t: loaded.model.apply({"params": loaded.params}, x, t, train=False),
+      jnp.asarray(np.concatenate([images[8:], -np.ones((4, 8, 8, 1), np.float32)])),
+      jax.random.fold_in(rng, 1),
+    )
     first = loaded.diffusion.calc_bpd_loop(
-        lambda x, t: loaded.model.apply({"params": loaded.params}, x, t, train=False),
-        jnp.asarray(images[:8]), jax.random.fold_in(rng, 0))
+      lambda x, t: loaded.model.apply({"params": loaded.params}, x, t, train=False),
+      jnp.asarray(images[:8]),
+      jax.random.fold_in(rng, 0),
+    )
     direct = np.concatenate([np.asarray(first["total_bpd"]), np.asarray(out["total_bpd"])[:4]])
     assert result["total_bpd"] == pytest.approx(float(direct.mean()), rel=1e-5)
 
@@ -182,7 +193,7 @@ def test_rate_distortion_endpoints_and_indexing(tmp_path, monkeypatch):
   assert rd["total_bpd"] == pytest.approx(prior + terms.sum())
   # Every k against the formula rate_k = prior + Σ_{s=T-k+1}^{T-1} terms[s], distortion_k = √mse[T-k]·127.5.
   for k in range(1, T + 1):
-    assert rate[k - 1] == pytest.approx(prior + terms[T - k + 1:].sum())
+    assert rate[k - 1] == pytest.approx(prior + terms[T - k + 1 :].sum())
     assert dist[k - 1] == pytest.approx(math.sqrt(mse[T - k]) * 127.5)
   assert np.all(np.diff(rate) >= 0)
   # The paper's endpoint arithmetic: 1.78 rate + 1.97 distortion = 3.75 bits/dim.
@@ -217,11 +228,20 @@ def _eval_files(workdir):
 def test_mode_eval_end_to_end(workdir, monkeypatch, repo_root, n_devices):
   from diffusion_jax import main  # pylint: disable=g-import-not-at-top
 
-  argv = ["main", f"--config={repo_root / 'configs' / 'tiny.py'}", f"--workdir={workdir}", "--mode=eval",
-          "--config.eval.metrics=('bpd','fid')", "--config.eval.random_inception=True",
-          "--config.eval.num_samples=8", f"--config.eval.bpd_max_examples={MAX_EXAMPLES}",
-          "--config.eval.drop_remainder=False", "--config.eval.fid_stats_max_examples=8",
-          "--config.sampling.sampler=ddim", "--config.sampling.num_steps=3"]
+  argv = [
+    "main",
+    f"--config={repo_root / 'configs' / 'tiny.py'}",
+    f"--workdir={workdir}",
+    "--mode=eval",
+    "--config.eval.metrics=('bpd','fid')",
+    "--config.eval.random_inception=True",
+    "--config.eval.num_samples=8",
+    f"--config.eval.bpd_max_examples={MAX_EXAMPLES}",
+    "--config.eval.drop_remainder=False",
+    "--config.eval.fid_stats_max_examples=8",
+    "--config.sampling.sampler=ddim",
+    "--config.sampling.num_steps=3",
+  ]
   monkeypatch.setattr(sys, "argv", argv)  # config_flags registers the --config.* overrides it sees in sys.argv
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
 
@@ -269,12 +289,16 @@ def test_mode_eval_end_to_end(workdir, monkeypatch, repo_root, n_devices):
   before = {name: (eval_dir / name).read_bytes() for name in first}
   cfg.eval.metrics = ("bpd",)
   out = eval_lib.evaluate(cfg, workdir)
-  assert set(_eval_files(workdir)) == first | {f"bpd_{step}_1.json", f"rate_distortion_{step}_1.json",
-                                                f"rate_distortion_{step}_1.png"}
+  assert set(_eval_files(workdir)) == first | {
+    f"bpd_{step}_1.json",
+    f"rate_distortion_{step}_1.json",
+    f"rate_distortion_{step}_1.png",
+  }
   assert all((eval_dir / name).read_bytes() == data for name, data in before.items())
   assert out["bpd"]["num_examples"] == 8  # drop_remainder=True by default (the paper)
-  assert sorted(out["files"]) == sorted(str(eval_dir / n) for n in (
-      f"bpd_{step}_1.json", f"rate_distortion_{step}_1.json", f"rate_distortion_{step}_1.png"))
+  assert sorted(out["files"]) == sorted(
+    str(eval_dir / n) for n in (f"bpd_{step}_1.json", f"rate_distortion_{step}_1.json", f"rate_distortion_{step}_1.png")
+  )
 
 
 def test_result_paths_never_reuse_names(tmp_path):

@@ -33,7 +33,6 @@ torch.set_num_threads(2)
 
 
 class TBasicConv2d(tnn.Module):
-
   def __init__(self, cin, cout, **kw):
     super().__init__()
     self.conv = tnn.Conv2d(cin, cout, bias=False, **kw)
@@ -48,7 +47,6 @@ def _fid_avg_pool(x):
 
 
 class TInceptionA(tnn.Module):
-
   def __init__(self, cin, pool_features):
     super().__init__()
     self.branch1x1 = TBasicConv2d(cin, 64, kernel_size=1)
@@ -66,7 +64,6 @@ class TInceptionA(tnn.Module):
 
 
 class TInceptionB(tnn.Module):
-
   def __init__(self, cin):
     super().__init__()
     self.branch3x3 = TBasicConv2d(cin, 384, kernel_size=3, stride=2)
@@ -80,7 +77,6 @@ class TInceptionB(tnn.Module):
 
 
 class TInceptionC(tnn.Module):
-
   def __init__(self, cin, c7):
     super().__init__()
     self.branch1x1 = TBasicConv2d(cin, 192, kernel_size=1)
@@ -103,7 +99,6 @@ class TInceptionC(tnn.Module):
 
 
 class TInceptionD(tnn.Module):
-
   def __init__(self, cin):
     super().__init__()
     self.branch3x3_1 = TBasicConv2d(cin, 192, kernel_size=1)
@@ -120,7 +115,6 @@ class TInceptionD(tnn.Module):
 
 
 class TInceptionE(tnn.Module):
-
   def __init__(self, cin, pool):
     super().__init__()
     self.pool = pool
@@ -263,8 +257,10 @@ def test_matches_torch_on_random_weights(torch_model, params, n_devices):
   pool, logits = np.asarray(pool), np.asarray(logits)
   pool_err = np.max(np.abs(pool - t_pool))
   logits_err = np.max(np.abs(logits - t_logits))
-  print(f"max |pool - torch| = {pool_err:.3g} (scale {np.max(np.abs(t_pool)):.3g}); "
-        f"max |logits - torch| = {logits_err:.3g} (scale {np.max(np.abs(t_logits)):.3g})")
+  print(
+    f"max |pool - torch| = {pool_err:.3g} (scale {np.max(np.abs(t_pool)):.3g}); "
+    f"max |logits - torch| = {logits_err:.3g} (scale {np.max(np.abs(t_logits)):.3g})"
+  )
   assert np.std(t_pool) > 1e-2  # the random network is not degenerate
   np.testing.assert_allclose(pool, t_pool, rtol=1e-4, atol=1e-4 * np.max(np.abs(t_pool)))
   np.testing.assert_allclose(logits, t_logits, rtol=1e-4, atol=1e-4 * np.max(np.abs(t_logits)))
@@ -293,9 +289,11 @@ def test_logits_bias_option():
 @pytest.mark.parametrize("in_hw", [(32, 32), (43, 57), (299, 299), (420, 330)])
 def test_resize_matches_torch_interpolate(in_hw):
   x = np.random.default_rng(1).uniform(0, 1, size=(2, *in_hw, 3)).astype(np.float32)
-  expected = F.interpolate(
-      torch.from_numpy(x).permute(0, 3, 1, 2), size=(299, 299), mode="bilinear", align_corners=False
-  ).permute(0, 2, 3, 1).numpy()
+  expected = (
+    F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=(299, 299), mode="bilinear", align_corners=False)
+    .permute(0, 2, 3, 1)
+    .numpy()
+  )
   np.testing.assert_allclose(np.asarray(inception.resize_bilinear(jnp.asarray(x), (299, 299))), expected, atol=2e-6)
 
 
@@ -325,13 +323,13 @@ def test_preprocess_range_and_grayscale():
 def test_safe_reader_roundtrip(tmp_path, zip_format):
   base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
   sd = collections.OrderedDict(
-      w=torch.randn(3, 2, 5, 5, dtype=torch.float64),
-      transposed=base.T,  # non-contiguous
-      sliced=base[1:, 2:5],  # storage offset
-      step=torch.tensor(7),
-      half=torch.ones(4, dtype=torch.float16),
-      bf16=torch.full((2,), 1.5, dtype=torch.bfloat16),
-      flags=torch.tensor([True, False]),
+    w=torch.randn(3, 2, 5, 5, dtype=torch.float64),
+    transposed=base.T,  # non-contiguous
+    sliced=base[1:, 2:5],  # storage offset
+    step=torch.tensor(7),
+    half=torch.ones(4, dtype=torch.float16),
+    bf16=torch.full((2,), 1.5, dtype=torch.bfloat16),
+    flags=torch.tensor([True, False]),
   )
   path = tmp_path / "sd.pth"
   torch.save(sd, path, _use_new_zipfile_serialization=zip_format)
@@ -345,7 +343,6 @@ def test_safe_reader_roundtrip(tmp_path, zip_format):
 
 
 class _Evil:
-
   def __init__(self, marker):
     self.marker = marker
 
@@ -370,10 +367,10 @@ def test_safe_reader_refuses_other_globals(tmp_path, fmt):
 def test_state_dict_conversion_and_rejection(torch_model, params):
   sd = {k: v.numpy() for k, v in torch_model.state_dict().items()}
   np.testing.assert_array_equal(
-      params["Mixed_6b"]["branch7x7_2"]["conv"]["kernel"], sd["Mixed_6b.branch7x7_2.conv.weight"].transpose(2, 3, 1, 0)
+    params["Mixed_6b"]["branch7x7_2"]["conv"]["kernel"], sd["Mixed_6b.branch7x7_2.conv.weight"].transpose(2, 3, 1, 0)
   )
   np.testing.assert_array_equal(
-      params["Mixed_7c"]["branch_pool"]["bn"]["var"], sd["Mixed_7c.branch_pool.bn.running_var"]
+    params["Mixed_7c"]["branch_pool"]["bn"]["var"], sd["Mixed_7c.branch_pool.bn.running_var"]
   )
   np.testing.assert_array_equal(params["fc"]["kernel"], sd["fc.weight"].T)
 
@@ -554,8 +551,11 @@ def test_offline_download_says_where_to_put_the_weights(tmp_path, monkeypatch):
 
   monkeypatch.setattr(urllib.request, "urlopen", offline)
   monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-  with pytest.raises(errors.UserError, match=r"(?s)Could not download the FID Inception weights.*"
-                                             r"copy it to .*pt_inception-2015-12-05-6726825d\.pth.*inception_weights"):
+  with pytest.raises(
+    errors.UserError,
+    match=r"(?s)Could not download the FID Inception weights.*"
+    r"copy it to .*pt_inception-2015-12-05-6726825d\.pth.*inception_weights",
+  ):
     inception.load_params(cache_dir=tmp_path / "cache")
   assert not list((tmp_path / "cache").glob("*.part"))  # no half-written file left behind
 

@@ -54,6 +54,7 @@ def test_digits_file():
 
 def test_digits_match_scikit_learn():
   from sklearn import datasets  # noqa: PLC0415
+
   original = datasets.load_digits()
   with np.load(input_pipeline.DIGITS_PATH) as data:
     for split in input_pipeline.DIGITS_SPLITS:
@@ -174,6 +175,7 @@ def test_state_of_another_seed_is_rejected():
 
 def test_orbax_checkpoint_restores_exact_continuation(tmp_path):
   import orbax.checkpoint as ocp  # noqa: PLC0415
+
   config = _config()
   kwargs = dict(seed=11, process_index=0, process_count=1)
   iterator = input_pipeline.create_train_iterator(config, **kwargs)
@@ -201,7 +203,8 @@ def test_eval_pads_and_masks_every_example_exactly_once(process_count):
   shards = []
   for process_index in range(process_count):
     data = input_pipeline.create_eval_iterator(
-        config, split="test", batch_size=16, process_index=process_index, process_count=process_count)
+      config, split="test", batch_size=16, process_index=process_index, process_count=process_count
+    )
     assert (data.num_examples, data.num_batches, data.split_size, len(data)) == (297, 19, 297, 19)
     batches = list(data)
     assert len(batches) == 19
@@ -217,17 +220,20 @@ def test_eval_pads_and_masks_every_example_exactly_once(process_count):
 
 def test_eval_drop_remainder_and_max_examples():
   config = _config()
-  data = input_pipeline.create_eval_iterator(config, split="test", batch_size=16, drop_remainder=True,
-                                             process_index=0, process_count=2)
+  data = input_pipeline.create_eval_iterator(
+    config, split="test", batch_size=16, drop_remainder=True, process_index=0, process_count=2
+  )
   assert (data.num_examples, data.num_batches) == (288, 18)
   assert all(b["mask"].all() for b in data)
-  capped = input_pipeline.create_eval_iterator(config, split="test", batch_size=16, max_examples=20,
-                                               process_index=0, process_count=1)
+  capped = input_pipeline.create_eval_iterator(
+    config, split="test", batch_size=16, max_examples=20, process_index=0, process_count=1
+  )
   assert (capped.num_examples, capped.num_batches) == (20, 2)
   assert sum(b["mask"].sum() for b in capped) == 20
   with pytest.raises(ValueError, match="fewer than one global eval batch"):
-    input_pipeline.create_eval_iterator(config, split="test", batch_size=16, drop_remainder=True, max_examples=10,
-                                        process_index=0, process_count=1)
+    input_pipeline.create_eval_iterator(
+      config, split="test", batch_size=16, drop_remainder=True, max_examples=10, process_index=0, process_count=1
+    )
   config.data.eval_split = ""
   with pytest.raises(ValueError, match="eval_split"):
     input_pipeline.create_eval_iterator(config)
@@ -351,6 +357,7 @@ def test_folder_empty_or_missing(tmp_path):
 
 def test_cifar10_through_mocked_tfds_data_source():
   import tensorflow_datasets as tfds  # noqa: PLC0415
+
   config = _config("cifar10", image_size=32, channels=3, batch_size=4)
   with tfds.testing.mock_data(num_examples=10):
     assert input_pipeline.get_dataset_info(config.data, "train") == input_pipeline.DatasetInfo(10, (32, 32, 3))
@@ -369,6 +376,7 @@ def test_cifar10_through_mocked_tfds_data_source():
 
 def test_lsun_through_mocked_tfds_is_center_cropped_and_resized():
   import tensorflow_datasets as tfds  # noqa: PLC0415
+
   config = _config("lsun_bedroom", image_size=16, channels=3, batch_size=4)
   with tfds.testing.mock_data(num_examples=4):
     batch = next(input_pipeline.create_train_iterator(config, process_index=0, process_count=1))

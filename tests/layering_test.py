@@ -9,13 +9,13 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "diffusion_jax"
 
 # Floors bottom up; a module is matched by its dotted name (prefix match for packages).
 FLOORS = [
-    ("math", ["errors", "xla_flags", "schedules", "diffusion", "samplers"]),
-    ("network", ["models"]),
-    ("runtime", ["runtime", "images", "config_base"]),
-    ("data", ["input_pipeline"]),
-    ("loop", ["optimizer", "train_step", "train", "checkpointing", "metric_writer"]),
-    ("evaluation", ["evaluation"]),
-    ("face", ["main", "cli", "sampling", "convert", "__init__"]),
+  ("math", ["errors", "xla_flags", "schedules", "diffusion", "samplers"]),
+  ("network", ["models"]),
+  ("runtime", ["runtime", "images", "config_base"]),
+  ("data", ["input_pipeline"]),
+  ("loop", ["optimizer", "train_step", "train", "checkpointing", "metric_writer"]),
+  ("evaluation", ["evaluation"]),
+  ("face", ["main", "cli", "sampling", "convert", "__init__"]),
 ]
 
 
@@ -40,13 +40,13 @@ def _imports(path: pathlib.Path):
   tree = ast.parse(path.read_text())
   for node in ast.walk(tree):
     if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("diffusion_jax"):
-      base = node.module[len("diffusion_jax"):].lstrip(".")
+      base = node.module[len("diffusion_jax") :].lstrip(".")
       for alias in node.names:
         yield f"{base}.{alias.name}".lstrip(".") if not base else base, node.lineno
     elif isinstance(node, ast.Import):
       for alias in node.names:
         if alias.name.startswith("diffusion_jax."):
-          yield alias.name[len("diffusion_jax."):], node.lineno
+          yield alias.name[len("diffusion_jax.") :], node.lineno
 
 
 @pytest.mark.parametrize("module,path", list(_modules()), ids=[m for m, _ in _modules()])
@@ -58,8 +58,10 @@ def test_imports_go_down_only(module, path):
     if imported.startswith("models.") or imported == "models":
       imported = "models"
     target = _floor(imported)
-    assert target <= level, (f"{path.name}:{line}: diffusion_jax.{module} ({FLOORS[level][0]}) imports "
-                             f"diffusion_jax.{imported} ({FLOORS[target][0]}), a higher floor.")
+    assert target <= level, (
+      f"{path.name}:{line}: diffusion_jax.{module} ({FLOORS[level][0]}) imports "
+      f"diffusion_jax.{imported} ({FLOORS[target][0]}), a higher floor."
+    )
 
 
 def test_evaluation_imports_nothing_from_the_face():
@@ -71,8 +73,11 @@ def test_evaluation_imports_nothing_from_the_face():
 
 def test_only_the_runtime_calls_apply_or_builds_meshes():
   for module, path in _modules():
-    if module in ("runtime",) or module.startswith("models") or module in ("evaluation.inception", "evaluation.fid",
-                                                                                  "evaluation.digits_metric"):
+    if (
+      module in ("runtime",)
+      or module.startswith("models")
+      or module in ("evaluation.inception", "evaluation.fid", "evaluation.digits_metric")
+    ):
       continue  # the runtime; the networks themselves; Inception and the digit classifier are not the U-Net
     text = path.read_text()
     for needle in ("Mesh(", ".apply({", "unet.from_config(", "diffusion_lib.from_config(", "diffusion.from_config("):

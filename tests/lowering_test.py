@@ -56,8 +56,16 @@ def test_samplers_lower(platform, sampler, guided):
   config = tiny_config(num_classes=10 if guided else 0)
   network, diffusion = runtime.build(config)
   mesh = runtime.make_mesh()
-  fn = samplers.make_sharded_sampler(diffusion, runtime.inference_fn(network), mesh, (8, 8, 1), sampler=sampler,
-                                     num_steps=4, guided=guided, null_label=network.null_label if guided else None)
+  fn = samplers.make_sharded_sampler(
+    diffusion,
+    runtime.inference_fn(network),
+    mesh,
+    (8, 8, 1),
+    sampler=sampler,
+    num_steps=4,
+    guided=guided,
+    null_label=network.null_label if guided else None,
+  )
   params = jax.eval_shape(functools.partial(runtime.init_params, network, shape=(8, 8, 1)), jax.random.PRNGKey(0))
   n = runtime.data_size(mesh)
   args = [params, jax.ShapeDtypeStruct((2,), jnp.uint32), jax.ShapeDtypeStruct((n,), jnp.int32)]
@@ -74,5 +82,13 @@ def test_bpd_loop_lowers(platform):
   params = jax.eval_shape(functools.partial(runtime.init_params, network, shape=(8, 8, 1)), jax.random.PRNGKey(0))
   n = runtime.data_size(mesh)
   fn = bpd._bpd_sums_fn(network, mesh, True)  # pylint: disable=protected-access
-  _lowered_text(fn.trace(params, diffusion, jax.ShapeDtypeStruct((n, 8, 8, 1), jnp.float32),
-                         jax.ShapeDtypeStruct((n,), jnp.bool_), jax.ShapeDtypeStruct((2,), jnp.uint32)), platform)
+  _lowered_text(
+    fn.trace(
+      params,
+      diffusion,
+      jax.ShapeDtypeStruct((n, 8, 8, 1), jnp.float32),
+      jax.ShapeDtypeStruct((n,), jnp.bool_),
+      jax.ShapeDtypeStruct((2,), jnp.uint32),
+    ),
+    platform,
+  )

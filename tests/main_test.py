@@ -12,8 +12,14 @@ from conftest import REPO_ROOT
 def _run(*args, timeout=300):
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR / "jax"))
   env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, "-m", "diffusion_jax.main", *args], cwd=REPO_ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "diffusion_jax.main", *args],
+    cwd=REPO_ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def test_misspelt_override_fails_loudly(tmp_path):
@@ -29,11 +35,14 @@ def test_missing_workdir_is_a_usage_error():
   assert "workdir" in proc.stderr
 
 
-@pytest.mark.parametrize("override,message", [
+@pytest.mark.parametrize(
+  "override,message",
+  [
     ("--config.diffusion.beta_schedule=cosinus", "Unknown beta schedule 'cosinus'"),
     ("--config.optim.clip_groups=3", "clip_groups=3 must be a positive divisor"),
     ("--config.model.attn_resolutions=(5,)", "attn_resolutions (5,) contains [5]"),
-])
+  ],
+)
 def test_bad_config_values_name_the_problem(tmp_path, override, message):
   proc = _run("--config=configs/tiny.py", f"--workdir={tmp_path}", override)
   assert proc.returncode != 0
@@ -41,14 +50,24 @@ def test_bad_config_values_name_the_problem(tmp_path, override, message):
 
 
 def test_train_then_sample_from_the_command_line(tmp_path):
-  proc = _run("--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.training.num_train_steps=2",
-              "--config.training.sample_every=2")
+  proc = _run(
+    "--config=configs/tiny.py",
+    f"--workdir={tmp_path}",
+    "--config.training.num_train_steps=2",
+    "--config.training.sample_every=2",
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "step 2/2" in proc.stderr
   assert (tmp_path / "samples" / "grid_step_00000002.png").exists()
   assert list((tmp_path / "tensorboard").iterdir())
-  proc = _run("--config=configs/tiny.py", f"--workdir={tmp_path}", "--mode=sample",
-              "--config.sampling.sampler=ddim", "--config.sampling.num_steps=4", "--config.sampling.num_samples=6")
+  proc = _run(
+    "--config=configs/tiny.py",
+    f"--workdir={tmp_path}",
+    "--mode=sample",
+    "--config.sampling.sampler=ddim",
+    "--config.sampling.num_steps=4",
+    "--config.sampling.num_samples=6",
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = tmp_path / "samples" / "step_2_ddim_4steps_eta0"
   assert sorted(p.name for p in out.iterdir()) == ["grid.png", "progressive.png", "samples_0000000_0000006.npz"]

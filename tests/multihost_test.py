@@ -35,13 +35,26 @@ def _free_port() -> int:
 
 
 def _start(workdir, process_id, port, log_path, num_classes=0, **training):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR / "jax"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  command = [sys.executable, "-m", "diffusion_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
-             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={process_id}",
-             *(f"--config.training.{k}={v}" for k, v in dict(dict(log_every=1), **training).items()),
-             f"--config.model.num_classes={num_classes}"]
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR / "jax"),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
+  command = [
+    sys.executable,
+    "-m",
+    "diffusion_jax.main",
+    "--config=configs/tiny.py",
+    f"--workdir={workdir}",
+    f"--coordinator_address=127.0.0.1:{port}",
+    "--num_processes=2",
+    f"--process_id={process_id}",
+    *(f"--config.training.{k}={v}" for k, v in dict(dict(log_every=1), **training).items()),
+    f"--config.model.num_classes={num_classes}",
+  ]
   with open(log_path, "w") as log:
     return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -56,8 +69,10 @@ def test_two_processes_train_like_one_and_stop_together_on_sigterm(tmp_path, num
   workdir = tmp_path / "run"
   port = _free_port()
   logs = [tmp_path / f"process_{i}.log" for i in range(2)]
-  procs = [_start(workdir, i, port, logs[i], num_classes=num_classes, num_train_steps=100, checkpoint_every=1000)
-           for i in range(2)]
+  procs = [
+    _start(workdir, i, port, logs[i], num_classes=num_classes, num_train_steps=100, checkpoint_every=1000)
+    for i in range(2)
+  ]
   try:
     deadline = time.monotonic() + 400
     while "step 2/100" not in logs[0].read_text():  # both processes are in the training loop

@@ -56,10 +56,23 @@ def test_time_budget_exits_0_from_the_command_line(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR / "jax"))
   env.pop("XLA_FLAGS", None)
   proc = subprocess.run(
-      [sys.executable, "-m", "diffusion_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path}",
-       f"--config.training.num_train_steps={BIG}", "--config.training.time_budget_s=2",
-       f"--config.training.checkpoint_every={BIG}", "--config.training.log_every=25"],
-      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "diffusion_jax.main",
+      "--config=configs/tiny.py",
+      f"--workdir={tmp_path}",
+      f"--config.training.num_train_steps={BIG}",
+      "--config.training.time_budget_s=2",
+      f"--config.training.checkpoint_every={BIG}",
+      "--config.training.log_every=25",
+    ],
+    cwd=REPO_ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Time budget of 2 s reached at step" in proc.stderr
   assert "Training stopped early" not in proc.stderr
@@ -90,8 +103,9 @@ def test_final_eval_writes_new_json_and_tensorboard_each_time(tmp_path, caplog):
   assert paths == ["final_step_000007.json", "final_step_000007_1.json"]
   saved = json.loads((tmp_path / "eval" / "final_step_000007.json").read_text())
   # The figures are the digit metric's of the samples of (config.eval.seed, index), drawn again here.
-  samples, labels = final_eval.samples_from_params(cfg, params, 6, jax.random.PRNGKey(cfg.eval.seed), sampler="ddim",
-                                                   num_steps=3)
+  samples, labels = final_eval.samples_from_params(
+    cfg, params, 6, jax.random.PRNGKey(cfg.eval.seed), sampler="ddim", num_steps=3
+  )
   assert samples.dtype == np.uint8 and samples.shape == (6, 8, 8, 1) and labels is None
   expected = digits_metric.compute_digit_metrics(samples, input_pipeline.load_digits("train")[0])
   assert saved["metrics"]["digits_fd"] == pytest.approx(expected["digits_fd"], rel=1e-9) and saved["step"] == 7

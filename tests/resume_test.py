@@ -43,20 +43,32 @@ def tiny_config(**training):
 
 def _command(workdir, **training):
   overrides = {"num_train_steps": NUM_STEPS, "checkpoint_every": 4, "log_every": 1, **training}
-  return [sys.executable, "-m", "diffusion_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
-          *(f"--config.training.{k}={v}" for k, v in overrides.items())]
+  return [
+    sys.executable,
+    "-m",
+    "diffusion_jax.main",
+    "--config=configs/tiny.py",
+    f"--workdir={workdir}",
+    *(f"--config.training.{k}={v}" for k, v in overrides.items()),
+  ]
 
 
 def _env():
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
-              JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR / "jax"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR / "jax"),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
 
 
 def _start(workdir, log_path, **training):
   with open(log_path, "w") as log:
-    return subprocess.Popen(_command(workdir, **training), cwd=REPO_ROOT, env=_env(), stdout=log,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+      _command(workdir, **training), cwd=REPO_ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT
+    )
 
 
 def _wait_for(predicate, proc, what, timeout=240):
@@ -144,7 +156,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_75(reference, tmp_path, 
 def _damage(path: pathlib.Path, how: str) -> None:
   data = bytearray(path.read_bytes())
   if how == "truncate":
-    del data[len(data) // 2:]
+    del data[len(data) // 2 :]
   else:  # one flipped bit: the storage format reads it without complaint, the checksums do not
     data[len(data) // 2] ^= 0x10
   path.write_bytes(bytes(data))
@@ -163,8 +175,7 @@ def _damage_latest(workdir, how):
 _SKIPPED = r"Checkpoint of step 16 in \S+ is unreadable and is skipped: .+\. Trying an older one\."
 
 
-def test_corrupt_latest_checkpoint_is_reported_and_training_resumes_from_the_previous_one(reference, tmp_path,
-                                                                                          caplog):
+def test_corrupt_latest_checkpoint_is_reported_and_training_resumes_from_the_previous_one(reference, tmp_path, caplog):
   workdir = tmp_path / "run"
   shutil.copytree(reference["workdir"], workdir)
   _damage_latest(workdir, "flip_one_bit")
@@ -188,8 +199,11 @@ def test_truncated_latest_checkpoint_is_skipped_when_loading(reference, tmp_path
   assert step == 12
   assert re.search(_SKIPPED, caplog.text), caplog.text
   # The message names the array and the file, not TensorStore's spec.
-  named = re.search(r"array (\S+) cannot be read: the data file (\S+) holds [\d,]+ bytes, but the array is stored "
-                    r"up to byte [\d,]+ \(the file is truncated\)", caplog.text)
+  named = re.search(
+    r"array (\S+) cannot be read: the data file (\S+) holds [\d,]+ bytes, but the array is stored "
+    r"up to byte [\d,]+ \(the file is truncated\)",
+    caplog.text,
+  )
   assert named, caplog.text
   assert named.group(1).startswith(("params.", "ema_params.", "opt_state.")), named.group(1)
   assert named.group(2) == str(damaged)
@@ -202,9 +216,23 @@ def test_mode_sample_says_loudly_which_step_it_sampled_after_skipping_a_damaged_
   shutil.copytree(reference["workdir"], workdir)
   _damage_latest(workdir, "truncate")
   proc = subprocess.run(
-      [sys.executable, "-m", "diffusion_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}", "--mode=sample",
-       "--config.sampling.sampler=ddim", "--config.sampling.num_steps=2", "--config.sampling.num_samples=4"],
-      cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "diffusion_jax.main",
+      "--config=configs/tiny.py",
+      f"--workdir={workdir}",
+      "--mode=sample",
+      "--config.sampling.sampler=ddim",
+      "--config.sampling.num_steps=2",
+      "--config.sampling.num_samples=4",
+    ],
+    cwd=REPO_ROOT,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert re.search(r"SAMPLING THE CHECKPOINT OF STEP 12, NOT THE NEWEST: the checkpoint\(s\) of step 16", proc.stderr)
   assert (workdir / "samples" / "step_12_ddim_2steps_eta0").is_dir()
@@ -219,10 +247,13 @@ def test_every_checkpoint_damaged_is_one_message_naming_the_steps_and_the_fix(re
     _damage(max(data_files, key=lambda p: p.stat().st_size), "truncate")
   from diffusion_jax import errors  # noqa: PLC0415
 
-  with pytest.raises(errors.UserError, match=r"(?s)No checkpoint in .* could be restored:"
-                                             r".*step 16: array \S+ cannot be read: the data file \S+/d/\w+ holds"
-                                             r".*step 12: array \S+ cannot be read: the data file \S+/d/\w+ holds.*"
-                                             r"Restore the files from a backup, or move .* aside"):
+  with pytest.raises(
+    errors.UserError,
+    match=r"(?s)No checkpoint in .* could be restored:"
+    r".*step 16: array \S+ cannot be read: the data file \S+/d/\w+ holds"
+    r".*step 12: array \S+ cannot be read: the data file \S+/d/\w+ holds.*"
+    r"Restore the files from a backup, or move .* aside",
+  ):
     checkpointing.load_params(workdir)
   proc = subprocess.run(_command(workdir), cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2, proc.stderr[-3000:]
@@ -290,6 +321,7 @@ def test_launch_scripts_pass_bash_n_and_shellcheck():
   for script in scripts:
     syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert syntax.returncode == 0, f"bash -n {script.name}:\n{syntax.stderr}"
-    lint = subprocess.run([_shellcheck(), "--shell=bash", "--severity=style", str(script)], capture_output=True,
-                          text=True)
+    lint = subprocess.run(
+      [_shellcheck(), "--shell=bash", "--severity=style", str(script)], capture_output=True, text=True
+    )
     assert lint.returncode == 0, f"shellcheck {script.name}:\n{lint.stdout}{lint.stderr}"

@@ -55,8 +55,9 @@ def python_ancestral(diffusion, fn, rng, indices, shape, *, timesteps=None, clip
   for i in reversed(range(len(timesteps))):
     t_orig = int(timesteps[i])
     out = fn(x, jnp.full((shape[0],), t_orig, jnp.int32))
-    step = diffusion.p_sample(out, x, jnp.full((shape[0],), i, jnp.int32), noise(keys, t_orig + 1, shape[1:]),
-                              clip_denoised=clip_denoised)
+    step = diffusion.p_sample(
+      out, x, jnp.full((shape[0],), i, jnp.int32), noise(keys, t_orig + 1, shape[1:]), clip_denoised=clip_denoised
+    )
     preds[t_orig] = (x, step["pred_xstart"])
     x = step["sample"]
   return x, preds
@@ -168,8 +169,16 @@ def test_ddim_eta0_is_deterministic():
   diffusion = make_diffusion()
   x_T = jax.random.normal(jax.random.PRNGKey(7), SHAPE)
   # The configuration of the ddim interpolation test below: starts at t = 5, steps 5, 3, 0.
-  run = functools.partial(samplers.denoise, diffusion, model_fn, indices=jnp.zeros(SHAPE[0], jnp.int32), x_t=x_T,
-                          t=5, sampler="ddim", num_steps=4)
+  run = functools.partial(
+    samplers.denoise,
+    diffusion,
+    model_fn,
+    indices=jnp.zeros(SHAPE[0], jnp.int32),
+    x_t=x_T,
+    t=5,
+    sampler="ddim",
+    num_steps=4,
+  )
   a = run(jax.random.PRNGKey(1), eta=0.0)["samples"]
   b = run(jax.random.PRNGKey(2), eta=0.0)["samples"]
   c = run(jax.random.PRNGKey(2), eta=1.0)["samples"]
@@ -194,8 +203,8 @@ def test_same_images_on_one_or_four_devices(n_devices):
     sharding = NamedSharding(Mesh(np.array(devices), ("data",)), P("data"))
     indices = jax.device_put(jnp.arange(8, dtype=jnp.int32), sharding)
     fn = jax.jit(
-        lambda rng, idx: samplers.sample(diffusion, model_fn, rng, idx, shape8, sampler="ddim", num_steps=4, eta=1.0),
-        out_shardings=sharding,
+      lambda rng, idx: samplers.sample(diffusion, model_fn, rng, idx, shape8, sampler="ddim", num_steps=4, eta=1.0),
+      out_shardings=sharding,
     )
     out = fn(RNG, indices)["samples"]
     assert out.sharding.is_equivalent_to(sharding, out.ndim)
@@ -217,7 +226,7 @@ def test_progressive():
 
 
 @pytest.mark.parametrize(
-    "same_noise,sampler,num_steps", [(False, "ancestral", None), (True, "ancestral", 4), (False, "ddim", 4)]
+  "same_noise,sampler,num_steps", [(False, "ancestral", None), (True, "ancestral", 4), (False, "ddim", 4)]
 )
 def test_interpolation(same_noise, sampler, num_steps):
   diffusion = make_diffusion()
@@ -242,8 +251,7 @@ def test_interpolation(same_noise, sampler, num_steps):
   want = samplers.denoise(diffusion, model_fn, d_rng, jnp.zeros(4, jnp.int32), x_t, **kw)["samples"]
   np.testing.assert_allclose(rows, want, rtol=1e-6, atol=1e-6)
   if sampler == "ancestral" and num_steps is None:
-    recon, _ = python_ancestral(diffusion, model_fn, d_rng, [0], (1,) + SHAPE[1:], timesteps=np.arange(t + 1),
-                                x_t=x_t1)
+    recon, _ = python_ancestral(diffusion, model_fn, d_rng, [0], (1,) + SHAPE[1:], timesteps=np.arange(t + 1), x_t=x_t1)
     np.testing.assert_allclose(rows[0], recon[0], rtol=1e-5, atol=1e-5)
 
 
@@ -296,6 +304,7 @@ def test_validation():
 def _reference_module():
   import importlib.util
   import pathlib
+
   path = pathlib.Path(__file__).resolve().parent / "data" / "make_samplers_reference.py"
   spec = importlib.util.spec_from_file_location("make_samplers_reference", path)
   module = importlib.util.module_from_spec(spec)
@@ -357,28 +366,53 @@ def _learned_range_torch(torch, x, t):
 
 # (our sampler, our settings, diffusers scheduler class, its settings)
 PARITY_CASES = {
-    "ancestral_leading_clip": ("ancestral", dict(timestep_spacing="leading"), "DDPMScheduler",
-                               dict(variance_type="fixed_large", clip_sample=True)),
-    "ancestral_fixedsmall_linspace": ("ancestral", dict(timestep_spacing="linspace", clip_denoised=False),
-                                      "DDPMScheduler", dict(variance_type="fixed_small", clip_sample=False,
-                                                            timestep_spacing="linspace")),
-    "ddim": ("ddim", dict(timestep_spacing="leading", clip_denoised=False), "DDIMScheduler", dict(clip_sample=False)),
-    "ddim_trailing_eta": ("ddim", dict(timestep_spacing="trailing", eta=0.5, clip_denoised=False), "DDIMScheduler",
-                          dict(clip_sample=False, timestep_spacing="trailing")),
-    "dpmpp2m": ("dpmpp2m", dict(clip_denoised=False), "DPMSolverMultistepScheduler", dict(solver_order=2)),
-    "dpmpp3m": ("dpmpp3m", dict(clip_denoised=False), "DPMSolverMultistepScheduler", dict(solver_order=3)),
-    "dpmpp2m_karras_leading": ("dpmpp2m", dict(sigma_schedule="karras", timestep_spacing="leading",
-                                               clip_denoised=False), "DPMSolverMultistepScheduler",
-                               dict(solver_order=2, use_karras_sigmas=True, timestep_spacing="leading")),
-    "dpmpp3m_sde_trailing": ("dpmpp3m_sde", dict(timestep_spacing="trailing", clip_denoised=False),
-                             "DPMSolverMultistepScheduler", dict(solver_order=3, algorithm_type="sde-dpmsolver++",
-                                                                 timestep_spacing="trailing")),
-    "euler": ("euler", dict(clip_denoised=False), "EulerDiscreteScheduler", dict()),
-    "euler_karras": ("euler", dict(sigma_schedule="karras", clip_denoised=False), "EulerDiscreteScheduler",
-                     dict(use_karras_sigmas=True)),
-    "heun": ("heun", dict(clip_denoised=False), "HeunDiscreteScheduler", dict()),
-    "heun_karras_clip": ("heun", dict(sigma_schedule="karras"), "HeunDiscreteScheduler",
-                         dict(use_karras_sigmas=True, clip_sample=True)),
+  "ancestral_leading_clip": (
+    "ancestral",
+    dict(timestep_spacing="leading"),
+    "DDPMScheduler",
+    dict(variance_type="fixed_large", clip_sample=True),
+  ),
+  "ancestral_fixedsmall_linspace": (
+    "ancestral",
+    dict(timestep_spacing="linspace", clip_denoised=False),
+    "DDPMScheduler",
+    dict(variance_type="fixed_small", clip_sample=False, timestep_spacing="linspace"),
+  ),
+  "ddim": ("ddim", dict(timestep_spacing="leading", clip_denoised=False), "DDIMScheduler", dict(clip_sample=False)),
+  "ddim_trailing_eta": (
+    "ddim",
+    dict(timestep_spacing="trailing", eta=0.5, clip_denoised=False),
+    "DDIMScheduler",
+    dict(clip_sample=False, timestep_spacing="trailing"),
+  ),
+  "dpmpp2m": ("dpmpp2m", dict(clip_denoised=False), "DPMSolverMultistepScheduler", dict(solver_order=2)),
+  "dpmpp3m": ("dpmpp3m", dict(clip_denoised=False), "DPMSolverMultistepScheduler", dict(solver_order=3)),
+  "dpmpp2m_karras_leading": (
+    "dpmpp2m",
+    dict(sigma_schedule="karras", timestep_spacing="leading", clip_denoised=False),
+    "DPMSolverMultistepScheduler",
+    dict(solver_order=2, use_karras_sigmas=True, timestep_spacing="leading"),
+  ),
+  "dpmpp3m_sde_trailing": (
+    "dpmpp3m_sde",
+    dict(timestep_spacing="trailing", clip_denoised=False),
+    "DPMSolverMultistepScheduler",
+    dict(solver_order=3, algorithm_type="sde-dpmsolver++", timestep_spacing="trailing"),
+  ),
+  "euler": ("euler", dict(clip_denoised=False), "EulerDiscreteScheduler", dict()),
+  "euler_karras": (
+    "euler",
+    dict(sigma_schedule="karras", clip_denoised=False),
+    "EulerDiscreteScheduler",
+    dict(use_karras_sigmas=True),
+  ),
+  "heun": ("heun", dict(clip_denoised=False), "HeunDiscreteScheduler", dict()),
+  "heun_karras_clip": (
+    "heun",
+    dict(sigma_schedule="karras"),
+    "HeunDiscreteScheduler",
+    dict(use_karras_sigmas=True, clip_sample=True),
+  ),
 }
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "xstart": "sample", "v": "v_prediction"}
 
@@ -409,8 +443,11 @@ def diffusers_loop(scheduler, model, x_T, num_steps, noise_of_t, torch):
 # Every case with eps at 10 and 50 steps; v and xstart on one configuration per sampler at 10 steps
 # (compilation time).
 PARITY_PARAMS = [(case, "eps", n) for case in PARITY_CASES for n in (10, 50)] + [
-    (case, mean_type, 10) for case in PARITY_CASES for mean_type in ("v", "xstart")
-    if not case.endswith(("karras", "eta", "trailing", "leading"))]
+  (case, mean_type, 10)
+  for case in PARITY_CASES
+  for mean_type in ("v", "xstart")
+  if not case.endswith(("karras", "eta", "trailing", "leading"))
+]
 
 
 @pytest.mark.parametrize("case,mean_type,num_steps", PARITY_PARAMS)
@@ -418,16 +455,20 @@ def test_parity_with_diffusers(case, mean_type, num_steps, monkeypatch):
   import diffusers
   import torch
   from diffusers.schedulers import scheduling_ddpm
+
   name, settings, scheduler_name, scheduler_settings = PARITY_CASES[case]
   settings = dict(settings)
   clip = settings.pop("clip_denoised", True)
   diffusion = GaussianDiffusion.create(
-      PARITY_BETAS, model_mean_type=mean_type,
-      model_var_type="fixedsmall" if scheduler_settings.get("variance_type") == "fixed_small" else "fixedlarge")
+    PARITY_BETAS,
+    model_mean_type=mean_type,
+    model_var_type="fixedsmall" if scheduler_settings.get("variance_type") == "fixed_small" else "fixedlarge",
+  )
   rng, indices = jax.random.PRNGKey(3), jnp.arange(PARITY_SHAPE[0], dtype=jnp.int32)
   spec = samplers.resolve(name, num_timesteps=PARITY_T, num_steps=num_steps, **settings)
-  got = samplers.sample(diffusion, jax.tree_util.Partial(_parity_model_jax), rng, indices, PARITY_SHAPE,
-                        sampler=spec, clip_denoised=clip)["samples"]
+  got = samplers.sample(
+    diffusion, jax.tree_util.Partial(_parity_model_jax), rng, indices, PARITY_SHAPE, sampler=spec, clip_denoised=clip
+  )["samples"]
 
   keys = example_keys(rng, indices)
   noise_of_t = lambda t: torch.from_numpy(np.asarray(noise(keys, t + 1, PARITY_SHAPE[1:])).transpose(0, 3, 1, 2).copy())
@@ -436,8 +477,9 @@ def test_parity_with_diffusers(case, mean_type, num_steps, monkeypatch):
   scheduler = scheduler_cls(**(kw | scheduler_settings))
   scheduler.parity_eta = spec.eta
   monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda *a, **k: scheduler.parity_noise)
-  want, calls = diffusers_loop(scheduler, _parity_model_torch, noise(keys, 0, PARITY_SHAPE[1:]), num_steps, noise_of_t,
-                               torch)
+  want, calls = diffusers_loop(
+    scheduler, _parity_model_torch, noise(keys, 0, PARITY_SHAPE[1:]), num_steps, noise_of_t, torch
+  )
   assert calls == spec.network_calls
   np.testing.assert_allclose(got, want, rtol=0, atol=PARITY_ATOL)
 
@@ -457,8 +499,9 @@ def test_parity_with_diffusers_on_a_converted_unet(case, tmp_path, monkeypatch):
   config = tiny.get_config()
   config.diffusion.num_timesteps = PARITY_T
   torch.manual_seed(0)
-  unet = diffusers.UNet2DModel(**{k: v for k, v in convert.diffusers_config_for(config).items()
-                                  if not k.startswith("_")}).eval()
+  unet = diffusers.UNet2DModel(
+    **{k: v for k, v in convert.diffusers_config_for(config).items() if not k.startswith("_")}
+  ).eval()
   with torch.no_grad():  # every parameter random (zero-initialised layers too), so the output depends on all
     for pname, p in unet.named_parameters():
       if p.ndim == 1:
@@ -485,8 +528,9 @@ def test_parity_with_diffusers_on_a_converted_unet(case, tmp_path, monkeypatch):
 
   keys = example_keys(rng, indices)
   noise_of_t = lambda t: torch.from_numpy(np.asarray(noise(keys, t + 1, shape[1:])).transpose(0, 3, 1, 2).copy())
-  scheduler = getattr(diffusers, scheduler_name)(num_train_timesteps=PARITY_T, trained_betas=PARITY_BETAS,
-                                                 prediction_type="epsilon", **scheduler_settings)
+  scheduler = getattr(diffusers, scheduler_name)(
+    num_train_timesteps=PARITY_T, trained_betas=PARITY_BETAS, prediction_type="epsilon", **scheduler_settings
+  )
   scheduler.parity_eta = spec.eta
   want, calls = diffusers_loop(scheduler, torch_model, noise(keys, 0, shape[1:]), 10, noise_of_t, torch)
   assert calls == spec.network_calls

@@ -82,8 +82,9 @@ def test_progressive_and_interpolation(workdir):
   np.testing.assert_array_equal(prog["pred_xstart"][:, -1], prog["samples"])
   x1 = np.zeros((8, 8, 1), np.uint8)
   x2 = np.full((8, 8, 1), 255, np.uint8)
-  out = sampling.interpolate_fn(model, x1, x2, jax.random.PRNGKey(0), lambdas=[0.0, 0.5, 1.0], t=10,
-                                sampler="ddim", num_steps=10)
+  out = sampling.interpolate_fn(
+    model, x1, x2, jax.random.PRNGKey(0), lambdas=[0.0, 0.5, 1.0], t=10, sampler="ddim", num_steps=10
+  )
   assert out.shape == (3, 8, 8, 1)
   with pytest.raises(ValueError, match=r"x1 has shape \(4, 4, 1\)"):
     sampling.interpolate_fn(model, np.zeros((4, 4, 1), np.uint8), x2, jax.random.PRNGKey(0))
@@ -114,8 +115,11 @@ def test_chunked_export_resumes_without_gaps_or_duplicates(workdir, tmp_path):
   paths[1].rename(out / (paths[1].name + ".tmp"))
   first_mtime = os.stat(paths[0]).st_mtime_ns
   paths = sampling.write_sample_chunks(model, out, 10, rng, **kw)
-  assert [p.name for p in paths] == ["samples_0000000_0000004.npz", "samples_0000004_0000008.npz",
-                                     "samples_0000008_0000010.npz"]
+  assert [p.name for p in paths] == [
+    "samples_0000000_0000004.npz",
+    "samples_0000004_0000008.npz",
+    "samples_0000008_0000010.npz",
+  ]
   assert os.stat(paths[0]).st_mtime_ns == first_mtime  # finished chunks are kept, not rewritten
   resumed = sampling.read_sample_chunks(paths)
   np.testing.assert_array_equal(resumed, full)
@@ -173,8 +177,9 @@ def test_one_compilation_per_sample_set_and_per_interpolation(workdir, tmp_path)
   model = sampling.load_model(workdir)
   rng = jax.random.PRNGKey(0)
   with _CompileLog() as log:
-    paths = sampling.write_sample_chunks(model, tmp_path / "set", 10, rng, sampler="dpmpp2m", num_steps=4,
-                                         clip_denoised=True, chunk_size=4, progress=False)
+    paths = sampling.write_sample_chunks(
+      model, tmp_path / "set", 10, rng, sampler="dpmpp2m", num_steps=4, clip_denoised=True, chunk_size=4, progress=False
+    )
   assert len(paths) == 3 and log.count("sharded_sample") == 1, log.messages
 
   x1, x2 = np.zeros((8, 8, 1), np.uint8), np.full((8, 8, 1), 255, np.uint8)
@@ -193,9 +198,9 @@ def test_sampler_names_and_settings_are_validated_in_one_place(workdir):
   rng = jax.random.PRNGKey(0)
   x = np.zeros((8, 8, 1), np.uint8)
   calls = [
-      lambda **kw: sampling.sample_fn(model, 2, rng, progress=False, **kw),
-      lambda **kw: sampling.progressive_fn(model, 2, rng, **kw),
-      lambda **kw: sampling.interpolate_fn(model, x, x, rng, t=5, **kw),
+    lambda **kw: sampling.sample_fn(model, 2, rng, progress=False, **kw),
+    lambda **kw: sampling.progressive_fn(model, 2, rng, **kw),
+    lambda **kw: sampling.interpolate_fn(model, x, x, rng, t=5, **kw),
   ]
   for call in calls:
     with pytest.raises(ValueError, match="Unknown sampler 'plms'; valid choices are ancestral, ddim, dpmpp2m"):
@@ -227,8 +232,9 @@ def test_sample_to_workdir_names_folders_by_sampler_settings(workdir, tmp_path):
   assert out.name == "step_3_dpmpp2m_5steps_karras"
   images = sampling.read_sample_chunks(sorted(out.glob("samples_*.npz")))
   model = sampling.load_model(run)
-  want = sampling.sample_fn(model, 4, jax.random.PRNGKey(cfg.eval.seed), sampler="dpmpp2m", num_steps=5,
-                            sigma_schedule="karras", progress=False)
+  want = sampling.sample_fn(
+    model, 4, jax.random.PRNGKey(cfg.eval.seed), sampler="dpmpp2m", num_steps=5, sigma_schedule="karras", progress=False
+  )
   np.testing.assert_array_equal(images, want)
   cfg.sampling.labels = "3"
   with pytest.raises(ValueError, match="applies to class-conditional models"):

@@ -13,8 +13,10 @@ ALL_NAMES = ("linear", "quad", "const", "jsd", "warmup10", "warmup50", "cosine")
 def _reference_betas(name, beta_start, beta_end, T):
   """The schedules of DDPM_FACTS §1, written independently, elementwise in float64."""
   if name == "linear":
-    return np.array([beta_start + (beta_end - beta_start) * i / (T - 1) for i in range(T)]) if T > 1 else np.array(
-        [beta_start]
+    return (
+      np.array([beta_start + (beta_end - beta_start) * i / (T - 1) for i in range(T)])
+      if T > 1
+      else np.array([beta_start])
     )
   if name == "quad":
     s, e = math.sqrt(beta_start), math.sqrt(beta_end)
@@ -86,7 +88,7 @@ def test_cosine_clipped_at_0999():
   np.testing.assert_allclose(np.cumprod(1 - betas)[-2], f(999 / 1000) / f(0), rtol=1e-10)
   # beta_start/beta_end do not affect it.
   np.testing.assert_array_equal(
-      schedules.get_beta_schedule("cosine", beta_start=0.3, beta_end=0.5, num_timesteps=1000), betas
+    schedules.get_beta_schedule("cosine", beta_start=0.3, beta_end=0.5, num_timesteps=1000), betas
   )
 
 
@@ -104,15 +106,15 @@ def test_bad_num_timesteps(num_timesteps):
 
 
 @pytest.mark.parametrize(
-    "name, beta_start, beta_end, match",
-    [
-        ("linear", 1e-4, 0.0, "beta_end"),
-        ("linear", 1e-4, 1.5, "beta_end"),
-        ("const", 1e-4, -0.1, "beta_end"),
-        ("quad", 0.0, 0.02, "beta_start"),
-        ("linear", -1e-4, 0.02, "beta_start"),
-        ("warmup10", 0.5, 0.02, "beta_start"),
-    ],
+  "name, beta_start, beta_end, match",
+  [
+    ("linear", 1e-4, 0.0, "beta_end"),
+    ("linear", 1e-4, 1.5, "beta_end"),
+    ("const", 1e-4, -0.1, "beta_end"),
+    ("quad", 0.0, 0.02, "beta_start"),
+    ("linear", -1e-4, 0.02, "beta_start"),
+    ("warmup10", 0.5, 0.02, "beta_start"),
+  ],
 )
 def test_bad_ranges(name, beta_start, beta_end, match):
   with pytest.raises(ValueError, match=match):

@@ -125,8 +125,10 @@ def test_steps_update_params_and_ema_by_the_formulas(config):
   assert not np.array_equal(state2.params["conv_out"]["kernel"], params0["conv_out"]["kernel"])
   d = config.optim.ema_decay
   jax.tree.map(
-      lambda e, e1, p: np.testing.assert_allclose(e, d * e1 + (1 - d) * p, rtol=1e-6, atol=1e-7),
-      state2.ema_params, ema1, state2.params,
+    lambda e, e1, p: np.testing.assert_allclose(e, d * e1 + (1 - d) * p, rtol=1e-6, atol=1e-7),
+    state2.ema_params,
+    ema1,
+    state2.params,
   )
   for q in range(4):
     assert np.isfinite(m2[f"loss_q{q}"])
@@ -145,8 +147,8 @@ def test_grouped_clipping_averages_clipped_group_gradients(config):
   batch = {"image": jnp.asarray(_batch(cfg)["image"])}
   rng = jax.random.PRNGKey(3)
   new_state, metrics = jax.jit(
-      functools.partial(train_step.train_step, network=model, diffusion=diffusion, optim_config=cfg.optim))(
-      state, batch, rng)
+    functools.partial(train_step.train_step, network=model, diffusion=diffusion, optim_config=cfg.optim)
+  )(state, batch, rng)
 
   # Independent recomputation: the same t and noise, per-group gradients, clip, average.
   b = batch["image"].shape[0]
@@ -168,8 +170,9 @@ def test_grouped_clipping_averages_clipped_group_gradients(config):
     grads.append(jax.tree.map(lambda x: x * cfg.optim.grad_clip / norm, g))
   avg = jax.tree.map(lambda a, b_: (a + b_) / 2, *grads)
   expected_state = state.apply_gradients(grads=avg)
-  jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-6),
-               new_state.params, expected_state.params)
+  jax.tree.map(
+    lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-6), new_state.params, expected_state.params
+  )
   assert np.isfinite(float(metrics["grad_norm"]))
 
 
@@ -178,8 +181,9 @@ def test_four_devices_match_one_device(config, n_devices):
   state1, m1 = _run_steps(config, jax.devices()[:1], 3)
   np.testing.assert_allclose([m["loss"] for m in m4], [m["loss"] for m in m1], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state4.params, state1.params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state4.ema_params,
-               state1.ema_params)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state4.ema_params, state1.ema_params
+  )
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error(config):
@@ -258,6 +262,7 @@ def test_grouped_gradients_match_the_vmapped_reference(max_norm):
     def loss(p):
       losses = diffusion.training_losses(lambda x_t, t_: apply(p, x_t, t_, train=True, rng=rng), x, t, noise)
       return jnp.mean(losses), losses
+
     return jax.value_and_grad(loss, has_aux=True)(params)
 
   x = jnp.asarray(_batch(cfg)["image"])
@@ -290,8 +295,9 @@ def test_ema_warmup_follows_diffusers_decay_schedule():
   net, diffusion = runtime.build(cfg)
   state = train_step.create_train_state(cfg, net, jax.random.PRNGKey(0)).replace(step=jnp.asarray(5, jnp.int32))
   batch = {"image": jnp.asarray(_batch(cfg)["image"])}
-  new, _ = jax.jit(functools.partial(train_step.train_step, network=net, diffusion=diffusion,
-                                     optim_config=cfg.optim))(state, batch, jax.random.PRNGKey(1))
+  new, _ = jax.jit(functools.partial(train_step.train_step, network=net, diffusion=diffusion, optim_config=cfg.optim))(
+    state, batch, jax.random.PRNGKey(1)
+  )
   decay = (1 + 5) / (10 + 5)  # min(0.999, (1 + n) / (10 + n)) at n = 5
   want = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, new.params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new.ema_params, want)

@@ -98,12 +98,12 @@ LARGE = dict(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resoluti
 
 
 @pytest.mark.parametrize(
-    "kwargs, out_ch, size, count, tensors",
-    [
-        (CIFAR, 3, 32, 35_746_307, 328),
-        (CIFAR, 6, 32, 35_749_766, 328),
-        (LARGE, 3, 256, 113_673_219, 450),
-    ],
+  "kwargs, out_ch, size, count, tensors",
+  [
+    (CIFAR, 3, 32, 35_746_307, 328),
+    (CIFAR, 6, 32, 35_749_766, 328),
+    (LARGE, 3, 256, 113_673_219, 450),
+  ],
 )
 def test_parameter_tree_and_count(kwargs, out_ch, size, count, tensors):
   variables = _init_shapes(unet.UNet(out_ch=out_ch, **kwargs), size)
@@ -120,26 +120,26 @@ def test_parameter_tree_and_count(kwargs, out_ch, size, count, tensors):
 def test_cifar_names():
   params = _flat(_init_shapes(unet.UNet(**CIFAR), 32)["params"])
   for path, shape in {
-      "temb/dense0/kernel": (128, 512),
-      "temb/dense1/kernel": (512, 512),
-      "conv_in/kernel": (3, 3, 3, 128),
-      "down_0/block_0/conv1/kernel": (3, 3, 128, 128),
-      "down_1/block_0/nin_shortcut/kernel": (128, 256),
-      "down_1/block_0/temb_proj/kernel": (512, 256),
-      "down_1/attn_0/q/kernel": (256, 256),
-      "down_1/attn_1/proj_out/bias": (256,),
-      "down_1/attn_0/norm/scale": (256,),
-      "down_2/downsample/conv/kernel": (3, 3, 256, 256),
-      "mid/block_1/norm1/scale": (256,),
-      "mid/attn_1/k/kernel": (256, 256),
-      "mid/block_2/conv2/kernel": (3, 3, 256, 256),
-      "up_3/block_0/nin_shortcut/kernel": (512, 256),
-      "up_3/upsample/conv/kernel": (3, 3, 256, 256),
-      "up_1/attn_2/v/kernel": (256, 256),
-      "up_0/block_2/nin_shortcut/kernel": (256, 128),
-      "norm_out/scale": (128,),
-      "norm_out/bias": (128,),
-      "conv_out/kernel": (3, 3, 128, 3),
+    "temb/dense0/kernel": (128, 512),
+    "temb/dense1/kernel": (512, 512),
+    "conv_in/kernel": (3, 3, 3, 128),
+    "down_0/block_0/conv1/kernel": (3, 3, 128, 128),
+    "down_1/block_0/nin_shortcut/kernel": (128, 256),
+    "down_1/block_0/temb_proj/kernel": (512, 256),
+    "down_1/attn_0/q/kernel": (256, 256),
+    "down_1/attn_1/proj_out/bias": (256,),
+    "down_1/attn_0/norm/scale": (256,),
+    "down_2/downsample/conv/kernel": (3, 3, 256, 256),
+    "mid/block_1/norm1/scale": (256,),
+    "mid/attn_1/k/kernel": (256, 256),
+    "mid/block_2/conv2/kernel": (3, 3, 256, 256),
+    "up_3/block_0/nin_shortcut/kernel": (512, 256),
+    "up_3/upsample/conv/kernel": (3, 3, 256, 256),
+    "up_1/attn_2/v/kernel": (256, 256),
+    "up_0/block_2/nin_shortcut/kernel": (256, 128),
+    "norm_out/scale": (128,),
+    "norm_out/bias": (128,),
+    "conv_out/kernel": (3, 3, 128, 3),
   }.items():
     assert tuple(params[path].shape) == shape, path
   for absent in ("down_3/downsample/conv/kernel", "up_0/upsample/conv/kernel", "down_0/attn_0/q/kernel"):
@@ -160,15 +160,15 @@ def test_output_shape_traced():
 
 
 @pytest.mark.parametrize(
-    "kwargs, size, match",
-    [
-        (dict(ch=48, ch_mult=(1, 2)), 8, "multiple of 32"),
-        (dict(ch=16, ch_mult=(2, 2)), 8, "multiple of 32"),
-        (dict(ch=32, ch_mult=(1, 2, 2, 2)), 12, "divisible by 2\\^\\(levels-1\\) = 8"),
-        (dict(ch=32, ch_mult=(1, 2), attn_resolutions=(3,)), 8, "never occur"),
-        (dict(ch=32, ch_mult=(1, 2), attn_resolutions=(16,)), 8, "never occur"),
-        (dict(ch=32, ch_mult=()), 8, "ch_mult"),
-    ],
+  "kwargs, size, match",
+  [
+    (dict(ch=48, ch_mult=(1, 2)), 8, "multiple of 32"),
+    (dict(ch=16, ch_mult=(2, 2)), 8, "multiple of 32"),
+    (dict(ch=32, ch_mult=(1, 2, 2, 2)), 12, "divisible by 2\\^\\(levels-1\\) = 8"),
+    (dict(ch=32, ch_mult=(1, 2), attn_resolutions=(3,)), 8, "never occur"),
+    (dict(ch=32, ch_mult=(1, 2), attn_resolutions=(16,)), 8, "never occur"),
+    (dict(ch=32, ch_mult=()), 8, "ch_mult"),
+  ],
 )
 def test_config_errors(kwargs, size, match):
   kwargs.setdefault("attn_resolutions", ())
@@ -375,7 +375,7 @@ def test_init_distributions():
   _, params, _, _ = _tiny()
   flat = _flat(params)
   assert _expected_param_shapes(out_ch=3, size=8, **{k: v for k, v in TINY.items() if k != "dropout"}) == {
-      k: v.shape for k, v in flat.items()
+    k: v.shape for k, v in flat.items()
   }
   for path, leaf in flat.items():
     leaf = np.asarray(leaf, np.float64)

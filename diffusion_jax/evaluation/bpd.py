@@ -72,12 +72,12 @@ def _bpd_sums_fn(model_def: unet.UNet, mesh: Mesh, clip_denoised: bool, conditio
     out = diffusion.calc_bpd_loop(model_fn, images, rng, clip_denoised=clip_denoised)
     m = mask.astype(jnp.float32)
     return {
-        "count": jnp.sum(m),
-        "total": jnp.sum(out["total_bpd"] * m),
-        "total_sq": jnp.sum(jnp.square(out["total_bpd"]) * m),
-        "prior": jnp.sum(out["prior_bpd"] * m),
-        "terms": jnp.sum(out["terms_bpd"] * m[:, None], axis=0),
-        "mse": jnp.sum(out["mse"] * m[:, None], axis=0),
+      "count": jnp.sum(m),
+      "total": jnp.sum(out["total_bpd"] * m),
+      "total_sq": jnp.sum(jnp.square(out["total_bpd"]) * m),
+      "prior": jnp.sum(out["prior_bpd"] * m),
+      "terms": jnp.sum(out["terms_bpd"] * m[:, None], axis=0),
+      "mse": jnp.sum(out["mse"] * m[:, None], axis=0),
     }
 
   in_shardings = (replicated, replicated, sharded, sharded, replicated) + ((sharded,) if conditional else ())
@@ -93,17 +93,17 @@ def _progress(iterable, total: int, enabled: bool, desc: str):
 
 
 def compute_bpd(
-    model: Any,
-    config: ml_collections.ConfigDict,
-    rng: jax.Array,
-    *,
-    split: str | None = None,
-    batch_size: int | None = None,
-    drop_remainder: bool | None = None,
-    max_examples: int | None = None,
-    clip_denoised: bool | None = None,
-    mesh: Mesh | None = None,
-    progress: bool = True,
+  model: Any,
+  config: ml_collections.ConfigDict,
+  rng: jax.Array,
+  *,
+  split: str | None = None,
+  batch_size: int | None = None,
+  drop_remainder: bool | None = None,
+  max_examples: int | None = None,
+  clip_denoised: bool | None = None,
+  mesh: Mesh | None = None,
+  progress: bool = True,
 ) -> dict[str, Any]:
   """The variational bound in bits/dim, averaged over a data split.
 
@@ -147,15 +147,20 @@ def compute_bpd(
   clip_denoised = bool(ec.get("clip_denoised", True) if clip_denoised is None else clip_denoised)
   mesh = runtime.make_mesh() if mesh is None else mesh
   if not split:
-    raise ValueError(f"No eval split for dataset {config.data.dataset!r} (config.data.eval_split is empty), so "
-                     "bits/dim cannot be computed: set --config.data.eval_split=<split> or remove 'bpd' from "
-                     "config.eval.metrics.")
+    raise ValueError(
+      f"No eval split for dataset {config.data.dataset!r} (config.data.eval_split is empty), so "
+      "bits/dim cannot be computed: set --config.data.eval_split=<split> or remove 'bpd' from "
+      "config.eval.metrics."
+    )
   if batch_size < 1 or batch_size % mesh.size:
-    raise ValueError(f"The eval batch size {batch_size} must be a positive multiple of the number of devices "
-                     f"({mesh.size}); set --config.eval.batch_size accordingly.")
+    raise ValueError(
+      f"The eval batch size {batch_size} must be a positive multiple of the number of devices "
+      f"({mesh.size}); set --config.eval.batch_size accordingly."
+    )
 
-  iterator = input_pipeline.create_eval_iterator(config, split=split, batch_size=batch_size,
-                                                 drop_remainder=drop_remainder, max_examples=max_examples)
+  iterator = input_pipeline.create_eval_iterator(
+    config, split=split, batch_size=batch_size, drop_remainder=drop_remainder, max_examples=max_examples
+  )
   conditional = bool(getattr(model.model, "num_classes", 0))
   fn = _bpd_sums_fn(model.model, mesh, clip_denoised, conditional)
   replicated = runtime.replicated(mesh)
@@ -163,8 +168,14 @@ def compute_bpd(
   diffusion = jax.device_put(model.diffusion, replicated)
   T = model.diffusion.num_timesteps
 
-  sums = {"count": 0.0, "total": 0.0, "total_sq": 0.0, "prior": 0.0,
-          "terms": np.zeros((T,), np.float64), "mse": np.zeros((T,), np.float64)}
+  sums = {
+    "count": 0.0,
+    "total": 0.0,
+    "total_sq": 0.0,
+    "prior": 0.0,
+    "terms": np.zeros((T,), np.float64),
+    "mse": np.zeros((T,), np.float64),
+  }
 
   def accumulate(out):
     for k, v in jax.device_get(out).items():
@@ -189,30 +200,40 @@ def compute_bpd(
   variance = max(float(mean(sums["total_sq"])) - total * total, 0.0) * count / max(count - 1, 1)
   terms = mean(sums["terms"])
   result = {
-      "metric": "bits_per_dim",
-      "total_bpd": total,
-      "total_bpd_sem": math.sqrt(variance / count),
-      "prior_bpd": float(mean(sums["prior"])),
-      "decoder_bpd": float(terms[0]),
-      "kl_bpd": float(np.sum(terms[1:])),
-      "terms_bpd": [float(x) for x in terms],
-      "mse": [float(x) for x in mean(sums["mse"])],
-      "num_examples": count,
-      "split_size": iterator.split_size,
-      "split": split,
-      "dataset": config.data.dataset,
-      "step": int(model.step),
-      "use_ema": bool(model.use_ema),
-      "clip_denoised": clip_denoised,
-      "drop_remainder": drop_remainder,
-      "batch_size": batch_size,
-      "max_examples": max_examples,
-      "num_timesteps": T,
-      "conditional": conditional,
+    "metric": "bits_per_dim",
+    "total_bpd": total,
+    "total_bpd_sem": math.sqrt(variance / count),
+    "prior_bpd": float(mean(sums["prior"])),
+    "decoder_bpd": float(terms[0]),
+    "kl_bpd": float(np.sum(terms[1:])),
+    "terms_bpd": [float(x) for x in terms],
+    "mse": [float(x) for x in mean(sums["mse"])],
+    "num_examples": count,
+    "split_size": iterator.split_size,
+    "split": split,
+    "dataset": config.data.dataset,
+    "step": int(model.step),
+    "use_ema": bool(model.use_ema),
+    "clip_denoised": clip_denoised,
+    "drop_remainder": drop_remainder,
+    "batch_size": batch_size,
+    "max_examples": max_examples,
+    "num_timesteps": T,
+    "conditional": conditional,
   }
-  logging.info("bits/dim %.5f ± %.5f on %d of %d images of %s:%s (prior %.2e, decoder %.4f, step %d, ema=%s).",
-               total, result["total_bpd_sem"], count, iterator.split_size, config.data.dataset, split,
-               result["prior_bpd"], result["decoder_bpd"], model.step, model.use_ema)
+  logging.info(
+    "bits/dim %.5f ± %.5f on %d of %d images of %s:%s (prior %.2e, decoder %.4f, step %d, ema=%s).",
+    total,
+    result["total_bpd_sem"],
+    count,
+    iterator.split_size,
+    config.data.dataset,
+    split,
+    result["prior_bpd"],
+    result["decoder_bpd"],
+    model.step,
+    model.use_ema,
+  )
   return result
 
 
@@ -256,16 +277,18 @@ def rate_distortion(terms_bpd, mse, prior_bpd: float) -> dict[str, Any]:
   rate = prior_bpd + kl_sent
   distortion = np.sqrt(mse[T - k]) * 127.5
   return {
-      "reverse_steps": [int(x) for x in k],
-      "rate_bpd": [float(x) for x in rate],
-      "distortion_rmse": [float(x) for x in distortion],
-      "final_rate_bpd": float(rate[-1]),
-      "final_distortion_bpd": float(terms[0]),
-      "final_distortion_rmse": float(distortion[-1]),
-      "total_bpd": float(rate[-1] + terms[0]),
-      "convention": ("after k reverse steps the receiver holds x_T..x_{T-k+1} (paper indexing; code timestep j = "
-                     "paper x_{j+1}): rate_k = prior + sum_{s=T-k+1}^{T-1} terms_bpd[s], distortion_k = "
-                     "sqrt(mse[T-k]) * 127.5; the decoder term terms_bpd[0] is the final distortion in bits/dim"),
+    "reverse_steps": [int(x) for x in k],
+    "rate_bpd": [float(x) for x in rate],
+    "distortion_rmse": [float(x) for x in distortion],
+    "final_rate_bpd": float(rate[-1]),
+    "final_distortion_bpd": float(terms[0]),
+    "final_distortion_rmse": float(distortion[-1]),
+    "total_bpd": float(rate[-1] + terms[0]),
+    "convention": (
+      "after k reverse steps the receiver holds x_T..x_{T-k+1} (paper indexing; code timestep j = "
+      "paper x_{j+1}): rate_k = prior + sum_{s=T-k+1}^{T-1} terms_bpd[s], distortion_k = "
+      "sqrt(mse[T-k]) * 127.5; the decoder term terms_bpd[0] is the final distortion in bits/dim"
+    ),
   }
 
 
@@ -312,9 +335,11 @@ def plot_rate_distortion(rd: dict[str, Any], path: str | os.PathLike, *, title: 
   steps, rate, dist = rd["reverse_steps"], rd["rate_bpd"], rd["distortion_rmse"]
   fig = figure.Figure(figsize=(12, 3.6), dpi=100, layout="constrained")
   axes = fig.subplots(1, 3)
-  panels = [(steps, dist, "Distortion vs. reverse steps", "reverse steps k", "RMSE [0, 255]", "C0"),
-            (steps, rate, "Rate vs. reverse steps", "reverse steps k", "rate (bits/dim)", "C3"),
-            (rate, dist, "Distortion vs. rate", "rate (bits/dim)", "RMSE [0, 255]", "C2")]
+  panels = [
+    (steps, dist, "Distortion vs. reverse steps", "reverse steps k", "RMSE [0, 255]", "C0"),
+    (steps, rate, "Rate vs. reverse steps", "reverse steps k", "rate (bits/dim)", "C3"),
+    (rate, dist, "Distortion vs. rate", "rate (bits/dim)", "RMSE [0, 255]", "C2"),
+  ]
   for ax, (xs, ys, name, xlabel, ylabel, color) in zip(axes, panels):
     ax.plot(xs, ys, color=color, linewidth=1.5)
     ax.set(title=name, xlabel=xlabel, ylabel=ylabel)

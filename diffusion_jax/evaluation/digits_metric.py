@@ -116,26 +116,34 @@ def load_params(path: str | os.PathLike | None = None) -> dict[str, Any]:
   """
   path = pathlib.Path(path) if path is not None else WEIGHTS_PATH
   if not path.exists():
-    raise FileNotFoundError(f"The digit classifier weights {path} are missing; they ship with the package "
-                            f"(reinstall it) or can be made with `{TRAIN_COMMAND}`.")
+    raise FileNotFoundError(
+      f"The digit classifier weights {path} are missing; they ship with the package "
+      f"(reinstall it) or can be made with `{TRAIN_COMMAND}`."
+    )
   try:
     with np.load(path, allow_pickle=False) as data:
       flat = {k: np.asarray(data[k]) for k in data.files}
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"The digit classifier weights {path} are damaged or not an .npz of arrays ({e}); restore the "
-                     f"file from the package or remake it with `{TRAIN_COMMAND}`.") from e
+    raise ValueError(
+      f"The digit classifier weights {path} are damaged or not an .npz of arrays ({e}); restore the "
+      f"file from the package or remake it with `{TRAIN_COMMAND}`."
+    ) from e
   expected = _expected_shapes()
   got = {k: tuple(v.shape) for k, v in flat.items()}
   if got != expected:
     missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
     wrong = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
-    raise ValueError(f"The digit classifier weights {path} do not match DigitClassifier (missing {missing}, "
-                     f"unexpected {extra}, wrong shapes {wrong}); restore the file or remake it with "
-                     f"`{TRAIN_COMMAND}`.")
+    raise ValueError(
+      f"The digit classifier weights {path} do not match DigitClassifier (missing {missing}, "
+      f"unexpected {extra}, wrong shapes {wrong}); restore the file or remake it with "
+      f"`{TRAIN_COMMAND}`."
+    )
   bad = [k for k, v in flat.items() if not np.issubdtype(v.dtype, np.floating) or not np.isfinite(v).all()]
   if bad:
-    raise ValueError(f"The digit classifier weights {path} hold non-float or non-finite values in {sorted(bad)}; "
-                     f"restore the file or remake it with `{TRAIN_COMMAND}`.")
+    raise ValueError(
+      f"The digit classifier weights {path} hold non-float or non-finite values in {sorted(bad)}; "
+      f"restore the file or remake it with `{TRAIN_COMMAND}`."
+    )
   return traverse_util.unflatten_dict({k: v.astype(np.float32) for k, v in flat.items()}, sep="/")
 
 
@@ -163,8 +171,10 @@ def check_images(images, name: str = "samples") -> np.ndarray:
   """`images` as a uint8 NumPy array [N, 8, 8, 1], N ≥ 1, or a ValueError saying what is wrong."""
   dtype = getattr(images, "dtype", None)
   if dtype is None or np.dtype(dtype) != np.uint8:
-    raise ValueError(f"{name} must be uint8 images [N, 8, 8, 1] in 0..255 (e.g. images.to_uint8(x) of [-1, 1] "
-                     f"floats), got dtype {dtype}.")
+    raise ValueError(
+      f"{name} must be uint8 images [N, 8, 8, 1] in 0..255 (e.g. images.to_uint8(x) of [-1, 1] "
+      f"floats), got dtype {dtype}."
+    )
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE or images.shape[0] < 1:
     raise ValueError(f"{name} must have shape [N, 8, 8, 1] with N ≥ 1 (8×8 grey digits), got {images.shape}.")
@@ -185,7 +195,7 @@ def classify(images, params=None) -> tuple[np.ndarray, np.ndarray]:
   params = _shipped_params() if params is None else params
   features, logits = [], []
   for start in range(0, len(images), _BATCH):
-    batch = images[start:start + _BATCH]
+    batch = images[start : start + _BATCH]
     n = len(batch)
     x = np.zeros((_BATCH,) + IMAGE_SHAPE, np.float32)
     x[:n] = batch.astype(np.float32) / 127.5 - 1.0
@@ -289,8 +299,10 @@ def precision_recall(real_features, fake_features, *, k: int = DEFAULT_K) -> tup
     raise ValueError(f"k must be ≥ 1, got {k}.")
   real, fake = np.asarray(real_features, np.float64), np.asarray(fake_features, np.float64)
   if min(len(real), len(fake)) < k + 1:
-    raise ValueError(f"k-NN precision/recall with k={k} need at least {k + 1} images in each set, got "
-                     f"{len(real)} reference and {len(fake)} samples.")
+    raise ValueError(
+      f"k-NN precision/recall with k={k} need at least {k + 1} images in each set, got "
+      f"{len(real)} reference and {len(fake)} samples."
+    )
   real_radii = kth_nearest_distances(real, real, k=k, within=True)
   fake_radii = kth_nearest_distances(fake, fake, k=k, within=True)
   return _fraction_in_balls(fake, real, real_radii), _fraction_in_balls(real, fake, fake_radii)
@@ -342,25 +354,26 @@ def compute_digit_metrics(samples_uint8, reference_uint8=None, *, k: int = DEFAU
   samples = check_images(samples_uint8, "samples")
   reference = check_images(reference_images() if reference_uint8 is None else reference_uint8, "reference")
   if len(samples) < 2 or len(reference) < 2:
-    raise ValueError(f"The Fréchet distance needs at least 2 samples and 2 reference images, got {len(samples)} and "
-                     f"{len(reference)}.")
+    raise ValueError(
+      f"The Fréchet distance needs at least 2 samples and 2 reference images, got {len(samples)} and {len(reference)}."
+    )
   fake_features, fake_logits = classify(samples, params)
   real_features, _ = classify(reference, params)
   probs = softmax(fake_logits)
   precision, recall = precision_recall(real_features, fake_features, k=k)
   memo, threshold = memorisation(samples, reference)
   return {
-      "digits_fd": frechet_distance(fake_features, real_features),
-      "digits_is": classifier_score(probs),
-      "digits_confidence": mean_confidence(probs),
-      "digits_precision": precision,
-      "digits_recall": recall,
-      "digits_memorisation": memo,
-      "digits_memorisation_threshold": threshold,
-      "digits_class_histogram": class_histogram(probs),
-      "num_samples": int(len(samples)),
-      "num_reference": int(len(reference)),
-      "k": int(k),
+    "digits_fd": frechet_distance(fake_features, real_features),
+    "digits_is": classifier_score(probs),
+    "digits_confidence": mean_confidence(probs),
+    "digits_precision": precision,
+    "digits_recall": recall,
+    "digits_memorisation": memo,
+    "digits_memorisation_threshold": threshold,
+    "digits_class_histogram": class_histogram(probs),
+    "num_samples": int(len(samples)),
+    "num_reference": int(len(reference)),
+    "k": int(k),
   }
 
 
@@ -378,8 +391,10 @@ def class_accuracy(samples, requested_labels, *, params=None) -> dict[str, Any]:
   samples = check_images(samples)
   labels = np.asarray(requested_labels)
   if labels.shape != (len(samples),) or not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f"requested_labels must be integers of shape [{len(samples)}] (one per sample), got "
-                     f"{labels.dtype} {labels.shape}.")
+    raise ValueError(
+      f"requested_labels must be integers of shape [{len(samples)}] (one per sample), got "
+      f"{labels.dtype} {labels.shape}."
+    )
   if labels.min() < 0 or labels.max() >= NUM_CLASSES:
     raise ValueError(f"requested_labels must lie in 0..{NUM_CLASSES - 1}, got {labels.min()}..{labels.max()}.")
   _, logits = classify(samples, params)

@@ -101,8 +101,10 @@ def eval_metrics(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   metrics = tuple(m.lower() for item in items for m in re.split(r"[,\s]+", str(item)) if m)
   unknown = [m for m in metrics if m not in METRICS]
   if unknown or not metrics:
-    raise ValueError(f"Unknown or no metrics in config.eval.metrics={tuple(config.eval.metrics)!r}; choose from "
-                     f"{METRICS}, e.g. --config.eval.metrics=bpd,fid.")
+    raise ValueError(
+      f"Unknown or no metrics in config.eval.metrics={tuple(config.eval.metrics)!r}; choose from "
+      f"{METRICS}, e.g. --config.eval.metrics=bpd,fid."
+    )
   return tuple(dict.fromkeys(metrics))
 
 
@@ -126,36 +128,48 @@ def default_fid_stats_path(config: ml_collections.ConfigDict, workdir: str | os.
 
 
 def _fid_stats_command(config: ml_collections.ConfigDict) -> str:
-  return ("python -m diffusion_jax.main --mode=fid_stats --config=<your config> --workdir=<workdir> "
-          f"(writes {default_fid_stats_path(config, '<workdir>')}, from the {_fid_split(config)!r} split of "
-          f"{config.data.dataset!r})")
+  return (
+    "python -m diffusion_jax.main --mode=fid_stats --config=<your config> --workdir=<workdir> "
+    f"(writes {default_fid_stats_path(config, '<workdir>')}, from the {_fid_split(config)!r} split of "
+    f"{config.data.dataset!r})"
+  )
 
 
 def _check_fid_config(config: ml_collections.ConfigDict) -> None:
   ec = config.eval
   if ec.num_samples < 2:
-    raise ValueError(f"FID needs at least 2 samples (a covariance); config.eval.num_samples={ec.num_samples}. "
-                     "The paper used 50000.")
+    raise ValueError(
+      f"FID needs at least 2 samples (a covariance); config.eval.num_samples={ec.num_samples}. The paper used 50000."
+    )
   if ec.fid_stats_path:
     if ec.get("random_inception", False):
       raise ValueError(
-          f"config.eval.random_inception=True cannot be compared with the reference statistics "
-          f"{ec.fid_stats_path} (computed with other Inception weights): set --config.eval.fid_stats_path='' so "
-          "that statistics are computed with the same random weights, or use the real weights.")
+        f"config.eval.random_inception=True cannot be compared with the reference statistics "
+        f"{ec.fid_stats_path} (computed with other Inception weights): set --config.eval.fid_stats_path='' so "
+        "that statistics are computed with the same random weights, or use the real weights."
+      )
     if not epath.Path(ec.fid_stats_path).exists():
-      raise ValueError(f"config.eval.fid_stats_path={ec.fid_stats_path!r} does not exist. Point it at an .npz with "
-                       f"mu and sigma, or create one with\n  {_fid_stats_command(config)}\nand set it to that file "
-                       "(or leave fid_stats_path empty to use and create that file automatically).")
+      raise ValueError(
+        f"config.eval.fid_stats_path={ec.fid_stats_path!r} does not exist. Point it at an .npz with "
+        f"mu and sigma, or create one with\n  {_fid_stats_command(config)}\nand set it to that file "
+        "(or leave fid_stats_path empty to use and create that file automatically)."
+      )
 
 
 def _check_model_config(saved: ml_collections.ConfigDict, requested: ml_collections.ConfigDict, workdir) -> None:
-  diff = [k for k in checkpointing.incompatible_fields(checkpointing.config_to_dict(saved),
-                                                       checkpointing.config_to_dict(requested))
-          if k.startswith(_MODEL_FIELDS) and k not in _IGNORED_MODEL_FIELDS]
+  diff = [
+    k
+    for k in checkpointing.incompatible_fields(
+      checkpointing.config_to_dict(saved), checkpointing.config_to_dict(requested)
+    )
+    if k.startswith(_MODEL_FIELDS) and k not in _IGNORED_MODEL_FIELDS
+  ]
   if diff:
-    raise ValueError(f"The config given for evaluation differs from the one {workdir} was trained with in "
-                     f"{', '.join(diff)}: pass the run's own config (--config={epath.Path(workdir) / 'config.json'} "
-                     "or the same configs/*.py file).")
+    raise ValueError(
+      f"The config given for evaluation differs from the one {workdir} was trained with in "
+      f"{', '.join(diff)}: pass the run's own config (--config={epath.Path(workdir) / 'config.json'} "
+      "or the same configs/*.py file)."
+    )
 
 
 def load_eval_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> sample_export.LoadedModel:
@@ -173,8 +187,10 @@ def load_eval_model(config: ml_collections.ConfigDict, workdir: str | os.PathLik
 def inception_weights(config: ml_collections.ConfigDict) -> tuple[Any, str]:
   """(Inception parameters, a label for the outputs) as `config.eval` asks."""
   if config.eval.get("random_inception", False):
-    logging.warning("Using RANDOM Inception weights (config.eval.random_inception=True): FID and IS are smoke-test "
-                    "numbers, not comparable with anything else.")
+    logging.warning(
+      "Using RANDOM Inception weights (config.eval.random_inception=True): FID and IS are smoke-test "
+      "numbers, not comparable with anything else."
+    )
     return inception.init_params(jax.random.PRNGKey(_RANDOM_INCEPTION_SEED)), RANDOM_INCEPTION_LABEL
   path = config.eval.inception_weights or None
   return inception.load_params(path), REAL_INCEPTION_LABEL
@@ -183,8 +199,10 @@ def inception_weights(config: ml_collections.ConfigDict) -> tuple[Any, str]:
 def _batch_size(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
   batch_size = int(config.eval.batch_size)
   if batch_size < 1 or batch_size % mesh.size or batch_size % jax.process_count():
-    raise ValueError(f"config.eval.batch_size={batch_size} must be a positive multiple of the number of devices "
-                     f"({mesh.size}); set --config.eval.batch_size accordingly.")
+    raise ValueError(
+      f"config.eval.batch_size={batch_size} must be a positive multiple of the number of devices "
+      f"({mesh.size}); set --config.eval.batch_size accordingly."
+    )
   return batch_size
 
 
@@ -201,8 +219,13 @@ def _data_statistics(config: ml_collections.ConfigDict, inception_fn, mesh: Mesh
   """Pool3 statistics of the FID reference split (padding excluded)."""
   split = _fid_split(config)
   batch_size = _batch_size(config, mesh)
-  iterator = input_pipeline.create_eval_iterator(config, split=split, batch_size=batch_size, drop_remainder=False,
-                                                 max_examples=int(config.eval.get("fid_stats_max_examples", 0)))
+  iterator = input_pipeline.create_eval_iterator(
+    config,
+    split=split,
+    batch_size=batch_size,
+    drop_remainder=False,
+    max_examples=int(config.eval.get("fid_stats_max_examples", 0)),
+  )
   sharded = runtime.batch_sharding(mesh)
   stats = fid_lib.ActivationStatistics()
   for index, batch in enumerate(_progress(iterator, iterator.num_batches, f"Inception on {split}")):
@@ -225,7 +248,7 @@ def _save_statistics(path: epath.Path, stats: fid_lib.ActivationStatistics, info
   with tmp.open("wb") as f:
     np.savez(f, mu=stats.mu, sigma=stats.sigma)
   tmp.rename(path)
-  _write_json(path.parent / (path.name[:-len(".npz")] + ".json"), info, overwrite=True)
+  _write_json(path.parent / (path.name[: -len(".npz")] + ".json"), info, overwrite=True)
 
 
 def _load_statistics(path: epath.Path) -> tuple[np.ndarray, np.ndarray]:
@@ -241,7 +264,10 @@ def _write_fid_stats(config: ml_collections.ConfigDict, workdir, inception_fn, l
   start = time.time()
   stats = _data_statistics(config, inception_fn, mesh)
   if jax.process_index() == 0:
-    _save_statistics(path, stats, {
+    _save_statistics(
+      path,
+      stats,
+      {
         "dataset": config.data.dataset,
         "split": _fid_split(config),
         "num_examples": stats.count,
@@ -249,10 +275,18 @@ def _write_fid_stats(config: ml_collections.ConfigDict, workdir, inception_fn, l
         "image_size": config.data.image_size,
         "inception_weights": label,
         "created": _timestamp(),
-    })
+      },
+    )
   _sync("fid_stats_written")
-  logging.info("Wrote FID reference statistics of %d images of %s:%s to %s (%.0f s; Inception weights: %s).",
-               stats.count, config.data.dataset, _fid_split(config), path, time.time() - start, label)
+  logging.info(
+    "Wrote FID reference statistics of %d images of %s:%s to %s (%.0f s; Inception weights: %s).",
+    stats.count,
+    config.data.dataset,
+    _fid_split(config),
+    path,
+    time.time() - start,
+    label,
+  )
   return path
 
 
@@ -317,8 +351,13 @@ def _sample_batches(paths: Sequence[epath.Path], batch_size: int, num_samples: i
     raise RuntimeError(f"The sample chunks hold {seen} images, expected {num_samples}.")
 
 
-def compute_fid(model: sample_export.LoadedModel, config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-                mesh: Mesh | None = None) -> dict[str, Any]:
+def compute_fid(
+  model: sample_export.LoadedModel,
+  config: ml_collections.ConfigDict,
+  workdir: str | os.PathLike,
+  *,
+  mesh: Mesh | None = None,
+) -> dict[str, Any]:
   """Samples (resumably), Inception features, FID against the reference statistics, and IS.
 
   Args:
@@ -344,10 +383,16 @@ def compute_fid(model: sample_export.LoadedModel, config: ml_collections.ConfigD
   out_dir = samples_dir(config, workdir, model)
   start = time.time()
   # Conditional models: sample i is of class i mod K, an equal number per class.
-  paths = sample_export.write_sample_chunks(model, out_dir, int(ec.num_samples), jax.random.PRNGKey(ec.seed),
-                                            sampler=spec, clip_denoised=bool(sc.clip_denoised),
-                                            chunk_size=int(sc.batch_size),
-                                            guidance_scale=float(sc.get("guidance_scale", 1.0)))
+  paths = sample_export.write_sample_chunks(
+    model,
+    out_dir,
+    int(ec.num_samples),
+    jax.random.PRNGKey(ec.seed),
+    sampler=spec,
+    clip_denoised=bool(sc.clip_denoised),
+    chunk_size=int(sc.batch_size),
+    guidance_scale=float(sc.get("guidance_scale", 1.0)),
+  )
   _sync("fid_samples_written")
   sampling_s = time.time() - start
 
@@ -364,8 +409,9 @@ def compute_fid(model: sample_export.LoadedModel, config: ml_collections.ConfigD
   stats = fid_lib.ActivationStatistics()
   logits = []
   num_batches = -(-int(ec.num_samples) // batch_size)
-  for images, n in _progress(_sample_batches(paths, batch_size, int(ec.num_samples)), num_batches,
-                             "Inception on samples"):
+  for images, n in _progress(
+    _sample_batches(paths, batch_size, int(ec.num_samples)), num_batches, "Inception on samples"
+  ):
     global_images = jax.make_array_from_callback(images.shape, sharded, lambda index, x=images: x[index])
     pool, lg = inception_fn(global_images)
     stats.update(runtime.to_host(pool)[:n])
@@ -377,31 +423,40 @@ def compute_fid(model: sample_export.LoadedModel, config: ml_collections.ConfigD
     logging.warning("Inception Score over %d samples uses %d splits instead of %d.", len(logits), splits, IS_SPLITS)
   is_mean, is_std = fid_lib.inception_score(logits, splits=splits)
   result = {
-      "metric": "fid_is",
-      "fid": float(fid_value),
-      "inception_score": float(is_mean),
-      "inception_score_std": float(is_std),
-      "is_splits": splits,
-      "num_samples": int(stats.count),
-      "inception_weights": label,
-      "random_inception": label == RANDOM_INCEPTION_LABEL,
-      "reference_statistics": str(ref_path),
-      "samples_dir": str(out_dir),
-      "sampler": spec.name,
-      "sampler_settings": spec.folder_name,
-      "num_steps": num_steps,
-      "network_calls": spec.network_calls,
-      "eta": float(spec.eta),
-      "guidance_scale": float(sc.get("guidance_scale", 1.0)) if model.num_classes else 1.0,
-      "clip_denoised": bool(sc.clip_denoised),
-      "seed": int(ec.seed),
-      "step": int(model.step),
-      "use_ema": bool(model.use_ema),
-      "sampling_seconds": sampling_s,
-      "inception_seconds": time.time() - start,
+    "metric": "fid_is",
+    "fid": float(fid_value),
+    "inception_score": float(is_mean),
+    "inception_score_std": float(is_std),
+    "is_splits": splits,
+    "num_samples": int(stats.count),
+    "inception_weights": label,
+    "random_inception": label == RANDOM_INCEPTION_LABEL,
+    "reference_statistics": str(ref_path),
+    "samples_dir": str(out_dir),
+    "sampler": spec.name,
+    "sampler_settings": spec.folder_name,
+    "num_steps": num_steps,
+    "network_calls": spec.network_calls,
+    "eta": float(spec.eta),
+    "guidance_scale": float(sc.get("guidance_scale", 1.0)) if model.num_classes else 1.0,
+    "clip_denoised": bool(sc.clip_denoised),
+    "seed": int(ec.seed),
+    "step": int(model.step),
+    "use_ema": bool(model.use_ema),
+    "sampling_seconds": sampling_s,
+    "inception_seconds": time.time() - start,
   }
-  logging.info("FID %.4f, IS %.3f ± %.3f over %d samples (%s, %d steps) vs %s; Inception weights: %s.",
-               result["fid"], is_mean, is_std, stats.count, spec.folder_name, num_steps, ref_path, label)
+  logging.info(
+    "FID %.4f, IS %.3f ± %.3f over %d samples (%s, %d steps) vs %s; Inception weights: %s.",
+    result["fid"],
+    is_mean,
+    is_std,
+    stats.count,
+    spec.folder_name,
+    num_steps,
+    ref_path,
+    label,
+  )
   return result
 
 
@@ -418,8 +473,9 @@ def uses_digit_metric(config: ml_collections.ConfigDict) -> bool:
   return config.data.dataset == "digits" and not config.eval.get("random_inception", False)
 
 
-def conditional_digit_metrics(images: np.ndarray, labels: np.ndarray, reference: np.ndarray,
-                              reference_labels: np.ndarray) -> dict[str, Any]:
+def conditional_digit_metrics(
+  images: np.ndarray, labels: np.ndarray, reference: np.ndarray, reference_labels: np.ndarray
+) -> dict[str, Any]:
   """Class accuracy (overall, per class) and the per-class Fréchet distance of class-conditional digit samples."""
   acc = digits_metric.class_accuracy(images, labels)
   fake_features, _ = digits_metric.classify(images)
@@ -428,14 +484,21 @@ def conditional_digit_metrics(images: np.ndarray, labels: np.ndarray, reference:
   for c in range(digits_metric.NUM_CLASSES):
     fake, real = fake_features[labels == c], real_features[reference_labels == c]
     per_class_fd[str(c)] = digits_metric.frechet_distance(fake, real) if len(fake) >= 2 and len(real) >= 2 else None
-  return {"digits_class_accuracy": acc["overall"],
-          "digits_class_accuracy_per_class": {str(c): v for c, v in acc["per_class"].items()},
-          "digits_class_counts": {str(c): v for c, v in acc["counts"].items()},
-          "digits_fd_per_class": per_class_fd}
+  return {
+    "digits_class_accuracy": acc["overall"],
+    "digits_class_accuracy_per_class": {str(c): v for c, v in acc["per_class"].items()},
+    "digits_class_counts": {str(c): v for c, v in acc["counts"].items()},
+    "digits_fd_per_class": per_class_fd,
+  }
 
 
-def compute_digit_fid(model: sample_export.LoadedModel, config: ml_collections.ConfigDict,
-                      workdir: str | os.PathLike, *, mesh: Mesh | None = None) -> dict[str, Any]:
+def compute_digit_fid(
+  model: sample_export.LoadedModel,
+  config: ml_collections.ConfigDict,
+  workdir: str | os.PathLike,
+  *,
+  mesh: Mesh | None = None,
+) -> dict[str, Any]:
   """Samples (resumably, as `compute_fid`) scored by `digits_metric.compute_digit_metrics` against the digits.
 
   The reference is `config.eval.fid_split` of the digits (default: the train
@@ -453,19 +516,30 @@ def compute_digit_fid(model: sample_export.LoadedModel, config: ml_collections.C
   ec, sc = config.eval, config.sampling
   image_shape = runtime.image_shape(config)
   if image_shape != digits_metric.IMAGE_SHAPE:
-    raise ValueError(f"The digit metric scores 8×8×1 images, but this model makes {image_shape}: use "
-                     "--config.data.image_size=8 --config.data.channels=1, or Inception's smoke test "
-                     "(--config.eval.random_inception=True).")
+    raise ValueError(
+      f"The digit metric scores 8×8×1 images, but this model makes {image_shape}: use "
+      "--config.data.image_size=8 --config.data.channels=1, or Inception's smoke test "
+      "(--config.eval.random_inception=True)."
+    )
   if ec.fid_stats_path:
-    logging.warning("config.eval.fid_stats_path=%s is not used: dataset=digits is scored with the digit classifier.",
-                    ec.fid_stats_path)
+    logging.warning(
+      "config.eval.fid_stats_path=%s is not used: dataset=digits is scored with the digit classifier.",
+      ec.fid_stats_path,
+    )
   spec = _sampler_spec(config, model)
   out_dir = samples_dir(config, workdir, model)
   guidance = float(sc.get("guidance_scale", 1.0)) if model.num_classes else 1.0
   start = time.time()
-  paths = sample_export.write_sample_chunks(model, out_dir, int(ec.num_samples), jax.random.PRNGKey(ec.seed),
-                                            sampler=spec, clip_denoised=bool(sc.clip_denoised),
-                                            chunk_size=int(sc.batch_size), guidance_scale=guidance)
+  paths = sample_export.write_sample_chunks(
+    model,
+    out_dir,
+    int(ec.num_samples),
+    jax.random.PRNGKey(ec.seed),
+    sampler=spec,
+    clip_denoised=bool(sc.clip_denoised),
+    chunk_size=int(sc.batch_size),
+    guidance_scale=guidance,
+  )
   _sync("digit_samples_written")
   sampling_s = time.time() - start
   start = time.time()
@@ -474,44 +548,64 @@ def compute_digit_fid(model: sample_export.LoadedModel, config: ml_collections.C
     raise RuntimeError(f"The sample chunks hold {len(images)} images, expected {ec.num_samples}.")
   split = _fid_split(config)
   reference, reference_labels = input_pipeline.load_digits(split)
-  result = {"metric": "digits",
-            **digits_metric.compute_digit_metrics(images, reference),
-            "classifier_weights": str(digits_metric.WEIGHTS_PATH),
-            "classifier_sha256": digits_metric.weights_sha256(),
-            "reference_split": split,
-            "samples_dir": str(out_dir),
-            "sampler": spec.name,
-            "sampler_settings": spec.folder_name,
-            "num_steps": spec.num_steps,
-            "network_calls": spec.network_calls,
-            "eta": float(spec.eta),
-            "guidance_scale": guidance,
-            "clip_denoised": bool(sc.clip_denoised),
-            "seed": int(ec.seed),
-            "step": int(model.step),
-            "use_ema": bool(model.use_ema)}
+  result = {
+    "metric": "digits",
+    **digits_metric.compute_digit_metrics(images, reference),
+    "classifier_weights": str(digits_metric.WEIGHTS_PATH),
+    "classifier_sha256": digits_metric.weights_sha256(),
+    "reference_split": split,
+    "samples_dir": str(out_dir),
+    "sampler": spec.name,
+    "sampler_settings": spec.folder_name,
+    "num_steps": spec.num_steps,
+    "network_calls": spec.network_calls,
+    "eta": float(spec.eta),
+    "guidance_scale": guidance,
+    "clip_denoised": bool(sc.clip_denoised),
+    "seed": int(ec.seed),
+    "step": int(model.step),
+    "use_ema": bool(model.use_ema),
+  }
   if model.num_classes:
     result.update(conditional_digit_metrics(images, labels, reference, np.asarray(reference_labels)))
   result.update(sampling_seconds=sampling_s, metric_seconds=time.time() - start)
-  logging.info("Digit metric over %d samples (%s) vs digits:%s: FD %.3f, IS %.3f, confidence %.3f, "
-               "precision %.3f, recall %.3f, memorisation %.3f%s.", result["num_samples"], spec.folder_name, split,
-               result["digits_fd"], result["digits_is"], result["digits_confidence"], result["digits_precision"],
-               result["digits_recall"], result["digits_memorisation"],
-               f", class accuracy {result['digits_class_accuracy']:.3f}" if model.num_classes else "")
+  logging.info(
+    "Digit metric over %d samples (%s) vs digits:%s: FD %.3f, IS %.3f, confidence %.3f, "
+    "precision %.3f, recall %.3f, memorisation %.3f%s.",
+    result["num_samples"],
+    spec.folder_name,
+    split,
+    result["digits_fd"],
+    result["digits_is"],
+    result["digits_confidence"],
+    result["digits_precision"],
+    result["digits_recall"],
+    result["digits_memorisation"],
+    f", class accuracy {result['digits_class_accuracy']:.3f}" if model.num_classes else "",
+  )
   return result
 
 
-DIGIT_SCALARS = ("digits_fd", "digits_is", "digits_confidence", "digits_precision", "digits_recall",
-                 "digits_memorisation", "digits_class_accuracy")
+DIGIT_SCALARS = (
+  "digits_fd",
+  "digits_is",
+  "digits_confidence",
+  "digits_precision",
+  "digits_recall",
+  "digits_memorisation",
+  "digits_class_accuracy",
+)
 
 
 def digit_scalars_and_summary(result: dict[str, Any]) -> tuple[dict[str, float], str]:
   """TensorBoard scalars (`eval/digits_*`) and the summary line of `compute_digit_fid`'s result."""
-  summary = (f"digits FD {result['digits_fd']:.3f}, IS {result['digits_is']:.3f}, confidence "
-             f"{result['digits_confidence']:.3f}, precision {result['digits_precision']:.3f}, recall "
-             f"{result['digits_recall']:.3f}, memorisation {result['digits_memorisation']:.3f}"
-             + (f", class accuracy {result['digits_class_accuracy']:.3f}" if "digits_class_accuracy" in result else "")
-             + f" over {result['num_samples']} samples ({result['sampler_settings']})")
+  summary = (
+    f"digits FD {result['digits_fd']:.3f}, IS {result['digits_is']:.3f}, confidence "
+    f"{result['digits_confidence']:.3f}, precision {result['digits_precision']:.3f}, recall "
+    f"{result['digits_recall']:.3f}, memorisation {result['digits_memorisation']:.3f}"
+    + (f", class accuracy {result['digits_class_accuracy']:.3f}" if "digits_class_accuracy" in result else "")
+    + f" over {result['num_samples']} samples ({result['sampler_settings']})"
+  )
   return {f"eval/{name}": float(result[name]) for name in DIGIT_SCALARS if name in result}, summary
 
 
@@ -579,9 +673,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
   """
   metrics = eval_metrics(config)
   if "bpd" in metrics and not config.data.eval_split:
-    raise ValueError(f"No eval split for dataset {config.data.dataset!r} (config.data.eval_split is empty), so "
-                     "bits/dim cannot be computed: set --config.data.eval_split=<split> or drop 'bpd' from "
-                     "config.eval.metrics (e.g. --config.eval.metrics=fid).")
+    raise ValueError(
+      f"No eval split for dataset {config.data.dataset!r} (config.data.eval_split is empty), so "
+      "bits/dim cannot be computed: set --config.data.eval_split=<split> or drop 'bpd' from "
+      "config.eval.metrics (e.g. --config.eval.metrics=fid)."
+    )
   if "fid" in metrics:
     _check_fid_config(config)
   mesh = runtime.make_mesh()
@@ -598,13 +694,21 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     bpd_result = bpd_lib.compute_bpd(model, config, jax.random.PRNGKey(config.eval.seed), mesh=mesh)
     rd = bpd_lib.rate_distortion(bpd_result["terms_bpd"], bpd_result["mse"], bpd_result["prior_bpd"])
     results["bpd"], results["rate_distortion"] = bpd_result, rd
-    scalars.update({"eval/bpd": bpd_result["total_bpd"], "eval/bpd_prior": bpd_result["prior_bpd"],
-                    "eval/bpd_decoder": bpd_result["decoder_bpd"], "eval/rate_bpd": rd["final_rate_bpd"],
-                    "eval/distortion_rmse": rd["final_distortion_rmse"]})
-    summary.append(f"bits/dim {bpd_result['total_bpd']:.4f} on {bpd_result['num_examples']} of "
-                   f"{bpd_result['split_size']} {config.data.dataset}:{bpd_result['split']} images "
-                   f"(rate {rd['final_rate_bpd']:.4f} + distortion {rd['final_distortion_bpd']:.4f} bits/dim, "
-                   f"RMSE {rd['final_distortion_rmse']:.3f})")
+    scalars.update(
+      {
+        "eval/bpd": bpd_result["total_bpd"],
+        "eval/bpd_prior": bpd_result["prior_bpd"],
+        "eval/bpd_decoder": bpd_result["decoder_bpd"],
+        "eval/rate_bpd": rd["final_rate_bpd"],
+        "eval/distortion_rmse": rd["final_distortion_rmse"],
+      }
+    )
+    summary.append(
+      f"bits/dim {bpd_result['total_bpd']:.4f} on {bpd_result['num_examples']} of "
+      f"{bpd_result['split_size']} {config.data.dataset}:{bpd_result['split']} images "
+      f"(rate {rd['final_rate_bpd']:.4f} + distortion {rd['final_distortion_bpd']:.4f} bits/dim, "
+      f"RMSE {rd['final_distortion_rmse']:.3f})"
+    )
   if "fid" in metrics and uses_digit_metric(config):  # dataset=digits: the digit classifier instead of Inception
     results["fid"] = compute_digit_fid(model, config, workdir, mesh=mesh)
     digit_scalars, digit_summary = digit_scalars_and_summary(results["fid"])
@@ -615,10 +719,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     results["fid"] = fid_result
     tail = "_random_inception" if fid_result["random_inception"] else ""
     scalars.update({f"eval/fid{tail}": fid_result["fid"], f"eval/inception_score{tail}": fid_result["inception_score"]})
-    summary.append(f"FID {fid_result['fid']:.3f}, IS {fid_result['inception_score']:.3f} ± "
-                   f"{fid_result['inception_score_std']:.3f} over {fid_result['num_samples']} samples "
-                   f"({fid_result['sampler']}, {fid_result['num_steps']} steps)"
-                   + (f" [{RANDOM_INCEPTION_LABEL}]" if tail else ""))
+    summary.append(
+      f"FID {fid_result['fid']:.3f}, IS {fid_result['inception_score']:.3f} ± "
+      f"{fid_result['inception_score_std']:.3f} over {fid_result['num_samples']} samples "
+      f"({fid_result['sampler']}, {fid_result['num_steps']} steps)" + (f" [{RANDOM_INCEPTION_LABEL}]" if tail else "")
+    )
 
   if jax.process_index() == 0:
     eval_dir = epath.Path(workdir) / EVAL_DIR
@@ -626,22 +731,32 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     chart = bpd_lib.have_matplotlib()
     if "bpd" in results and not chart:
       logging.info('Rate-distortion figures in rate_distortion.json; for the chart: pip install "diffusion_jax[plot]".')
-    names = (["bpd.json", "rate_distortion.json"] + (["rate_distortion.png"] if chart else [])
-             if "bpd" in results else [])
+    names = (
+      ["bpd.json", "rate_distortion.json"] + (["rate_distortion.png"] if chart else []) if "bpd" in results else []
+    )
     names += ["fid.json"] if "fid" in results else []
     paths = result_paths(eval_dir, step, names)
     if "bpd" in results:
       _write_json(paths["bpd.json"], {**common, **results["bpd"]})
-      rd_record = {**common, "split": results["bpd"]["split"], "num_examples": results["bpd"]["num_examples"],
-                   "prior_bpd": results["bpd"]["prior_bpd"], **results["rate_distortion"]}
+      rd_record = {
+        **common,
+        "split": results["bpd"]["split"],
+        "num_examples": results["bpd"]["num_examples"],
+        "prior_bpd": results["bpd"]["prior_bpd"],
+        **results["rate_distortion"],
+      }
       _write_json(paths["rate_distortion.json"], rd_record)
       if chart:
         rd = results["rate_distortion"]
         bpd_lib.plot_rate_distortion(
-            rd, paths["rate_distortion.png"],
-            title=(f"{config.data.dataset}:{results['bpd']['split']}, step {step} (EMA), "
-                   f"{results['bpd']['num_examples']} images: rate {rd['final_rate_bpd']:.3f}"
-                   f" + distortion {rd['final_distortion_bpd']:.3f} bits/dim"))
+          rd,
+          paths["rate_distortion.png"],
+          title=(
+            f"{config.data.dataset}:{results['bpd']['split']}, step {step} (EMA), "
+            f"{results['bpd']['num_examples']} images: rate {rd['final_rate_bpd']:.3f}"
+            f" + distortion {rd['final_distortion_bpd']:.3f} bits/dim"
+          ),
+        )
     if "fid" in results:
       _write_json(paths["fid.json"], {**common, **results["fid"]})
     results["files"] = [str(p) for p in paths.values()]

@@ -1,19 +1,19 @@
 """FID and Inception Score, as TTUR/pytorch-fid and OpenAI's Inception Score code compute them.
 
-  * `make_inception_fn(params)` → a jitted `fn(images_uint8 [B, H, W, C]) ->
-    (pool [B, 2048], logits [B, 1008])`, batch-shardable over a mesh axis.
-  * `ActivationStatistics` accumulates the mean and covariance of pool3
-    features over batches in float64 (merging per-batch moments, so it is
-    exact and stable for any number of batches); `mu`, `sigma` as
-    `np.mean(x, 0)`, `np.cov(x, rowvar=False)`.
-  * `frechet_distance` is pytorch-fid's `calculate_frechet_distance`.
-  * `inception_score` is OpenAI's `get_inception_score` from logits: a softmax
-    over all 1008 logits (the TF graph's classes; pytorch-fid/torch-fidelity
-    do the same), 10 splits, mean and std of exp(E[KL(p(y|x) || p(y))]).
-    The logits should be `InceptionV3`'s default, bias-free ones, which is
-    what OpenAI's code feeds its softmax.
-  * `save_statistics`/`load_statistics`: the standard `.npz` with `mu` and
-    `sigma` (TTUR's and pytorch-fid's reference statistics files).
+* `make_inception_fn(params)` → a jitted `fn(images_uint8 [B, H, W, C]) ->
+  (pool [B, 2048], logits [B, 1008])`, batch-shardable over a mesh axis.
+* `ActivationStatistics` accumulates the mean and covariance of pool3
+  features over batches in float64 (merging per-batch moments, so it is
+  exact and stable for any number of batches); `mu`, `sigma` as
+  `np.mean(x, 0)`, `np.cov(x, rowvar=False)`.
+* `frechet_distance` is pytorch-fid's `calculate_frechet_distance`.
+* `inception_score` is OpenAI's `get_inception_score` from logits: a softmax
+  over all 1008 logits (the TF graph's classes; pytorch-fid/torch-fidelity
+  do the same), 10 splits, mean and std of exp(E[KL(p(y|x) || p(y))]).
+  The logits should be `InceptionV3`'s default, bias-free ones, which is
+  what OpenAI's code feeds its softmax.
+* `save_statistics`/`load_statistics`: the standard `.npz` with `mu` and
+  `sigma` (TTUR's and pytorch-fid's reference statistics files).
 """
 
 from __future__ import annotations
@@ -62,17 +62,18 @@ def check_pixel_range(images) -> None:
   lo, hi, fractional = (float(v) for v in jax.device_get(_float_range(images)))
   if lo < 0.0 or hi > 255.0 or (0.0 < hi <= 1.0 and fractional):
     raise errors.UserError(
-        f"Inception takes uint8 images or floats in [0, 255] (pytorch-fid's convention); these {images.dtype} images "
-        f"lie in [{lo:.3g}, {hi:.3g}]. Convert images in [-1, 1] with diffusion_jax.images.to_uint8, and images in "
-        "[0, 1] by multiplying by 255.")
+      f"Inception takes uint8 images or floats in [0, 255] (pytorch-fid's convention); these {images.dtype} images "
+      f"lie in [{lo:.3g}, {hi:.3g}]. Convert images in [-1, 1] with diffusion_jax.images.to_uint8, and images in "
+      "[0, 1] by multiplying by 255."
+    )
 
 
 def make_inception_fn(
-    params: inception.Params,
-    *,
-    mesh: Mesh | None = None,
-    batch_axis: str | tuple[str, ...] = "data",
-    model: inception.InceptionV3 | None = None,
+  params: inception.Params,
+  *,
+  mesh: Mesh | None = None,
+  batch_axis: str | tuple[str, ...] = "data",
+  model: inception.InceptionV3 | None = None,
 ) -> InceptionFn:
   """A jitted FID Inception feature extractor.
 
@@ -181,7 +182,7 @@ def compute_statistics(features) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_inception(
-    inception_fn: InceptionFn, batches: Iterable[Any], *, num_samples: int | None = None
+  inception_fn: InceptionFn, batches: Iterable[Any], *, num_samples: int | None = None
 ) -> tuple[ActivationStatistics, np.ndarray]:
   """Feeds image batches through `inception_fn`.
 
@@ -313,8 +314,8 @@ def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
   with np.load(path, allow_pickle=False) as data:
     if "mu" not in data.files or "sigma" not in data.files:
       raise ValueError(
-          f"{path} holds {data.files}; FID reference statistics need the arrays 'mu' and 'sigma' "
-          "(TTUR/pytorch-fid format)."
+        f"{path} holds {data.files}; FID reference statistics need the arrays 'mu' and 'sigma' "
+        "(TTUR/pytorch-fid format)."
       )
     mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
   if mu.ndim != 1 or sigma.shape != mu.shape * 2:

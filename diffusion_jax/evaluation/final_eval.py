@@ -43,12 +43,28 @@ from diffusion_jax.evaluation import sample_export
 EVAL_DIR = "eval"
 TENSORBOARD_PREFIX = "final_eval/"
 # Figures shown in the summary line, in this order, where the metric returns them.
-SUMMARY_KEYS = ("digits_fd", "digits_is", "digits_precision", "digits_recall", "digits_confidence",
-                "digits_memorisation", "digits_class_accuracy")
+SUMMARY_KEYS = (
+  "digits_fd",
+  "digits_is",
+  "digits_precision",
+  "digits_recall",
+  "digits_confidence",
+  "digits_memorisation",
+  "digits_class_accuracy",
+)
 
 
-def samples_from_params(config: ml_collections.ConfigDict, params, num_samples: int, rng, *, sampler,
-                        step: int = 0, guidance_scale: float = 1.0, **settings) -> tuple[np.ndarray, np.ndarray | None]:
+def samples_from_params(
+  config: ml_collections.ConfigDict,
+  params,
+  num_samples: int,
+  rng,
+  *,
+  sampler,
+  step: int = 0,
+  guidance_scale: float = 1.0,
+  **settings,
+) -> tuple[np.ndarray, np.ndarray | None]:
   """(uint8 [num_samples, H, W, C] images, their labels or None) from `params` (the model `config` describes).
 
   Batches of `config.sampling.batch_size`; sample i depends only on (rng, i)
@@ -56,9 +72,16 @@ def samples_from_params(config: ml_collections.ConfigDict, params, num_samples: 
   """
   model = sample_export.model_from_config(config, params, step=step)
   labels = sample_export.resolve_labels(model, None, num_samples)
-  images = sample_export.generate_set(model, num_samples, rng, sampler=sampler,
-                                      clip_denoised=config.sampling.clip_denoised, labels=labels,
-                                      guidance_scale=guidance_scale, **settings)
+  images = sample_export.generate_set(
+    model,
+    num_samples,
+    rng,
+    sampler=sampler,
+    clip_denoised=config.sampling.clip_denoised,
+    labels=labels,
+    guidance_scale=guidance_scale,
+    **settings,
+  )
   return images, labels
 
 
@@ -73,8 +96,11 @@ def result_path(eval_dir: epath.Path, step: int) -> epath.Path:
 
 
 def _scalars(figures: dict[str, Any]) -> dict[str, float]:
-  return {k: float(v) for k, v in figures.items()
-          if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)}
+  return {
+    k: float(v)
+    for k, v in figures.items()
+    if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+  }
 
 
 def evaluate_final(config: ml_collections.ConfigDict, workdir: str | os.PathLike, params, step: int) -> dict | None:
@@ -96,22 +122,28 @@ def evaluate_final(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     ValueError: bad final-evaluation settings (sampler, steps, sample count).
   """
   if config.data.dataset != "digits":
-    logging.info("training.final_eval: skipped, the digit-classifier metric covers dataset 'digits' only (this run: "
-                 "%r).", config.data.dataset)
+    logging.info(
+      "training.final_eval: skipped, the digit-classifier metric covers dataset 'digits' only (this run: %r).",
+      config.data.dataset,
+    )
     return None
   tc = config.training
   num_samples = int(tc.get("final_eval_samples", 500))
   if num_samples < 2:
     raise ValueError(f"training.final_eval_samples must be >= 2 (the metric fits a covariance), got {num_samples}.")
-  settings = dict(num_steps=int(tc.get("final_eval_num_steps", 100)) or None,
-                  sigma_schedule=tc.get("final_eval_sigma_schedule", "") or None)
-  spec = sample_export.resolve_sampler(int(config.diffusion.num_timesteps), tc.get("final_eval_sampler", "ddim"),
-                                       **settings)
+  settings = dict(
+    num_steps=int(tc.get("final_eval_num_steps", 100)) or None,
+    sigma_schedule=tc.get("final_eval_sigma_schedule", "") or None,
+  )
+  spec = sample_export.resolve_sampler(
+    int(config.diffusion.num_timesteps), tc.get("final_eval_sampler", "ddim"), **settings
+  )
   conditional = int(config.model.get("num_classes", 0) or 0) > 0
   guidance = float(config.sampling.get("guidance_scale", 1.0)) if conditional else 1.0
   t0 = time.perf_counter()
-  samples, labels = samples_from_params(config, params, num_samples, jax.random.PRNGKey(config.eval.seed),
-                                        sampler=spec, step=step, guidance_scale=guidance)
+  samples, labels = samples_from_params(
+    config, params, num_samples, jax.random.PRNGKey(config.eval.seed), sampler=spec, step=step, guidance_scale=guidance
+  )
   sample_seconds = time.perf_counter() - t0
   if jax.process_index() != 0:
     return None
@@ -122,19 +154,19 @@ def evaluate_final(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     figures.update(evaluate_lib.conditional_digit_metrics(samples, labels, reference, np.asarray(reference_labels)))
   score_seconds = time.perf_counter() - t1
   result = {
-      "step": int(step),
-      "sampler": spec.name,
-      "sampler_settings": spec.folder_name,
-      "num_steps": spec.num_steps,
-      "network_calls": spec.network_calls,
-      "guidance_scale": guidance,
-      "num_samples": num_samples,
-      "seed": int(config.eval.seed),
-      "use_ema": True,
-      "sample_seconds": sample_seconds,
-      "score_seconds": score_seconds,
-      "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "metrics": figures,
+    "step": int(step),
+    "sampler": spec.name,
+    "sampler_settings": spec.folder_name,
+    "num_steps": spec.num_steps,
+    "network_calls": spec.network_calls,
+    "guidance_scale": guidance,
+    "num_samples": num_samples,
+    "seed": int(config.eval.seed),
+    "use_ema": True,
+    "sample_seconds": sample_seconds,
+    "score_seconds": score_seconds,
+    "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "metrics": figures,
   }
   eval_dir = epath.Path(workdir) / EVAL_DIR
   eval_dir.mkdir(parents=True, exist_ok=True)
@@ -144,16 +176,18 @@ def evaluate_final(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   with metric_writer.MetricWriter(workdir, filename_suffix=f".final_eval.{os.getpid()}.{time.time_ns()}") as writer:
     writer.scalars(step, {TENSORBOARD_PREFIX + k: v for k, v in scalars.items()})
   summary = summary_line(result)
-  logging.info("Final evaluation at step %d: %s, %.1f s. Written to %s.", step, summary,
-               sample_seconds + score_seconds, path)
+  logging.info(
+    "Final evaluation at step %d: %s, %.1f s. Written to %s.", step, summary, sample_seconds + score_seconds, path
+  )
   return result
 
 
 def summary_line(result: dict[str, Any]) -> str:
   """The figures of an `evaluate_final` result in one line (FD, IS, precision, recall, …)."""
   scalars = _scalars(result["metrics"])
-  figures = ", ".join(f"{k.removeprefix('digits_')} {scalars[k]:.4g}" for k in SUMMARY_KEYS
-                      if k in scalars and math.isfinite(scalars[k]))
+  figures = ", ".join(
+    f"{k.removeprefix('digits_')} {scalars[k]:.4g}" for k in SUMMARY_KEYS if k in scalars and math.isfinite(scalars[k])
+  )
   return f"{figures or 'no scalar figures'} ({result['num_samples']} samples, {result['sampler_settings']})"
 
 

@@ -61,7 +61,7 @@ from flax import traverse_util
 from diffusion_jax import errors
 
 FID_WEIGHTS_URL = (
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+  "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 )
 FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_SHA256_PREFIX = "6726825d"
@@ -160,13 +160,13 @@ class BasicConv2d(nn.Module):
   def __call__(self, x: Array) -> Array:
     k = (self.kernel_size,) * 2 if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
     x = nn.Conv(
-        self.features,
-        k,
-        strides=(self.strides, self.strides),
-        padding=_pad(self.padding),
-        use_bias=False,
-        precision=self.precision,
-        name="conv",
+      self.features,
+      k,
+      strides=(self.strides, self.strides),
+      padding=_pad(self.padding),
+      use_bias=False,
+      precision=self.precision,
+      name="conv",
     )(x)
     return nn.relu(FrozenBatchNorm(name="bn")(x))
 
@@ -266,17 +266,17 @@ class InceptionE(nn.Module):
     b1 = conv(320, 1, "branch1x1")(x)
     b3 = conv(384, 1, "branch3x3_1")(x)
     b3 = jnp.concatenate(
-        [conv(384, (1, 3), "branch3x3_2a", padding=(0, 1))(b3), conv(384, (3, 1), "branch3x3_2b", padding=(1, 0))(b3)],
-        axis=-1,
+      [conv(384, (1, 3), "branch3x3_2a", padding=(0, 1))(b3), conv(384, (3, 1), "branch3x3_2b", padding=(1, 0))(b3)],
+      axis=-1,
     )
     bd = conv(448, 1, "branch3x3dbl_1")(x)
     bd = conv(384, 3, "branch3x3dbl_2", padding=1)(bd)
     bd = jnp.concatenate(
-        [
-            conv(384, (1, 3), "branch3x3dbl_3a", padding=(0, 1))(bd),
-            conv(384, (3, 1), "branch3x3dbl_3b", padding=(1, 0))(bd),
-        ],
-        axis=-1,
+      [
+        conv(384, (1, 3), "branch3x3dbl_3a", padding=(0, 1))(bd),
+        conv(384, (3, 1), "branch3x3dbl_3b", padding=(1, 0))(bd),
+      ],
+      axis=-1,
     )
     if self.pool == "avg":
       pooled = _avg_pool_3x3(x)
@@ -380,17 +380,17 @@ class UnsafeCheckpointError(pickle.UnpicklingError, errors.UserError):
 
 
 _STORAGE_DTYPES = {
-    "DoubleStorage": np.dtype(np.float64),
-    "FloatStorage": np.dtype(np.float32),
-    "HalfStorage": np.dtype(np.float16),
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
-    "LongStorage": np.dtype(np.int64),
-    "IntStorage": np.dtype(np.int32),
-    "ShortStorage": np.dtype(np.int16),
-    "CharStorage": np.dtype(np.int8),
-    "ByteStorage": np.dtype(np.uint8),
-    "BoolStorage": np.dtype(np.bool_),
-    "UntypedStorage": np.dtype(np.uint8),
+  "DoubleStorage": np.dtype(np.float64),
+  "FloatStorage": np.dtype(np.float32),
+  "HalfStorage": np.dtype(np.float16),
+  "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+  "LongStorage": np.dtype(np.int64),
+  "IntStorage": np.dtype(np.int32),
+  "ShortStorage": np.dtype(np.int16),
+  "CharStorage": np.dtype(np.int8),
+  "ByteStorage": np.dtype(np.uint8),
+  "BoolStorage": np.dtype(np.bool_),
+  "UntypedStorage": np.dtype(np.uint8),
 }
 
 
@@ -432,8 +432,8 @@ class _LazyTensor:
       last = offset + sum((n - 1) * s for n, s in zip(size, stride))
       if last >= storage.numel:
         raise UnsafeCheckpointError(
-            f"tensor (offset {offset}, size {tuple(size)}, stride {tuple(stride)}) overruns its storage of "
-            f"{storage.numel} elements."
+          f"tensor (offset {offset}, size {tuple(size)}, stride {tuple(stride)}) overruns its storage of "
+          f"{storage.numel} elements."
         )
     self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
 
@@ -445,7 +445,7 @@ class _LazyTensor:
       return np.zeros(self.size, data.dtype)
     item = data.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(
-        data[self.offset :], shape=self.size, strides=tuple(s * item for s in self.stride), writeable=False
+      data[self.offset :], shape=self.size, strides=tuple(s * item for s in self.stride), writeable=False
     )
     return np.array(view)
 
@@ -467,11 +467,11 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *unused):
 
 
 _ALLOWED_GLOBALS = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    **{("torch", name): _StorageType(name, dtype) for name, dtype in _STORAGE_DTYPES.items()},
+  ("collections", "OrderedDict"): collections.OrderedDict,
+  ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+  ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+  ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+  **{("torch", name): _StorageType(name, dtype) for name, dtype in _STORAGE_DTYPES.items()},
 }
 
 
@@ -488,9 +488,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
       return _ALLOWED_GLOBALS[(module, name)]
     except KeyError:
       raise UnsafeCheckpointError(
-          f"refusing to load {self._source}: its pickle references the global '{module}.{name}', which is not a "
-          "tensor or storage. Only plain state_dicts of tensors can be read safely; re-save the weights with "
-          "`torch.save(model.state_dict(), path)` from a trusted source."
+        f"refusing to load {self._source}: its pickle references the global '{module}.{name}', which is not a "
+        "tensor or storage. Only plain state_dicts of tensors can be read safely; re-save the weights with "
+        "`torch.save(model.state_dict(), path)` from a trusted source."
       ) from None
 
   def persistent_load(self, pid):
@@ -674,23 +674,23 @@ def _check_params(flat: Mapping[tuple[str, ...], np.ndarray], source: str) -> Pa
   missing = sorted("/".join(k) for k in expected.keys() - flat.keys())
   unexpected = sorted("/".join(k) for k in flat.keys() - expected.keys())
   wrong = sorted(
-      f"{'/'.join(k)}: {np.shape(flat[k])} vs {expected[k]}"
-      for k in expected.keys() & flat.keys()
-      if np.shape(flat[k]) != expected[k]
+    f"{'/'.join(k)}: {np.shape(flat[k])} vs {expected[k]}"
+    for k in expected.keys() & flat.keys()
+    if np.shape(flat[k]) != expected[k]
   )
   if missing or unexpected or wrong:
     show = lambda xs: ", ".join(xs[:5]) + (f" … ({len(xs)} in all)" if len(xs) > 5 else "")  # noqa: E731
     raise ValueError(
-        f"{source} is not the FID Inception (pytorch-fid's pt_inception-2015-12-05): "
-        + "; ".join(
-            s
-            for s in (
-                missing and f"missing {show(missing)}",
-                unexpected and f"unexpected {show(unexpected)}",
-                wrong and f"wrong shapes {show(wrong)}",
-            )
-            if s
+      f"{source} is not the FID Inception (pytorch-fid's pt_inception-2015-12-05): "
+      + "; ".join(
+        s
+        for s in (
+          missing and f"missing {show(missing)}",
+          unexpected and f"unexpected {show(unexpected)}",
+          wrong and f"wrong shapes {show(wrong)}",
         )
+        if s
+      )
     )
   return traverse_util.unflatten_dict({k: np.asarray(v, np.float32) for k, v in flat.items()})
 
@@ -740,8 +740,8 @@ def verify_checksum(path: str | os.PathLike, sha256_prefix: str = FID_WEIGHTS_SH
   digest = sha256_of(path)
   if not digest.startswith(sha256_prefix):
     raise ValueError(
-        f"{path}: sha256 {digest} does not start with {sha256_prefix}; the file is corrupt or not the FID "
-        f"Inception weights. Delete it and download {FID_WEIGHTS_URL} again."
+      f"{path}: sha256 {digest} does not start with {sha256_prefix}; the file is corrupt or not the FID "
+      f"Inception weights. Delete it and download {FID_WEIGHTS_URL} again."
     )
 
 
@@ -756,9 +756,10 @@ def download_weights(dest: str | os.PathLike, url: str = FID_WEIGHTS_URL, *, sha
       response = urllib.request.urlopen(url, timeout=60)
     except OSError as e:  # URLError, timeouts, DNS: offline or blocked
       raise errors.UserError(
-          f"Could not download the FID Inception weights from {url} ({getattr(e, 'reason', e)}). On a machine "
-          f"without internet access, download the file elsewhere and copy it to {dest} (or to torch hub's "
-          "checkpoints folder), or pass its path with --config.eval.inception_weights=<path>.") from None
+        f"Could not download the FID Inception weights from {url} ({getattr(e, 'reason', e)}). On a machine "
+        f"without internet access, download the file elsewhere and copy it to {dest} (or to torch hub's "
+        "checkpoints folder), or pass its path with --config.eval.inception_weights=<path>."
+      ) from None
     with os.fdopen(fd, "wb") as f, response:
       for chunk in iter(lambda: response.read(1 << 20), b""):
         h.update(chunk)
@@ -780,12 +781,13 @@ def _read_weights(path: pathlib.Path):
     raise
   except (pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError, struct.error, zipfile.BadZipFile) as e:
     raise errors.UserError(
-        f"{path} is not a PyTorch checkpoint of the FID Inception weights ({type(e).__name__}: {e}). Pass "
-        f"pytorch-fid's {FID_WEIGHTS_FILENAME} (from {FID_WEIGHTS_URL}) or a .npz written by this package.") from None
+      f"{path} is not a PyTorch checkpoint of the FID Inception weights ({type(e).__name__}: {e}). Pass "
+      f"pytorch-fid's {FID_WEIGHTS_FILENAME} (from {FID_WEIGHTS_URL}) or a .npz written by this package."
+    ) from None
 
 
 def load_params(
-    path: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None, download: bool = True
+  path: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None, download: bool = True
 ) -> Params:
   """The FID Inception parameters.
 
@@ -803,8 +805,10 @@ def load_params(
   if path is not None:
     path = pathlib.Path(path)
     if not path.is_file():
-      raise errors.UserError(f"FID Inception weights {path} do not exist: pass pytorch-fid's {FID_WEIGHTS_FILENAME} "
-                             f"or a .npz written by this package (downloaded from {FID_WEIGHTS_URL}).")
+      raise errors.UserError(
+        f"FID Inception weights {path} do not exist: pass pytorch-fid's {FID_WEIGHTS_FILENAME} "
+        f"or a .npz written by this package (downloaded from {FID_WEIGHTS_URL})."
+      )
     if path.suffix == ".npz":
       return load_params_npz(path)
     return params_from_state_dict(_read_weights(path))
@@ -819,8 +823,8 @@ def load_params(
   if pth is None:
     if not download:
       raise FileNotFoundError(
-          f"FID Inception weights not found in {candidates[0]} or {candidates[1]}. Download {FID_WEIGHTS_URL} "
-          "to one of them, pass its path, or allow downloading."
+        f"FID Inception weights not found in {candidates[0]} or {candidates[1]}. Download {FID_WEIGHTS_URL} "
+        "to one of them, pass its path, or allow downloading."
       )
     pth = download_weights(candidates[0])
   verify_checksum(pth)
@@ -833,26 +837,26 @@ def count_params(params: Params, *, include_bn_statistics: bool = False) -> int:
   """Number of parameters; without BN mean/var it matches torch's `parameters()` count."""
   flat = traverse_util.flatten_dict(params)
   return sum(
-      int(np.prod(v.shape))
-      for k, v in flat.items()
-      if include_bn_statistics or not (k[-2] == "bn" and k[-1] in ("mean", "var"))
+    int(np.prod(v.shape))
+    for k, v in flat.items()
+    if include_bn_statistics or not (k[-2] == "bn" and k[-1] in ("mean", "var"))
   )
 
 
 __all__: Sequence[str] = (
-    "FID_WEIGHTS_URL",
-    "InceptionV3",
-    "UnsafeCheckpointError",
-    "count_params",
-    "download_weights",
-    "init_params",
-    "load_params",
-    "load_params_npz",
-    "load_torch_checkpoint",
-    "param_shapes",
-    "params_from_state_dict",
-    "preprocess",
-    "resize_bilinear",
-    "save_params_npz",
-    "verify_checksum",
+  "FID_WEIGHTS_URL",
+  "InceptionV3",
+  "UnsafeCheckpointError",
+  "count_params",
+  "download_weights",
+  "init_params",
+  "load_params",
+  "load_params_npz",
+  "load_torch_checkpoint",
+  "param_shapes",
+  "params_from_state_dict",
+  "preprocess",
+  "resize_bilinear",
+  "save_params_npz",
+  "verify_checksum",
 )

@@ -69,19 +69,23 @@ class LoadedModel:
   def __repr__(self):
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
     classes = f", classes={self.num_classes}" if self.num_classes else ""
-    return (f"LoadedModel(dataset={self.config.data.dataset!r}, image_shape={self.image_shape}, "
-            f"params={n:,}, step={self.step}, ema={self.use_ema}, T={self.diffusion.num_timesteps}{classes})")
+    return (
+      f"LoadedModel(dataset={self.config.data.dataset!r}, image_shape={self.image_shape}, "
+      f"params={n:,}, step={self.step}, ema={self.use_ema}, T={self.diffusion.num_timesteps}{classes})"
+    )
 
 
-def model_from_config(config: ml_collections.ConfigDict, params, *, step: int = 0, use_ema: bool = True,
-                      class_names=None) -> LoadedModel:
+def model_from_config(
+  config: ml_collections.ConfigDict, params, *, step: int = 0, use_ema: bool = True, class_names=None
+) -> LoadedModel:
   """A `LoadedModel` of `params` in the network and diffusion that `config` describes."""
   network, diffusion = runtime.build(config)
   names = None if class_names is None else tuple(str(n) for n in class_names)
   if names is not None and len(names) != network.num_classes:
     raise ValueError(f"{len(names)} class names given for a model with model.num_classes={network.num_classes}.")
-  return LoadedModel(config=config, params=params, model=network, diffusion=diffusion, step=step, use_ema=use_ema,
-                     class_names=names)
+  return LoadedModel(
+    config=config, params=params, model=network, diffusion=diffusion, step=step, use_ema=use_ema, class_names=names
+  )
 
 
 def load_model(path: str | os.PathLike, *, use_ema: bool = True, step: int | None = None) -> LoadedModel:
@@ -127,19 +131,31 @@ def resolve_sampler(num_timesteps: int, sampler="ancestral", **settings) -> samp
       raise ValueError(f"Pass either a SamplerSpec or sampler settings, not both (got {', '.join(given)} with a spec).")
     return samplers.resolve(sampler, num_timesteps=num_timesteps)
   eta = settings.get("eta")
-  return samplers.resolve(sampler, num_timesteps=num_timesteps, num_steps=settings.get("num_steps"),
-                          eta=None if eta is None else float(eta), timestep_spacing=settings.get("timestep_spacing"),
-                          sigma_schedule=settings.get("sigma_schedule"), order=settings.get("order"),
-                          lower_order_final=settings.get("lower_order_final"))
+  return samplers.resolve(
+    sampler,
+    num_timesteps=num_timesteps,
+    num_steps=settings.get("num_steps"),
+    eta=None if eta is None else float(eta),
+    timestep_spacing=settings.get("timestep_spacing"),
+    sigma_schedule=settings.get("sigma_schedule"),
+    order=settings.get("order"),
+    lower_order_final=settings.get("lower_order_final"),
+  )
 
 
 def sampler_from_config(sampling_config: ml_collections.ConfigDict, num_timesteps: int) -> samplers.SamplerSpec:
   """The `SamplerSpec` of a config's `sampling` section ('' and 0 fields take the sampler's defaults)."""
   sc = sampling_config
   get = lambda k: sc.get(k) or None  # noqa: E731
-  return resolve_sampler(num_timesteps, sc.sampler, num_steps=get("num_steps"), eta=float(sc.get("eta", 0.0)),
-                         timestep_spacing=get("timestep_spacing"), sigma_schedule=get("sigma_schedule"),
-                         order=get("order"))
+  return resolve_sampler(
+    num_timesteps,
+    sc.sampler,
+    num_steps=get("num_steps"),
+    eta=float(sc.get("eta", 0.0)),
+    timestep_spacing=get("timestep_spacing"),
+    sigma_schedule=get("sigma_schedule"),
+    order=get("order"),
+  )
 
 
 def validate_sampler(model: LoadedModel, sampler, num_steps: int | None = None, eta: float = 0.0) -> int:
@@ -164,8 +180,10 @@ def resolve_labels(model: LoadedModel, labels, num_samples: int) -> np.ndarray |
   k = model.num_classes
   if not k:
     if labels is not None:
-      raise ValueError("labels= applies to class-conditional models (model.num_classes > 0); this model is "
-                       "unconditional: leave labels=None.")
+      raise ValueError(
+        "labels= applies to class-conditional models (model.num_classes > 0); this model is "
+        "unconditional: leave labels=None."
+      )
     return None
   if labels is None:
     return (np.arange(num_samples) % k).astype(np.int32)
@@ -178,8 +196,10 @@ def resolve_labels(model: LoadedModel, labels, num_samples: int) -> np.ndarray |
         return names.index(v)
       if v.lstrip("-").isdigit():
         return one(int(v))
-      raise ValueError(f"Unknown class name {v!r}; the model's classes are "
-                       f"{', '.join(names) if names else '(no names recorded) 0..' + str(k - 1)}.")
+      raise ValueError(
+        f"Unknown class name {v!r}; the model's classes are "
+        f"{', '.join(names) if names else '(no names recorded) 0..' + str(k - 1)}."
+      )
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
       raise ValueError(f"Class labels must be ints in [0, {k}) or class names, got {v!r}.")
     if not 0 <= int(v) < k:
@@ -190,8 +210,9 @@ def resolve_labels(model: LoadedModel, labels, num_samples: int) -> np.ndarray |
     return np.full((num_samples,), one(labels), np.int32)
   values = [one(v) for v in np.asarray(labels).reshape(-1).tolist()]
   if len(values) != num_samples:
-    raise ValueError(f"labels has {len(values)} entries for {num_samples} samples: give one label per sample, or one "
-                     "label for all.")
+    raise ValueError(
+      f"labels has {len(values)} entries for {num_samples} samples: give one label per sample, or one label for all."
+    )
   return np.asarray(values, np.int32)
 
 
@@ -200,26 +221,53 @@ def _check_guidance(model: LoadedModel, guidance_scale) -> float:
   if not np.isfinite(scale):
     raise ValueError(f"guidance_scale must be finite (1 = no guidance), got {guidance_scale!r}.")
   if scale != 1.0 and not model.num_classes:
-    raise ValueError(f"guidance_scale={guidance_scale!r} needs a class-conditional model; this one is unconditional "
-                     "(use guidance_scale=1.0).")
+    raise ValueError(
+      f"guidance_scale={guidance_scale!r} needs a class-conditional model; this one is unconditional "
+      "(use guidance_scale=1.0)."
+    )
   return scale
 
 
-def sampler_fn(model: LoadedModel, mesh: Mesh, spec: samplers.SamplerSpec, clip_denoised: bool,
-               progressive_every: int, guided: bool = False):
+def sampler_fn(
+  model: LoadedModel,
+  mesh: Mesh,
+  spec: samplers.SamplerSpec,
+  clip_denoised: bool,
+  progressive_every: int,
+  guided: bool = False,
+):
   """The compiled sampler for these settings, cached on the model object."""
   key = (id(mesh), spec, clip_denoised, progressive_every, guided)
   if key not in model.cache:
     model.cache[key] = samplers.make_sharded_sampler(
-        model.diffusion, runtime.inference_fn(model.model), mesh, model.image_shape, sampler=spec,
-        clip_denoised=clip_denoised, progressive_every=progressive_every, axis=runtime.DATA_AXIS, guided=guided,
-        null_label=model.model.null_label if guided else None)
+      model.diffusion,
+      runtime.inference_fn(model.model),
+      mesh,
+      model.image_shape,
+      sampler=spec,
+      clip_denoised=clip_denoised,
+      progressive_every=progressive_every,
+      axis=runtime.DATA_AXIS,
+      guided=guided,
+      null_label=model.model.null_label if guided else None,
+    )
   return model.cache[key]
 
 
-def generate(model: LoadedModel, indices: np.ndarray, rng, *, sampler="ancestral", clip_denoised=True,
-             progressive_every=0, labels=None, guidance_scale=1.0, batch_size: int | None = None,
-             mesh: Mesh | None = None, **settings) -> dict[str, np.ndarray]:
+def generate(
+  model: LoadedModel,
+  indices: np.ndarray,
+  rng,
+  *,
+  sampler="ancestral",
+  clip_denoised=True,
+  progressive_every=0,
+  labels=None,
+  guidance_scale=1.0,
+  batch_size: int | None = None,
+  mesh: Mesh | None = None,
+  **settings,
+) -> dict[str, np.ndarray]:
   """Samples the images with global indices `indices` in one sharded batch; float outputs in [-1, 1].
 
   The batch is padded to `batch_size` (default: len(indices)), rounded up to a
@@ -252,9 +300,19 @@ def generate(model: LoadedModel, indices: np.ndarray, rng, *, sampler="ancestral
   return {k: v[:n] for k, v in runtime.to_host(out).items()}
 
 
-def generate_set(model: LoadedModel, num_samples: int, rng, *, sampler="ancestral", clip_denoised=True,
-                 labels=None, guidance_scale=1.0, batch_size: int | None = None, progress: bool = False,
-                 **settings) -> np.ndarray:
+def generate_set(
+  model: LoadedModel,
+  num_samples: int,
+  rng,
+  *,
+  sampler="ancestral",
+  clip_denoised=True,
+  labels=None,
+  guidance_scale=1.0,
+  batch_size: int | None = None,
+  progress: bool = False,
+  **settings,
+) -> np.ndarray:
   """uint8 [num_samples, H, W, C]: samples 0..num_samples−1 in batches of `batch_size` (default:
   config.sampling.batch_size), every batch padded to the same size; sample i depends only on (rng, i, its
   label). `labels` as in `resolve_labels`; **settings as in `resolve_sampler`."""
@@ -268,9 +326,19 @@ def generate_set(model: LoadedModel, num_samples: int, rng, *, sampler="ancestra
   out = []
   for start in progress_bar(starts, len(starts), progress, f"sampling ({spec.folder_name})"):
     idx = np.arange(start, min(start + batch_size, num_samples))
-    out.append(generate(model, idx, rng, sampler=spec, clip_denoised=clip_denoised,
-                        labels=None if all_labels is None else all_labels[idx], guidance_scale=guidance_scale,
-                        batch_size=batch_size, mesh=mesh)["samples"])
+    out.append(
+      generate(
+        model,
+        idx,
+        rng,
+        sampler=spec,
+        clip_denoised=clip_denoised,
+        labels=None if all_labels is None else all_labels[idx],
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
+        mesh=mesh,
+      )["samples"]
+    )
   return images_lib.to_uint8(np.concatenate(out))
 
 
@@ -287,9 +355,20 @@ def _chunk_name(start: int, stop: int) -> str:
   return f"samples_{start:07d}_{stop:07d}.npz"
 
 
-def write_sample_chunks(model: LoadedModel, out_dir: str | os.PathLike, num_samples: int, rng, *, sampler,
-                        clip_denoised: bool, chunk_size: int, labels=None, guidance_scale: float = 1.0,
-                        progress: bool = True, **settings) -> list[epath.Path]:
+def write_sample_chunks(
+  model: LoadedModel,
+  out_dir: str | os.PathLike,
+  num_samples: int,
+  rng,
+  *,
+  sampler,
+  clip_denoised: bool,
+  chunk_size: int,
+  labels=None,
+  guidance_scale: float = 1.0,
+  progress: bool = True,
+  **settings,
+) -> list[epath.Path]:
   """Writes samples [0, num_samples) as .npz chunks of `chunk_size`; finished chunks are kept and skipped.
 
   Each chunk is written to a temporary file and renamed, so an interrupted run
@@ -312,13 +391,28 @@ def write_sample_chunks(model: LoadedModel, out_dir: str | os.PathLike, num_samp
   paths = [out_dir / _chunk_name(a, b) for a, b in bounds]
   todo = [(a, b, p) for (a, b), p in zip(bounds, paths) if not p.exists()]
   if len(todo) < len(bounds):
-    logging.info("%d of %d sample chunks already in %s; writing the other %d.", len(bounds) - len(todo), len(bounds),
-                 out_dir, len(todo))
+    logging.info(
+      "%d of %d sample chunks already in %s; writing the other %d.",
+      len(bounds) - len(todo),
+      len(bounds),
+      out_dir,
+      len(todo),
+    )
   for a, b, path in progress_bar(todo, len(todo), progress, "sample chunks"):
     chunk_labels = None if all_labels is None else all_labels[a:b]
-    images = images_lib.to_uint8(generate(model, np.arange(a, b), rng, sampler=spec, clip_denoised=clip_denoised,
-                                          labels=chunk_labels, guidance_scale=guidance_scale, batch_size=chunk_size,
-                                          mesh=mesh)["samples"])
+    images = images_lib.to_uint8(
+      generate(
+        model,
+        np.arange(a, b),
+        rng,
+        sampler=spec,
+        clip_denoised=clip_denoised,
+        labels=chunk_labels,
+        guidance_scale=guidance_scale,
+        batch_size=chunk_size,
+        mesh=mesh,
+      )["samples"]
+    )
     if jax.process_index() == 0:
       buf = io.BytesIO()
       extra = {} if chunk_labels is None else {"labels": chunk_labels}

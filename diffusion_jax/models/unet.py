@@ -54,8 +54,7 @@ def _norm(name: str, dtype) -> nn.GroupNorm:
 
 def _conv(features: int, name: str, dtype, *, scale: float = 1.0, stride: int = 1) -> nn.Conv:
   return nn.Conv(
-      features, (3, 3), strides=(stride, stride), padding="SAME", kernel_init=default_init(scale), dtype=dtype,
-      name=name
+    features, (3, 3), strides=(stride, stride), padding="SAME", kernel_init=default_init(scale), dtype=dtype, name=name
   )
 
 
@@ -241,8 +240,8 @@ class UNet(nn.Module):
     bad = [c for c in dict.fromkeys([self.ch] + [self.ch * m for m in self.ch_mult]) if c % GROUPS]
     if bad:
       raise ValueError(
-          f"GroupNorm uses {GROUPS} groups, so every level's channel count ch*mult must be a multiple of {GROUPS}; "
-          f"ch={self.ch} with ch_mult={tuple(self.ch_mult)} gives {bad}. Use a ch that is a multiple of {GROUPS}."
+        f"GroupNorm uses {GROUPS} groups, so every level's channel count ch*mult must be a multiple of {GROUPS}; "
+        f"ch={self.ch} with ch_mult={tuple(self.ch_mult)} gives {bad}. Use a ch that is a multiple of {GROUPS}."
       )
     if x.ndim != 4:
       raise ValueError(f"x must be [B, H, W, C], got shape {x.shape}.")
@@ -250,15 +249,15 @@ class UNet(nn.Module):
     factor = 2 ** (num_levels - 1)
     if hgt % factor or wid % factor:
       raise ValueError(
-          f"Image size {hgt}x{wid} must be divisible by 2^(levels-1) = {factor} for ch_mult={tuple(self.ch_mult)} "
-          f"({num_levels} levels); resize the images or use fewer levels."
+        f"Image size {hgt}x{wid} must be divisible by 2^(levels-1) = {factor} for ch_mult={tuple(self.ch_mult)} "
+        f"({num_levels} levels); resize the images or use fewer levels."
       )
     resolutions = [hgt // 2**i for i in range(num_levels)]
     missing = [r for r in self.attn_resolutions if r not in resolutions]
     if missing:
       raise ValueError(
-          f"attn_resolutions {tuple(self.attn_resolutions)} contains {missing}, which never occur(s) for "
-          f"{hgt}x{wid} inputs with {num_levels} levels (resolutions: {resolutions})."
+        f"attn_resolutions {tuple(self.attn_resolutions)} contains {missing}, which never occur(s) for "
+        f"{hgt}x{wid} inputs with {num_levels} levels (resolutions: {resolutions})."
       )
 
   @nn.compact
@@ -287,14 +286,14 @@ class UNet(nn.Module):
     hs = [h]
     for i, mult in enumerate(self.ch_mult):
       level = down_cls(
-          out_ch=self.ch * mult,
-          num_res_blocks=self.num_res_blocks,
-          use_attn=h.shape[1] in self.attn_resolutions,
-          downsample=i != num_levels - 1,
-          dropout=self.dropout,
-          resamp_with_conv=self.resamp_with_conv,
-          dtype=self.dtype,
-          name=f"down_{i}",
+        out_ch=self.ch * mult,
+        num_res_blocks=self.num_res_blocks,
+        use_attn=h.shape[1] in self.attn_resolutions,
+        downsample=i != num_levels - 1,
+        dropout=self.dropout,
+        resamp_with_conv=self.resamp_with_conv,
+        dtype=self.dtype,
+        name=f"down_{i}",
       )
       outs = level(h, temb, train) if self.remat else level(h, temb, train=train)
       hs.extend(outs)
@@ -304,14 +303,14 @@ class UNet(nn.Module):
 
     for i in reversed(range(num_levels)):
       level = up_cls(
-          out_ch=self.ch * self.ch_mult[i],
-          num_res_blocks=self.num_res_blocks,
-          use_attn=h.shape[1] in self.attn_resolutions,
-          upsample=i != 0,
-          dropout=self.dropout,
-          resamp_with_conv=self.resamp_with_conv,
-          dtype=self.dtype,
-          name=f"up_{i}",
+        out_ch=self.ch * self.ch_mult[i],
+        num_res_blocks=self.num_res_blocks,
+        use_attn=h.shape[1] in self.attn_resolutions,
+        upsample=i != 0,
+        dropout=self.dropout,
+        resamp_with_conv=self.resamp_with_conv,
+        dtype=self.dtype,
+        name=f"up_{i}",
       )
       n = self.num_res_blocks + 1
       skips, hs = hs[-n:], hs[:-n]
@@ -330,14 +329,14 @@ def from_config(model_config, *, out_ch: int) -> UNet:
   if dtype not in dtypes:
     raise ValueError(f"Unknown model.dtype {dtype!r}; valid choices are {', '.join(dtypes)}.")
   return UNet(
-      ch=model_config.ch,
-      out_ch=out_ch,
-      ch_mult=tuple(model_config.ch_mult),
-      num_res_blocks=model_config.num_res_blocks,
-      attn_resolutions=tuple(model_config.attn_resolutions),
-      dropout=model_config.dropout,
-      resamp_with_conv=model_config.resamp_with_conv,
-      dtype=dtypes[dtype],
-      remat=model_config.get("remat", False),
-      num_classes=model_config.get("num_classes", 0),
-    )
+    ch=model_config.ch,
+    out_ch=out_ch,
+    ch_mult=tuple(model_config.ch_mult),
+    num_res_blocks=model_config.num_res_blocks,
+    attn_resolutions=tuple(model_config.attn_resolutions),
+    dropout=model_config.dropout,
+    resamp_with_conv=model_config.resamp_with_conv,
+    dtype=dtypes[dtype],
+    remat=model_config.get("remat", False),
+    num_classes=model_config.get("num_classes", 0),
+  )

@@ -116,24 +116,42 @@ def _resolve(diffusion, sampler, *, num_steps, eta, timestep_spacing, sigma_sche
   """(spec, eta): the resolved spec, and η as given (possibly traced; the spec then holds 0)."""
   eta_value = _maybe_concrete(eta)
   if isinstance(sampler, SamplerSpec):
-    given = dict(num_steps=num_steps, timestep_spacing=timestep_spacing, sigma_schedule=sigma_schedule, order=order,
-                 lower_order_final=lower_order_final)
+    given = dict(
+      num_steps=num_steps,
+      timestep_spacing=timestep_spacing,
+      sigma_schedule=sigma_schedule,
+      order=order,
+      lower_order_final=lower_order_final,
+    )
     extra = [k for k, v in given.items() if v is not None]
     if extra or (eta_value is not None and eta_value != 0 and eta_value != sampler.eta):
       raise ValueError(
-          f"Pass either a SamplerSpec or sampler settings, not both (got {', '.join(extra) or 'eta'} with a spec); "
-          "put the settings into samplers.resolve(...)."
+        f"Pass either a SamplerSpec or sampler settings, not both (got {', '.join(extra) or 'eta'} with a spec); "
+        "put the settings into samplers.resolve(...)."
       )
     spec = registry.resolve(sampler, num_timesteps=diffusion.num_timesteps)
     return spec, spec.eta
   if isinstance(sampler, str) and sampler in SAMPLERS and eta_value is None and registry.get(sampler).has_eta:
-    spec = registry.resolve(sampler, num_timesteps=diffusion.num_timesteps, num_steps=num_steps,
-                            timestep_spacing=timestep_spacing, sigma_schedule=sigma_schedule, order=order,
-                            lower_order_final=lower_order_final)
+    spec = registry.resolve(
+      sampler,
+      num_timesteps=diffusion.num_timesteps,
+      num_steps=num_steps,
+      timestep_spacing=timestep_spacing,
+      sigma_schedule=sigma_schedule,
+      order=order,
+      lower_order_final=lower_order_final,
+    )
     return spec, eta
-  spec = registry.resolve(sampler, num_timesteps=diffusion.num_timesteps, num_steps=num_steps,
-                          eta=None if eta_value is None else eta_value, timestep_spacing=timestep_spacing,
-                          sigma_schedule=sigma_schedule, order=order, lower_order_final=lower_order_final)
+  spec = registry.resolve(
+    sampler,
+    num_timesteps=diffusion.num_timesteps,
+    num_steps=num_steps,
+    eta=None if eta_value is None else eta_value,
+    timestep_spacing=timestep_spacing,
+    sigma_schedule=sigma_schedule,
+    order=order,
+    lower_order_final=lower_order_final,
+  )
   return spec, spec.eta
 
 
@@ -141,9 +159,7 @@ def _check_flags(clip_denoised, progressive_every):
   if not isinstance(clip_denoised, (bool, np.bool_)):
     raise ValueError(f"clip_denoised must be a bool, got {clip_denoised!r}.")
   if (
-      isinstance(progressive_every, bool)
-      or not isinstance(progressive_every, (int, np.integer))
-      or progressive_every < 0
+    isinstance(progressive_every, bool) or not isinstance(progressive_every, (int, np.integer)) or progressive_every < 0
   ):
     raise ValueError(f"progressive_every must be an integer >= 0 (0 = off), got {progressive_every!r}.")
 
@@ -151,7 +167,7 @@ def _check_flags(clip_denoised, progressive_every):
 def _check_indices(indices, batch):
   if jnp.ndim(indices) != 1 or jnp.shape(indices)[0] != batch:
     raise ValueError(
-        f"indices must have shape [B] = [{batch}] (the global index of each sample), got shape {jnp.shape(indices)}."
+      f"indices must have shape [B] = [{batch}] (the global index of each sample), got shape {jnp.shape(indices)}."
     )
   if not jnp.issubdtype(jnp.result_type(indices), jnp.integer):
     raise ValueError(f"indices must be integers (global sample indices), got dtype {jnp.result_type(indices)}.")
@@ -161,13 +177,12 @@ def _check_guidance(cond, guidance_scale, null_label, batch):
   if cond is None:
     if not (isinstance(guidance_scale, (int, float)) and guidance_scale == 1):
       raise ValueError(
-          f"guidance_scale={guidance_scale!r} needs class labels: pass cond=[B] labels, or guidance_scale=1.0."
+        f"guidance_scale={guidance_scale!r} needs class labels: pass cond=[B] labels, or guidance_scale=1.0."
       )
     return
   if jnp.ndim(cond) != 1 or jnp.shape(cond)[0] != batch or not jnp.issubdtype(jnp.result_type(cond), jnp.integer):
     raise ValueError(
-        f"cond must be [B] = [{batch}] integer class labels, got shape {jnp.shape(cond)}, "
-        f"dtype {jnp.result_type(cond)}."
+      f"cond must be [B] = [{batch}] integer class labels, got shape {jnp.shape(cond)}, dtype {jnp.result_type(cond)}."
     )
   scale = _maybe_concrete(guidance_scale)
   if scale is not None and (scale.ndim != 0 or not np.isfinite(scale)):
@@ -175,8 +190,8 @@ def _check_guidance(cond, guidance_scale, null_label, batch):
   guided = not (isinstance(guidance_scale, (int, float)) and guidance_scale == 1)
   if guided and (isinstance(null_label, bool) or not isinstance(null_label, (int, np.integer))):
     raise ValueError(
-        f"guidance_scale={guidance_scale!r} needs null_label, the integer label of the unconditional "
-        f"(null) class, got {null_label!r}; or use guidance_scale=1.0."
+      f"guidance_scale={guidance_scale!r} needs null_label, the integer label of the unconditional "
+      f"(null) class, got {null_label!r}; or use guidance_scale=1.0."
     )
 
 
@@ -194,13 +209,41 @@ def _as_partial(model_fn):
   return jax.tree_util.Partial(model_fn)
 
 
-def _chain(diffusion, model_fn, rng, indices, x_t, spec, eta, *, start, shape, clip_denoised, progressive_every, cond,
-           guidance_scale, null_label):
+def _chain(
+  diffusion,
+  model_fn,
+  rng,
+  indices,
+  x_t,
+  spec,
+  eta,
+  *,
+  start,
+  shape,
+  clip_denoised,
+  progressive_every,
+  cond,
+  guidance_scale,
+  null_label,
+):
   registry.check_mean_type(spec, diffusion.model_mean_type)
   plan = spec.sampler.plan(diffusion, spec, start)
-  return driver.run(diffusion, _as_partial(model_fn), rng, indices, x_t, spec, plan, shape=shape, eta=eta,
-                    clip_denoised=clip_denoised, progressive_every=progressive_every, cond=cond,
-                    guidance_scale=guidance_scale, null_label=null_label)
+  return driver.run(
+    diffusion,
+    _as_partial(model_fn),
+    rng,
+    indices,
+    x_t,
+    spec,
+    plan,
+    shape=shape,
+    eta=eta,
+    clip_denoised=clip_denoised,
+    progressive_every=progressive_every,
+    cond=cond,
+    guidance_scale=guidance_scale,
+    null_label=null_label,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -209,24 +252,24 @@ def _chain(diffusion, model_fn, rng, indices, x_t, spec, eta, *, start, shape, c
 
 
 def sample(
-    diffusion: GaussianDiffusion,
-    model_fn: ModelFn,
-    rng,
-    indices,
-    shape: Sequence[int],
-    *,
-    sampler: str | SamplerSpec = "ancestral",
-    num_steps: int | None = None,
-    eta: float = 0.0,
-    clip_denoised: bool = True,
-    progressive_every: int = 0,
-    timestep_spacing: str | None = None,
-    sigma_schedule: str | None = None,
-    order: int | None = None,
-    lower_order_final: bool | None = None,
-    cond=None,
-    guidance_scale: float = 1.0,
-    null_label: int | None = None,
+  diffusion: GaussianDiffusion,
+  model_fn: ModelFn,
+  rng,
+  indices,
+  shape: Sequence[int],
+  *,
+  sampler: str | SamplerSpec = "ancestral",
+  num_steps: int | None = None,
+  eta: float = 0.0,
+  clip_denoised: bool = True,
+  progressive_every: int = 0,
+  timestep_spacing: str | None = None,
+  sigma_schedule: str | None = None,
+  order: int | None = None,
+  lower_order_final: bool | None = None,
+  cond=None,
+  guidance_scale: float = 1.0,
+  null_label: int | None = None,
 ) -> dict[str, Array]:
   """Draws samples by running the reverse process from x_T ~ N(0, I).
 
@@ -269,39 +312,60 @@ def sample(
     ValueError: for an unknown sampler or bad settings (see `resolve`), eta < 0 (or
       eta != 0 without DDIM), indices that do not match the batch, or bad guidance arguments.
   """
-  spec, eta = _resolve(diffusion, sampler, num_steps=num_steps, eta=eta, timestep_spacing=timestep_spacing,
-                       sigma_schedule=sigma_schedule, order=order, lower_order_final=lower_order_final)
+  spec, eta = _resolve(
+    diffusion,
+    sampler,
+    num_steps=num_steps,
+    eta=eta,
+    timestep_spacing=timestep_spacing,
+    sigma_schedule=sigma_schedule,
+    order=order,
+    lower_order_final=lower_order_final,
+  )
   _check_flags(clip_denoised, progressive_every)
   shape = tuple(int(s) for s in shape)
   if len(shape) < 2:
     raise ValueError(f"shape must be the full batched shape [B, ...] (e.g. [B, H, W, C]), got {shape}.")
   _check_indices(indices, shape[0])
   _check_guidance(cond, guidance_scale, null_label, shape[0])
-  return _chain(diffusion, model_fn, rng, indices, None, spec, eta, start=None, shape=shape,
-                clip_denoised=bool(clip_denoised), progressive_every=int(progressive_every), cond=cond,
-                guidance_scale=guidance_scale, null_label=null_label)
+  return _chain(
+    diffusion,
+    model_fn,
+    rng,
+    indices,
+    None,
+    spec,
+    eta,
+    start=None,
+    shape=shape,
+    clip_denoised=bool(clip_denoised),
+    progressive_every=int(progressive_every),
+    cond=cond,
+    guidance_scale=guidance_scale,
+    null_label=null_label,
+  )
 
 
 def denoise(
-    diffusion: GaussianDiffusion,
-    model_fn: ModelFn,
-    rng,
-    indices,
-    x_t,
-    *,
-    t: int,
-    sampler: str | SamplerSpec = "ancestral",
-    num_steps: int | None = None,
-    eta: float = 0.0,
-    clip_denoised: bool = True,
-    progressive_every: int = 0,
-    timestep_spacing: str | None = None,
-    sigma_schedule: str | None = None,
-    order: int | None = None,
-    lower_order_final: bool | None = None,
-    cond=None,
-    guidance_scale: float = 1.0,
-    null_label: int | None = None,
+  diffusion: GaussianDiffusion,
+  model_fn: ModelFn,
+  rng,
+  indices,
+  x_t,
+  *,
+  t: int,
+  sampler: str | SamplerSpec = "ancestral",
+  num_steps: int | None = None,
+  eta: float = 0.0,
+  clip_denoised: bool = True,
+  progressive_every: int = 0,
+  timestep_spacing: str | None = None,
+  sigma_schedule: str | None = None,
+  order: int | None = None,
+  lower_order_final: bool | None = None,
+  cond=None,
+  guidance_scale: float = 1.0,
+  null_label: int | None = None,
 ) -> dict[str, Array]:
   """Runs the reverse process from given latents x_t at timestep t down to 0.
 
@@ -323,19 +387,40 @@ def denoise(
   Raises:
     ValueError: as in `sample`, and for t outside [0, T).
   """
-  spec, eta = _resolve(diffusion, sampler, num_steps=num_steps, eta=eta, timestep_spacing=timestep_spacing,
-                       sigma_schedule=sigma_schedule, order=order, lower_order_final=lower_order_final)
+  spec, eta = _resolve(
+    diffusion,
+    sampler,
+    num_steps=num_steps,
+    eta=eta,
+    timestep_spacing=timestep_spacing,
+    sigma_schedule=sigma_schedule,
+    order=order,
+    lower_order_final=lower_order_final,
+  )
   _check_flags(clip_denoised, progressive_every)
   t = _check_t(t, diffusion.num_timesteps)
   if jnp.ndim(x_t) < 2 or not jnp.issubdtype(jnp.result_type(x_t), jnp.floating):
     raise ValueError(
-        f"x_t must be a batched float array [B, ...], got shape {jnp.shape(x_t)}, dtype {jnp.result_type(x_t)}."
+      f"x_t must be a batched float array [B, ...], got shape {jnp.shape(x_t)}, dtype {jnp.result_type(x_t)}."
     )
   _check_indices(indices, jnp.shape(x_t)[0])
   _check_guidance(cond, guidance_scale, null_label, jnp.shape(x_t)[0])
-  return _chain(diffusion, model_fn, rng, indices, x_t, spec, eta, start=t, shape=None,
-                clip_denoised=bool(clip_denoised), progressive_every=int(progressive_every), cond=cond,
-                guidance_scale=guidance_scale, null_label=null_label)
+  return _chain(
+    diffusion,
+    model_fn,
+    rng,
+    indices,
+    x_t,
+    spec,
+    eta,
+    start=t,
+    shape=None,
+    clip_denoised=bool(clip_denoised),
+    progressive_every=int(progressive_every),
+    cond=cond,
+    guidance_scale=guidance_scale,
+    null_label=null_label,
+  )
 
 
 @jax.jit
@@ -350,20 +435,20 @@ def _diffuse_and_mix(diffusion, rng, x1, x2, lambdas, t, same_noise):
 
 
 def interpolate(
-    diffusion: GaussianDiffusion,
-    model_fn: ModelFn,
-    rng,
-    x1,
-    x2,
-    lambdas,
-    *,
-    t: int,
-    sampler: str | SamplerSpec = "ancestral",
-    num_steps: int | None = None,
-    eta: float = 0.0,
-    same_noise: bool = False,
-    clip_denoised: bool = True,
-    **settings,
+  diffusion: GaussianDiffusion,
+  model_fn: ModelFn,
+  rng,
+  x1,
+  x2,
+  lambdas,
+  *,
+  t: int,
+  sampler: str | SamplerSpec = "ancestral",
+  num_steps: int | None = None,
+  eta: float = 0.0,
+  same_noise: bool = False,
+  clip_denoised: bool = True,
+  **settings,
 ) -> Array:
   """Interpolates two images in latent space (paper §4.4, Fig. 8).
 
@@ -395,17 +480,29 @@ def interpolate(
     ValueError: for endpoints of different shapes, lambdas that are not a
       non-empty 1-D array in [0, 1], t outside [0, T), and as in `sample`.
   """
-  unknown = set(settings) - {"timestep_spacing", "sigma_schedule", "order", "lower_order_final", "cond",
-                             "guidance_scale", "null_label"}
+  unknown = set(settings) - {
+    "timestep_spacing",
+    "sigma_schedule",
+    "order",
+    "lower_order_final",
+    "cond",
+    "guidance_scale",
+    "null_label",
+  }
   if unknown:
     raise ValueError(f"interpolate got unexpected arguments {sorted(unknown)}; see samplers.denoise for the settings.")
-  _resolve(diffusion, sampler, num_steps=num_steps, eta=eta,
-           **{k: settings.get(k) for k in ("timestep_spacing", "sigma_schedule", "order", "lower_order_final")})
+  _resolve(
+    diffusion,
+    sampler,
+    num_steps=num_steps,
+    eta=eta,
+    **{k: settings.get(k) for k in ("timestep_spacing", "sigma_schedule", "order", "lower_order_final")},
+  )
   _check_flags(clip_denoised, 0)
   t = _check_t(t, diffusion.num_timesteps)
   if jnp.shape(x1) != jnp.shape(x2) or jnp.ndim(x1) < 1:
     raise ValueError(
-        f"x1 and x2 must be single images of the same shape (e.g. [H, W, C]), got {jnp.shape(x1)} and {jnp.shape(x2)}."
+      f"x1 and x2 must be single images of the same shape (e.g. [H, W, C]), got {jnp.shape(x1)} and {jnp.shape(x2)}."
     )
   if jnp.ndim(lambdas) != 1 or jnp.shape(lambdas)[0] == 0:
     raise ValueError(f"lambdas must be a non-empty 1-D array of weights in [0, 1], got shape {jnp.shape(lambdas)}.")
@@ -415,43 +512,41 @@ def interpolate(
   if not isinstance(same_noise, (bool, np.bool_)):
     raise ValueError(f"same_noise must be a bool, got {same_noise!r}.")
   q_rng, d_rng = jax.random.split(rng)
-  x_t = _diffuse_and_mix(
-      diffusion, q_rng, jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(lambdas), t, bool(same_noise)
-  )
+  x_t = _diffuse_and_mix(diffusion, q_rng, jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(lambdas), t, bool(same_noise))
   indices = jnp.zeros((x_t.shape[0],), jnp.int32)
   return denoise(
-      diffusion,
-      model_fn,
-      d_rng,
-      indices,
-      x_t,
-      t=t,
-      sampler=sampler,
-      num_steps=num_steps,
-      eta=eta,
-      clip_denoised=clip_denoised,
-      **settings,
+    diffusion,
+    model_fn,
+    d_rng,
+    indices,
+    x_t,
+    t=t,
+    sampler=sampler,
+    num_steps=num_steps,
+    eta=eta,
+    clip_denoised=clip_denoised,
+    **settings,
   )["samples"]
 
 
 def make_sharded_sampler(
-    diffusion: GaussianDiffusion,
-    model_fn: Callable[..., jax.Array],
-    mesh: jax.sharding.Mesh,
-    image_shape: Sequence[int],
-    *,
-    sampler: str | SamplerSpec = "ancestral",
-    num_steps: int | None = None,
-    eta: float = 0.0,
-    clip_denoised: bool = True,
-    progressive_every: int = 0,
-    axis: str = "data",
-    timestep_spacing: str | None = None,
-    sigma_schedule: str | None = None,
-    order: int | None = None,
-    lower_order_final: bool | None = None,
-    guided: bool = False,
-    null_label: int | None = None,
+  diffusion: GaussianDiffusion,
+  model_fn: Callable[..., jax.Array],
+  mesh: jax.sharding.Mesh,
+  image_shape: Sequence[int],
+  *,
+  sampler: str | SamplerSpec = "ancestral",
+  num_steps: int | None = None,
+  eta: float = 0.0,
+  clip_denoised: bool = True,
+  progressive_every: int = 0,
+  axis: str = "data",
+  timestep_spacing: str | None = None,
+  sigma_schedule: str | None = None,
+  order: int | None = None,
+  lower_order_final: bool | None = None,
+  guided: bool = False,
+  null_label: int | None = None,
 ) -> Callable[..., dict[str, jax.Array]]:
   """`sample` jitted over a device mesh, with the parameters as an argument.
 
@@ -473,8 +568,16 @@ def make_sharded_sampler(
     `sample`, sharded over `axis`; N must be a multiple of the mesh size; cond:
     [N] labels, sharded like indices (required when `guided`).
   """
-  spec, eta_value = _resolve(diffusion, sampler, num_steps=num_steps, eta=eta, timestep_spacing=timestep_spacing,
-                             sigma_schedule=sigma_schedule, order=order, lower_order_final=lower_order_final)
+  spec, eta_value = _resolve(
+    diffusion,
+    sampler,
+    num_steps=num_steps,
+    eta=eta,
+    timestep_spacing=timestep_spacing,
+    sigma_schedule=sigma_schedule,
+    order=order,
+    lower_order_final=lower_order_final,
+  )
   registry.check_mean_type(spec, diffusion.model_mean_type)
   _check_flags(clip_denoised, progressive_every)
   if guided and (isinstance(null_label, bool) or not isinstance(null_label, (int, np.integer))):
@@ -485,14 +588,27 @@ def make_sharded_sampler(
 
   def sharded_sample(params, rng, indices, cond=None, guidance_scale=None):
     bound = jax.tree_util.Partial(model_fn, params)
-    return sample(diffusion, bound, rng, indices, (indices.shape[0],) + shape_tail, sampler=spec, eta=eta_value,
-                  clip_denoised=clip_denoised, progressive_every=progressive_every, cond=cond,
-                  guidance_scale=guidance_scale if guided else 1.0, null_label=null_label)
+    return sample(
+      diffusion,
+      bound,
+      rng,
+      indices,
+      (indices.shape[0],) + shape_tail,
+      sampler=spec,
+      eta=eta_value,
+      clip_denoised=clip_denoised,
+      progressive_every=progressive_every,
+      cond=cond,
+      guidance_scale=guidance_scale if guided else 1.0,
+      null_label=null_label,
+    )
 
   unconditional = jax.jit(sharded_sample, in_shardings=(replicated, replicated, sharded), out_shardings=sharded)
-  conditional = jax.jit(functools.partial(sharded_sample, guidance_scale=1.0) if not guided else sharded_sample,
-                        in_shardings=(replicated, replicated, sharded, sharded) + ((replicated,) if guided else ()),
-                        out_shardings=sharded)
+  conditional = jax.jit(
+    functools.partial(sharded_sample, guidance_scale=1.0) if not guided else sharded_sample,
+    in_shardings=(replicated, replicated, sharded, sharded) + ((replicated,) if guided else ()),
+    out_shardings=sharded,
+  )
 
   def sharded_fn(params, rng, indices, cond=None, guidance_scale=1.0):
     if cond is None:

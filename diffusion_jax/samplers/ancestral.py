@@ -65,9 +65,15 @@ class Ancestral(Sampler):
       loop_diffusion, loop_t, respaced = grids.respace(diffusion, steps), np.arange(n, dtype=np.int32), True
     t = timesteps_array(steps[::-1])
     t_next = np.append(t[1:], -1).astype(np.int32)
-    return Plan(t=t, t_next=t_next, noise_step=noise_steps(t), record=np.ones(n, bool),
-                coef=dict(loop_t=np.ascontiguousarray(loop_t[::-1], np.int32)),
-                tables=loop_diffusion, static=(respaced,))
+    return Plan(
+      t=t,
+      t_next=t_next,
+      noise_step=noise_steps(t),
+      record=np.ones(n, bool),
+      coef=dict(loop_t=np.ascontiguousarray(loop_t[::-1], np.int32)),
+      tables=loop_diffusion,
+      static=(respaced,),
+    )
 
   def step(self, carry, model_output, t, t_next, ctx):
     x = carry
@@ -80,8 +86,10 @@ class Ancestral(Sampler):
     return out["sample"], out["pred_xstart"]
 
 
-ANCESTRAL = registry.register(Ancestral(
+ANCESTRAL = registry.register(
+  Ancestral(
     name="ancestral",
     description="DDPM ancestral sampling (Ho et al. 2020), respaced on fewer steps (Nichol & Dhariwal 2021)",
     spacings=grids.TIMESTEP_SPACINGS,
-))
+  )
+)

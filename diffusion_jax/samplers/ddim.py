@@ -48,16 +48,18 @@ class DDIM(Sampler):
       t = grids.truncate_grid(grid, start)
       t_next = np.append(t[1:], -1)
     else:
-      t_next_of = lambda s: np.where(s - spec.num_timesteps // spec.num_steps >= 0,
-                                     s - spec.num_timesteps // spec.num_steps, -1)
+      t_next_of = lambda s: np.where(
+        s - spec.num_timesteps // spec.num_steps >= 0, s - spec.num_timesteps // spec.num_steps, -1
+      )
       below = grid[grid < start] if start is not None else grid
       t = grids.truncate_grid(grid, start)
       t_next = t_next_of(t)
       if start is not None and start not in grid:
         t_next[0] = below[0] if below.size else -1
     t = timesteps_array(t)
-    return Plan(t=t, t_next=np.asarray(t_next, np.int32), noise_step=noise_steps(t), record=np.ones(t.size, bool),
-                coef={})
+    return Plan(
+      t=t, t_next=np.asarray(t_next, np.int32), noise_step=noise_steps(t), record=np.ones(t.size, bool), coef={}
+    )
 
   def step(self, carry, model_output, t, t_next, ctx):
     x = carry
@@ -72,9 +74,11 @@ class DDIM(Sampler):
     return jnp.sqrt(a_prev) * pred_xstart + eps_coef * eps + sigma * ctx.noise, pred_xstart
 
 
-DDIM_SAMPLER = registry.register(DDIM(
+DDIM_SAMPLER = registry.register(
+  DDIM(
     name="ddim",
     description="DDIM (Song et al. 2021), η = 0 deterministic",
     has_eta=True,
     spacings=grids.TIMESTEP_SPACINGS,
-))
+  )
+)

@@ -48,7 +48,8 @@ def dpm_sigmas(diffusion, spec, start):
   alphas_cumprod = grids.alphas_cumprod64(diffusion, spec.name)
   table = grids.vp_sigmas(alphas_cumprod)
   grid = grids.truncate_grid(
-      grids.timestep_grid(spec.timestep_spacing, spec.num_timesteps, spec.num_steps, family="dpm"), start)
+    grids.timestep_grid(spec.timestep_spacing, spec.num_timesteps, spec.num_steps, family="dpm"), start
+  )
   if spec.sigma_schedule == "karras":
     sigma_max = table[-1] if start is None else table[int(start)]
     sigmas = grids.karras_sigmas(sigma_max, table[0], grid.size)
@@ -136,8 +137,13 @@ class DPMSolverPP(Sampler):
     orders = step_orders(sigmas.size, spec.order, spec.lower_order_final)
     coef = {k: per_call(v) for k, v in coefficients(sigmas, orders, self.sde).items()}
     t = timesteps_array(grid)
-    return Plan(t=t, t_next=np.append(t[1:], -1).astype(t.dtype), noise_step=noise_steps(t),
-                record=np.ones(t.size, bool), coef=coef)
+    return Plan(
+      t=t,
+      t_next=np.append(t[1:], -1).astype(t.dtype),
+      noise_step=noise_steps(t),
+      record=np.ones(t.size, bool),
+      coef=coef,
+    )
 
   def init(self, x, coef):
     return (x, jnp.zeros_like(x), jnp.zeros_like(x))
@@ -158,17 +164,29 @@ class DPMSolverPP(Sampler):
     return carry[0]
 
 
-_COMMON = dict(spacings=DPM_SPACINGS, default_spacing="linspace", sigma_schedules=grids.SIGMA_SCHEDULES,
-               orders=(1, 2, 3), has_lower_order_final=True, mean_types=("eps", "xstart", "v"))
+_COMMON = dict(
+  spacings=DPM_SPACINGS,
+  default_spacing="linspace",
+  sigma_schedules=grids.SIGMA_SCHEDULES,
+  orders=(1, 2, 3),
+  has_lower_order_final=True,
+  mean_types=("eps", "xstart", "v"),
+)
 DPMPP2M = registry.register(
-    DPMSolverPP(name="dpmpp2m", description="DPM-Solver++(2M) (Lu et al. 2022)", default_order=2, **_COMMON),
-    order_alias="dpmpp")
+  DPMSolverPP(name="dpmpp2m", description="DPM-Solver++(2M) (Lu et al. 2022)", default_order=2, **_COMMON),
+  order_alias="dpmpp",
+)
 DPMPP3M = registry.register(
-    DPMSolverPP(name="dpmpp3m", description="DPM-Solver++(3M) (Lu et al. 2022)", default_order=3, **_COMMON))
+  DPMSolverPP(name="dpmpp3m", description="DPM-Solver++(3M) (Lu et al. 2022)", default_order=3, **_COMMON)
+)
 DPMPP2M_SDE = registry.register(
-    DPMSolverPP(name="dpmpp2m_sde", description="SDE-DPM-Solver++(2M) (Lu et al. 2022)", default_order=2, sde=True,
-                **_COMMON),
-    order_alias="dpmpp_sde")
+  DPMSolverPP(
+    name="dpmpp2m_sde", description="SDE-DPM-Solver++(2M) (Lu et al. 2022)", default_order=2, sde=True, **_COMMON
+  ),
+  order_alias="dpmpp_sde",
+)
 DPMPP3M_SDE = registry.register(
-    DPMSolverPP(name="dpmpp3m_sde", description="SDE-DPM-Solver++(3M) (Lu et al. 2022)", default_order=3, sde=True,
-                **_COMMON))
+  DPMSolverPP(
+    name="dpmpp3m_sde", description="SDE-DPM-Solver++(3M) (Lu et al. 2022)", default_order=3, sde=True, **_COMMON
+  )
+)

@@ -86,31 +86,40 @@ def guided_model_output(model_fn, x_t, t_vec, cond, guidance_scale, *, guided, n
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=("sampler", "spec", "static", "shape", "clip_denoised", "progressive_every", "num_slots",
-                     "guided", "null_label"),
+  jax.jit,
+  static_argnames=(
+    "sampler",
+    "spec",
+    "static",
+    "shape",
+    "clip_denoised",
+    "progressive_every",
+    "num_slots",
+    "guided",
+    "null_label",
+  ),
 )
 def _run(
-    diffusion,
-    tables,
-    model_fn,
-    rng,
-    indices,
-    x_t,
-    xs,
-    eta,
-    cond,
-    guidance_scale,
-    *,
-    sampler: Sampler,
-    spec,
-    static,
-    shape,
-    clip_denoised,
-    progressive_every,
-    num_slots,
-    guided,
-    null_label,
+  diffusion,
+  tables,
+  model_fn,
+  rng,
+  indices,
+  x_t,
+  xs,
+  eta,
+  cond,
+  guidance_scale,
+  *,
+  sampler: Sampler,
+  spec,
+  static,
+  shape,
+  clip_denoised,
+  progressive_every,
+  num_slots,
+  guided,
+  null_label,
 ):
   """The scanned chain over the plan's calls `xs`, from x_t (or x_T ~ N(0, I) if None)."""
   keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, indices)
@@ -128,20 +137,30 @@ def _run(
     coef = row["coef"]
     x_in = sampler.model_input(state, coef)
     t_vec = jnp.full((batch,), row["t"], dtype=row["t"].dtype)
-    model_output = guided_model_output(model_fn, x_in, t_vec, cond, guidance_scale, guided=guided,
-                                       null_label=null_label, channels=channels)
+    model_output = guided_model_output(
+      model_fn, x_in, t_vec, cond, guidance_scale, guided=guided, null_label=null_label, channels=channels
+    )
     noise = per_example_normal(keys, row["noise_step"], x_in.shape[1:]) if stochastic else None
     ctx = StepContext(
-        diffusion=diffusion, tables=tables, coef=coef, t_vec=t_vec, noise=noise, eta=eta,
-        clip_denoised=clip_denoised, static=static,
-        predict_xstart=lambda out, x, alpha=None, sigma=None: predict_xstart(
-            diffusion, clip_denoised, out, x, t_vec, alpha=alpha, sigma=sigma),
+      diffusion=diffusion,
+      tables=tables,
+      coef=coef,
+      t_vec=t_vec,
+      noise=noise,
+      eta=eta,
+      clip_denoised=clip_denoised,
+      static=static,
+      predict_xstart=lambda out, x, alpha=None, sigma=None: predict_xstart(
+        diffusion, clip_denoised, out, x, t_vec, alpha=alpha, sigma=sigma
+      ),
     )
     state, pred_xstart = sampler.step(state, model_output, row["t"], row["t_next"], ctx)
     if progressive_every:
       pred_buf, traj_buf = bufs
-      bufs = (_write_slot(pred_buf, row["slot"], pred_xstart, row["write"]),
-              _write_slot(traj_buf, row["slot"], x_in, row["write"]))
+      bufs = (
+        _write_slot(pred_buf, row["slot"], pred_xstart, row["write"]),
+        _write_slot(traj_buf, row["slot"], x_in, row["write"]),
+      )
     return (state, bufs), None
 
   if progressive_every:
@@ -173,39 +192,54 @@ def progressive_slots(record: np.ndarray, every: int):
   return slot, write, num_slots
 
 
-def run(diffusion, model_fn, rng, indices, x_t, spec, plan: Plan, *, shape, eta, clip_denoised, progressive_every,
-        cond=None, guidance_scale=1.0, null_label=None):
+def run(
+  diffusion,
+  model_fn,
+  rng,
+  indices,
+  x_t,
+  spec,
+  plan: Plan,
+  *,
+  shape,
+  eta,
+  clip_denoised,
+  progressive_every,
+  cond=None,
+  guidance_scale=1.0,
+  null_label=None,
+):
   """Runs `spec.sampler` over `plan`; see `samplers.sample` for the arguments and the result."""
   slot, write, num_slots = progressive_slots(plan.record, progressive_every)
   xs = dict(
-      t=jnp.asarray(plan.t),
-      t_next=jnp.asarray(plan.t_next),
-      noise_step=jnp.asarray(plan.noise_step, jnp.int32),
-      coef={k: jnp.asarray(v) for k, v in plan.coef.items()},
+    t=jnp.asarray(plan.t),
+    t_next=jnp.asarray(plan.t_next),
+    noise_step=jnp.asarray(plan.noise_step, jnp.int32),
+    coef={k: jnp.asarray(v) for k, v in plan.coef.items()},
   )
   if progressive_every:
     xs["slot"], xs["write"] = jnp.asarray(slot), jnp.asarray(write)
   guided = cond is not None and not (isinstance(guidance_scale, (int, float)) and guidance_scale == 1)
   return _run(
-      diffusion,
-      plan.tables,
-      model_fn,
-      rng,
-      indices,
-      x_t,
-      xs,
-      eta,
-      cond,
-      jnp.asarray(guidance_scale, jnp.float32) if guided else None,
-      sampler=spec.sampler,
-      spec=_static_spec(spec),
-      static=plan.static,
-      shape=shape,
-      clip_denoised=bool(clip_denoised),
-      progressive_every=int(progressive_every),
-      num_slots=num_slots,
-      guided=guided,
-      null_label=None if null_label is None else int(null_label),
+    diffusion,
+    plan.tables,
+    model_fn,
+    rng,
+    indices,
+    x_t,
+    xs,
+    eta,
+    cond,
+    jnp.asarray(guidance_scale, jnp.float32) if guided else None,
+    sampler=spec.sampler,
+    spec=_static_spec(spec),
+    static=plan.static,
+    shape=shape,
+    clip_denoised=bool(clip_denoised),
+    progressive_every=int(progressive_every),
+    num_slots=num_slots,
+    guided=guided,
+    null_label=None if null_label is None else int(null_label),
   )
 
 

@@ -44,7 +44,8 @@ def k_sigmas(diffusion, spec, start):
   alphas_cumprod = grids.alphas_cumprod64(diffusion, spec.name)
   table = grids.vp_sigmas(alphas_cumprod)
   grid = grids.truncate_grid(
-      grids.timestep_grid(spec.timestep_spacing, spec.num_timesteps, spec.num_steps, family="k"), start)
+    grids.timestep_grid(spec.timestep_spacing, spec.num_timesteps, spec.num_steps, family="k"), start
+  )
   sigmas = np.interp(grid, np.arange(table.size), table)
   if spec.sigma_schedule == "karras":
     sigmas = grids.karras_sigmas(sigmas[0], sigmas[-1], sigmas.size)
@@ -55,8 +56,9 @@ def k_sigmas(diffusion, spec, start):
 def sigma_coefficients(sigmas):
   """Per-call coefficients of σ's: the input scale √(1 + σ²), and α, σ_vp of x_t = α x_0 + σ_vp ε."""
   scale = np.sqrt(sigmas**2 + 1.0)
-  return dict(scale=per_call(scale), alpha=per_call(1.0 / scale), sigma_vp=per_call(sigmas / scale),
-              sigma=per_call(sigmas))
+  return dict(
+    scale=per_call(scale), alpha=per_call(1.0 / scale), sigma_vp=per_call(sigmas / scale), sigma=per_call(sigmas)
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +73,13 @@ class Euler(Sampler):
     sigmas_next = np.append(sigmas[1:], 0.0)
     t = timesteps_array(grid)
     coef = sigma_coefficients(sigmas) | dict(dt=per_call(sigmas_next - sigmas))
-    return Plan(t=t, t_next=np.append(t[1:], -1).astype(t.dtype), noise_step=noise_steps(t),
-                record=np.ones(t.size, bool), coef=coef)
+    return Plan(
+      t=t,
+      t_next=np.append(t[1:], -1).astype(t.dtype),
+      noise_step=noise_steps(t),
+      record=np.ones(t.size, bool),
+      coef=coef,
+    )
 
   def init(self, x, coef):
     return x * coef["scale"]
@@ -88,11 +95,13 @@ class Euler(Sampler):
     return x + derivative * c["dt"], pred_xstart
 
 
-EULER = registry.register(Euler(
+EULER = registry.register(
+  Euler(
     name="euler",
     description="Euler on the probability-flow ODE (Karras et al. 2022)",
     spacings=K_SPACINGS,
     default_spacing="linspace",
     sigma_schedules=grids.SIGMA_SCHEDULES,
     mean_types=("eps", "xstart", "v"),
-))
+  )
+)

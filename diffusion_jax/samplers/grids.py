@@ -29,12 +29,12 @@ KARRAS_RHO = 7.0
 def check_num_steps(num_timesteps: int, num_steps) -> int:
   if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
     raise ValueError(
-        f"num_steps must be an integer in [1, {num_timesteps}] (or None for all steps), got {num_steps!r}."
+      f"num_steps must be an integer in [1, {num_timesteps}] (or None for all steps), got {num_steps!r}."
     )
   if not 1 <= num_steps <= num_timesteps:
     raise ValueError(
-        f"num_steps={num_steps} is out of range: use an integer in [1, {num_timesteps}] "
-        f"(the diffusion has T={num_timesteps} steps), or None for all of them."
+      f"num_steps={num_steps} is out of range: use an integer in [1, {num_timesteps}] "
+      f"(the diffusion has T={num_timesteps} steps), or None for all of them."
     )
   return int(num_steps)
 
@@ -105,8 +105,8 @@ def timestep_grid(spacing: str, num_timesteps: int, num_steps: int, family: str 
   grid = np.ascontiguousarray(grid, dtype=np.float64)
   if grid.shape != (n,) or np.any(np.diff(grid) >= 0) or grid[-1] < 0 or grid[0] > T - 1:
     raise ValueError(
-        f"timestep_spacing={spacing!r} with num_steps={n} and T={T} does not give {n} distinct timesteps in "
-        f"[0, {T}) (got {grid.tolist()}); use fewer steps or another timestep_spacing ({', '.join(TIMESTEP_SPACINGS)})."
+      f"timestep_spacing={spacing!r} with num_steps={n} and T={T} does not give {n} distinct timesteps in "
+      f"[0, {T}) (got {grid.tolist()}); use fewer steps or another timestep_spacing ({', '.join(TIMESTEP_SPACINGS)})."
     )
   return grid
 
@@ -123,8 +123,8 @@ def concrete(x, what: str) -> np.ndarray:
     return np.asarray(x)
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError) as e:
     raise ValueError(
-        f"{what} needs concrete values, but got a traced array; build the GaussianDiffusion outside "
-        "jax.jit and close over it instead of passing it as a jitted argument."
+      f"{what} needs concrete values, but got a traced array; build the GaussianDiffusion outside "
+      "jax.jit and close over it instead of passing it as a jitted argument."
     ) from e
 
 
@@ -163,8 +163,8 @@ def check_timesteps(timesteps, num_timesteps: int) -> np.ndarray:
     raise ValueError(f"timesteps must be a non-empty 1-D integer array, got {timesteps!r}.")
   if np.any(np.diff(timesteps) <= 0) or timesteps[0] < 0 or timesteps[-1] >= num_timesteps:
     raise ValueError(
-        f"timesteps must be strictly increasing and lie in [0, {num_timesteps}), got {timesteps.tolist()}; "
-        "use space_timesteps(T, num_steps)."
+      f"timesteps must be strictly increasing and lie in [0, {num_timesteps}), got {timesteps.tolist()}; "
+      "use space_timesteps(T, num_steps)."
     )
   return timesteps.astype(np.int32)
 
@@ -197,9 +197,9 @@ def respace(diffusion: GaussianDiffusion, timesteps) -> GaussianDiffusion:
   alphas_cumprod_prev = np.append(1.0, alphas_cumprod[timesteps[:-1]])
   new_betas = 1.0 - alphas_cumprod[timesteps] / alphas_cumprod_prev
   return GaussianDiffusion.create(
-      new_betas,
-      model_mean_type=diffusion.model_mean_type,
-      model_var_type=diffusion.model_var_type,
-      loss_type=diffusion.loss_type,
-      hybrid_lambda=diffusion.hybrid_lambda,
+    new_betas,
+    model_mean_type=diffusion.model_mean_type,
+    model_var_type=diffusion.model_var_type,
+    loss_type=diffusion.loss_type,
+    hybrid_lambda=diffusion.hybrid_lambda,
   )

@@ -49,10 +49,10 @@ class Heun(Sampler):
     at = np.where(second, call_step + 1, call_step)
     t = timesteps_array(grid[at])
     t_all = timesteps_array(np.append(grid, -1))
-    coef = sigma_coefficients(sigmas[at]) | dict(dt=per_call((sigmas_next - sigmas)[call_step]),
-                                                 second=per_call(second))
-    return Plan(t=t, t_next=t_all[call_step + 1].astype(t.dtype), noise_step=noise_steps(t), record=~second,
-                coef=coef)
+    coef = sigma_coefficients(sigmas[at]) | dict(
+      dt=per_call((sigmas_next - sigmas)[call_step]), second=per_call(second)
+    )
+    return Plan(t=t, t_next=t_all[call_step + 1].astype(t.dtype), noise_step=noise_steps(t), record=~second, coef=coef)
 
   def init(self, x, coef):
     x = x * coef["scale"]
@@ -76,11 +76,13 @@ class Heun(Sampler):
     return carry[0]
 
 
-HEUN = registry.register(Heun(
+HEUN = registry.register(
+  Heun(
     name="heun",
     description="Heun on the probability-flow ODE (Karras et al. 2022); 2 network calls per step",
     spacings=K_SPACINGS,
     default_spacing="linspace",
     sigma_schedules=("uniform", "karras"),
     mean_types=("eps", "xstart", "v"),
-))
+  )
+)

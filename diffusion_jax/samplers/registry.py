@@ -96,15 +96,15 @@ def _choices(values) -> str:
 
 
 def resolve(
-    name,
-    *,
-    num_timesteps: int,
-    num_steps: int | None = None,
-    eta: float | None = None,
-    timestep_spacing: str | None = None,
-    sigma_schedule: str | None = None,
-    order: int | None = None,
-    lower_order_final: bool | None = None,
+  name,
+  *,
+  num_timesteps: int,
+  num_steps: int | None = None,
+  eta: float | None = None,
+  timestep_spacing: str | None = None,
+  sigma_schedule: str | None = None,
+  order: int | None = None,
+  lower_order_final: bool | None = None,
 ) -> SamplerSpec:
   """Validates a sampler's settings and fills in its defaults.
 
@@ -132,8 +132,8 @@ def resolve(
   if isinstance(name, SamplerSpec):
     if name.num_timesteps != num_timesteps:
       raise ValueError(
-          f"The SamplerSpec was resolved for T={name.num_timesteps}, but the diffusion has T={num_timesteps}; "
-          "resolve it again with num_timesteps=diffusion.num_timesteps."
+        f"The SamplerSpec was resolved for T={name.num_timesteps}, but the diffusion has T={num_timesteps}; "
+        "resolve it again with num_timesteps=diffusion.num_timesteps."
       )
     return name
   if not isinstance(name, str):
@@ -161,16 +161,16 @@ def resolve(
   if not sampler.has_eta and eta != 0:
     with_eta = [k for k, s in _REGISTRY.items() if s.has_eta]
     raise ValueError(
-        f"eta={eta!r} applies only to sampler={with_eta[0]!r}; use sampler={with_eta[0]!r} or eta=0.0 "
-        f"({name!r} has no eta)."
+      f"eta={eta!r} applies only to sampler={with_eta[0]!r}; use sampler={with_eta[0]!r} or eta=0.0 "
+      f"({name!r} has no eta)."
     )
 
   # The timestep grid.
   spacing = sampler.default_spacing if timestep_spacing is None else timestep_spacing
   if spacing not in sampler.spacings:
     raise ValueError(
-        f"timestep_spacing={timestep_spacing!r} is not available for sampler {name!r}; valid choices are "
-        f"{_choices(sampler.spacings)} (None for {sampler.default_spacing!r})."
+      f"timestep_spacing={timestep_spacing!r} is not available for sampler {name!r}; valid choices are "
+      f"{_choices(sampler.spacings)} (None for {sampler.default_spacing!r})."
     )
 
   # The σ grid.
@@ -178,15 +178,15 @@ def resolve(
     schedule = "uniform" if sigma_schedule is None else sigma_schedule
     if schedule not in sampler.sigma_schedules:
       raise ValueError(
-          f"sigma_schedule={sigma_schedule!r} is not available for sampler {name!r}; valid choices are "
-          f"{_choices(sampler.sigma_schedules)}."
+        f"sigma_schedule={sigma_schedule!r} is not available for sampler {name!r}; valid choices are "
+        f"{_choices(sampler.sigma_schedules)}."
       )
   else:
     if sigma_schedule not in (None, "uniform"):
       with_sigmas = [k for k, s in _REGISTRY.items() if s.sigma_schedules]
       raise ValueError(
-          f"sigma_schedule={sigma_schedule!r} does not apply to sampler {name!r} (it steps on timesteps); "
-          f"use one of {_choices(with_sigmas)}, or sigma_schedule=None."
+        f"sigma_schedule={sigma_schedule!r} does not apply to sampler {name!r} (it steps on timesteps); "
+        f"use one of {_choices(with_sigmas)}, or sigma_schedule=None."
       )
     schedule = None
 
@@ -201,11 +201,12 @@ def resolve(
   elif order is not None:
     with_order = [k for k, s in _REGISTRY.items() if s.orders]
     raise ValueError(
-        f"order={order!r} does not apply to sampler {name!r}; multistep samplers are {_choices(with_order)}.")
+      f"order={order!r} does not apply to sampler {name!r}; multistep samplers are {_choices(with_order)}."
+    )
   if n < sampler.min_steps(order):
     raise ValueError(
-        f"sampler {name!r} (order {order}) needs num_steps >= {sampler.min_steps(order)}, got {n}; "
-        "use more steps or a lower order."
+      f"sampler {name!r} (order {order}) needs num_steps >= {sampler.min_steps(order)}, got {n}; "
+      "use more steps or a lower order."
     )
 
   if sampler.has_lower_order_final:
@@ -216,8 +217,16 @@ def resolve(
   elif lower_order_final is not None:
     raise ValueError(f"lower_order_final applies only to the DPM-Solver++ samplers, not to {name!r}; leave it None.")
 
-  spec = SamplerSpec(name=name, num_timesteps=num_timesteps, num_steps=n, eta=eta, timestep_spacing=spacing,
-                     sigma_schedule=schedule, order=order, lower_order_final=lower_order_final)
+  spec = SamplerSpec(
+    name=name,
+    num_timesteps=num_timesteps,
+    num_steps=n,
+    eta=eta,
+    timestep_spacing=spacing,
+    sigma_schedule=schedule,
+    order=order,
+    lower_order_final=lower_order_final,
+  )
   # Building the grid once here catches spacings that cannot give n distinct steps.
   sampler.check(spec)
   return spec
@@ -225,7 +234,7 @@ def resolve(
 
 def _matches(family: str, name: str) -> bool:
   head, tail = family.split("{order}")
-  return name.startswith(head) and name.endswith(tail) and name[len(head):len(name) - len(tail)].isdigit()
+  return name.startswith(head) and name.endswith(tail) and name[len(head) : len(name) - len(tail)].isdigit()
 
 
 def check_mean_type(spec: SamplerSpec, mean_type: str) -> None:
@@ -233,6 +242,6 @@ def check_mean_type(spec: SamplerSpec, mean_type: str) -> None:
   if mean_type not in sampler.mean_types:
     supported = [k for k, s in _REGISTRY.items() if mean_type in s.mean_types]
     raise ValueError(
-        f"sampler {spec.name!r} does not support model_mean_type={mean_type!r} (it supports "
-        f"{', '.join(sampler.mean_types)}); use one of {_choices(supported)}."
+      f"sampler {spec.name!r} does not support model_mean_type={mean_type!r} (it supports "
+      f"{', '.join(sampler.mean_types)}); use one of {_choices(supported)}."
     )

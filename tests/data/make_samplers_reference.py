@@ -30,31 +30,43 @@ SEED = 5
 
 # name: (function, mean type, var type, keyword arguments of samplers.<function>).
 CASES = {
-    "anc_eps_fl_full_prog4": ("sample", "eps", "fixedlarge", dict(progressive_every=4)),
-    "anc_eps_fl_full": ("sample", "eps", "fixedlarge", dict()),
-    "anc_eps_fs_7_noclip": ("sample", "eps", "fixedsmall", dict(num_steps=7, clip_denoised=False)),
-    "anc_eps_fl_7_prog3": ("sample", "eps", "fixedlarge", dict(num_steps=7, progressive_every=3)),
-    "anc_xstart_fl_full": ("sample", "xstart", "fixedlarge", dict()),
-    "anc_xprev_fs_full": ("sample", "xprev", "fixedsmall", dict()),
-    "anc_xprev_fs_7": ("sample", "xprev", "fixedsmall", dict(num_steps=7)),
-    "anc_v_fl_7": ("sample", "v", "fixedlarge", dict(num_steps=7)),
-    "anc_eps_lr_full": ("sample", "eps", "learned_range", dict()),
-    "anc_eps_learned_7": ("sample", "eps", "learned", dict(num_steps=7)),
-    "ddim_eps_eta0_5": ("sample", "eps", "fixedlarge", dict(sampler="ddim", num_steps=5)),
-    "ddim_eps_eta0_full_prog5": ("sample", "eps", "fixedlarge", dict(sampler="ddim", progressive_every=5)),
-    "ddim_eps_eta05_10": ("sample", "eps", "fixedlarge", dict(sampler="ddim", num_steps=10, eta=0.5)),
-    "ddim_xstart_eta0_10_noclip": ("sample", "xstart", "fixedlarge",
-                                   dict(sampler="ddim", num_steps=10, clip_denoised=False)),
-    "ddim_v_eta05_5": ("sample", "v", "fixedsmall", dict(sampler="ddim", num_steps=5, eta=0.5)),
-    "ddim_xprev_eta0_10": ("sample", "xprev", "fixedsmall", dict(sampler="ddim", num_steps=10)),
-    "ddim_eps_lr_eta0_7_prog2": ("sample", "eps", "learned_range",
-                                 dict(sampler="ddim", num_steps=7, progressive_every=2)),
-    "denoise_anc_full_t12": ("denoise", "eps", "fixedlarge", dict(t=12)),
-    "denoise_anc_7_t12": ("denoise", "eps", "fixedlarge", dict(t=12, num_steps=7)),
-    "denoise_ddim_7_t12_eta05": ("denoise", "v", "fixedlarge", dict(t=12, sampler="ddim", num_steps=7, eta=0.5)),
-    "interp_anc_full_t10": ("interpolate", "eps", "fixedlarge", dict(t=10)),
-    "interp_ddim_7_t10_same": ("interpolate", "eps", "fixedlarge",
-                               dict(t=10, sampler="ddim", num_steps=7, same_noise=True)),
+  "anc_eps_fl_full_prog4": ("sample", "eps", "fixedlarge", dict(progressive_every=4)),
+  "anc_eps_fl_full": ("sample", "eps", "fixedlarge", dict()),
+  "anc_eps_fs_7_noclip": ("sample", "eps", "fixedsmall", dict(num_steps=7, clip_denoised=False)),
+  "anc_eps_fl_7_prog3": ("sample", "eps", "fixedlarge", dict(num_steps=7, progressive_every=3)),
+  "anc_xstart_fl_full": ("sample", "xstart", "fixedlarge", dict()),
+  "anc_xprev_fs_full": ("sample", "xprev", "fixedsmall", dict()),
+  "anc_xprev_fs_7": ("sample", "xprev", "fixedsmall", dict(num_steps=7)),
+  "anc_v_fl_7": ("sample", "v", "fixedlarge", dict(num_steps=7)),
+  "anc_eps_lr_full": ("sample", "eps", "learned_range", dict()),
+  "anc_eps_learned_7": ("sample", "eps", "learned", dict(num_steps=7)),
+  "ddim_eps_eta0_5": ("sample", "eps", "fixedlarge", dict(sampler="ddim", num_steps=5)),
+  "ddim_eps_eta0_full_prog5": ("sample", "eps", "fixedlarge", dict(sampler="ddim", progressive_every=5)),
+  "ddim_eps_eta05_10": ("sample", "eps", "fixedlarge", dict(sampler="ddim", num_steps=10, eta=0.5)),
+  "ddim_xstart_eta0_10_noclip": (
+    "sample",
+    "xstart",
+    "fixedlarge",
+    dict(sampler="ddim", num_steps=10, clip_denoised=False),
+  ),
+  "ddim_v_eta05_5": ("sample", "v", "fixedsmall", dict(sampler="ddim", num_steps=5, eta=0.5)),
+  "ddim_xprev_eta0_10": ("sample", "xprev", "fixedsmall", dict(sampler="ddim", num_steps=10)),
+  "ddim_eps_lr_eta0_7_prog2": (
+    "sample",
+    "eps",
+    "learned_range",
+    dict(sampler="ddim", num_steps=7, progressive_every=2),
+  ),
+  "denoise_anc_full_t12": ("denoise", "eps", "fixedlarge", dict(t=12)),
+  "denoise_anc_7_t12": ("denoise", "eps", "fixedlarge", dict(t=12, num_steps=7)),
+  "denoise_ddim_7_t12_eta05": ("denoise", "v", "fixedlarge", dict(t=12, sampler="ddim", num_steps=7, eta=0.5)),
+  "interp_anc_full_t10": ("interpolate", "eps", "fixedlarge", dict(t=10)),
+  "interp_ddim_7_t10_same": (
+    "interpolate",
+    "eps",
+    "fixedlarge",
+    dict(t=10, sampler="ddim", num_steps=7, same_noise=True),
+  ),
 }
 
 
@@ -67,15 +79,18 @@ def _analytic(x, t):
 
 def make_model_fn(mean_type, var_type):
   if mean_type == "xprev":
+
     def mean_fn(x, t):
       return 0.92 * x + 0.05 * _analytic(x, t)
   else:
     mean_fn = _analytic
   if var_type in ("learned", "learned_range"):
+
     def fn(x, t):
       out = mean_fn(x, t)
       var = 0.5 * jnp.tanh(out) if var_type == "learned_range" else -3.0 + 0.5 * jnp.tanh(out)
       return jnp.concatenate([out, var], axis=-1)
+
     return jax.tree_util.Partial(fn)
   return jax.tree_util.Partial(mean_fn)
 
