@@ -40,6 +40,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -310,10 +311,39 @@ def _checksums(leaves):
   return [_leaf_checksum(x) for x in leaves]
 
 
+def _host_checksum(x: np.ndarray) -> int:
+  """`_leaf_checksum` in NumPy (uint32 arithmetic wraps the same way), for arrays of at most 4-byte elements."""
+  x = np.ascontiguousarray(x).reshape(-1)
+  bits = x.astype(np.uint32) if x.dtype == np.bool_ else x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.itemsize])
+  bits = bits.astype(np.uint32)
+  weights = (np.arange(bits.size, dtype=np.uint32) * np.uint32(2) + np.uint32(1)) * np.uint32(0x9E3779B1)
+  return int(np.sum(bits * weights, dtype=np.uint32))
+
+
+def _on_host(leaf) -> bool:
+  if isinstance(leaf, np.ndarray | np.generic):
+    return leaf.dtype.itemsize <= 4
+  return (
+    isinstance(leaf, jax.Array)
+    and leaf.is_fully_addressable
+    and leaf.dtype.itemsize <= 4
+    and all(d.platform == "cpu" for d in leaf.devices())
+  )
+
+
 def checksums(tree: Any) -> dict[str, int]:
-  """A 32-bit checksum of every array of `tree`, by dotted leaf name; computed where the arrays live."""
+  """A 32-bit checksum of every array of `tree`, by dotted leaf name; computed where the arrays live.
+
+  Arrays in host memory (NumPy, or JAX arrays on CPU devices) are summed with
+  NumPy, which needs no compilation (a restart would otherwise trace and load
+  a program over every leaf); others by one jitted program on their devices.
+  """
   paths_and_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  values = jax.device_get(_checksums([leaf for _, leaf in paths_and_leaves]))
+  leaves = [leaf for _, leaf in paths_and_leaves]
+  if all(_on_host(leaf) for leaf in leaves):
+    values = [_host_checksum(np.asarray(leaf)) for leaf in leaves]
+  else:
+    values = jax.device_get(_checksums(leaves))
   return {_leaf_name(path): int(v) for (path, _), v in zip(paths_and_leaves, values)}
 
 

@@ -7,6 +7,7 @@ that does nothing, so callers need no `process_index` checks.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 
 import jax
@@ -14,6 +15,25 @@ import numpy as np
 from etils import epath
 
 TENSORBOARD_DIR = "tensorboard"
+
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without PyTorch.
+
+  tensorboardX imports torch when it is installed, only to widen a type
+  annotation (`numpy_compatible`); that is about 1.5 s of every start on a
+  machine with PyTorch. While tensorboardX is imported, `import torch` fails,
+  which tensorboardX handles; a PyTorch imported before or after is untouched.
+  """
+  if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this entry is None
+    try:
+      import tensorboardX  # noqa: F401  # pylint: disable=g-import-not-at-top
+    finally:
+      del sys.modules["torch"]
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
+  return SummaryWriter
 
 
 class MetricWriter:
@@ -24,9 +44,7 @@ class MetricWriter:
     self._writer = None
     self.logdir = epath.Path(workdir) / TENSORBOARD_DIR
     if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-
-      self._writer = SummaryWriter(str(self.logdir), filename_suffix=filename_suffix)
+      self._writer = _summary_writer_class()(str(self.logdir), filename_suffix=filename_suffix)
 
   def scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if self._writer:

@@ -236,11 +236,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summa
   train_iter = runtime.prefetch(
     input_pipeline.create_train_iterator(config, seed=tc.seed), mesh, size=max(1, tc.get("prefetch", 2))
   )
-  state = train_step_lib.init_state_sharded(config, network, mesh, init_rng)
-  state_sharding = jax.tree.map(lambda x: x.sharding, state)
+  # The state lives replicated; a restart restores into shapes (nothing is initialised or compiled for it).
+  replicated = runtime.replicated(mesh)
+  abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
   manager = checkpointing.create_manager(workdir, max_to_keep=tc.keep_checkpoints, log_saves=True)
-
-  abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
   def restore_args(_):
     return ocp.args.Composite(
@@ -272,7 +271,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summa
       _, ema, _ = checkpointing.load_params(tc.init_from, use_ema=True, step=src_step)
       state = train_step_lib.init_state_sharded(config, network, mesh, init_rng, params=params, ema_params=ema)
       logging.info("Initialised from %s (step %d).", tc.init_from, src_step)
+    else:
+      state = train_step_lib.init_state_sharded(config, network, mesh, init_rng)
   assert int(state.step) == start_step, (int(state.step), start_step)
+  state_sharding = jax.tree.map(lambda x: x.sharding, state)
   if summary is not None:
     summary.started(start_step)
 

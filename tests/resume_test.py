@@ -325,3 +325,25 @@ def test_launch_scripts_pass_bash_n_and_shellcheck():
       [_shellcheck(), "--shell=bash", "--severity=style", str(script)], capture_output=True, text=True
     )
     assert lint.returncode == 0, f"shellcheck {script.name}:\n{lint.stdout}{lint.stderr}"
+
+
+def test_checksums_in_host_memory_equal_the_device_program():
+  rng = np.random.default_rng(0)
+  tree = {
+    "f32": rng.normal(size=(3, 5)).astype(np.float32),
+    "bf16": jax.numpy.asarray(rng.normal(size=(7,)), dtype=jax.numpy.bfloat16),
+    "i32": np.int32(-7),
+    "u8": rng.integers(0, 255, size=(4, 4), dtype=np.uint8),
+    "flag": np.array([True, False, True]),
+    "sharded": jax.device_put(
+      rng.normal(size=(8, 3)).astype(np.float32),
+      jax.sharding.NamedSharding(jax.make_mesh((jax.device_count(),), ("d",)), jax.sharding.PartitionSpec("d")),
+    ),
+  }
+  host = checkpointing.checksums(tree)
+  device = jax.device_get(checkpointing._checksums(jax.tree.leaves(tree)))
+  assert host == {name: int(v) for name, v in zip(sorted(tree), device)}
+  assert checkpointing._on_host(tree["sharded"])
+  changed = dict(tree, f32=tree["f32"].copy())
+  changed["f32"][1, 2] = np.nextafter(changed["f32"][1, 2], np.float32(np.inf))
+  assert checkpointing.checksums(changed)["f32"] != host["f32"]
