@@ -24,6 +24,8 @@ def get_config():
   config.model.dropout = 0.0
   config.optim.learning_rate = 1e-3
   config.optim.warmup_steps = 100
+  config.optim.lr_decay = "cosine"  # to 0 at num_train_steps: the last steps refine at a small learning rate
+  config.optim.decay_steps = 4000
   config.optim.clip_groups = 1
   config.optim.ema_decay = 0.999
   config.optim.ema_warmup = True  # min(0.999, (1 + n) / (10 + n)): the average tracks the early, fast-moving weights
@@ -31,7 +33,7 @@ def get_config():
   # Trains for 8 minutes of wall time (the loop after the first step; start-up and compilation not counted),
   # at most num_train_steps steps; then the final checkpoint, grid and evaluation.
   config.training.time_budget_s = 480.0
-  config.training.num_train_steps = 20_000
+  config.training.num_train_steps = 4000
   config.training.log_every = 500
   config.training.checkpoint_every = 2000
   config.training.sample_every = 2000

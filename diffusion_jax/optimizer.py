@@ -34,8 +34,29 @@ def scale_by_adam_epsilon_hat(b1: float = 0.9, b2: float = 0.999, eps: float = 1
   return optax.GradientTransformation(base.init, update_fn)
 
 
+LR_DECAYS = ("constant", "cosine")
+
+
 def learning_rate_schedule(optim_config) -> optax.Schedule:
-  """lr·min(step/warmup, 1): zero at step 0, as the paper's warmup."""
+  """lr·min(step/warmup, 1): zero at step 0, as the paper's warmup; then constant, or a cosine to 0.
+
+  With `lr_decay="cosine"` the rate follows the warmup to `learning_rate` and
+  then half a cosine down to 0 at step `decay_steps` (counted from step 0, so
+  the warmup is included), and stays at 0 after it.
+  """
+  decay = optim_config.get("lr_decay", "constant")
+  if decay not in LR_DECAYS:
+    raise ValueError(f"optim.lr_decay must be one of {LR_DECAYS}, got {decay!r}.")
+  if decay == "cosine":
+    decay_steps = int(optim_config.get("decay_steps", 0))
+    if decay_steps <= max(optim_config.warmup_steps, 0):
+      raise ValueError(
+        f"optim.decay_steps={decay_steps} must exceed optim.warmup_steps={optim_config.warmup_steps} for "
+        "lr_decay='cosine'; set it to the number of training steps."
+      )
+    return optax.warmup_cosine_decay_schedule(
+      0.0, optim_config.learning_rate, max(optim_config.warmup_steps, 0), decay_steps, end_value=0.0
+    )
   if optim_config.warmup_steps <= 0:
     return optax.constant_schedule(optim_config.learning_rate)
   return optax.linear_schedule(0.0, optim_config.learning_rate, optim_config.warmup_steps)

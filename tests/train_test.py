@@ -6,6 +6,7 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -77,6 +78,22 @@ def test_learning_rate_warmup_starts_at_zero(config):
   sched = optimizer.learning_rate_schedule(config.optim)
   lr, w = config.optim.learning_rate, config.optim.warmup_steps
   np.testing.assert_allclose([sched(0), sched(1), sched(w), sched(10 * w)], [0.0, lr / w, lr, lr], rtol=1e-6)
+
+
+def test_cosine_decay_follows_the_warmup_and_ends_at_zero(config):
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.optim.update(learning_rate=1e-3, warmup_steps=100, lr_decay="cosine", decay_steps=1100)
+  sched = optimizer.learning_rate_schedule(config.optim)
+  steps = [0, 50, 100, 350, 600, 850, 1100, 5000]
+  # lr·s/w in the warmup, then lr·(1 + cos(π·(s − w)/(D − w)))/2, 0 from D on.
+  expected = [0.0, 5e-4, 1e-3, 1e-3 * (1 + np.cos(np.pi / 4)) / 2, 5e-4, 1e-3 * (1 + np.cos(3 * np.pi / 4)) / 2, 0, 0]
+  np.testing.assert_allclose([float(sched(s)) for s in steps], expected, rtol=1e-5, atol=1e-12)
+  config.optim.decay_steps = 100
+  with pytest.raises(ValueError, match=r"optim.decay_steps=100 must exceed optim.warmup_steps=100"):
+    optimizer.learning_rate_schedule(config.optim)
+  config.optim.lr_decay = "linear"
+  with pytest.raises(ValueError, match=r"optim.lr_decay must be one of \('constant', 'cosine'\)"):
+    optimizer.learning_rate_schedule(config.optim)
 
 
 def _setup(config, devices):
