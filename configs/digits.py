@@ -32,7 +32,7 @@ def get_config():
   config.training.batch_size = 64
   # Trains for 8 minutes of wall time (the loop after the first step; start-up and compilation not counted),
   # at most num_train_steps steps; then the final checkpoint, grid and evaluation.
-  config.training.time_budget_s = 480.0
+  config.training.time_budget_s = 525.0
   config.training.num_train_steps = 4000
   config.training.log_every = 500
   config.training.checkpoint_every = 2000
