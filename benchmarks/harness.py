@@ -126,6 +126,7 @@ class Contender:
     items_per_run: work items per unit (images per training step, images × steps per sampler call, …).
     flops_per_run: FLOPs per unit, for MFU (None if unknown).
     info: extra facts for the JSON (compile time, dtype, …).
+    hlo_text: returns the optimized HLO of the compiled program (JAX rows; for `op_profile`).
   """
 
   name: str
@@ -133,6 +134,7 @@ class Contender:
   items_per_run: float
   flops_per_run: float | None = None
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
+  hlo_text: Callable[[], str] | None = None
 
 
 def _median(xs: Sequence[float]) -> float:

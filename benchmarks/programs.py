@@ -87,7 +87,9 @@ def train_step(config, clip_groups: int, batch_size: int, dtype: str, peak: floa
     "peak_flops_per_device": peak,
   }
   name = f"jax (clip_groups={clip_groups})"
-  return harness.Contender(name, run, batch_size, flops * jax.device_count() if flops else None, info)
+  return harness.Contender(
+    name, run, batch_size, flops * jax.device_count() if flops else None, info, hlo_text=compiled.as_text
+  )
 
 
 def sampler(name, diffusion, model, params, image_shape, batch_size, sampler_name, num_steps, flops_per_call):
@@ -110,7 +112,12 @@ def sampler(name, diffusion, model, params, image_shape, batch_size, sampler_nam
 
   info = {"compile_s": compile_s, "sampler": sampler_name, "num_steps": num_steps}
   return harness.Contender(
-    name, run, batch_size * num_steps, flops_per_call * num_steps if flops_per_call else None, info
+    name,
+    run,
+    batch_size * num_steps,
+    flops_per_call * num_steps if flops_per_call else None,
+    info,
+    hlo_text=compiled.as_text,
   )
 
 

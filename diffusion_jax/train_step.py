@@ -110,6 +110,70 @@ def grouped_clipped_gradients(grad_fn, params, batch, rngs, max_norm: float):
   return jax.tree.map(lambda a: a / groups, acc), losses.reshape(b), jnp.mean(norms)
 
 
+def _group_mesh(mesh: Mesh, groups: int) -> Mesh:
+  """`mesh`'s devices in the same order as a (clip group, member) grid: group g holds devices [g·k, (g+1)·k)."""
+  devices = mesh.devices.reshape(-1)
+  return Mesh(devices.reshape(groups, devices.size // groups), (_GROUP_AXIS, _MEMBER_AXIS))
+
+
+_GROUP_AXIS, _MEMBER_AXIS = "clip_group", "clip_member"
+
+
+def sharded_grouped_clipped_gradients(grad_fn, params, batch, rngs, max_norm: float, mesh: Mesh):
+  """`grouped_clipped_gradients` with the groups laid on the devices of the data axis (per-core clipping).
+
+  Group g is the same rows [g·B/G, (g+1)·B/G) of the global batch, with `rngs[g]`, so the result
+  equals `grouped_clipped_gradients` up to float32 summation order. Each device computes the
+  gradient of its own rows only, inside `jax.shard_map`:
+
+  * G a multiple of the D devices: each device holds G/D whole groups, clips them one after
+    another (`grouped_clipped_gradients` on its rows), and the D means are averaged (one all-reduce);
+  * D a multiple of G: the k = D/G devices of a group average their gradients (an all-reduce
+    within the group), every device clips its group's gradient, and the G groups are averaged.
+    Each device draws dropout for its own rows from `rngs[g]`, so with dropout this is not the
+    global form's draw (`train_step` uses it only for networks without dropout).
+
+  Without this, the global form slices each group out of the sharded batch, so a group's
+  rows live on few devices and the others wait (D = G: one device busy at a time).
+
+  Args and returns as `grouped_clipped_gradients`; `mesh` has the one data axis the batch is
+  sharded over, and D (its size) and G must divide one another.
+  """
+  groups = rngs.shape[0]
+  d = runtime.data_size(mesh)
+  if groups % d and d % groups:
+    raise ValueError(f"{groups} clip groups cannot be laid on {d} devices: one must divide the other.")
+  grid = _group_mesh(mesh, min(groups, d))
+  spec = jax.sharding.PartitionSpec((_GROUP_AXIS, _MEMBER_AXIS))
+  replicated = jax.sharding.PartitionSpec()
+
+  def local(params, *xs):
+    *arrays, rngs = xs
+    if groups >= d:  # whole groups on each device
+      acc, losses, norm = grouped_clipped_gradients(grad_fn, params, tuple(arrays), rngs, max_norm)
+    else:  # one group over k devices: its gradient is the mean of theirs (equal row counts)
+      (_, losses), grads = grad_fn(params, *arrays, rngs[0])
+      grads = jax.lax.pmean(grads, _MEMBER_AXIS)
+      norm = optax.tree_utils.tree_norm(grads)
+      scale = jnp.minimum(1.0, max_norm / (norm + 1e-12)) if max_norm > 0 else 1.0
+      acc = jax.tree.map(lambda g: scale * g, grads)
+    axes = (_GROUP_AXIS, _MEMBER_AXIS)
+    # Every member of a group holds the same clipped gradient, so the mean over all devices is the mean over groups.
+    return jax.lax.pmean(acc, axes), losses, jax.lax.pmean(norm, axes)
+
+  rng_spec = spec if groups >= d else jax.sharding.PartitionSpec(_GROUP_AXIS)
+  fn = jax.shard_map(
+    local,
+    mesh=grid,
+    in_specs=(replicated,) + (spec,) * len(batch) + (rng_spec,),
+    out_specs=(replicated, spec, replicated),
+    # Unchecked: a gradient with respect to the replicated parameters is then each device's own (with the
+    # check, autodiff would sum it over the devices); the pmeans make the outputs replicated.
+    check_vma=False,
+  )
+  return fn(params, *batch, rngs)
+
+
 def train_step(
   state: TrainState,
   batch: Mapping[str, jax.Array],
@@ -119,6 +183,7 @@ def train_step(
   diffusion: diffusion_lib.GaussianDiffusion,
   optim_config,
   label_dropout: float = 0.0,
+  mesh: Mesh | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a global batch; pure, to be jitted with a donated state.
 
@@ -137,6 +202,9 @@ def train_step(
     label_dropout: conditional networks: the probability that an example is
       trained on the null class (classifier-free guidance), drawn per example
       from `fold_in(step key, 3)`.
+    mesh: the mesh the batch is sharded over; with clip groups and a data axis
+      of more than one device whose size and G divide one another, each device
+      clips the groups of its own rows (`sharded_grouped_clipped_gradients`).
 
   Returns:
     (new state, metrics) with scalar metrics: loss, loss_q0..loss_q3 (mean loss
@@ -172,9 +240,18 @@ def train_step(
       return grad_fn(params, x, t, noise, rng, *labels)
 
     arrays = (x, t, noise) + (() if cond is None else (cond,))
-    grads, losses, grad_norm = grouped_clipped_gradients(
-      group_grad_fn, state.params, arrays, jax.random.split(dropout_rng, groups), optim_config.grad_clip
-    )
+    rngs = jax.random.split(dropout_rng, groups)
+    d = 1 if mesh is None else runtime.data_size(mesh)
+    # A group split over k devices draws its dropout masks per device, not as one [B/G, ...] draw: only
+    # without dropout does that give the same step on every device count.
+    if d > 1 and (groups % d == 0 or (d % groups == 0 and not network.dropout)):
+      grads, losses, grad_norm = sharded_grouped_clipped_gradients(
+        group_grad_fn, state.params, arrays, rngs, optim_config.grad_clip, mesh
+      )
+    else:
+      grads, losses, grad_norm = grouped_clipped_gradients(
+        group_grad_fn, state.params, arrays, rngs, optim_config.grad_clip
+      )
 
   new_state = state.apply_gradients(grads=grads)
   # tf.train.ExponentialMovingAverage as used by the paper: decay ~0 before the first step.
@@ -205,7 +282,12 @@ def jit_train_step(
   """train_step jitted for `mesh`: replicated state (donated), batch pytree sharded on 'data'."""
   return jax.jit(
     functools.partial(
-      train_step, network=network, diffusion=diffusion, optim_config=optim_config, label_dropout=label_dropout
+      train_step,
+      network=network,
+      diffusion=diffusion,
+      optim_config=optim_config,
+      label_dropout=label_dropout,
+      mesh=mesh,
     ),
     in_shardings=(state_sharding, runtime.batch_sharding(mesh), runtime.replicated(mesh)),
     out_shardings=(state_sharding, runtime.replicated(mesh)),

@@ -34,7 +34,7 @@ def _lowered_text(traced, platform):
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
-@pytest.mark.parametrize("clip_groups,num_classes", [(1, 0), (2, 10)])
+@pytest.mark.parametrize("clip_groups,num_classes", [(1, 0), (2, 10), (8, 0)])
 def test_train_step_lowers_in_bfloat16(platform, clip_groups, num_classes):
   config = tiny_config(dtype="bfloat16", num_classes=num_classes)
   config.optim.clip_groups = clip_groups

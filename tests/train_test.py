@@ -193,6 +193,29 @@ def test_grouped_clipping_averages_clipped_group_gradients(config):
   assert np.isfinite(float(metrics["grad_norm"]))
 
 
+@pytest.mark.parametrize("groups,dropout,sharded", [(8, 0.1, True), (4, 0.1, True), (2, 0.0, True), (2, 0.1, False)])
+def test_clip_groups_on_four_devices_match_one_device(n_devices, groups, dropout, sharded):
+  """Per-device group clipping (shard_map) gives the one-device step; groups split over devices only without dropout."""
+  cfg = tiny_config()
+  cfg.optim.clip_groups = groups
+  cfg.optim.grad_clip = 0.05  # active for every group
+  cfg.model.dropout = dropout
+  diffusion = runtime.build_diffusion(cfg)
+  model = runtime.build_network(cfg, diffusion)
+  mesh4 = runtime.make_mesh(devices=jax.devices())
+  fn = functools.partial(train_step.train_step, network=model, diffusion=diffusion, optim_config=cfg.optim, mesh=mesh4)
+  state = jax.eval_shape(lambda: train_step.create_train_state(cfg, model, jax.random.PRNGKey(0)))
+  batch = {"image": jax.ShapeDtypeStruct((8, 8, 8, 1), jnp.float32)}
+  jaxpr = str(jax.make_jaxpr(fn)(state, batch, jax.random.PRNGKey(1)))
+  assert ("shard_map" in jaxpr) == sharded
+  state4, m4 = _run_steps(cfg, jax.devices(), 3)
+  state1, m1 = _run_steps(cfg, jax.devices()[:1], 3)
+  np.testing.assert_allclose([m["loss"] for m in m4], [m["loss"] for m in m1], rtol=1e-5)
+  np.testing.assert_allclose([m["grad_norm"] for m in m4], [m["grad_norm"] for m in m1], rtol=1e-5)
+  assert all(float(m["grad_norm"]) > cfg.optim.grad_clip for m in m1[1:])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state4.params, state1.params)
+
+
 def test_four_devices_match_one_device(config, n_devices):
   state4, m4 = _run_steps(config, jax.devices(), 3)
   state1, m1 = _run_steps(config, jax.devices()[:1], 3)
