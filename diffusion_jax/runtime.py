@@ -85,6 +85,19 @@ def make_mesh(config: ml_collections.ConfigDict | None = None, devices=None) -> 
   return _mesh(tuple(sorted(devices, key=lambda d: (d.process_index, d.id))))
 
 
+def grid_mesh(mesh: Mesh, rows: int, axes: tuple[str, str]) -> Mesh:
+  """`mesh`'s devices, in the same order, as a (rows, D / rows) grid with two named axes.
+
+  Row r holds devices [r·k, (r+1)·k), k = D / rows: an array sharded over
+  both axes is laid out as one sharded over `mesh`'s data axis (the per-group
+  clipping of `train_step` uses it for groups that span several devices).
+  """
+  devices = mesh.devices.reshape(-1)
+  if devices.size % rows:
+    raise ValueError(f"{devices.size} devices cannot be laid out in {rows} rows.")
+  return Mesh(devices.reshape(rows, devices.size // rows), axes)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Arrays whose leading (batch) axis is split over the data axis."""
   return NamedSharding(mesh, P(DATA_AXIS))

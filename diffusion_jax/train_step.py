@@ -110,12 +110,6 @@ def grouped_clipped_gradients(grad_fn, params, batch, rngs, max_norm: float):
   return jax.tree.map(lambda a: a / groups, acc), losses.reshape(b), jnp.mean(norms)
 
 
-def _group_mesh(mesh: Mesh, groups: int) -> Mesh:
-  """`mesh`'s devices in the same order as a (clip group, member) grid: group g holds devices [g·k, (g+1)·k)."""
-  devices = mesh.devices.reshape(-1)
-  return Mesh(devices.reshape(groups, devices.size // groups), (_GROUP_AXIS, _MEMBER_AXIS))
-
-
 _GROUP_AXIS, _MEMBER_AXIS = "clip_group", "clip_member"
 
 
@@ -143,13 +137,16 @@ def sharded_grouped_clipped_gradients(grad_fn, params, batch, rngs, max_norm: fl
   d = runtime.data_size(mesh)
   if groups % d and d % groups:
     raise ValueError(f"{groups} clip groups cannot be laid on {d} devices: one must divide the other.")
-  grid = _group_mesh(mesh, min(groups, d))
-  spec = jax.sharding.PartitionSpec((_GROUP_AXIS, _MEMBER_AXIS))
+  whole = groups >= d
+  # Whole groups: the mesh itself. Split groups: the same devices as a (group, member) grid.
+  grid = mesh if whole else runtime.grid_mesh(mesh, groups, (_GROUP_AXIS, _MEMBER_AXIS))
+  axes = (runtime.DATA_AXIS,) if whole else (_GROUP_AXIS, _MEMBER_AXIS)
+  spec = jax.sharding.PartitionSpec(axes)
   replicated = jax.sharding.PartitionSpec()
 
   def local(params, *xs):
     *arrays, rngs = xs
-    if groups >= d:  # whole groups on each device
+    if whole:
       acc, losses, norm = grouped_clipped_gradients(grad_fn, params, tuple(arrays), rngs, max_norm)
     else:  # one group over k devices: its gradient is the mean of theirs (equal row counts)
       (_, losses), grads = grad_fn(params, *arrays, rngs[0])
@@ -157,11 +154,10 @@ def sharded_grouped_clipped_gradients(grad_fn, params, batch, rngs, max_norm: fl
       norm = optax.tree_utils.tree_norm(grads)
       scale = jnp.minimum(1.0, max_norm / (norm + 1e-12)) if max_norm > 0 else 1.0
       acc = jax.tree.map(lambda g: scale * g, grads)
-    axes = (_GROUP_AXIS, _MEMBER_AXIS)
     # Every member of a group holds the same clipped gradient, so the mean over all devices is the mean over groups.
     return jax.lax.pmean(acc, axes), losses, jax.lax.pmean(norm, axes)
 
-  rng_spec = spec if groups >= d else jax.sharding.PartitionSpec(_GROUP_AXIS)
+  rng_spec = spec if whole else jax.sharding.PartitionSpec(_GROUP_AXIS)
   fn = jax.shard_map(
     local,
     mesh=grid,
