@@ -129,3 +129,27 @@ def test_digits_peer_trains_samples_and_scores(tmp_path):
   assert (tmp_path / "samples.png").exists()
   harness.write_json(str(tmp_path / "peer.json"), payload)
   assert json.loads((tmp_path / "peer.json").read_text())["digits_fd"] == payload["digits_fd"]
+
+
+def test_op_profile_inventory_counts_the_networks_layers():
+  """Every layer call of the U-Net, counted from the architecture (tiny: 2 levels, 1 block each, attention at 4x4)."""
+  from benchmarks import op_profile  # noqa: PLC0415
+
+  config = tiny.get_config()
+  m = config.model
+  levels, r = len(m.ch_mult), m.num_res_blocks
+  _, model, params, image_shape = programs.model_and_params(config, "float32")
+  calls = op_profile.inventory(model, params, 4, image_shape)
+  count = lambda kind: sum(n for (k, _, _), n in calls.items() if k == kind)  # noqa: E731
+  blocks = levels * r + 2 + levels * (r + 1)  # down, mid, up
+  # conv_in, two per residual block, the upsampling convolutions, conv_out; one stride-2 convolution per downsample.
+  assert count("conv 3x3") == 1 + 2 * blocks + (levels - 1) + 1
+  assert count("conv 3x3 stride 2") == levels - 1
+  assert count("concatenate") == levels * (r + 1)
+  # Attention at 4x4: the second level's down blocks, the middle, the second level's up blocks.
+  assert count("attention core") == r + 1 + (r + 1)
+  assert count("groupnorm") == count("attention core")
+  assert count("groupnorm+swish") == 2 * blocks + 1  # two per block and norm_out
+  assert all(shape[0] == 4 for (_, shape, _) in calls)
+  hlo = jax.jit(lambda x: jnp.sin(x) @ x.T).lower(jnp.ones((4, 4))).compile().as_text()
+  assert op_profile.hlo_op_counts(hlo)["dot"] == 1
