@@ -133,13 +133,13 @@ def test_digits_peer_trains_samples_and_scores(tmp_path):
 
 def test_op_profile_inventory_counts_the_networks_layers():
   """Every layer call of the U-Net, counted from the architecture (tiny: 2 levels, 1 block each, attention at 4x4)."""
-  from benchmarks import op_profile  # noqa: PLC0415
+  from benchmarks import ops  # noqa: PLC0415
 
   config = tiny.get_config()
   m = config.model
   levels, r = len(m.ch_mult), m.num_res_blocks
   _, model, params, image_shape = programs.model_and_params(config, "float32")
-  calls = op_profile.inventory(model, params, 4, image_shape)
+  calls = ops.inventory(model, params, 4, image_shape)
   count = lambda kind: sum(n for (k, _, _), n in calls.items() if k == kind)  # noqa: E731
   blocks = levels * r + 2 + levels * (r + 1)  # down, mid, up
   # conv_in, two per residual block, the upsampling convolutions, conv_out; one stride-2 convolution per downsample.
@@ -152,4 +152,4 @@ def test_op_profile_inventory_counts_the_networks_layers():
   assert count("groupnorm+swish") == 2 * blocks + 1  # two per block and norm_out
   assert all(shape[0] == 4 for (_, shape, _) in calls)
   hlo = jax.jit(lambda x: jnp.sin(x) @ x.T).lower(jnp.ones((4, 4))).compile().as_text()
-  assert op_profile.hlo_op_counts(hlo)["dot"] == 1
+  assert ops.hlo_op_counts(hlo)["dot"] == 1
