@@ -83,7 +83,7 @@ def main(argv):
   ops = sorted(calls.items(), key=lambda kv: (CLASSES.index(kv[0][0]), kv[0][1]))
   rows = []
   for (kind, shape, extra), n in ops:
-    fn, _ = jax_op(kind, shape, extra, train)
+    fn = jax_op(kind, shape, extra, train)
     j = median_time(fn, repeats, inner_repeats(shape))
     rows.append({"class": kind, "shape": list(shape), "out": extra, "count": n, "jax_ms": j * 1e3, "torch_ms": None})
   torch_step = None

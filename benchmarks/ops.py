@@ -65,7 +65,7 @@ def inner_repeats(shape) -> int:
 
 
 def jax_op(kind: str, shape, extra: int, train: bool):
-  """A jitted JAX function of the op (forward, or forward + backward) and its arguments."""
+  """A call of the jitted JAX op (forward, or forward + backward) on arguments of its shape, waiting for the result."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal(shape, np.float32))
   c = shape[-1]
@@ -98,7 +98,7 @@ def jax_op(kind: str, shape, extra: int, train: bool):
     fwd = f
     f = jax.grad(lambda *a: jnp.sum(fwd(*a) ** 2), argnums=tuple(range(len(args))))
   jitted = jax.jit(f)
-  return (lambda: jax.block_until_ready(jitted(*args))), shape
+  return lambda: jax.block_until_ready(jitted(*args))
 
 
 def torch_op(torch, kind: str, shape, extra: int, train: bool):
@@ -161,10 +161,9 @@ def hlo_op_counts(hlo_text: str) -> collections.Counter:
     if not m:
       continue
     name, op = m.groups()
-    if op == "fusion":
-      base = re.sub(r"\.\d+$", "", name)
-      op = "fusion: " + (
-        "transpose/copy" if ("transpose" in base or "copy" in base) else base.split("_")[-2] if "_" in base else base
-      )
+    if op == "fusion":  # named by XLA after its ops, e.g. "multiply_add_fusion.3"
+      base = re.sub(r"\.\d+$", "", name).removesuffix("_fusion")
+      kind = "transpose/copy" if ("transpose" in base or "copy" in base) else base.split("_")[-1]
+      op = f"fusion: {kind}"
     counts[op] += 1
   return counts

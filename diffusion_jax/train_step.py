@@ -150,10 +150,7 @@ def sharded_grouped_clipped_gradients(grad_fn, params, batch, rngs, max_norm: fl
       acc, losses, norm = grouped_clipped_gradients(grad_fn, params, tuple(arrays), rngs, max_norm)
     else:  # one group over k devices: its gradient is the mean of theirs (equal row counts)
       (_, losses), grads = grad_fn(params, *arrays, rngs[0])
-      grads = jax.lax.pmean(grads, _MEMBER_AXIS)
-      norm = optax.tree_utils.tree_norm(grads)
-      scale = jnp.minimum(1.0, max_norm / (norm + 1e-12)) if max_norm > 0 else 1.0
-      acc = jax.tree.map(lambda g: scale * g, grads)
+      acc, norm = optimizer_lib.clip_by_global_norm(jax.lax.pmean(grads, _MEMBER_AXIS), max_norm)
     # Every member of a group holds the same clipped gradient, so the mean over all devices is the mean over groups.
     return jax.lax.pmean(acc, axes), losses, jax.lax.pmean(norm, axes)
 
