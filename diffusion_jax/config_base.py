@@ -35,6 +35,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.resamp_with_conv = True  # convolutions in down/upsampling
   model.dtype = "float32"  # activation dtype: float32 | bfloat16 (parameters stay float32)
   model.remat = False  # rematerialise levels in the backward pass (memory for compute)
+  # ddpm: the paper's initialisation (fan-average uniform; residual branches, attention outputs and the last
+  # convolution at 1e-10) | pytorch: PyTorch's layer defaults (weights and biases U(±1/√fan_in)), as diffusers starts.
+  model.init = "ddpm"
   model.num_classes = 0  # 0 = unconditional (the paper); K > 0: class-conditional with a null class for guidance
 
   config.diffusion = diffusion = ml_collections.ConfigDict()

@@ -235,10 +235,19 @@ def build(config: ml_collections.ConfigDict) -> tuple[unet.UNet, diffusion_lib.G
   return build_network(config, diffusion), diffusion
 
 
-def init_params(network: unet.UNet, rng: jax.Array, shape) -> Any:
-  """Fresh parameters of `network` for images of `shape` [H, W, C]."""
+def init_params(network: unet.UNet, rng: jax.Array, shape, scheme: str = "ddpm") -> Any:
+  """Fresh parameters of `network` for images of `shape` [H, W, C].
+
+  `scheme` (`model.init`): "ddpm", the paper's initialisation, or "pytorch",
+  PyTorch's layer defaults (`unet.pytorch_init`).
+  """
+  if scheme not in unet.INIT_SCHEMES:
+    raise ValueError(f"Unknown model.init {scheme!r}; valid choices are {', '.join(unet.INIT_SCHEMES)}.")
   x = jnp.zeros((1,) + tuple(shape), jnp.float32)
-  return network.init(rng, x, jnp.zeros((1,), jnp.int32), train=False)["params"]
+  params = network.init(rng, x, jnp.zeros((1,), jnp.int32), train=False)["params"]
+  if scheme == "pytorch":
+    params = unet.pytorch_init(jax.random.fold_in(rng, 1), params)
+  return params
 
 
 @functools.cache

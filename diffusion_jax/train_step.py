@@ -50,12 +50,18 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
     )
   if config.optim.ema_decay < 0 or config.optim.ema_decay >= 1:
     raise ValueError(f"optim.ema_decay must lie in [0, 1), got {config.optim.ema_decay}.")
+  init = config.model.get("init", "ddpm")
+  if init not in unet.INIT_SCHEMES:
+    raise ValueError(
+      f"Unknown model.init {init!r}; valid choices are {', '.join(unet.INIT_SCHEMES)} "
+      "(ddpm: the paper's initialisation; pytorch: PyTorch's layer defaults)."
+    )
   runtime.build_network(config).check_input(jax.ShapeDtypeStruct((1,) + runtime.image_shape(config), jnp.float32))
 
 
 def create_train_state(config, network: unet.UNet, rng, params=None, ema_params=None, tx=None) -> TrainState:
   if params is None:
-    params = runtime.init_params(network, rng, runtime.image_shape(config))
+    params = runtime.init_params(network, rng, runtime.image_shape(config), config.model.get("init", "ddpm"))
   ema_params = params if ema_params is None else ema_params
   tx = optimizer_lib.create_optimizer(config.optim) if tx is None else tx
   state = TrainState.create(apply_fn=network.apply, params=params, tx=tx, ema_params=ema_params)

@@ -3,6 +3,8 @@
 No timing is asserted: benchmarks print figures, tests check that they are computed right.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,3 +155,31 @@ def test_op_profile_inventory_counts_the_networks_layers():
   assert all(shape[0] == 4 for (_, shape, _) in calls)
   hlo = jax.jit(lambda x: jnp.sin(x) @ x.T).lower(jnp.ones((4, 4))).compile().as_text()
   assert ops.hlo_op_counts(hlo)["dot"] == 1
+
+
+def test_digits_race_scores_both_sides_with_each_eval_seed(tmp_path, repo_root):
+  """The equal-wall-time race at toy sizes: a one-step peer, a two-step run of ours, two eval seeds of 8 samples."""
+  from benchmarks import digits_race  # noqa: PLC0415
+
+  config = tiny.get_config()
+  peer = digits_race.run_peer(config, 0, 0.0, [1, 2], 8, 3, str(tmp_path / "peer_seed0.npz"))
+  assert peer["side"] == "peer" and peer["steps"] == 1
+  assert [e["eval_seed"] for e in peer["evals"]] == [1, 2]
+  assert peer["evals"][0]["digits_fd"] != peer["evals"][1]["digits_fd"]  # other seeds, other samples
+  with np.load(tmp_path / "peer_seed0.npz") as weights:
+    assert sum(weights[k].size for k in weights.files) == peer["stats"]["num_params"]
+
+  flags = ["--config.training.num_train_steps=2", "--config.training.final_eval_num_steps=4"]
+  ours = digits_race.run_ours(str(repo_root / "configs" / "tiny.py"), 3, str(tmp_path / "ours"), flags, [1, 2], 8)
+  assert ours["side"] == "ours" and ours["steps"] == 2
+  assert "--config.training.seed=3" in ours["command"]
+  assert (tmp_path / "ours" / "checkpoints").is_dir()
+  assert [e["eval_seed"] for e in ours["evals"]] == [1, 2]
+
+  summary = digits_race.summarize([peer, ours, {**ours, "steps": 4}])
+  assert summary["peer"]["runs"] == 1 and summary["peer"]["evaluations"] == 2
+  assert summary["ours"]["runs"] == 2 and summary["ours"]["steps"] == (3.0, 2, 4)
+  values = [e["digits_is"] for e in ours["evals"]]
+  assert summary["ours"]["digits_is"] == pytest.approx((np.mean(values), min(values), max(values)))
+  for k in digits_race.FIGURES:
+    assert all(math.isfinite(v) for v in summary["peer"][k]), k

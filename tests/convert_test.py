@@ -23,12 +23,14 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import diffusers  # noqa: E402
+import flax  # noqa: E402
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import torch  # noqa: E402
 from safetensors import numpy as st_numpy  # noqa: E402
 
 from diffusion_jax import convert  # noqa: E402
+from diffusion_jax import runtime  # noqa: E402
 from diffusion_jax.models import unet  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -830,3 +832,42 @@ def test_conditional_diffusers_import_matches_diffusers_forward(tmp_path):
     _our_conditional_forward(params, config, x, t, y),
     _torch_conditional_forward(model, x, t, y),
   )
+
+
+def test_pytorch_init_draws_like_a_fresh_unet2dmodel(tmp_path):
+  """model.init='pytorch' against the real thing: a fresh UNet2DModel (PyTorch's defaults), converted, layer by layer.
+
+  Each kernel and bias lies in ±1/√fan_in (fan_in from the torch tensor's
+  shape, [out, in, kh, kw] or [out, in]) and has the torch layer's spread;
+  nothing starts near zero, unlike the paper's initialisation.
+  """
+  torch.manual_seed(0)
+  fresh = diffusers.UNet2DModel(**TINY)
+  fresh.save_pretrained(tmp_path / "fresh")
+  theirs, _ = convert.diffusers_to_params(tmp_path / "fresh")
+  network = unet.UNet(ch=32, out_ch=2, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
+  ours = runtime.init_params(network, jax.random.PRNGKey(0), (8, 8, 1), "pytorch")
+  flat_ours = flax.traverse_util.flatten_dict(ours)
+  flat_theirs = flax.traverse_util.flatten_dict(theirs)
+  assert set(flat_ours) == set(flat_theirs)
+  checked = 0
+  for path, mine in flat_ours.items():
+    mine, ref = np.asarray(mine, np.float64), np.asarray(flat_theirs[path], np.float64)
+    assert mine.shape == ref.shape, path
+    if path[-1] == "scale":
+      np.testing.assert_array_equal(mine, 1.0, err_msg=str(path))
+    elif path[-1] == "bias" and "norm" in "/".join(path):
+      np.testing.assert_array_equal(mine, 0.0, err_msg=str(path))
+    else:
+      # The range of torch's draw of the layer's kernel (its 1/√fan_in, to a few percent): biases share it.
+      bound = np.abs(np.asarray(flat_theirs[path[:-1] + ("kernel",)])).max() if path[-1] == "bias" else None
+      if bound is not None:
+        assert np.abs(mine).max() <= bound * 1.05 and np.abs(ref).max() <= bound * 1.05, path
+      if mine.size >= 256:
+        ref_max = np.abs(ref).max()
+        assert 0.9 * ref_max < np.abs(mine).max() <= 1.05 * ref_max, path
+        np.testing.assert_allclose(mine.std(), ref.std(), rtol=0.15, err_msg=str(path))
+        checked += 1
+  assert checked > 30
+  conv_in = np.asarray(ours["conv_in"]["kernel"])  # fan_in 3·3·1 = 9: U(±1/3), as torch's conv_in.weight
+  assert 0.3 < np.abs(conv_in).max() <= 1 / 3 and 0.3 < fresh.conv_in.weight.abs().max().item() <= 1 / 3

@@ -41,6 +41,7 @@ def test_missing_workdir_is_a_usage_error():
     ("--config.diffusion.beta_schedule=cosinus", "Unknown beta schedule 'cosinus'"),
     ("--config.optim.clip_groups=3", "clip_groups=3 must be a positive divisor"),
     ("--config.model.attn_resolutions=(5,)", "attn_resolutions (5,) contains [5]"),
+    ("--config.model.init=torch", "Unknown model.init 'torch'; valid choices are ddpm, pytorch"),
   ],
 )
 def test_bad_config_values_name_the_problem(tmp_path, override, message):

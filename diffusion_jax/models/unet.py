@@ -19,6 +19,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,36 @@ NORM_EPS = 1e-6
 def default_init(scale: float = 1.0):
   """fan_avg/uniform variance scaling, with scale 0 mapped to 1e-10 as in the reference code."""
   return nn.initializers.variance_scaling(1e-10 if scale == 0 else scale, "fan_avg", "uniform")
+
+
+INIT_SCHEMES = ("ddpm", "pytorch")
+
+
+def pytorch_init(rng: jax.Array, params: Any) -> Any:
+  """`params` redrawn as PyTorch's defaults would draw them for the same layers (diffusers' UNet2DModel at start).
+
+  Every convolution and dense kernel, and its bias, from U(−1/√fan_in, 1/√fan_in),
+  fan_in being the kernel's input size (H·W·C_in for a convolution, C_in for a
+  dense layer): `nn.Conv2d` and `nn.Linear`'s `reset_parameters`. Embeddings
+  from N(0, 1) (`nn.Embedding`); GroupNorm keeps scale 1 and offset 0. No layer
+  starts at zero, unlike the paper's initialisation (`default_init`), whose
+  residual branches, attention outputs and last convolution start at 1e-10.
+  The tree's structure, shapes and dtypes are unchanged.
+  """
+  flat = flax.traverse_util.flatten_dict(params)
+  keys = dict(zip(sorted(flat), jax.random.split(rng, len(flat))))
+  out = {}
+  for path, value in flat.items():
+    kind, key = path[-1], keys[path]
+    if kind == "embedding":
+      out[path] = jax.random.normal(key, value.shape, value.dtype)
+    elif kind in ("kernel", "bias") and path[:-1] + ("kernel",) in flat:
+      kernel = flat[path[:-1] + ("kernel",)]
+      bound = 1.0 / math.sqrt(math.prod(kernel.shape[:-1]))
+      out[path] = jax.random.uniform(key, value.shape, value.dtype, -bound, bound)
+    else:
+      out[path] = value
+  return flax.traverse_util.unflatten_dict(out)
 
 
 def get_timestep_embedding(timesteps, embedding_dim: int):
