@@ -44,34 +44,6 @@ from diffusion_jax import images as images_lib
 from diffusion_jax import input_pipeline
 from diffusion_jax.evaluation import digits_metric
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", "configs/digits.py", "The config whose U-Net is built.", lock_config=True
-)
-_SECONDS = flags.DEFINE_float("seconds", 600.0, "Training wall time, counted from the end of the first step.")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Training batch.")
-_LR = flags.DEFINE_float("lr", 2e-4, "Adam learning rate after the warm-up.")
-_WARMUP = flags.DEFINE_integer("warmup_steps", 100, "Linear learning-rate warm-up from 0, in steps.")
-_EMA_MAX = flags.DEFINE_float("ema_max_decay", 0.999, "The EMA decay is min(this, (1 + n) / (10 + n)).")
-_GRAD_CLIP = flags.DEFINE_float("grad_clip", 1.0, "Global gradient-norm clipping (0: none).")
-_THREADS = flags.DEFINE_integer("threads", None, "torch intra-op threads (default: os.cpu_count()).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seeds torch, the epoch shuffles and the sampling generator.")
-_SAMPLER = flags.DEFINE_enum(
-  "sampler",
-  "ddpm",
-  ["ddpm", "dpmsolver", "dpmsolver_sde"],
-  "ddpm: DDPMScheduler ancestral steps; dpmsolver: DPM-Solver++(2M); "
-  "dpmsolver_sde: its SDE variant (sde-dpmsolver++, order 2).",
-)
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1000, "Images to draw and score.")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 1000, "Sampler steps (network calls per image).")
-_SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 500, "Sampling batch.")
-_JSON_OUT = flags.DEFINE_string("json_out", "", "Write the results here as JSON.")
-_SAMPLES_OUT = flags.DEFINE_string(
-  "samples_out",
-  "",
-  "Write the uint8 samples here (.npz, key 'images') and a PNG grid beside it (same name, .png); both are overwritten.",
-)
-
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02
 LOSS_WINDOW = 50  # the final loss is the mean of the last this many step losses
@@ -372,14 +344,7 @@ def print_summary(payload: dict[str, Any]) -> None:
       payload["sampling_seconds"],
     ],
   ]
-  for key in (
-    "digits_fd",
-    "digits_is",
-    "digits_confidence",
-    "digits_precision",
-    "digits_recall",
-    "digits_memorisation",
-  ):
+  for key in digits_metric.FIGURES:
     rows.append([key, payload[key]])
   rows.append(["class histogram", " ".join(str(c) for c in payload["digits_class_histogram"])])
   notes = [
@@ -403,31 +368,62 @@ def save_samples(path: str, samples_uint8: np.ndarray) -> tuple[str, str]:
   return npz_path, png_path
 
 
+def define_flags() -> None:
+  """Defines the command-line flags (called when run as a script, so importing the module defines none)."""
+  config_flags.DEFINE_config_file("config", "configs/digits.py", "The config whose U-Net is built.", lock_config=True)
+  flags.DEFINE_float("seconds", 600.0, "Training wall time, counted from the end of the first step.")
+  flags.DEFINE_integer("batch_size", 64, "Training batch.")
+  flags.DEFINE_float("lr", 2e-4, "Adam learning rate after the warm-up.")
+  flags.DEFINE_integer("warmup_steps", 100, "Linear learning-rate warm-up from 0, in steps.")
+  flags.DEFINE_float("ema_max_decay", 0.999, "The EMA decay is min(this, (1 + n) / (10 + n)).")
+  flags.DEFINE_float("grad_clip", 1.0, "Global gradient-norm clipping (0: none).")
+  flags.DEFINE_integer("threads", None, "torch intra-op threads (default: os.cpu_count()).")
+  flags.DEFINE_integer("seed", 0, "Seeds torch, the epoch shuffles and the sampling generator.")
+  flags.DEFINE_enum(
+    "sampler",
+    "ddpm",
+    ["ddpm", "dpmsolver", "dpmsolver_sde"],
+    "ddpm: DDPMScheduler ancestral steps; dpmsolver: DPM-Solver++(2M); "
+    "dpmsolver_sde: its SDE variant (sde-dpmsolver++, order 2).",
+  )
+  flags.DEFINE_integer("num_samples", 1000, "Images to draw and score.")
+  flags.DEFINE_integer("num_steps", 1000, "Sampler steps (network calls per image).")
+  flags.DEFINE_integer("sample_batch", 500, "Sampling batch.")
+  flags.DEFINE_string("json_out", "", "Write the results here as JSON.")
+  flags.DEFINE_string(
+    "samples_out",
+    "",
+    "Write the uint8 samples here (.npz, key 'images') and a PNG grid beside it (same name, .png); "
+    "both are overwritten.",
+  )
+
+
 def main(argv):
   del argv
   payload, samples_uint8 = run(
-    _CONFIG.value,
-    seconds=_SECONDS.value,
-    batch_size=_BATCH.value,
-    lr=_LR.value,
-    warmup_steps=_WARMUP.value,
-    ema_max_decay=_EMA_MAX.value,
-    grad_clip=_GRAD_CLIP.value,
-    threads=_THREADS.value,
-    seed=_SEED.value,
-    sampler=_SAMPLER.value,
-    num_samples=_NUM_SAMPLES.value,
-    num_steps=_NUM_STEPS.value,
-    sample_batch=_SAMPLE_BATCH.value,
+    flags.FLAGS.config,
+    seconds=flags.FLAGS.seconds,
+    batch_size=flags.FLAGS.batch_size,
+    lr=flags.FLAGS.lr,
+    warmup_steps=flags.FLAGS.warmup_steps,
+    ema_max_decay=flags.FLAGS.ema_max_decay,
+    grad_clip=flags.FLAGS.grad_clip,
+    threads=flags.FLAGS.threads,
+    seed=flags.FLAGS.seed,
+    sampler=flags.FLAGS.sampler,
+    num_samples=flags.FLAGS.num_samples,
+    num_steps=flags.FLAGS.num_steps,
+    sample_batch=flags.FLAGS.sample_batch,
   )
   print_summary(payload)
-  if _SAMPLES_OUT.value:
-    payload["samples_npz"], payload["samples_png"] = save_samples(_SAMPLES_OUT.value, samples_uint8)
+  if flags.FLAGS.samples_out:
+    payload["samples_npz"], payload["samples_png"] = save_samples(flags.FLAGS.samples_out, samples_uint8)
   bad = [k for k in ("digits_fd", "digits_is", "digits_precision", "digits_recall") if not _finite(payload[k])]
   if bad:
     print(f"Warning: non-finite figures: {bad}")
-  harness.write_json(_JSON_OUT.value, payload)
+  harness.write_json(flags.FLAGS.json_out, payload)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

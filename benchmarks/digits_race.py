@@ -49,25 +49,7 @@ from diffusion_jax.evaluation import digits_metric
 from diffusion_jax.evaluation import final_eval
 from diffusion_jax.evaluation import sample_export
 
-# --config (its U-Net is also the peer's), --seconds (the peer's training wall time), --num_samples (per
-# evaluation) and --json_out are digits_peer's flags, defined when it is imported.
-_SEEDS = flags.DEFINE_list("seeds", ["0"], "Training seeds; one run per side and seed.")
-_EVAL_SEEDS = flags.DEFINE_list("eval_seeds", ["1", "2", "3", "4", "5", "6"], "Sampling seeds scored per model.")
-_SIDES = flags.DEFINE_list("sides", ["peer", "ours"], "Which sides to run, in this order for each seed.")
-_OURS_FLAGS = flags.DEFINE_string(
-  "ours_flags", "", "Extra flags for our command, e.g. '--config.training.time_budget_s=225'."
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs go (must not hold runs of the same seeds).")
-
-
-FIGURES = (
-  "digits_fd",
-  "digits_is",
-  "digits_confidence",
-  "digits_precision",
-  "digits_recall",
-  "digits_memorisation",
-)
+FIGURES = digits_metric.FIGURES
 
 
 def figures_of(metrics: dict[str, Any]) -> dict[str, float]:
@@ -170,27 +152,41 @@ def run_ours(config_path: str, seed: int, workdir: str, extra_flags: Sequence[st
           "evals": evals}  # fmt: skip
 
 
+def define_flags() -> None:
+  """Defines the command-line flags (called when run as a script, so importing the module defines none).
+
+  --config (its U-Net is also the peer's), --seconds (the peer's training wall time), --num_samples (per
+  evaluation) and --json_out are digits_peer's.
+  """
+  digits_peer.define_flags()
+  flags.DEFINE_list("seeds", ["0"], "Training seeds; one run per side and seed.")
+  flags.DEFINE_list("eval_seeds", ["1", "2", "3", "4", "5", "6"], "Sampling seeds scored per model.")
+  flags.DEFINE_list("sides", ["peer", "ours"], "Which sides to run, in this order for each seed.")
+  flags.DEFINE_string("ours_flags", "", "Extra flags for our command, e.g. '--config.training.time_budget_s=225'.")
+  flags.DEFINE_string("workdir", None, "Where the runs go (must not hold runs of the same seeds).")
+
+
 def main(argv):
   del argv
-  if not _WORKDIR.value:
+  if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required: the runs are kept there.")
-  seeds = [int(s) for s in _SEEDS.value]
-  eval_seeds = [int(s) for s in _EVAL_SEEDS.value]
-  bad = sorted(set(_SIDES.value) - {"peer", "ours"})
+  seeds = [int(s) for s in flags.FLAGS.seeds]
+  eval_seeds = [int(s) for s in flags.FLAGS.eval_seeds]
+  bad = sorted(set(flags.FLAGS.sides) - {"peer", "ours"})
   if bad:
     raise app.UsageError(f"--sides takes 'peer' and 'ours', got {bad}.")
   config = flags.FLAGS.config
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
-  os.makedirs(_WORKDIR.value, exist_ok=True)
+  os.makedirs(flags.FLAGS.workdir, exist_ok=True)
   targets = {}
   for seed in seeds:
-    for side in _SIDES.value:
-      path = os.path.join(_WORKDIR.value, f"peer_seed{seed}.npz" if side == "peer" else f"ours_seed{seed}")
+    for side in flags.FLAGS.sides:
+      path = os.path.join(flags.FLAGS.workdir, f"peer_seed{seed}.npz" if side == "peer" else f"ours_seed{seed}")
       if os.path.exists(path):
         raise app.UsageError(f"{path} exists; pass another --workdir or other --seeds (runs are never overwritten).")
       targets[(side, seed)] = path
   torch, _ = torch_baseline.import_torch() or (None, None)
-  if torch is None and "peer" in _SIDES.value:
+  if torch is None and "peer" in flags.FLAGS.sides:
     raise app.UsageError("The peer needs torch and diffusers (pip install torch diffusers).")
   if torch is not None:
     torch.set_num_threads(os.cpu_count() or 1)
@@ -199,14 +195,14 @@ def main(argv):
   num_steps = int(config.training.get("final_eval_num_steps", 20))
   runs = []
   for seed in seeds:
-    for side in _SIDES.value:
+    for side in flags.FLAGS.sides:
       print(f"\n== {side}, training seed {seed} ==", flush=True)
       if side == "peer":
         row = run_peer(
           config, seed, flags.FLAGS.seconds, eval_seeds, flags.FLAGS.num_samples, num_steps, targets[(side, seed)]
         )
       else:
-        extra = shlex.split(_OURS_FLAGS.value)
+        extra = shlex.split(flags.FLAGS.ours_flags)
         row = run_ours(config_path, seed, targets[(side, seed)], extra, eval_seeds, flags.FLAGS.num_samples)
       row["load_average_at_end"] = list(os.getloadavg())
       runs.append(row)
@@ -215,7 +211,7 @@ def main(argv):
   summary = summarize(runs)
   ours = shlex.join(ours_command(config_path, "…", 0, []))
   notes = [
-    f"peer: {flags.FLAGS.seconds:g} s of training; ours: the command `{ours} {_OURS_FLAGS.value}` as a whole",
+    f"peer: {flags.FLAGS.seconds:g} s of training; ours: the command `{ours} {flags.FLAGS.ours_flags}` as a whole",
     f"{flags.FLAGS.num_samples} samples per evaluation, eval seeds {eval_seeds}, {num_steps} SDE-DPM-Solver++ steps",
     f"load average at the start {load_start}, at the end {list(os.getloadavg())}",
   ]
@@ -224,15 +220,16 @@ def main(argv):
     "benchmark": "digits_race",
     "environment": env,
     "peer_seconds": flags.FLAGS.seconds,
-    "ours_flags": _OURS_FLAGS.value,
+    "ours_flags": flags.FLAGS.ours_flags,
     "eval_seeds": eval_seeds,
     "num_samples": flags.FLAGS.num_samples,
     "runs": runs,
     "summary": summary,
     "load_average_at_start": load_start,
   }
-  harness.write_json(flags.FLAGS.json_out or os.path.join(_WORKDIR.value, "race.json"), payload)
+  harness.write_json(flags.FLAGS.json_out or os.path.join(flags.FLAGS.workdir, "race.json"), payload)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -53,6 +53,15 @@ IMAGE_SHAPE = (8, 8, 1)
 NUM_CLASSES = 10
 FEATURE_DIM = 64
 DEFAULT_K = 3
+# The scalar figures of `compute_digit_metrics`, in the order tables print them.
+FIGURES = (
+  "digits_fd",
+  "digits_is",
+  "digits_confidence",
+  "digits_precision",
+  "digits_recall",
+  "digits_memorisation",
+)
 _BATCH = 256  # classifier batch: inputs are padded to it, so there is one compilation
 _DIST_CHUNK = 1024  # rows of a pairwise-distance block
 

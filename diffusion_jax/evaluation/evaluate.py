@@ -586,15 +586,7 @@ def compute_digit_fid(
   return result
 
 
-DIGIT_SCALARS = (
-  "digits_fd",
-  "digits_is",
-  "digits_confidence",
-  "digits_precision",
-  "digits_recall",
-  "digits_memorisation",
-  "digits_class_accuracy",
-)
+DIGIT_SCALARS = (*digits_metric.FIGURES, "digits_class_accuracy")
 
 
 def digit_scalars_and_summary(result: dict[str, Any]) -> tuple[dict[str, float], str]:
