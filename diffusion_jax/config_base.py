@@ -53,9 +53,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 2e-4  # peak learning rate
   optim.warmup_steps = 5000  # linear warmup from lr = 0 at step 0
-  # After the warmup: "constant" (the paper) or "cosine" (to 0 at step decay_steps, warmup included).
+  # After the warmup: "constant" (the paper) or "cosine" (to end_learning_rate at step decay_steps, warmup
+  # included).
   optim.lr_decay = "constant"
   optim.decay_steps = 0
+  optim.end_learning_rate = 0.0
   optim.grad_clip = 1.0  # global-norm clip (0 disables)
   # The paper clipped each of its 8 TPU cores' gradients (local batch 16) before
   # averaging; clip_groups splits the global batch into that many groups, clips

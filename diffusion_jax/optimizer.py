@@ -38,11 +38,12 @@ LR_DECAYS = ("constant", "cosine")
 
 
 def learning_rate_schedule(optim_config) -> optax.Schedule:
-  """lr·min(step/warmup, 1): zero at step 0, as the paper's warmup; then constant, or a cosine to 0.
+  """lr·min(step/warmup, 1): zero at step 0, as the paper's warmup; then constant, or a cosine down.
 
   With `lr_decay="cosine"` the rate follows the warmup to `learning_rate` and
-  then half a cosine down to 0 at step `decay_steps` (counted from step 0, so
-  the warmup is included), and stays at 0 after it.
+  then half a cosine down to `end_learning_rate` (default 0) at step
+  `decay_steps` (counted from step 0, so the warmup is included), and stays
+  there after it.
   """
   decay = optim_config.get("lr_decay", "constant")
   if decay not in LR_DECAYS:
@@ -54,8 +55,14 @@ def learning_rate_schedule(optim_config) -> optax.Schedule:
         f"optim.decay_steps={decay_steps} must exceed optim.warmup_steps={optim_config.warmup_steps} for "
         "lr_decay='cosine'; set it to the number of training steps."
       )
+    end = float(optim_config.get("end_learning_rate", 0.0))
+    if not 0.0 <= end <= optim_config.learning_rate:
+      raise ValueError(
+        f"optim.end_learning_rate={end:g} must lie in [0, optim.learning_rate={optim_config.learning_rate:g}]: "
+        "it is the rate the cosine decays to."
+      )
     return optax.warmup_cosine_decay_schedule(
-      0.0, optim_config.learning_rate, max(optim_config.warmup_steps, 0), decay_steps, end_value=0.0
+      0.0, optim_config.learning_rate, max(optim_config.warmup_steps, 0), decay_steps, end_value=end
     )
   if optim_config.warmup_steps <= 0:
     return optax.constant_schedule(optim_config.learning_rate)

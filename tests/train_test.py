@@ -88,6 +88,16 @@ def test_cosine_decay_follows_the_warmup_and_ends_at_zero(config):
   # lr·s/w in the warmup, then lr·(1 + cos(π·(s − w)/(D − w)))/2, 0 from D on.
   expected = [0.0, 5e-4, 1e-3, 1e-3 * (1 + np.cos(np.pi / 4)) / 2, 5e-4, 1e-3 * (1 + np.cos(3 * np.pi / 4)) / 2, 0, 0]
   np.testing.assert_allclose([float(sched(s)) for s in steps], expected, rtol=1e-5, atol=1e-12)
+  # With a floor: lr_end + (lr − lr_end)·(1 + cos(π·(s − w)/(D − w)))/2, lr_end from D on.
+  config.optim.end_learning_rate = 2e-4
+  sched = optimizer.learning_rate_schedule(config.optim)
+  floor = [2e-4 + 8e-4 * (1 + np.cos(a * np.pi / 4)) / 2 for a in (1, 2, 3)]
+  expected = [0.0, 5e-4, 1e-3, *floor, 2e-4, 2e-4]
+  np.testing.assert_allclose([float(sched(s)) for s in steps], expected, rtol=1e-5, atol=1e-12)
+  config.optim.end_learning_rate = 2e-3
+  with pytest.raises(ValueError, match=r"optim.end_learning_rate=0.002 must lie in \[0, optim.learning_rate=0.001\]"):
+    optimizer.learning_rate_schedule(config.optim)
+  config.optim.end_learning_rate = 0.0
   config.optim.decay_steps = 100
   with pytest.raises(ValueError, match=r"optim.decay_steps=100 must exceed optim.warmup_steps=100"):
     optimizer.learning_rate_schedule(config.optim)
