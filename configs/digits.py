@@ -28,8 +28,11 @@ def get_config():
   config.model.init = "pytorch"
   config.optim.learning_rate = 1e-3
   config.optim.warmup_steps = 100
-  config.optim.lr_decay = "cosine"  # to 0 at num_train_steps: the last steps refine at a small learning rate
+  config.optim.lr_decay = "cosine"  # the last steps refine at a small learning rate
   config.optim.decay_steps = 4000
+  # The cosine ends at 2e-4 rather than 0: the EMA then still averages moving weights (higher recall and a lower
+  # Fréchet distance at the same steps; benchmarks/README.md, "Digits quickstart recipe").
+  config.optim.end_learning_rate = 2e-4
   config.optim.clip_groups = 1
   config.optim.ema_decay = 0.999
   config.optim.ema_warmup = True  # min(0.999, (1 + n) / (10 + n)): the average tracks the early, fast-moving weights
