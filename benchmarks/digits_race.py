@@ -43,6 +43,7 @@ from ml_collections import config_flags
 from benchmarks import digits_peer
 from benchmarks import harness
 from benchmarks import torch_baseline
+from diffusion_jax import cli
 from diffusion_jax import images as images_lib
 from diffusion_jax import input_pipeline
 from diffusion_jax.evaluation import digits_metric
@@ -168,6 +169,7 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
+  cli.quiet_logging()  # our lines only on the console, as the package's commands
   if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required: the runs are kept there.")
   seeds = [int(s) for s in flags.FLAGS.seeds]

@@ -20,6 +20,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from diffusion_jax import cli
 from diffusion_jax import input_pipeline
 from diffusion_jax import sampling
 from diffusion_jax.evaluation import digits_metric
@@ -37,6 +38,7 @@ _JSON_OUT = flags.DEFINE_string("json_out", "", "Write the results here as JSON.
 
 def main(argv):
   del argv
+  cli.quiet_logging()  # our lines only on the console, as the package's commands
   model = sampling.load_model(_WORKDIR.value)
   if not model.num_classes:
     raise app.UsageError(f"{_WORKDIR.value} holds an unconditional model (model.num_classes = 0).")

@@ -23,6 +23,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from diffusion_jax import cli
 from diffusion_jax import images as images_lib
 from diffusion_jax import input_pipeline
 from diffusion_jax import runtime
@@ -67,6 +68,7 @@ def measure(model, spec, num_samples, batch_size, rng, reference):
 
 def main(argv):
   del argv
+  cli.quiet_logging()  # our lines only on the console, as the package's commands
   model = sample_export.load_model(_WORKDIR.value)
   T = model.diffusion.num_timesteps
   reference = input_pipeline.load_digits("train")[0]
