@@ -4,13 +4,13 @@ The public API is loaded lazily, so `import diffusion_jax` is cheap:
 
   model = diffusion_jax.load_model("/path/to/workdir")
   images = diffusion_jax.sample_fn(model, 16, jax.random.PRNGKey(0), sampler="ddim", num_steps=50)
+
+On a CPU, call `diffusion_jax.set_xla_cpu_options()` before the first JAX
+computation for the XLA:CPU options the command line sets for itself
+(diffusion_jax/xla_flags.py); importing the package has no side effects.
 """
 
 import importlib
-
-from diffusion_jax import xla_flags as _xla_flags
-
-_xla_flags.apply()  # XLA:CPU options, before JAX starts its backends (see diffusion_jax/xla_flags.py)
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ _EXPORTS = {
   "GaussianDiffusion": "diffusion_jax.diffusion",
   "get_beta_schedule": "diffusion_jax.schedules",
   "UNet": "diffusion_jax.models.unet",
+  "set_xla_cpu_options": "diffusion_jax.xla_flags",
 }
 
 __all__ = sorted(_EXPORTS)

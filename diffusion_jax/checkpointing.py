@@ -22,17 +22,11 @@ from __future__ import annotations
 
 import errno
 import json
-import logging as logging_std
 import os
-import pathlib
-import re
 import shutil
-import sys
 import threading
 import time
-import traceback
 import uuid
-import warnings
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -45,6 +39,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from diffusion_jax import compat
 from diffusion_jax import config_base
 from diffusion_jax import errors as errors_lib
 
@@ -93,7 +88,7 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   """Reads workdir/config.json; raises FileNotFoundError naming the path if absent."""
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
-    raise FileNotFoundError(f"{path} does not exist: {workdir} is not a diffusion_jax workdir.")
+    raise errors_lib.MissingFileError(f"{path} does not exist: {workdir} is not a diffusion_jax workdir.")
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
@@ -130,7 +125,7 @@ def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) 
     if diff:
       a, b = _flatten(old), _flatten(new)
       details = "; ".join(f"{k}: saved {a.get(k, '<missing>')!r}, requested {b.get(k, '<missing>')!r}" for k in diff)
-      raise ValueError(
+      raise errors_lib.UserError(
         f"The workdir {workdir} holds a run with a different configuration ({details}). "
         "Use a new --workdir, or pass the saved configuration "
         f"(--config={path})."
@@ -167,7 +162,9 @@ def write_class_names(workdir: str | os.PathLike, names) -> None:
   if path.exists():
     old = json.loads(path.read_text())
     if old != names:
-      raise ValueError(f"{path} lists the classes {old}, but the data now has {names}: train in a new workdir.")
+      raise errors_lib.UserError(
+        f"{path} lists the classes {old}, but the data now has {names}: train in a new workdir."
+      )
     return
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_text(json.dumps(names, indent=1) + "\n")
@@ -228,16 +225,17 @@ class _SaveLog:
 class _LoggingCheckpointManager(ocp.CheckpointManager):
   """A CheckpointManager that logs one line per completed save (see `_SaveLog`)."""
 
-  def __init__(self, directory, *, save_log: _SaveLog, **kwargs):
+  def __init__(self, directory, *, save_log: _SaveLog, options: ocp.CheckpointManagerOptions, **kwargs):
     self._save_log = save_log
-    super().__init__(directory, **kwargs)
+    self._async_save = options.enable_async_checkpointing
+    super().__init__(directory, options=options, **kwargs)
 
   def save(self, step, *args, **kwargs):
     self._save_log.started(step, kwargs.get("args", args[0] if args else None))
     saved = super().save(step, *args, **kwargs)
     if not saved:
       self._save_log._pending.pop()  # pylint: disable=protected-access  (nothing was written)
-    elif not self._options.enable_async_checkpointing:
+    elif not self._async_save:
       self._save_log.finished()
     return saved
 
@@ -358,114 +356,10 @@ def _verify_integrity(step: int, restored: Any) -> None:
   bad = sorted(k for k in expected if actual.get(k) != expected[k])
   if bad:
     listed = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-    raise ValueError(
+    raise errors_lib.UserError(
       f"checksum mismatch in {len(bad)} of {len(expected)} arrays ({listed}): the files of "
       f"step {step} were changed after they were written"
     )
-
-
-def _short(error: BaseException, limit: int = 400) -> str:
-  """The first line of an error, shortened: TensorStore errors carry pages of JSON specs."""
-  text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-  text = text if len(text) <= limit else text[:limit] + " …"
-  return f"{type(error).__name__}: {text}"
-
-
-_READ_ERROR = re.compile(r'Error reading "(?P<key>[^"]+)" in OCDBT database at local file "(?P<db>[^"]+)"')
-_VALUE_SIZE = re.compile(r"byte range \[\d+, (?P<wanted>\d+)\) is not valid for value of size (?P<size>\d+)")
-
-
-def _errors_in_chain(error: BaseException):
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    yield error
-    error = error.__cause__ or error.__context__
-
-
-def _describe_restore_error(error: BaseException) -> str:
-  """What failed, in the user's terms: the array and the file where TensorStore says so, else the error's first line.
-
-  Orbax reports an unreadable array as "Encountered error while reading array
-  index …" with a TensorStore spec; the cause underneath names the array's key
-  in the OCDBT database and, for a short file, the size it found. The data file
-  of that size in the database is the damaged one.
-  """
-  for e in _errors_in_chain(error):
-    match = _READ_ERROR.search(str(e))
-    if not match:
-      continue
-    array = match.group("key").rsplit("/", 1)[0]
-    database = epath.Path(match.group("db"))
-    size = _VALUE_SIZE.search(str(e))
-    if size:
-      found, wanted = int(size.group("size")), int(size.group("wanted"))
-      files = [
-        pathlib.Path(root) / name
-        for root, _, names in os.walk(database)
-        for name in names
-        if pathlib.Path(root).name == "d" and (pathlib.Path(root) / name).stat().st_size == found
-      ]
-      where = f"the data file {files[0]}" if len(files) == 1 else f"a data file in {database}"
-      return (
-        f"array {array} cannot be read: {where} holds {found:,} bytes, but the array is stored up to byte "
-        f"{wanted:,} (the file is truncated)"
-      )
-    return f"array {array} cannot be read from {database}: {_short(e)}"
-  return _short(error)
-
-
-_ABANDONED_READ = "_read_array_index_and_device_put"  # Orbax's coroutine reading one array
-
-
-def _raised_in_abandoned_read(error: BaseException | None) -> bool:
-  for e in _errors_in_chain(error):
-    if _READ_ERROR.search(str(e)) or any(
-      frame.name == _ABANDONED_READ for frame in traceback.extract_tb(e.__traceback__)
-    ):
-      return True
-  return False
-
-
-def _is_abandoned_read(unraisable) -> bool:
-  if getattr(getattr(unraisable, "object", None), "__qualname__", "").endswith(_ABANDONED_READ):
-    return True
-  error = unraisable.exc_value
-  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-    frames = traceback.extract_tb(unraisable.exc_traceback)
-    return bool(frames) and frames[-1].name == "_check_closed"
-  return _raised_in_abandoned_read(error)
-
-
-class _AbandonedReadFilter(logging_std.Filter):
-  """asyncio's "exception was never retrieved" for the reads of a restore that already failed."""
-
-  def filter(self, record):
-    return not (record.exc_info and _raised_in_abandoned_read(record.exc_info[1]))
-
-
-def _quiet_abandoned_reads() -> None:
-  """Drops the reports of the reads Orbax abandons after a failed restore; everything else passes on.
-
-  When one array of a checkpoint cannot be read, Orbax's restore raises at
-  once and closes its event loop while TensorStore is still reading the other
-  arrays; each of those reads then reports "Event loop is closed", its
-  coroutine's own error, an unretrieved future or a coroutine never awaited
-  through `sys.unraisablehook`, asyncio's logger and `warnings`: thousands of tracebacks for one damaged file.
-  `restore_latest` reports the failure itself.
-  """
-  if getattr(sys.unraisablehook, "_drops_abandoned_reads", False):
-    return
-  previous = sys.unraisablehook
-
-  def hook(unraisable):
-    if not _is_abandoned_read(unraisable):
-      previous(unraisable)
-
-  hook._drops_abandoned_reads = True
-  sys.unraisablehook = hook
-  logging_std.getLogger("asyncio").addFilter(_AbandonedReadFilter())
-  warnings.filterwarnings("ignore", message=f"coroutine '{_ABANDONED_READ}' was never awaited", category=RuntimeWarning)
 
 
 def restore_latest(
@@ -486,7 +380,7 @@ def restore_latest(
   """
   steps = sorted(manager.all_steps() if steps is None else steps, reverse=True)
   errors = []
-  _quiet_abandoned_reads()
+  compat.quiet_abandoned_reads()
   for step in steps:
     try:
       args = make_args(step)
@@ -505,9 +399,9 @@ def restore_latest(
         "Checkpoint of step %d in %s is unreadable and is skipped: %s. Trying an older one.",
         step,
         manager.directory,
-        _describe_restore_error(e),
+        compat.describe_restore_error(e),
       )
-      errors.append(f"step {step}: {_describe_restore_error(e)}")
+      errors.append(f"step {step}: {compat.describe_restore_error(e)}")
       continue
     if errors:
       logging.warning(
@@ -598,9 +492,10 @@ def check_workdir(workdir: str | os.PathLike, *, checkpoint_bytes: int = 0) -> N
     probe.write_text("diffusion_jax write probe\n")
     probe.unlink()
   except OSError as e:
-    raise PermissionError(
-      f"The workdir {workdir} is not writable ({e.strerror or _short(e)}). Checkpoints, logs and samples are written "
-      "there: choose a writable --workdir, or fix the permissions or mount (read-only file system?)."
+    raise errors_lib.UnwritableError(
+      f"The workdir {workdir} is not writable ({e.strerror or compat.short_error(e)}). Checkpoints, logs and "
+      "samples are written there: choose a writable --workdir, or fix the permissions or mount (read-only file "
+      "system?)."
     ) from e
   if not _is_local(workdir) or checkpoint_bytes <= 0:
     return
@@ -645,7 +540,9 @@ def save_model_checkpoint(
   write_config(directory, config)
   manager = create_manager(directory, max_to_keep=None, async_save=False)
   if step in manager.all_steps():
-    raise FileExistsError(f"{checkpoint_dir(directory) / str(step)} already exists; refusing to overwrite it.")
+    raise errors_lib.ExistingFileError(
+      f"{checkpoint_dir(directory) / str(step)} already exists; refusing to overwrite it."
+    )
   tree = dict(step=step, params=params, ema_params=params if ema_params is None else ema_params)
   manager.save(
     step,
@@ -664,7 +561,7 @@ def _find_workdir(path: epath.Path) -> tuple[epath.Path, int | None]:
     return path.parent, None
   if path.name.isdigit() and path.parent.name == CHECKPOINT_DIR and (path.parent.parent / CONFIG_FILE).exists():
     return path.parent.parent, int(path.name)
-  raise FileNotFoundError(
+  raise errors_lib.MissingFileError(
     f"{path} holds no diffusion_jax checkpoint: expected a workdir with {CONFIG_FILE} and {CHECKPOINT_DIR}/, "
     "its checkpoints/ folder, or one checkpoints/<step> folder. To use released weights, convert them first "
     "(python -m diffusion_jax.convert --help)."
@@ -708,9 +605,9 @@ def load_params(
   step = path_step if step is None else step
   manager = ocp.CheckpointManager(checkpoint_dir(workdir))
   if not manager.all_steps():
-    raise FileNotFoundError(f"{checkpoint_dir(workdir)} holds no checkpoint.")
+    raise errors_lib.MissingFileError(f"{checkpoint_dir(workdir)} holds no checkpoint.")
   if step is not None and step not in manager.all_steps():
-    raise FileNotFoundError(
+    raise errors_lib.MissingFileError(
       f"No checkpoint of step {step} in {checkpoint_dir(workdir)}; present: {manager.all_steps()}."
     )
 
@@ -724,6 +621,6 @@ def load_params(
   tree = restored[STATE_ITEM]
   key = "ema_params" if use_ema else "params"
   if key not in tree:
-    raise ValueError(f"The checkpoint at step {step} in {workdir} has no {key!r}.")
+    raise errors_lib.UserError(f"The checkpoint at step {step} in {workdir} has no {key!r}.")
   params = jax.device_get(tree[key])
   return config, params, step

@@ -4,8 +4,9 @@
   up, from diffusion_jax modules) and every library's warnings and errors;
   the INFO lines of Orbax, JAX, absl, grain or TensorFlow are hidden. absl's
   `--verbosity=1` (or higher) shows everything again.
-* `start()`: the above plus `runtime.enable_compilation_cache()`, for the
-  start of a command.
+* `start()`: the XLA:CPU options (`xla_flags.apply()`), the above and
+  `runtime.enable_compilation_cache()`, for the start of a command, before
+  its first JAX computation.
 * `exit_on_user_error(fn, *args)`: runs `fn`; a user error
   (`errors.is_user_error`) is printed as `error: <message>` and exits with
   status 2 and no traceback; other errors keep their traceback.
@@ -20,6 +21,7 @@ import sys
 from absl import logging
 
 from diffusion_jax import errors
+from diffusion_jax import xla_flags
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -49,7 +51,8 @@ def quiet_logging() -> None:
 
 
 def start() -> str | None:
-  """Sets up a command: quiet logging and the persistent compilation cache; returns the cache directory."""
+  """Sets up a command: XLA:CPU options, quiet logging, the compilation cache; returns the cache directory."""
+  xla_flags.apply()  # before the command's first JAX computation starts the backends
   quiet_logging()
   from diffusion_jax import runtime  # pylint: disable=g-import-not-at-top  (imports JAX)
 

@@ -521,7 +521,7 @@ def _import_tensorflow():
   try:
     return runtime.import_tensorflow()
   except ImportError as e:
-    raise ImportError(
+    raise errors.MissingPackageError(
       f"Reading the original TensorFlow checkpoints needs TensorFlow: {TF_INSTALL_HINT} ({e.__cause__ or e})."
     ) from None
 
@@ -531,7 +531,7 @@ def _resolve_tf_path(path: str | os.PathLike, tf) -> str:
   if os.path.isdir(path):
     latest = tf.train.latest_checkpoint(path)
     if latest is None:
-      raise FileNotFoundError(
+      raise errors.MissingFileError(
         f"{path} is a directory without a TF 'checkpoint' index file; pass the checkpoint prefix, "
         "e.g. .../model.ckpt-790000."
       )
@@ -540,7 +540,7 @@ def _resolve_tf_path(path: str | os.PathLike, tf) -> str:
     path = path.removesuffix(suffix)
   path = re.sub(r"\.data-\d+-of-\d+$", "", path)
   if not os.path.exists(path + ".index"):
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
       f"No TensorFlow checkpoint at {path}: expected {path}.index and {path}.data-00000-of-00001 "
       "(pass the prefix, e.g. .../model.ckpt-790000)."
     )
@@ -928,7 +928,7 @@ def diffusers_architecture(diffusers_config: Mapping[str, Any]) -> dict[str, Any
 
 def _model_folder(folder: pathlib.Path) -> pathlib.Path:
   if not folder.is_dir():
-    raise FileNotFoundError(f"{folder} is not a directory; expected a diffusers UNet2DModel folder.")
+    raise errors.MissingFileError(f"{folder} is not a directory; expected a diffusers UNet2DModel folder.")
   if not (folder / DIFFUSERS_CONFIG).exists() and (folder / "unet" / DIFFUSERS_CONFIG).exists():
     return folder / "unet"  # a pipeline folder (model_index.json, unet/, scheduler/)
   if (folder / DIFFUSERS_CONFIG).exists():
@@ -936,7 +936,7 @@ def _model_folder(folder: pathlib.Path) -> pathlib.Path:
     if config.get("_class_name") not in (None, "UNet2DModel") and (folder / "unet" / DIFFUSERS_CONFIG).exists():
       return folder / "unet"
     return folder
-  raise FileNotFoundError(f"{folder} has no {DIFFUSERS_CONFIG}; expected a diffusers UNet2DModel folder.")
+  raise errors.MissingFileError(f"{folder} has no {DIFFUSERS_CONFIG}; expected a diffusers UNet2DModel folder.")
 
 
 def _read_diffusers_weights(folder: pathlib.Path) -> dict[str, np.ndarray]:
@@ -956,7 +956,7 @@ def _read_diffusers_weights(folder: pathlib.Path) -> dict[str, np.ndarray]:
     try:
       import torch  # pylint: disable=g-import-not-at-top
     except ImportError:
-      raise ImportError(
+      raise errors.MissingPackageError(
         f"{binary} is a PyTorch pickle and reading it needs torch (pip install torch); or convert it to "
         f"{DIFFUSERS_SAFETENSORS}, which needs nothing."
       ) from None
@@ -969,7 +969,7 @@ def _read_diffusers_weights(folder: pathlib.Path) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "detach")}
   if (folder / (DIFFUSERS_SAFETENSORS + ".index.json")).exists():
     raise ConversionError(f"{folder} holds a sharded checkpoint, which is not supported; save it unsharded.")
-  raise FileNotFoundError(f"{folder} has neither {DIFFUSERS_SAFETENSORS} nor {DIFFUSERS_BIN}.")
+  raise errors.MissingFileError(f"{folder} has neither {DIFFUSERS_SAFETENSORS} nor {DIFFUSERS_BIN}.")
 
 
 def diffusers_to_params(folder: str | os.PathLike) -> tuple[Params, dict[str, Any]]:
@@ -1110,7 +1110,7 @@ def params_to_diffusers(params: Mapping[str, Any], config, folder: str | os.Path
   folder = pathlib.Path(folder)
   for name in (DIFFUSERS_CONFIG, DIFFUSERS_SAFETENSORS):
     if (folder / name).exists():
-      raise FileExistsError(f"{folder / name} already exists; refusing to overwrite it.")
+      raise errors.ExistingFileError(f"{folder / name} already exists; refusing to overwrite it.")
   folder.mkdir(parents=True, exist_ok=True)
   st_numpy.save_file(tensors, str(folder / DIFFUSERS_SAFETENSORS), metadata={"format": "pt"})
   (folder / DIFFUSERS_CONFIG).write_text(json.dumps(diffusers_config, indent=2, sort_keys=True) + "\n")

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import errors
 from diffusion_jax import schedules
 
 MODEL_MEAN_TYPES = ("eps", "xstart", "xprev", "v")
@@ -65,7 +66,9 @@ def discretized_gaussian_log_likelihood(x, *, means, log_scales):
     [B, H, W, C] log-probabilities, floored at log(1e-12).
   """
   if x.shape != jnp.broadcast_shapes(x.shape, jnp.shape(means), jnp.shape(log_scales)):
-    raise ValueError(f"means {jnp.shape(means)} and log_scales {jnp.shape(log_scales)} must broadcast to x {x.shape}.")
+    raise errors.UserError(
+      f"means {jnp.shape(means)} and log_scales {jnp.shape(log_scales)} must broadcast to x {x.shape}."
+    )
   centered_x = x - means
   inv_stdv = jnp.exp(-log_scales)
   cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered_x + 1.0 / 255.0))
@@ -152,24 +155,24 @@ class GaussianDiffusion:
       ("loss_type", loss_type, LOSS_TYPES),
     ):
       if value not in choices:
-        raise ValueError(f"Unknown {name} {value!r}; valid choices are {', '.join(choices)}.")
+        raise errors.UserError(f"Unknown {name} {value!r}; valid choices are {', '.join(choices)}.")
     learned = model_var_type in ("learned", "learned_range")
     if loss_type == "mse" and learned:
-      raise ValueError(
+      raise errors.UserError(
         f"loss_type='mse' cannot train a {model_var_type!r} variance; use loss_type='hybrid' or 'kl', "
         "or a fixed variance (fixedlarge/fixedsmall)."
       )
     if loss_type == "hybrid" and not learned:
-      raise ValueError(
+      raise errors.UserError(
         f"loss_type='hybrid' trains a learned variance, but model_var_type={model_var_type!r}; "
         "use 'learned' or 'learned_range', or loss_type='mse'."
       )
 
     betas = np.asarray(betas, dtype=np.float64)
     if betas.ndim != 1 or betas.shape[0] < 1:
-      raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}.")
+      raise errors.UserError(f"betas must be a non-empty 1-D array, got shape {betas.shape}.")
     if not ((betas > 0).all() and (betas <= 1).all()):
-      raise ValueError("betas must lie in (0, 1].")
+      raise errors.UserError("betas must lie in (0, 1].")
 
     alphas = 1.0 - betas
     alphas_cumprod = np.cumprod(alphas, axis=0)
@@ -222,15 +225,17 @@ class GaussianDiffusion:
 
   def _check(self, x, t, name="x_t"):
     if jnp.ndim(x) < 2:
-      raise ValueError(f"{name} must be batched, [B, ...] (e.g. [B, H, W, C]); got shape {jnp.shape(x)}.")
+      raise errors.UserError(f"{name} must be batched, [B, ...] (e.g. [B, H, W, C]); got shape {jnp.shape(x)}.")
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-      raise ValueError(f"{name} must be a floating-point array, got dtype {jnp.result_type(x)}.")
+      raise errors.UserError(f"{name} must be a floating-point array, got dtype {jnp.result_type(x)}.")
     if jnp.ndim(t) != 1 or jnp.shape(t)[0] != jnp.shape(x)[0]:
-      raise ValueError(
+      raise errors.UserError(
         f"t must have shape [B] = [{jnp.shape(x)[0]}] (one timestep per example), got shape {jnp.shape(t)}."
       )
     if not jnp.issubdtype(jnp.result_type(t), jnp.integer):
-      raise ValueError(f"t must hold integer timesteps in [0, {self.num_timesteps}), got dtype {jnp.result_type(t)}.")
+      raise errors.UserError(
+        f"t must hold integer timesteps in [0, {self.num_timesteps}), got dtype {jnp.result_type(t)}."
+      )
 
   @staticmethod
   def _extract(table, t, x_shape):
@@ -254,7 +259,7 @@ class GaussianDiffusion:
     """Diffuses x_start [B, ...] to step t [B] with the given noise: √ᾱ_t x_0 + √(1−ᾱ_t) ε."""
     self._check(x_start, t, "x_start")
     if noise.shape != x_start.shape:
-      raise ValueError(f"noise has shape {noise.shape}, expected x_start's shape {x_start.shape}.")
+      raise errors.UserError(f"noise has shape {noise.shape}, expected x_start's shape {x_start.shape}.")
     return (
       self._extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
       + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
@@ -264,7 +269,7 @@ class GaussianDiffusion:
     """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
     self._check(x_t, t)
     if x_start.shape != x_t.shape:
-      raise ValueError(f"x_start has shape {x_start.shape}, expected x_t's shape {x_t.shape}.")
+      raise errors.UserError(f"x_start has shape {x_start.shape}, expected x_t's shape {x_t.shape}.")
     mean = (
       self._extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
       + self._extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
@@ -315,7 +320,7 @@ class GaussianDiffusion:
     c = x_t.shape[-1]
     expected = x_t.shape[:-1] + (self.model_output_channels(c),)
     if model_output.shape != expected:
-      raise ValueError(
+      raise errors.UserError(
         f"model_output has shape {model_output.shape}, expected {expected} "
         f"(model_var_type={self.model_var_type!r} needs {self.model_output_channels(c)} output channels)."
       )
@@ -384,7 +389,7 @@ class GaussianDiffusion:
       dict of `sample` and `pred_xstart`, each of x_t's shape.
     """
     if noise.shape != x_t.shape:
-      raise ValueError(f"noise has shape {noise.shape}, expected x_t's shape {x_t.shape}.")
+      raise errors.UserError(f"noise has shape {noise.shape}, expected x_t's shape {x_t.shape}.")
     out = self.p_mean_variance(model_output, x_t, t, clip_denoised=clip_denoised)
     nonzero_mask = self._extract((jnp.arange(self.num_timesteps) != 0).astype(jnp.float32), t, x_t.shape)
     sample = out["mean"] + nonzero_mask * jnp.exp(0.5 * out["log_variance"]) * noise

@@ -9,6 +9,8 @@ import os
 import numpy as np
 from etils import epath
 
+from diffusion_jax import errors
+
 
 def to_uint8(x) -> np.ndarray:
   """Images in [-1, 1] (any float array, NHWC) → uint8 NHWC, as round((x + 1)·127.5) clipped to [0, 255]."""
@@ -32,7 +34,7 @@ def make_grid(
   if images.dtype != np.uint8:
     images = to_uint8(images)
   if images.ndim != 4:
-    raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}.")
+    raise errors.UserError(f"images must be [N, H, W, C], got shape {images.shape}.")
   if scale > 1:
     images = images.repeat(scale, axis=1).repeat(scale, axis=2)
   n, h, w, c = images.shape
@@ -52,10 +54,12 @@ def save_image(image, path: str | os.PathLike, *, overwrite: bool = False) -> ep
 
   path = epath.Path(path)
   if path.exists() and not overwrite:
-    raise FileExistsError(f"{path} exists; refusing to overwrite it (choose another path or pass overwrite=True).")
+    raise errors.ExistingFileError(
+      f"{path} exists; refusing to overwrite it (choose another path or pass overwrite=True)."
+    )
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] not in (1, 3) or image.dtype != np.uint8:
-    raise ValueError(f"image must be uint8 [H, W, 1 or 3], got {image.dtype} {image.shape}.")
+    raise errors.UserError(f"image must be uint8 [H, W, 1 or 3], got {image.dtype} {image.shape}.")
   pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
   buf = io.BytesIO()
   pil.save(buf, format="PNG")

@@ -52,6 +52,7 @@ from absl import logging
 from PIL import Image
 from PIL import ImageOps
 
+from diffusion_jax import errors
 from diffusion_jax import runtime
 
 # Our dataset names → tfds names.
@@ -126,7 +127,7 @@ def _fit_array(image: np.ndarray, image_size: int, channels: int) -> np.ndarray:
   if image.shape == (image_size, image_size, channels) and image.dtype == np.uint8:
     return image
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-    raise ValueError(f"expected a uint8 [H, W, 1|3|4] image, got {image.dtype} {image.shape}")
+    raise errors.UserError(f"expected a uint8 [H, W, 1|3|4] image, got {image.dtype} {image.shape}")
   # uint8 [h, w] → 'L', [h, w, 3] → 'RGB', [h, w, 4] → 'RGBA'.
   pil = Image.fromarray(np.ascontiguousarray(image[..., 0] if image.shape[-1] == 1 else image))
   pil = _to_mode(pil, "RGB" if channels == 3 else "L")
@@ -295,13 +296,13 @@ def _open_tfds_source(tfds_name: str, split: str, data_dir: str):
       splits = list(builder.info.splits) if prepared else []
       version_dir = builder.data_dir
     except Exception:  # pylint: disable=broad-except
-      raise ValueError(f"Cannot open tfds dataset {tfds_name!r} split {split!r} in {where}: {error}") from error
+      raise errors.UserError(f"Cannot open tfds dataset {tfds_name!r} split {split!r} in {where}: {error}") from error
     if not prepared:
-      raise ValueError(
+      raise errors.UserError(
         f"tfds dataset {tfds_name!r} is not prepared in {where}; {_prepare_instructions(tfds_name, data_dir)}"
       ) from error
     if file_format is not None and str(getattr(file_format, "value", file_format)) not in ("array_record", "parquet"):
-      raise ValueError(
+      raise errors.UserError(
         f"tfds dataset {tfds_name!r} in {version_dir} is stored as {getattr(file_format, 'value', file_format)}, "
         "which has no random access; convert it (needs TensorFlow: pip install 'diffusion_jax[tf]') with\n"
         f"  tfds convert_format --dataset_version_dir={version_dir} --out_file_format=array_record\n"
@@ -309,7 +310,7 @@ def _open_tfds_source(tfds_name: str, split: str, data_dir: str):
       ) from error
     base_split = split.split("[", 1)[0].split("+", 1)[0]
     if splits and base_split not in splits:
-      raise ValueError(
+      raise errors.UserError(
         f"tfds dataset {tfds_name!r} has no split {split!r}; its splits are {sorted(splits)}. "
         "Set config.data.train_split / eval_split accordingly."
       ) from error
@@ -343,7 +344,7 @@ def _check_image_file(path: pathlib.Path) -> str | None:
       with Image.open(path) as image:
         image.load()  # a full decode: truncated or damaged data fails here, not in training.
         if image.width < 1 or image.height < 1:
-          raise ValueError("empty image")
+          raise errors.UserError("empty image")
       _SCAN_CACHE[key] = None
     except Exception as error:  # pylint: disable=broad-except
       _SCAN_CACHE[key] = f"{type(error).__name__}: {error}"
@@ -354,42 +355,42 @@ def _scan_folder(root: pathlib.Path, skip_corrupt: bool) -> list[pathlib.Path]:
   """The readable image files under `root`; corrupt ones raise or are skipped with a warning."""
   paths = _list_image_files(root)
   if not paths:
-    raise ValueError(
+    raise errors.UserError(
       f"No image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root}. "
       "Set config.data.data_dir to a folder that contains images (searched recursively)."
     )
   with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
-    errors = list(pool.map(_check_image_file, paths))
-  bad = [(path, error) for path, error in zip(paths, errors) if error is not None]
+    problems = list(pool.map(_check_image_file, paths))
+  bad = [(path, error) for path, error in zip(paths, problems) if error is not None]
   if not bad:
     return paths
   listed = "\n".join(f"  {path.relative_to(root)}  ({error})" for path, error in bad[:_MAX_LISTED_FILES])
   more = f"\n  … and {len(bad) - _MAX_LISTED_FILES} more" if len(bad) > _MAX_LISTED_FILES else ""
   summary = f"{len(bad)} of {len(paths)} image files under {root} cannot be read:\n{listed}{more}"
   if not skip_corrupt:
-    raise ValueError(f"{summary}\nRepair or remove them, or set config.data.skip_corrupt=True to skip them.")
+    raise errors.UserError(f"{summary}\nRepair or remove them, or set config.data.skip_corrupt=True to skip them.")
   logging.warning("%s\nSkipping these %d files (config.data.skip_corrupt=True).", summary, len(bad))
-  good = [path for path, error in zip(paths, errors) if error is None]
+  good = [path for path, error in zip(paths, problems) if error is None]
   if not good:
-    raise ValueError(f"None of the {len(paths)} image files under {root} can be read.")
+    raise errors.UserError(f"None of the {len(paths)} image files under {root} can be read.")
   return good
 
 
 def _folder_split_root(data_config: ml_collections.ConfigDict, split: str) -> pathlib.Path:
   """`data_dir/<split>` if that folder exists, else `data_dir` itself for the train split."""
   if not data_config.data_dir:
-    raise ValueError(
+    raise errors.UserError(
       "dataset='folder' reads images from config.data.data_dir, which is empty: "
       "set --config.data.data_dir=/path/to/images."
     )
   root = pathlib.Path(data_config.data_dir).expanduser()
   if not root.is_dir():
-    raise ValueError(f"config.data.data_dir={str(root)!r} is not a folder; point it at a folder of images.")
+    raise errors.UserError(f"config.data.data_dir={str(root)!r} is not a folder; point it at a folder of images.")
   if split and (root / split).is_dir():
     return root / split
   if split == data_config.get("train_split", "train"):
     return root
-  raise ValueError(
+  raise errors.UserError(
     f"The image folder {root} has no sub-folder {split!r} for split {split!r}: "
     f"create {root / split} with its images, or set config.data.eval_split='' to skip evaluation "
     "on data."
@@ -407,25 +408,29 @@ def load_digits(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     by 255/16 and rounded) and uint8 [N] digit labels 0..9.
   """
   if split not in DIGITS_SPLITS:
-    raise ValueError(f"The digits dataset has splits {DIGITS_SPLITS}, not {split!r}.")
+    raise errors.UserError(f"The digits dataset has splits {DIGITS_SPLITS}, not {split!r}.")
   with np.load(DIGITS_PATH) as data:
     return data[f"{split}_images"], data[f"{split}_labels"]
 
 
 def _check_data_config(data_config: ml_collections.ConfigDict) -> None:
   if data_config.dataset not in DATASETS:
-    raise ValueError(f"Unknown dataset {data_config.dataset!r}; config.data.dataset must be one of {list(DATASETS)}.")
+    raise errors.UserError(
+      f"Unknown dataset {data_config.dataset!r}; config.data.dataset must be one of {list(DATASETS)}."
+    )
   if data_config.channels not in (1, 3):
-    raise ValueError(f"config.data.channels must be 1 (grayscale) or 3 (RGB), got {data_config.channels}.")
+    raise errors.UserError(f"config.data.channels must be 1 (grayscale) or 3 (RGB), got {data_config.channels}.")
   if not isinstance(data_config.image_size, int) or data_config.image_size < 1:
-    raise ValueError(f"config.data.image_size must be a positive integer, got {data_config.image_size!r}.")
+    raise errors.UserError(f"config.data.image_size must be a positive integer, got {data_config.image_size!r}.")
 
 
 def _make_source(data_config: ml_collections.ConfigDict, split: str) -> grain.sources.RandomAccessDataSource:
   """The source for `split`, yielding uint8 [image_size, image_size, channels]."""
   _check_data_config(data_config)
   if not split:
-    raise ValueError(f"No split given for dataset {data_config.dataset!r} (config.data.train_split / eval_split).")
+    raise errors.UserError(
+      f"No split given for dataset {data_config.dataset!r} (config.data.train_split / eval_split)."
+    )
   name, size, channels = data_config.dataset, data_config.image_size, data_config.channels
   if name == "digits":
     images, labels = load_digits(split)
@@ -456,12 +461,12 @@ def _check_labels(source, config: ml_collections.ConfigDict, split: str) -> bool
       if config.data.dataset == "folder"
       else ""
     )
-    raise ValueError(
+    raise errors.UserError(
       f"config.model.num_classes={num_classes} asks for a class-conditional model, but "
       f"{config.data.dataset}:{split} has no class labels.{hint} Or set --config.model.num_classes=0."
     )
   if len(names) != num_classes:
-    raise ValueError(
+    raise errors.UserError(
       f"config.model.num_classes={num_classes}, but {config.data.dataset}:{split} has {len(names)} "
       f"classes ({', '.join(names[:12])}{', …' if len(names) > 12 else ''}); set "
       f"--config.model.num_classes={len(names)}."
@@ -510,13 +515,13 @@ def _process_shard(process_index: int | None, process_count: int | None) -> tupl
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"Need 0 <= process_index < process_count, got {process_index} and {process_count}.")
+    raise errors.UserError(f"Need 0 <= process_index < process_count, got {process_index} and {process_count}.")
   return process_index, process_count
 
 
 def _local_batch_size(global_batch_size: int, process_count: int, what: str) -> int:
   if global_batch_size < 1 or global_batch_size % process_count:
-    raise ValueError(
+    raise errors.UserError(
       f"{what}={global_batch_size} must be a positive multiple of the number of "
       f"processes ({process_count}); change the batch size."
     )
@@ -606,13 +611,13 @@ def create_train_iterator(
   """
   seed = config.training.seed if seed is None else seed
   if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-    raise ValueError(f"The data seed must be an integer in [0, 2**32), got {seed!r}; set config.training.seed.")
+    raise errors.UserError(f"The data seed must be an integer in [0, 2**32), got {seed!r}; set config.training.seed.")
   process_index, process_count = _process_shard(process_index, process_count)
   global_batch = config.training.batch_size
   local_batch = _local_batch_size(global_batch, process_count, "config.training.batch_size")
   worker_count = config.data.get("worker_count", 0) if worker_count is None else worker_count
   if worker_count < 0:
-    raise ValueError(f"config.data.worker_count must be >= 0, got {worker_count}.")
+    raise errors.UserError(f"config.data.worker_count must be >= 0, got {worker_count}.")
   if worker_count > 0 and not flags.FLAGS.is_parsed():
     # Grain's worker processes read absl flags; outside an absl app (Colab, tests)
     # nothing parses them, so take their defaults.
@@ -782,13 +787,13 @@ def create_eval_iterator(
   """
   split = config.data.eval_split if split is None else split
   if not split:
-    raise ValueError(
+    raise errors.UserError(
       f"No eval split: config.data.eval_split is empty for dataset {config.data.dataset!r}. "
       "Set it (e.g. --config.data.eval_split=test) or skip data-based evaluation."
     )
   batch_size = config.eval.batch_size if batch_size is None else batch_size
   if max_examples < 0:
-    raise ValueError(f"max_examples must be >= 0 (0 = the whole split), got {max_examples}.")
+    raise errors.UserError(f"max_examples must be >= 0 (0 = the whole split), got {max_examples}.")
   process_index, process_count = _process_shard(process_index, process_count)
   local_batch = _local_batch_size(batch_size, process_count, "the eval batch size (config.eval.batch_size)")
   source = _make_source(config.data, split)
@@ -796,7 +801,7 @@ def create_eval_iterator(
   total = min(split_size, max_examples) if max_examples else split_size
   num_batches = total // batch_size if drop_remainder else -(-total // batch_size)
   if num_batches == 0:
-    raise ValueError(
+    raise errors.UserError(
       f"The split {split!r} has {total} examples, fewer than one global eval batch of {batch_size} "
       "with drop_remainder=True: lower the batch size or pad instead."
     )

@@ -22,6 +22,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from diffusion_jax import cli
+from diffusion_jax import compat
 
 MODES = ("train", "sample", "eval", "fid_stats")
 # Exit status of a training run stopped by SIGTERM/SIGINT or a preemption notice once the checkpoint of its
@@ -59,13 +60,7 @@ def _detect_cluster() -> str | None:
     return "SLURM (srun)"  # inside a job step, one task per process
   if (_env_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
     return "Open MPI"
-  try:
-    from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
-
-    on_tpu_vm = bool(cloud_tpu_init.running_in_cloud_tpu_vm)
-  except ImportError:
-    on_tpu_vm = False
-  if on_tpu_vm or "TPU_WORKER_HOSTNAMES" in os.environ:
+  if "TPU_WORKER_HOSTNAMES" in os.environ or compat.on_cloud_tpu_vm():
     return "Cloud TPU VM"
   return None
 

@@ -1,13 +1,12 @@
 """One writer of scalars and images for training and evaluation: TensorBoard event files, process 0 only.
 
-Uses tensorboardX (no TensorFlow needed). Every other process gets a writer
+Uses tensorboardX (no TensorFlow needed), imported by the process that writes. Every other process gets a writer
 that does nothing, so callers need no `process_index` checks.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Mapping
 
 import jax
@@ -15,25 +14,6 @@ import numpy as np
 from etils import epath
 
 TENSORBOARD_DIR = "tensorboard"
-
-
-def _summary_writer_class():
-  """tensorboardX's SummaryWriter, imported without PyTorch.
-
-  tensorboardX imports torch when it is installed, only to widen a type
-  annotation (`numpy_compatible`); that is about 1.5 s of every start on a
-  machine with PyTorch. While tensorboardX is imported, `import torch` fails,
-  which tensorboardX handles; a PyTorch imported before or after is untouched.
-  """
-  if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
-    sys.modules["torch"] = None  # `import torch` raises ImportError while this entry is None
-    try:
-      import tensorboardX  # noqa: F401  # pylint: disable=g-import-not-at-top
-    finally:
-      del sys.modules["torch"]
-  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-
-  return SummaryWriter
 
 
 class MetricWriter:
@@ -44,7 +24,9 @@ class MetricWriter:
     self._writer = None
     self.logdir = epath.Path(workdir) / TENSORBOARD_DIR
     if jax.process_index() == 0:
-      self._writer = _summary_writer_class()(str(self.logdir), filename_suffix=filename_suffix)
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  (only where it writes)
+
+      self._writer = SummaryWriter(str(self.logdir), filename_suffix=filename_suffix)
 
   def scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if self._writer:

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from diffusion_jax import errors
+
 
 def scale_by_adam_epsilon_hat(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
   """Adam as TF1's `tf.train.AdamOptimizer`: ε ("epsilon hat") is added to √v before bias correction.
@@ -47,17 +49,17 @@ def learning_rate_schedule(optim_config) -> optax.Schedule:
   """
   decay = optim_config.get("lr_decay", "constant")
   if decay not in LR_DECAYS:
-    raise ValueError(f"optim.lr_decay must be one of {LR_DECAYS}, got {decay!r}.")
+    raise errors.UserError(f"optim.lr_decay must be one of {LR_DECAYS}, got {decay!r}.")
   if decay == "cosine":
     decay_steps = int(optim_config.get("decay_steps", 0))
     if decay_steps <= max(optim_config.warmup_steps, 0):
-      raise ValueError(
+      raise errors.UserError(
         f"optim.decay_steps={decay_steps} must exceed optim.warmup_steps={optim_config.warmup_steps} for "
         "lr_decay='cosine'; set it to the number of training steps."
       )
     end = float(optim_config.get("end_learning_rate", 0.0))
     if not 0.0 <= end <= optim_config.learning_rate:
-      raise ValueError(
+      raise errors.UserError(
         f"optim.end_learning_rate={end:g} must lie in [0, optim.learning_rate={optim_config.learning_rate:g}]: "
         "it is the rate the cosine decays to."
       )

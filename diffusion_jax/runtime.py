@@ -50,6 +50,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import errors
 from diffusion_jax.models import unet
 
 DATA_AXIS = "data"
@@ -94,7 +95,7 @@ def grid_mesh(mesh: Mesh, rows: int, axes: tuple[str, str]) -> Mesh:
   """
   devices = mesh.devices.reshape(-1)
   if devices.size % rows:
-    raise ValueError(f"{devices.size} devices cannot be laid out in {rows} rows.")
+    raise errors.UserError(f"{devices.size} devices cannot be laid out in {rows} rows.")
   return Mesh(devices.reshape(rows, devices.size // rows), axes)
 
 
@@ -164,7 +165,7 @@ class Prefetcher(Iterator):
 
   def __init__(self, iterator, mesh: Mesh, size: int = 2):
     if size < 1:
-      raise ValueError(f"prefetch size must be >= 1, got {size}.")
+      raise errors.UserError(f"prefetch size must be >= 1, got {size}.")
     self._iterator = iterator
     self._mesh = mesh
     self._size = size
@@ -242,7 +243,7 @@ def init_params(network: unet.UNet, rng: jax.Array, shape, scheme: str = "ddpm")
   PyTorch's layer defaults (`unet.pytorch_init`).
   """
   if scheme not in unet.INIT_SCHEMES:
-    raise ValueError(f"Unknown model.init {scheme!r}; valid choices are {', '.join(unet.INIT_SCHEMES)}.")
+    raise errors.UserError(f"Unknown model.init {scheme!r}; valid choices are {', '.join(unet.INIT_SCHEMES)}.")
   x = jnp.zeros((1,) + tuple(shape), jnp.float32)
   params = network.init(rng, x, jnp.zeros((1,), jnp.int32), train=False)["params"]
   if scheme == "pytorch":
@@ -272,7 +273,7 @@ def model_fn(network: unet.UNet) -> ModelFn:
       kwargs["y"] = cond
     if train:
       if rng is None:
-        raise ValueError("model_fn(..., train=True) needs rng= for dropout.")
+        raise errors.UserError("model_fn(..., train=True) needs rng= for dropout.")
       return network.apply({"params": params}, x_t, t, train=True, rngs={"dropout": rng}, **kwargs)
     return network.apply({"params": params}, x_t, t, train=False, **kwargs)
 
@@ -340,7 +341,7 @@ def import_tensorflow():
   try:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(
+    raise errors.MissingPackageError(
       "This needs TensorFlow (reading TF checkpoints or preparing a tfds dataset): "
       "pip install 'diffusion_jax[tf]' (or tensorflow-cpu)."
     ) from e

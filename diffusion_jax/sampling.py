@@ -26,6 +26,7 @@ from absl import logging
 from etils import epath
 
 from diffusion_jax import checkpointing
+from diffusion_jax import errors
 from diffusion_jax import images as images_lib
 from diffusion_jax import runtime
 from diffusion_jax import samplers
@@ -94,7 +95,7 @@ def sample_fn(
     >>> images = sample_fn(model, 16, jax.random.PRNGKey(0), sampler="dpmpp2m", num_steps=20)
   """
   if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
-    raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
+    raise errors.UserError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
   spec = _spec(model, sampler, num_steps, eta, settings)
   return sample_export.generate_set(
     model,
@@ -189,7 +190,7 @@ def interpolate_fn(
   def prep(x, name):
     x = np.asarray(x)
     if x.shape != model.image_shape:
-      raise ValueError(f"{name} has shape {x.shape}; the model takes {model.image_shape} images.")
+      raise errors.UserError(f"{name} has shape {x.shape}; the model takes {model.image_shape} images.")
     return x.astype(np.float32) / 127.5 - 1.0 if x.dtype == np.uint8 else x.astype(np.float32)
 
   x1, x2 = prep(x1, "x1"), prep(x2, "x2")
@@ -241,7 +242,7 @@ def _config_labels(model: LoadedModel, text: str):
   if not text:
     return None
   if not model.num_classes:
-    raise ValueError(
+    raise errors.UserError(
       "config.sampling.labels applies to class-conditional models; this model is unconditional "
       "(leave --config.sampling.labels='')."
     )
@@ -296,7 +297,7 @@ def sample_to_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathL
   spec = sample_export.sampler_from_config(sc, model.diffusion.num_timesteps)
   labels = _config_labels(model, sc.get("labels", ""))
   if labels is not None and len(labels) not in (1, sc.num_samples):
-    raise ValueError(
+    raise errors.UserError(
       f"config.sampling.labels lists {len(labels)} labels for num_samples={sc.num_samples}: give one "
       "label, or one per sample."
     )

@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from diffusion_jax import errors
+
 SCHEDULES = ("linear", "quad", "const", "jsd", "warmup10", "warmup50", "cosine")
 
 # Nichol & Dhariwal (2021), "Improved Denoising Diffusion Probabilistic Models", eq. 17.
@@ -57,14 +59,14 @@ def get_beta_schedule(
     ValueError: for an unknown name, T < 1, or betas outside (0, 1].
   """
   if name not in SCHEDULES:
-    raise ValueError(f"Unknown beta schedule {name!r}; valid choices are {', '.join(SCHEDULES)}.")
+    raise errors.UserError(f"Unknown beta schedule {name!r}; valid choices are {', '.join(SCHEDULES)}.")
   if not isinstance(num_timesteps, (int, np.integer)) or isinstance(num_timesteps, bool) or num_timesteps < 1:
-    raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}.")
+    raise errors.UserError(f"num_timesteps must be a positive integer, got {num_timesteps!r}.")
   if name not in ("jsd", "cosine"):
     if not 0.0 < beta_end <= 1.0:
-      raise ValueError(f"beta_end must lie in (0, 1], got {beta_end}.")
+      raise errors.UserError(f"beta_end must lie in (0, 1], got {beta_end}.")
     if name != "const" and not 0.0 < beta_start <= beta_end:
-      raise ValueError(f"beta_start must lie in (0, beta_end], got beta_start={beta_start}, beta_end={beta_end}.")
+      raise errors.UserError(f"beta_start must lie in (0, beta_end], got beta_start={beta_start}, beta_end={beta_end}.")
 
   if name == "linear":
     betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)

@@ -29,6 +29,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from diffusion_jax import checkpointing
+from diffusion_jax import errors
 from diffusion_jax import images as images_lib
 from diffusion_jax import input_pipeline
 from diffusion_jax import metric_writer
@@ -184,7 +185,7 @@ def _check_finite(step: int, metrics: Mapping[str, float], last_saved: int | Non
       if last_saved is not None
       else "no checkpoint was written"
     )
-    raise FloatingPointError(
+    raise errors.DivergedError(
       f"Non-finite training loss/gradient at step {step} (loss={metrics['loss']}, "
       f"grad_norm={metrics['grad_norm']}); {where}. Lower optim.learning_rate, keep optim.grad_clip > 0, "
       "or train in float32 (model.dtype='float32')."

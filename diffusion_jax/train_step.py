@@ -21,6 +21,7 @@ from flax.training import train_state
 from jax.sharding import Mesh
 
 from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import errors
 from diffusion_jax import optimizer as optimizer_lib
 from diffusion_jax import runtime
 from diffusion_jax.models import unet
@@ -37,22 +38,22 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
   num_devices = jax.device_count() if num_devices is None else num_devices
   bs = config.training.batch_size
   if bs % num_devices:
-    raise ValueError(
+    raise errors.UserError(
       f"training.batch_size={bs} is not divisible by the {num_devices} devices; "
       f"use a multiple of {num_devices} "
       f"(e.g. --config.training.batch_size={max(1, bs // num_devices) * num_devices})."
     )
   groups = config.optim.clip_groups
   if groups < 1 or bs % groups:
-    raise ValueError(
+    raise errors.UserError(
       f"optim.clip_groups={groups} must be a positive divisor of training.batch_size={bs} "
       "(set --config.optim.clip_groups=1 to clip the whole batch's gradient)."
     )
   if config.optim.ema_decay < 0 or config.optim.ema_decay >= 1:
-    raise ValueError(f"optim.ema_decay must lie in [0, 1), got {config.optim.ema_decay}.")
+    raise errors.UserError(f"optim.ema_decay must lie in [0, 1), got {config.optim.ema_decay}.")
   init = config.model.get("init", "ddpm")
   if init not in unet.INIT_SCHEMES:
-    raise ValueError(
+    raise errors.UserError(
       f"Unknown model.init {init!r}; valid choices are {', '.join(unet.INIT_SCHEMES)} "
       "(ddpm: the paper's initialisation; pytorch: PyTorch's layer defaults)."
     )
@@ -142,7 +143,7 @@ def sharded_grouped_clipped_gradients(grad_fn, params, batch, rngs, max_norm: fl
   groups = rngs.shape[0]
   d = runtime.data_size(mesh)
   if groups % d and d % groups:
-    raise ValueError(f"{groups} clip groups cannot be laid on {d} devices: one must divide the other.")
+    raise errors.UserError(f"{groups} clip groups cannot be laid on {d} devices: one must divide the other.")
   whole = groups >= d
   # Whole groups: the mesh itself. Split groups: the same devices as a (group, member) grid.
   grid = mesh if whole else runtime.grid_mesh(mesh, groups, (_GROUP_AXIS, _MEMBER_AXIS))

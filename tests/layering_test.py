@@ -11,7 +11,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "diffusion_jax"
 FLOORS = [
   ("math", ["errors", "xla_flags", "schedules", "diffusion", "samplers"]),
   ("network", ["models"]),
-  ("runtime", ["runtime", "images", "config_base"]),
+  ("runtime", ["runtime", "compat", "images", "config_base"]),
   ("data", ["input_pipeline"]),
   ("loop", ["optimizer", "train_step", "train", "checkpointing", "metric_writer"]),
   ("evaluation", ["evaluation"]),

@@ -45,6 +45,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
+from diffusion_jax import errors
 from diffusion_jax import input_pipeline
 from diffusion_jax import runtime
 from diffusion_jax.models import unet
@@ -147,13 +148,13 @@ def compute_bpd(
   clip_denoised = bool(ec.get("clip_denoised", True) if clip_denoised is None else clip_denoised)
   mesh = runtime.make_mesh() if mesh is None else mesh
   if not split:
-    raise ValueError(
+    raise errors.UserError(
       f"No eval split for dataset {config.data.dataset!r} (config.data.eval_split is empty), so "
       "bits/dim cannot be computed: set --config.data.eval_split=<split> or remove 'bpd' from "
       "config.eval.metrics."
     )
   if batch_size < 1 or batch_size % mesh.size:
-    raise ValueError(
+    raise errors.UserError(
       f"The eval batch size {batch_size} must be a positive multiple of the number of devices "
       f"({mesh.size}); set --config.eval.batch_size accordingly."
     )
@@ -265,11 +266,11 @@ def rate_distortion(terms_bpd, mse, prior_bpd: float) -> dict[str, Any]:
   terms = np.asarray(terms_bpd, np.float64)
   mse = np.asarray(mse, np.float64)
   if terms.ndim != 1 or terms.shape != mse.shape or terms.size < 1:
-    raise ValueError(f"terms_bpd and mse must both be [T], got shapes {terms.shape} and {mse.shape}.")
+    raise errors.UserError(f"terms_bpd and mse must both be [T], got shapes {terms.shape} and {mse.shape}.")
   if not (np.isfinite(terms).all() and np.isfinite(mse).all() and math.isfinite(prior_bpd)):
-    raise ValueError("terms_bpd, mse and prior_bpd must be finite.")
+    raise errors.UserError("terms_bpd, mse and prior_bpd must be finite.")
   if (mse < 0).any():
-    raise ValueError("mse must be non-negative.")
+    raise errors.UserError("mse must be non-negative.")
   T = terms.size
   k = np.arange(1, T + 1)
   # Terms sent after k steps: s = T-k+1 … T-1, i.e. the reversed cumulative sum of terms[1:], shifted by one.
@@ -324,9 +325,9 @@ def plot_rate_distortion(rd: dict[str, Any], path: str | os.PathLike, *, title: 
   """
   path = epath.Path(path)
   if path.exists():
-    raise FileExistsError(f"{path} exists; refusing to overwrite it.")
+    raise errors.ExistingFileError(f"{path} exists; refusing to overwrite it.")
   if not have_matplotlib():
-    raise ImportError('The rate-distortion chart needs matplotlib: pip install "diffusion_jax[plot]".')
+    raise errors.MissingPackageError('The rate-distortion chart needs matplotlib: pip install "diffusion_jax[plot]".')
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use("Agg", force=False)

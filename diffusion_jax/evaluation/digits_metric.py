@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from diffusion_jax import errors
 from diffusion_jax import input_pipeline
 from diffusion_jax.evaluation import fid as fid_lib
 
@@ -125,7 +126,7 @@ def load_params(path: str | os.PathLike | None = None) -> dict[str, Any]:
   """
   path = pathlib.Path(path) if path is not None else WEIGHTS_PATH
   if not path.exists():
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
       f"The digit classifier weights {path} are missing; they ship with the package "
       f"(reinstall it) or can be made with `{TRAIN_COMMAND}`."
     )
@@ -133,7 +134,7 @@ def load_params(path: str | os.PathLike | None = None) -> dict[str, Any]:
     with np.load(path, allow_pickle=False) as data:
       flat = {k: np.asarray(data[k]) for k in data.files}
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(
+    raise errors.UserError(
       f"The digit classifier weights {path} are damaged or not an .npz of arrays ({e}); restore the "
       f"file from the package or remake it with `{TRAIN_COMMAND}`."
     ) from e
@@ -142,14 +143,14 @@ def load_params(path: str | os.PathLike | None = None) -> dict[str, Any]:
   if got != expected:
     missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
     wrong = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
-    raise ValueError(
+    raise errors.UserError(
       f"The digit classifier weights {path} do not match DigitClassifier (missing {missing}, "
       f"unexpected {extra}, wrong shapes {wrong}); restore the file or remake it with "
       f"`{TRAIN_COMMAND}`."
     )
   bad = [k for k, v in flat.items() if not np.issubdtype(v.dtype, np.floating) or not np.isfinite(v).all()]
   if bad:
-    raise ValueError(
+    raise errors.UserError(
       f"The digit classifier weights {path} hold non-float or non-finite values in {sorted(bad)}; "
       f"restore the file or remake it with `{TRAIN_COMMAND}`."
     )
@@ -180,13 +181,13 @@ def check_images(images, name: str = "samples") -> np.ndarray:
   """`images` as a uint8 NumPy array [N, 8, 8, 1], N ≥ 1, or a ValueError saying what is wrong."""
   dtype = getattr(images, "dtype", None)
   if dtype is None or np.dtype(dtype) != np.uint8:
-    raise ValueError(
+    raise errors.UserError(
       f"{name} must be uint8 images [N, 8, 8, 1] in 0..255 (e.g. images.to_uint8(x) of [-1, 1] "
       f"floats), got dtype {dtype}."
     )
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE or images.shape[0] < 1:
-    raise ValueError(f"{name} must have shape [N, 8, 8, 1] with N ≥ 1 (8×8 grey digits), got {images.shape}.")
+    raise errors.UserError(f"{name} must have shape [N, 8, 8, 1] with N ≥ 1 (8×8 grey digits), got {images.shape}.")
   return images
 
 
@@ -278,7 +279,7 @@ def kth_nearest_distances(queries, points, *, k: int, within: bool = False) -> n
   p = np.asarray(points, np.float64).reshape(len(points), -1)
   kk = k + 1 if within else k
   if not 1 <= kk <= len(p):
-    raise ValueError(f"k={k} needs at least {kk} points, got {len(p)}.")
+    raise errors.UserError(f"k={k} needs at least {kk} points, got {len(p)}.")
   out = np.empty(len(q), np.float64)
   for rows in _chunks(len(q)):
     d = _sq_dists(q[rows], p)
@@ -305,10 +306,10 @@ def precision_recall(real_features, fake_features, *, k: int = DEFAULT_K) -> tup
   fake point. Radii are taken within each set (k-th neighbour, self excluded).
   """
   if k < 1:
-    raise ValueError(f"k must be ≥ 1, got {k}.")
+    raise errors.UserError(f"k must be ≥ 1, got {k}.")
   real, fake = np.asarray(real_features, np.float64), np.asarray(fake_features, np.float64)
   if min(len(real), len(fake)) < k + 1:
-    raise ValueError(
+    raise errors.UserError(
       f"k-NN precision/recall with k={k} need at least {k + 1} images in each set, got "
       f"{len(real)} reference and {len(fake)} samples."
     )
@@ -363,7 +364,7 @@ def compute_digit_metrics(samples_uint8, reference_uint8=None, *, k: int = DEFAU
   samples = check_images(samples_uint8, "samples")
   reference = check_images(reference_images() if reference_uint8 is None else reference_uint8, "reference")
   if len(samples) < 2 or len(reference) < 2:
-    raise ValueError(
+    raise errors.UserError(
       f"The Fréchet distance needs at least 2 samples and 2 reference images, got {len(samples)} and {len(reference)}."
     )
   fake_features, fake_logits = classify(samples, params)
@@ -400,12 +401,12 @@ def class_accuracy(samples, requested_labels, *, params=None) -> dict[str, Any]:
   samples = check_images(samples)
   labels = np.asarray(requested_labels)
   if labels.shape != (len(samples),) or not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(
+    raise errors.UserError(
       f"requested_labels must be integers of shape [{len(samples)}] (one per sample), got "
       f"{labels.dtype} {labels.shape}."
     )
   if labels.min() < 0 or labels.max() >= NUM_CLASSES:
-    raise ValueError(f"requested_labels must lie in 0..{NUM_CLASSES - 1}, got {labels.min()}..{labels.max()}.")
+    raise errors.UserError(f"requested_labels must lie in 0..{NUM_CLASSES - 1}, got {labels.min()}..{labels.max()}.")
   _, logits = classify(samples, params)
   correct = logits.argmax(axis=1) == labels
   per_class = {c: (float(correct[labels == c].mean()) if (labels == c).any() else None) for c in range(NUM_CLASSES)}

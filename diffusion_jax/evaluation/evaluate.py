@@ -66,6 +66,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from diffusion_jax import checkpointing
+from diffusion_jax import errors
 from diffusion_jax import images as images_lib
 from diffusion_jax import input_pipeline
 from diffusion_jax import metric_writer
@@ -101,7 +102,7 @@ def eval_metrics(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   metrics = tuple(m.lower() for item in items for m in re.split(r"[,\s]+", str(item)) if m)
   unknown = [m for m in metrics if m not in METRICS]
   if unknown or not metrics:
-    raise ValueError(
+    raise errors.UserError(
       f"Unknown or no metrics in config.eval.metrics={tuple(config.eval.metrics)!r}; choose from "
       f"{METRICS}, e.g. --config.eval.metrics=bpd,fid."
     )
@@ -138,18 +139,18 @@ def _fid_stats_command(config: ml_collections.ConfigDict) -> str:
 def _check_fid_config(config: ml_collections.ConfigDict) -> None:
   ec = config.eval
   if ec.num_samples < 2:
-    raise ValueError(
+    raise errors.UserError(
       f"FID needs at least 2 samples (a covariance); config.eval.num_samples={ec.num_samples}. The paper used 50000."
     )
   if ec.fid_stats_path:
     if ec.get("random_inception", False):
-      raise ValueError(
+      raise errors.UserError(
         f"config.eval.random_inception=True cannot be compared with the reference statistics "
         f"{ec.fid_stats_path} (computed with other Inception weights): set --config.eval.fid_stats_path='' so "
         "that statistics are computed with the same random weights, or use the real weights."
       )
     if not epath.Path(ec.fid_stats_path).exists():
-      raise ValueError(
+      raise errors.UserError(
         f"config.eval.fid_stats_path={ec.fid_stats_path!r} does not exist. Point it at an .npz with "
         f"mu and sigma, or create one with\n  {_fid_stats_command(config)}\nand set it to that file "
         "(or leave fid_stats_path empty to use and create that file automatically)."
@@ -165,7 +166,7 @@ def _check_model_config(saved: ml_collections.ConfigDict, requested: ml_collecti
     if k.startswith(_MODEL_FIELDS) and k not in _IGNORED_MODEL_FIELDS
   ]
   if diff:
-    raise ValueError(
+    raise errors.UserError(
       f"The config given for evaluation differs from the one {workdir} was trained with in "
       f"{', '.join(diff)}: pass the run's own config (--config={epath.Path(workdir) / 'config.json'} "
       "or the same configs/*.py file)."
@@ -199,7 +200,7 @@ def inception_weights(config: ml_collections.ConfigDict) -> tuple[Any, str]:
 def _batch_size(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
   batch_size = int(config.eval.batch_size)
   if batch_size < 1 or batch_size % mesh.size or batch_size % jax.process_count():
-    raise ValueError(
+    raise errors.UserError(
       f"config.eval.batch_size={batch_size} must be a positive multiple of the number of devices "
       f"({mesh.size}); set --config.eval.batch_size accordingly."
     )
@@ -242,7 +243,7 @@ def _data_statistics(config: ml_collections.ConfigDict, inception_fn, mesh: Mesh
 def _save_statistics(path: epath.Path, stats: fid_lib.ActivationStatistics, info: dict[str, Any]) -> None:
   """Writes mu/sigma (.npz, TTUR format) and a `<name>.json` describing them; never overwrites."""
   if path.exists():
-    raise FileExistsError(f"{path} exists; refusing to overwrite it.")
+    raise errors.ExistingFileError(f"{path} exists; refusing to overwrite it.")
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / (path.name + ".tmp")
   with tmp.open("wb") as f:
@@ -516,7 +517,7 @@ def compute_digit_fid(
   ec, sc = config.eval, config.sampling
   image_shape = runtime.image_shape(config)
   if image_shape != digits_metric.IMAGE_SHAPE:
-    raise ValueError(
+    raise errors.UserError(
       f"The digit metric scores 8×8×1 images, but this model makes {image_shape}: use "
       "--config.data.image_size=8 --config.data.channels=1, or Inception's smoke test "
       "(--config.eval.random_inception=True)."
@@ -612,7 +613,7 @@ def _timestamp() -> str:
 
 def _write_json(path: epath.Path, obj: Any, *, overwrite: bool = False) -> epath.Path:
   if path.exists() and not overwrite:
-    raise FileExistsError(f"{path} exists; refusing to overwrite it.")
+    raise errors.ExistingFileError(f"{path} exists; refusing to overwrite it.")
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n")
@@ -665,7 +666,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
   """
   metrics = eval_metrics(config)
   if "bpd" in metrics and not config.data.eval_split:
-    raise ValueError(
+    raise errors.UserError(
       f"No eval split for dataset {config.data.dataset!r} (config.data.eval_split is empty), so "
       "bits/dim cannot be computed: set --config.data.eval_split=<split> or drop 'bpd' from "
       "config.eval.metrics (e.g. --config.eval.metrics=fid)."

@@ -136,7 +136,7 @@ class ActivationStatistics:
     """Adds a batch of features [B, dim] (any float dtype, host or device)."""
     x = np.asarray(runtime.to_host(features) if isinstance(features, jax.Array) else features, np.float64)
     if x.ndim != 2 or x.shape[1] != self.dim:
-      raise ValueError(f"features must have shape [B, {self.dim}], got {x.shape}.")
+      raise errors.UserError(f"features must have shape [B, {self.dim}], got {x.shape}.")
     n_b = x.shape[0]
     if n_b == 0:
       return
@@ -147,7 +147,7 @@ class ActivationStatistics:
   def merge(self, other: ActivationStatistics) -> None:
     """Adds the features accumulated by `other` (e.g. another host's)."""
     if other.dim != self.dim:
-      raise ValueError(f"cannot merge statistics of dimension {other.dim} into {self.dim}.")
+      raise errors.UserError(f"cannot merge statistics of dimension {other.dim} into {self.dim}.")
     if other.count:
       self._merge(other.count, other._mean, other._m2)
 
@@ -162,14 +162,14 @@ class ActivationStatistics:
   def mu(self) -> np.ndarray:
     """Mean [dim], float64."""
     if self.count == 0:
-      raise ValueError("no features accumulated.")
+      raise errors.UserError("no features accumulated.")
     return self._mean.copy()
 
   @property
   def sigma(self) -> np.ndarray:
     """Unbiased covariance [dim, dim] (divides by N − 1, as np.cov), float64."""
     if self.count < 2:
-      raise ValueError(f"a covariance needs at least 2 samples, have {self.count}.")
+      raise errors.UserError(f"a covariance needs at least 2 samples, have {self.count}.")
     return self._m2 / (self.count - 1)
 
 
@@ -177,7 +177,7 @@ def compute_statistics(features) -> tuple[np.ndarray, np.ndarray]:
   """(mu [D], sigma [D, D]) of features [N, D] in float64, as pytorch-fid."""
   x = np.asarray(features, np.float64)
   if x.ndim != 2:
-    raise ValueError(f"features must have shape [N, D], got {x.shape}.")
+    raise errors.UserError(f"features must have shape [N, D], got {x.shape}.")
   return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
@@ -209,7 +209,7 @@ def run_inception(
     if num_samples is not None and seen >= num_samples:
       break
   if num_samples is not None and seen < num_samples:
-    raise ValueError(f"the batches held {seen} images, fewer than num_samples={num_samples}.")
+    raise errors.UserError(f"the batches held {seen} images, fewer than num_samples={num_samples}.")
   all_logits = np.concatenate(logits, axis=0) if logits else np.zeros((0, inception.NUM_LOGITS), np.float32)
   return stats, all_logits
 
@@ -240,9 +240,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
   sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
   if mu1.shape != mu2.shape:
-    raise ValueError(f"mean vectors have different shapes: {mu1.shape} vs {mu2.shape}.")
+    raise errors.UserError(f"mean vectors have different shapes: {mu1.shape} vs {mu2.shape}.")
   if sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-    raise ValueError(f"covariances {sigma1.shape}, {sigma2.shape} do not match the means {mu1.shape}.")
+    raise errors.UserError(f"covariances {sigma1.shape}, {sigma2.shape} do not match the means {mu1.shape}.")
 
   diff = mu1 - mu2
   covmean = linalg.sqrtm(sigma1.dot(sigma2))
@@ -252,7 +252,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
   if np.iscomplexobj(covmean):
     if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-      raise ValueError(f"FID: imaginary component {np.max(np.abs(covmean.imag))} in sqrtm(sigma1·sigma2).")
+      raise errors.UserError(f"FID: imaginary component {np.max(np.abs(covmean.imag))} in sqrtm(sigma1·sigma2).")
     covmean = covmean.real
   return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
@@ -274,10 +274,10 @@ def inception_score(logits, splits: int = 10) -> tuple[float, float]:
   """
   logits = np.asarray(logits, np.float64)
   if logits.ndim != 2:
-    raise ValueError(f"logits must have shape [N, K], got {logits.shape}.")
+    raise errors.UserError(f"logits must have shape [N, K], got {logits.shape}.")
   n = logits.shape[0]
   if splits < 1 or n < splits:
-    raise ValueError(f"need at least one sample per split: N={n}, splits={splits}.")
+    raise errors.UserError(f"need at least one sample per split: N={n}, splits={splits}.")
   log_p = logits - logits.max(axis=1, keepdims=True)
   log_p = log_p - np.log(np.exp(log_p).sum(axis=1, keepdims=True))
   p = np.exp(log_p)
@@ -300,7 +300,7 @@ def save_statistics(path: str | os.PathLike, mu, sigma) -> None:
   """Writes `mu` [D] and `sigma` [D, D] (float64) to an `.npz`, the standard format."""
   mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
   if mu.ndim != 1 or sigma.shape != mu.shape * 2:
-    raise ValueError(f"mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}.")
+    raise errors.UserError(f"mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}.")
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")
@@ -313,11 +313,11 @@ def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
   """Reads (mu, sigma) in float64 from an `.npz` with keys `mu` and `sigma`."""
   with np.load(path, allow_pickle=False) as data:
     if "mu" not in data.files or "sigma" not in data.files:
-      raise ValueError(
+      raise errors.UserError(
         f"{path} holds {data.files}; FID reference statistics need the arrays 'mu' and 'sigma' "
         "(TTUR/pytorch-fid format)."
       )
     mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
   if mu.ndim != 1 or sigma.shape != mu.shape * 2:
-    raise ValueError(f"{path}: mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}.")
+    raise errors.UserError(f"{path}: mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}.")
   return mu, sigma

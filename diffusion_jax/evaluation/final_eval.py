@@ -33,6 +33,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from diffusion_jax import errors
 from diffusion_jax import input_pipeline
 from diffusion_jax import metric_writer
 from diffusion_jax import runtime
@@ -130,7 +131,9 @@ def evaluate_final(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   tc = config.training
   num_samples = int(tc.get("final_eval_samples", 500))
   if num_samples < 2:
-    raise ValueError(f"training.final_eval_samples must be >= 2 (the metric fits a covariance), got {num_samples}.")
+    raise errors.UserError(
+      f"training.final_eval_samples must be >= 2 (the metric fits a covariance), got {num_samples}."
+    )
   settings = dict(
     num_steps=int(tc.get("final_eval_num_steps", 100)) or None,
     sigma_schedule=tc.get("final_eval_sigma_schedule", "") or None,

@@ -111,7 +111,7 @@ def preprocess(images: Array, *, resize: bool = True) -> Array:
     [B, 299, 299, 3] float32 in [-1, 1] (spatial size unchanged if not `resize`).
   """
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(f"Inception expects images [B, H, W, 1 or 3] (NHWC), got shape {images.shape}.")
+    raise errors.UserError(f"Inception expects images [B, H, W, 1 or 3] (NHWC), got shape {images.shape}.")
   x = images.astype(jnp.float32) / 255.0
   if x.shape[-1] == 1:
     x = jnp.repeat(x, 3, axis=-1)
@@ -283,7 +283,7 @@ class InceptionE(nn.Module):
     elif self.pool == "max":
       pooled = nn.max_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
     else:
-      raise ValueError(f"pool must be 'avg' or 'max', got {self.pool!r}.")
+      raise errors.UserError(f"pool must be 'avg' or 'max', got {self.pool!r}.")
     bp = conv(192, 1, "branch_pool")(pooled)
     return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
@@ -680,7 +680,7 @@ def _check_params(flat: Mapping[tuple[str, ...], np.ndarray], source: str) -> Pa
   )
   if missing or unexpected or wrong:
     show = lambda xs: ", ".join(xs[:5]) + (f" … ({len(xs)} in all)" if len(xs) > 5 else "")  # noqa: E731
-    raise ValueError(
+    raise errors.UserError(
       f"{source} is not the FID Inception (pytorch-fid's pt_inception-2015-12-05): "
       + "; ".join(
         s
@@ -739,7 +739,7 @@ def verify_checksum(path: str | os.PathLike, sha256_prefix: str = FID_WEIGHTS_SH
   """Raises ValueError unless the file's sha256 starts with `sha256_prefix`."""
   digest = sha256_of(path)
   if not digest.startswith(sha256_prefix):
-    raise ValueError(
+    raise errors.UserError(
       f"{path}: sha256 {digest} does not start with {sha256_prefix}; the file is corrupt or not the FID "
       f"Inception weights. Delete it and download {FID_WEIGHTS_URL} again."
     )
@@ -765,7 +765,7 @@ def download_weights(dest: str | os.PathLike, url: str = FID_WEIGHTS_URL, *, sha
         h.update(chunk)
         f.write(chunk)
     if not h.hexdigest().startswith(sha256_prefix):
-      raise ValueError(f"downloaded {url} has sha256 {h.hexdigest()}, expected the prefix {sha256_prefix}.")
+      raise errors.UserError(f"downloaded {url} has sha256 {h.hexdigest()}, expected the prefix {sha256_prefix}.")
     os.replace(tmp, dest)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
@@ -822,7 +822,7 @@ def load_params(
   pth = next((c for c in candidates if c.exists()), None)
   if pth is None:
     if not download:
-      raise FileNotFoundError(
+      raise errors.MissingFileError(
         f"FID Inception weights not found in {candidates[0]} or {candidates[1]}. Download {FID_WEIGHTS_URL} "
         "to one of them, pass its path, or allow downloading."
       )

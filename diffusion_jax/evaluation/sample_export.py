@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 
 from diffusion_jax import checkpointing
 from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import errors
 from diffusion_jax import images as images_lib
 from diffusion_jax import runtime
 from diffusion_jax import samplers
@@ -82,7 +83,7 @@ def model_from_config(
   network, diffusion = runtime.build(config)
   names = None if class_names is None else tuple(str(n) for n in class_names)
   if names is not None and len(names) != network.num_classes:
-    raise ValueError(f"{len(names)} class names given for a model with model.num_classes={network.num_classes}.")
+    raise errors.UserError(f"{len(names)} class names given for a model with model.num_classes={network.num_classes}.")
   return LoadedModel(
     config=config, params=params, model=network, diffusion=diffusion, step=step, use_ema=use_ema, class_names=names
   )
@@ -124,11 +125,13 @@ def resolve_sampler(num_timesteps: int, sampler="ancestral", **settings) -> samp
   """
   unknown = sorted(set(settings) - set(SAMPLER_SETTINGS))
   if unknown:
-    raise ValueError(f"Unknown sampler settings {unknown}; valid settings are {', '.join(SAMPLER_SETTINGS)}.")
+    raise errors.UserError(f"Unknown sampler settings {unknown}; valid settings are {', '.join(SAMPLER_SETTINGS)}.")
   if isinstance(sampler, samplers.SamplerSpec):
     given = [k for k, v in settings.items() if v not in (None, 0, 0.0) or (k == "num_steps" and v is not None)]
     if given:
-      raise ValueError(f"Pass either a SamplerSpec or sampler settings, not both (got {', '.join(given)} with a spec).")
+      raise errors.UserError(
+        f"Pass either a SamplerSpec or sampler settings, not both (got {', '.join(given)} with a spec)."
+      )
     return samplers.resolve(sampler, num_timesteps=num_timesteps)
   eta = settings.get("eta")
   return samplers.resolve(
@@ -180,7 +183,7 @@ def resolve_labels(model: LoadedModel, labels, num_samples: int) -> np.ndarray |
   k = model.num_classes
   if not k:
     if labels is not None:
-      raise ValueError(
+      raise errors.UserError(
         "labels= applies to class-conditional models (model.num_classes > 0); this model is "
         "unconditional: leave labels=None."
       )
@@ -196,21 +199,21 @@ def resolve_labels(model: LoadedModel, labels, num_samples: int) -> np.ndarray |
         return names.index(v)
       if v.lstrip("-").isdigit():
         return one(int(v))
-      raise ValueError(
+      raise errors.UserError(
         f"Unknown class name {v!r}; the model's classes are "
         f"{', '.join(names) if names else '(no names recorded) 0..' + str(k - 1)}."
       )
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-      raise ValueError(f"Class labels must be ints in [0, {k}) or class names, got {v!r}.")
+      raise errors.UserError(f"Class labels must be ints in [0, {k}) or class names, got {v!r}.")
     if not 0 <= int(v) < k:
-      raise ValueError(f"Class label {int(v)} is outside [0, {k}) (the model has {k} classes).")
+      raise errors.UserError(f"Class label {int(v)} is outside [0, {k}) (the model has {k} classes).")
     return int(v)
 
   if isinstance(labels, (str, np.str_, int, np.integer)) and not isinstance(labels, (bool, np.bool_)):
     return np.full((num_samples,), one(labels), np.int32)
   values = [one(v) for v in np.asarray(labels).reshape(-1).tolist()]
   if len(values) != num_samples:
-    raise ValueError(
+    raise errors.UserError(
       f"labels has {len(values)} entries for {num_samples} samples: give one label per sample, or one label for all."
     )
   return np.asarray(values, np.int32)
@@ -219,9 +222,9 @@ def resolve_labels(model: LoadedModel, labels, num_samples: int) -> np.ndarray |
 def _check_guidance(model: LoadedModel, guidance_scale) -> float:
   scale = float(guidance_scale)
   if not np.isfinite(scale):
-    raise ValueError(f"guidance_scale must be finite (1 = no guidance), got {guidance_scale!r}.")
+    raise errors.UserError(f"guidance_scale must be finite (1 = no guidance), got {guidance_scale!r}.")
   if scale != 1.0 and not model.num_classes:
-    raise ValueError(
+    raise errors.UserError(
       f"guidance_scale={guidance_scale!r} needs a class-conditional model; this one is unconditional "
       "(use guidance_scale=1.0)."
     )

@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import errors
+
 GROUPS = 32
 NORM_EPS = 1e-6
 
@@ -69,7 +71,7 @@ def get_timestep_embedding(timesteps, embedding_dim: int):
   Frequencies are exp(−ln(10000)·j/(half−1)), j = 0..half−1; sin comes first.
   """
   if timesteps.ndim != 1:
-    raise ValueError(f"timesteps must have shape [B], got {timesteps.shape}.")
+    raise errors.UserError(f"timesteps must have shape [B], got {timesteps.shape}.")
   half = embedding_dim // 2
   freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / (half - 1)))
   args = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
@@ -267,26 +269,26 @@ class UNet(nn.Module):
     """Raises ValueError if x [B, H, W, C] cannot go through this network."""
     num_levels = len(self.ch_mult)
     if num_levels < 1 or any(int(m) < 1 for m in self.ch_mult):
-      raise ValueError(f"ch_mult must be a non-empty sequence of positive integers, got {tuple(self.ch_mult)}.")
+      raise errors.UserError(f"ch_mult must be a non-empty sequence of positive integers, got {tuple(self.ch_mult)}.")
     bad = [c for c in dict.fromkeys([self.ch] + [self.ch * m for m in self.ch_mult]) if c % GROUPS]
     if bad:
-      raise ValueError(
+      raise errors.UserError(
         f"GroupNorm uses {GROUPS} groups, so every level's channel count ch*mult must be a multiple of {GROUPS}; "
         f"ch={self.ch} with ch_mult={tuple(self.ch_mult)} gives {bad}. Use a ch that is a multiple of {GROUPS}."
       )
     if x.ndim != 4:
-      raise ValueError(f"x must be [B, H, W, C], got shape {x.shape}.")
+      raise errors.UserError(f"x must be [B, H, W, C], got shape {x.shape}.")
     _, hgt, wid, _ = x.shape
     factor = 2 ** (num_levels - 1)
     if hgt % factor or wid % factor:
-      raise ValueError(
+      raise errors.UserError(
         f"Image size {hgt}x{wid} must be divisible by 2^(levels-1) = {factor} for ch_mult={tuple(self.ch_mult)} "
         f"({num_levels} levels); resize the images or use fewer levels."
       )
     resolutions = [hgt // 2**i for i in range(num_levels)]
     missing = [r for r in self.attn_resolutions if r not in resolutions]
     if missing:
-      raise ValueError(
+      raise errors.UserError(
         f"attn_resolutions {tuple(self.attn_resolutions)} contains {missing}, which never occur(s) for "
         f"{hgt}x{wid} inputs with {num_levels} levels (resolutions: {resolutions})."
       )
@@ -300,9 +302,9 @@ class UNet(nn.Module):
     """
     self.check_input(x)
     if t.shape != (x.shape[0],):
-      raise ValueError(f"t must have shape [B] = [{x.shape[0]}], got {t.shape}.")
+      raise errors.UserError(f"t must have shape [B] = [{x.shape[0]}], got {t.shape}.")
     if self.num_classes and y is not None and y.shape != (x.shape[0],):
-      raise ValueError(f"y must have shape [B] = [{x.shape[0]}] (one class label per image), got {y.shape}.")
+      raise errors.UserError(f"y must have shape [B] = [{x.shape[0]}] (one class label per image), got {y.shape}.")
     num_levels = len(self.ch_mult)
     # Rematerialisation wraps whole levels, which keeps the parameter names unchanged.
     down_cls = nn.remat(DownLevel, static_argnums=(3,)) if self.remat else DownLevel
@@ -358,7 +360,7 @@ def from_config(model_config, *, out_ch: int) -> UNet:
   dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
   dtype = model_config.get("dtype", "float32")
   if dtype not in dtypes:
-    raise ValueError(f"Unknown model.dtype {dtype!r}; valid choices are {', '.join(dtypes)}.")
+    raise errors.UserError(f"Unknown model.dtype {dtype!r}; valid choices are {', '.join(dtypes)}.")
   return UNet(
     ch=model_config.ch,
     out_ch=out_ch,

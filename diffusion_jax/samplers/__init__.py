@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import errors
 from diffusion_jax.diffusion import GaussianDiffusion
 from diffusion_jax.samplers import ancestral  # noqa: F401
 from diffusion_jax.samplers import ddim  # noqa: F401
@@ -125,7 +126,7 @@ def _resolve(diffusion, sampler, *, num_steps, eta, timestep_spacing, sigma_sche
     )
     extra = [k for k, v in given.items() if v is not None]
     if extra or (eta_value is not None and eta_value != 0 and eta_value != sampler.eta):
-      raise ValueError(
+      raise errors.UserError(
         f"Pass either a SamplerSpec or sampler settings, not both (got {', '.join(extra) or 'eta'} with a spec); "
         "put the settings into samplers.resolve(...)."
       )
@@ -157,39 +158,41 @@ def _resolve(diffusion, sampler, *, num_steps, eta, timestep_spacing, sigma_sche
 
 def _check_flags(clip_denoised, progressive_every):
   if not isinstance(clip_denoised, (bool, np.bool_)):
-    raise ValueError(f"clip_denoised must be a bool, got {clip_denoised!r}.")
+    raise errors.UserError(f"clip_denoised must be a bool, got {clip_denoised!r}.")
   if (
     isinstance(progressive_every, bool) or not isinstance(progressive_every, (int, np.integer)) or progressive_every < 0
   ):
-    raise ValueError(f"progressive_every must be an integer >= 0 (0 = off), got {progressive_every!r}.")
+    raise errors.UserError(f"progressive_every must be an integer >= 0 (0 = off), got {progressive_every!r}.")
 
 
 def _check_indices(indices, batch):
   if jnp.ndim(indices) != 1 or jnp.shape(indices)[0] != batch:
-    raise ValueError(
+    raise errors.UserError(
       f"indices must have shape [B] = [{batch}] (the global index of each sample), got shape {jnp.shape(indices)}."
     )
   if not jnp.issubdtype(jnp.result_type(indices), jnp.integer):
-    raise ValueError(f"indices must be integers (global sample indices), got dtype {jnp.result_type(indices)}.")
+    raise errors.UserError(f"indices must be integers (global sample indices), got dtype {jnp.result_type(indices)}.")
 
 
 def _check_guidance(cond, guidance_scale, null_label, batch):
   if cond is None:
     if not (isinstance(guidance_scale, (int, float)) and guidance_scale == 1):
-      raise ValueError(
+      raise errors.UserError(
         f"guidance_scale={guidance_scale!r} needs class labels: pass cond=[B] labels, or guidance_scale=1.0."
       )
     return
   if jnp.ndim(cond) != 1 or jnp.shape(cond)[0] != batch or not jnp.issubdtype(jnp.result_type(cond), jnp.integer):
-    raise ValueError(
+    raise errors.UserError(
       f"cond must be [B] = [{batch}] integer class labels, got shape {jnp.shape(cond)}, dtype {jnp.result_type(cond)}."
     )
   scale = _maybe_concrete(guidance_scale)
   if scale is not None and (scale.ndim != 0 or not np.isfinite(scale)):
-    raise ValueError(f"guidance_scale must be a finite scalar (1 = the conditional model), got {guidance_scale!r}.")
+    raise errors.UserError(
+      f"guidance_scale must be a finite scalar (1 = the conditional model), got {guidance_scale!r}."
+    )
   guided = not (isinstance(guidance_scale, (int, float)) and guidance_scale == 1)
   if guided and (isinstance(null_label, bool) or not isinstance(null_label, (int, np.integer))):
-    raise ValueError(
+    raise errors.UserError(
       f"guidance_scale={guidance_scale!r} needs null_label, the integer label of the unconditional "
       f"(null) class, got {null_label!r}; or use guidance_scale=1.0."
     )
@@ -197,7 +200,9 @@ def _check_guidance(cond, guidance_scale, null_label, batch):
 
 def _check_t(t, num_timesteps):
   if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < num_timesteps:
-    raise ValueError(f"t must be a Python integer in [0, {num_timesteps}) (the timestep to start from), got {t!r}.")
+    raise errors.UserError(
+      f"t must be a Python integer in [0, {num_timesteps}) (the timestep to start from), got {t!r}."
+    )
   return int(t)
 
 
@@ -205,7 +210,7 @@ def _as_partial(model_fn):
   if isinstance(model_fn, jax.tree_util.Partial):
     return model_fn
   if not callable(model_fn):
-    raise ValueError(f"model_fn must be callable as model_fn(x_t, t), got {model_fn!r}.")
+    raise errors.UserError(f"model_fn must be callable as model_fn(x_t, t), got {model_fn!r}.")
   return jax.tree_util.Partial(model_fn)
 
 
@@ -325,7 +330,7 @@ def sample(
   _check_flags(clip_denoised, progressive_every)
   shape = tuple(int(s) for s in shape)
   if len(shape) < 2:
-    raise ValueError(f"shape must be the full batched shape [B, ...] (e.g. [B, H, W, C]), got {shape}.")
+    raise errors.UserError(f"shape must be the full batched shape [B, ...] (e.g. [B, H, W, C]), got {shape}.")
   _check_indices(indices, shape[0])
   _check_guidance(cond, guidance_scale, null_label, shape[0])
   return _chain(
@@ -400,7 +405,7 @@ def denoise(
   _check_flags(clip_denoised, progressive_every)
   t = _check_t(t, diffusion.num_timesteps)
   if jnp.ndim(x_t) < 2 or not jnp.issubdtype(jnp.result_type(x_t), jnp.floating):
-    raise ValueError(
+    raise errors.UserError(
       f"x_t must be a batched float array [B, ...], got shape {jnp.shape(x_t)}, dtype {jnp.result_type(x_t)}."
     )
   _check_indices(indices, jnp.shape(x_t)[0])
@@ -490,7 +495,9 @@ def interpolate(
     "null_label",
   }
   if unknown:
-    raise ValueError(f"interpolate got unexpected arguments {sorted(unknown)}; see samplers.denoise for the settings.")
+    raise errors.UserError(
+      f"interpolate got unexpected arguments {sorted(unknown)}; see samplers.denoise for the settings."
+    )
   _resolve(
     diffusion,
     sampler,
@@ -501,16 +508,18 @@ def interpolate(
   _check_flags(clip_denoised, 0)
   t = _check_t(t, diffusion.num_timesteps)
   if jnp.shape(x1) != jnp.shape(x2) or jnp.ndim(x1) < 1:
-    raise ValueError(
+    raise errors.UserError(
       f"x1 and x2 must be single images of the same shape (e.g. [H, W, C]), got {jnp.shape(x1)} and {jnp.shape(x2)}."
     )
   if jnp.ndim(lambdas) != 1 or jnp.shape(lambdas)[0] == 0:
-    raise ValueError(f"lambdas must be a non-empty 1-D array of weights in [0, 1], got shape {jnp.shape(lambdas)}.")
+    raise errors.UserError(
+      f"lambdas must be a non-empty 1-D array of weights in [0, 1], got shape {jnp.shape(lambdas)}."
+    )
   lam = _maybe_concrete(lambdas)
   if lam is not None and not (np.all(np.isfinite(lam)) and np.all(lam >= 0) and np.all(lam <= 1)):
-    raise ValueError(f"lambdas must lie in [0, 1] (0 gives x1, 1 gives x2), got {lam.tolist()}.")
+    raise errors.UserError(f"lambdas must lie in [0, 1] (0 gives x1, 1 gives x2), got {lam.tolist()}.")
   if not isinstance(same_noise, (bool, np.bool_)):
-    raise ValueError(f"same_noise must be a bool, got {same_noise!r}.")
+    raise errors.UserError(f"same_noise must be a bool, got {same_noise!r}.")
   q_rng, d_rng = jax.random.split(rng)
   x_t = _diffuse_and_mix(diffusion, q_rng, jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(lambdas), t, bool(same_noise))
   indices = jnp.zeros((x_t.shape[0],), jnp.int32)
@@ -581,7 +590,7 @@ def make_sharded_sampler(
   registry.check_mean_type(spec, diffusion.model_mean_type)
   _check_flags(clip_denoised, progressive_every)
   if guided and (isinstance(null_label, bool) or not isinstance(null_label, (int, np.integer))):
-    raise ValueError(f"guided=True needs null_label, the integer label of the null class, got {null_label!r}.")
+    raise errors.UserError(f"guided=True needs null_label, the integer label of the null class, got {null_label!r}.")
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
   shape_tail = tuple(int(s) for s in image_shape)
@@ -613,7 +622,7 @@ def make_sharded_sampler(
   def sharded_fn(params, rng, indices, cond=None, guidance_scale=1.0):
     if cond is None:
       if guided:
-        raise ValueError("This sampler was made with guided=True: pass cond=[N] class labels.")
+        raise errors.UserError("This sampler was made with guided=True: pass cond=[N] class labels.")
       return unconditional(params, rng, indices)
     if guided:
       return conditional(params, rng, indices, cond, jnp.asarray(guidance_scale, jnp.float32))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from diffusion_jax import errors
 from diffusion_jax.diffusion import GaussianDiffusion
 
 TIMESTEP_SPACINGS = ("even", "leading", "trailing", "linspace")
@@ -28,11 +29,11 @@ KARRAS_RHO = 7.0
 
 def check_num_steps(num_timesteps: int, num_steps) -> int:
   if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
-    raise ValueError(
+    raise errors.UserError(
       f"num_steps must be an integer in [1, {num_timesteps}] (or None for all steps), got {num_steps!r}."
     )
   if not 1 <= num_steps <= num_timesteps:
-    raise ValueError(
+    raise errors.UserError(
       f"num_steps={num_steps} is out of range: use an integer in [1, {num_timesteps}] "
       f"(the diffusion has T={num_timesteps} steps), or None for all of them."
     )
@@ -59,7 +60,7 @@ def space_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
   """
   num_timesteps = int(num_timesteps)
   if num_timesteps < 1:
-    raise ValueError(f"num_timesteps must be at least 1, got {num_timesteps}.")
+    raise errors.UserError(f"num_timesteps must be at least 1, got {num_timesteps}.")
   n = check_num_steps(num_timesteps, num_steps)
   if n == 1:
     return np.array([num_timesteps - 1], dtype=np.int32)
@@ -101,10 +102,10 @@ def timestep_grid(spacing: str, num_timesteps: int, num_steps: int, family: str 
     else:
       grid = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.float64)
   else:
-    raise ValueError(f"Unknown timestep_spacing {spacing!r}; valid choices are {', '.join(TIMESTEP_SPACINGS)}.")
+    raise errors.UserError(f"Unknown timestep_spacing {spacing!r}; valid choices are {', '.join(TIMESTEP_SPACINGS)}.")
   grid = np.ascontiguousarray(grid, dtype=np.float64)
   if grid.shape != (n,) or np.any(np.diff(grid) >= 0) or grid[-1] < 0 or grid[0] > T - 1:
-    raise ValueError(
+    raise errors.UserError(
       f"timestep_spacing={spacing!r} with num_steps={n} and T={T} does not give {n} distinct timesteps in "
       f"[0, {T}) (got {grid.tolist()}); use fewer steps or another timestep_spacing ({', '.join(TIMESTEP_SPACINGS)})."
     )
@@ -122,7 +123,7 @@ def concrete(x, what: str) -> np.ndarray:
   try:
     return np.asarray(x)
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError) as e:
-    raise ValueError(
+    raise errors.UserError(
       f"{what} needs concrete values, but got a traced array; build the GaussianDiffusion outside "
       "jax.jit and close over it instead of passing it as a jitted argument."
     ) from e
@@ -160,9 +161,9 @@ def karras_sigmas(sigma_max: float, sigma_min: float, num_steps: int, rho: float
 def check_timesteps(timesteps, num_timesteps: int) -> np.ndarray:
   timesteps = np.asarray(timesteps)
   if timesteps.ndim != 1 or timesteps.size == 0 or not np.issubdtype(timesteps.dtype, np.integer):
-    raise ValueError(f"timesteps must be a non-empty 1-D integer array, got {timesteps!r}.")
+    raise errors.UserError(f"timesteps must be a non-empty 1-D integer array, got {timesteps!r}.")
   if np.any(np.diff(timesteps) <= 0) or timesteps[0] < 0 or timesteps[-1] >= num_timesteps:
-    raise ValueError(
+    raise errors.UserError(
       f"timesteps must be strictly increasing and lie in [0, {num_timesteps}), got {timesteps.tolist()}; "
       "use space_timesteps(T, num_steps)."
     )

@@ -11,6 +11,7 @@ import dataclasses
 
 import numpy as np
 
+from diffusion_jax import errors
 from diffusion_jax.samplers import grids
 from diffusion_jax.samplers.base import Sampler
 
@@ -22,7 +23,7 @@ _ORDER_ALIASES: dict[str, str] = {}
 def register(sampler: Sampler, *, order_alias: str | None = None) -> Sampler:
   """Adds a sampler under `sampler.name`; `order_alias` names a family resolved with `order` (e.g. "dpmpp")."""
   if sampler.name in _REGISTRY:
-    raise ValueError(f"A sampler named {sampler.name!r} is already registered.")
+    raise errors.UserError(f"A sampler named {sampler.name!r} is already registered.")
   _REGISTRY[sampler.name] = sampler
   if order_alias is not None:
     _ORDER_ALIASES[order_alias] = sampler.name.replace(str(sampler.default_order), "{order}", 1)
@@ -31,7 +32,7 @@ def register(sampler: Sampler, *, order_alias: str | None = None) -> Sampler:
 
 def get(name: str) -> Sampler:
   if name not in _REGISTRY:
-    raise ValueError(f"Unknown sampler {name!r}; valid choices are {', '.join(names())}.")
+    raise errors.UserError(f"Unknown sampler {name!r}; valid choices are {', '.join(names())}.")
   return _REGISTRY[name]
 
 
@@ -131,13 +132,13 @@ def resolve(
   """
   if isinstance(name, SamplerSpec):
     if name.num_timesteps != num_timesteps:
-      raise ValueError(
+      raise errors.UserError(
         f"The SamplerSpec was resolved for T={name.num_timesteps}, but the diffusion has T={num_timesteps}; "
         "resolve it again with num_timesteps=diffusion.num_timesteps."
       )
     return name
   if not isinstance(name, str):
-    raise ValueError(f"sampler must be a name ({', '.join(names())}) or a SamplerSpec, got {name!r}.")
+    raise errors.UserError(f"sampler must be a name ({', '.join(names())}) or a SamplerSpec, got {name!r}.")
   if name in _ORDER_ALIASES:
     family = _ORDER_ALIASES[name]
     default = get(family.replace("{order}", "2")).default_order
@@ -145,7 +146,7 @@ def resolve(
     candidate = family.format(order=order_value)
     if candidate not in _REGISTRY:
       orders = sorted(int(k[len(family.split("{")[0])]) for k in _REGISTRY if _matches(family, k))
-      raise ValueError(f"order={order!r} is not available for sampler {name!r}; valid orders are {orders}.")
+      raise errors.UserError(f"order={order!r} is not available for sampler {name!r}; valid orders are {orders}.")
     name = candidate
   sampler = get(name)
   num_timesteps = int(num_timesteps)
@@ -156,11 +157,11 @@ def resolve(
     eta = 0.0
   eta_value = np.asarray(eta)
   if eta_value.ndim != 0 or not np.isfinite(eta_value) or eta_value < 0:
-    raise ValueError(f"eta must be a finite scalar >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta!r}.")
+    raise errors.UserError(f"eta must be a finite scalar >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta!r}.")
   eta = float(eta_value)
   if not sampler.has_eta and eta != 0:
     with_eta = [k for k, s in _REGISTRY.items() if s.has_eta]
-    raise ValueError(
+    raise errors.UserError(
       f"eta={eta!r} applies only to sampler={with_eta[0]!r}; use sampler={with_eta[0]!r} or eta=0.0 "
       f"({name!r} has no eta)."
     )
@@ -168,7 +169,7 @@ def resolve(
   # The timestep grid.
   spacing = sampler.default_spacing if timestep_spacing is None else timestep_spacing
   if spacing not in sampler.spacings:
-    raise ValueError(
+    raise errors.UserError(
       f"timestep_spacing={timestep_spacing!r} is not available for sampler {name!r}; valid choices are "
       f"{_choices(sampler.spacings)} (None for {sampler.default_spacing!r})."
     )
@@ -177,14 +178,14 @@ def resolve(
   if sampler.sigma_schedules:
     schedule = "uniform" if sigma_schedule is None else sigma_schedule
     if schedule not in sampler.sigma_schedules:
-      raise ValueError(
+      raise errors.UserError(
         f"sigma_schedule={sigma_schedule!r} is not available for sampler {name!r}; valid choices are "
         f"{_choices(sampler.sigma_schedules)}."
       )
   else:
     if sigma_schedule not in (None, "uniform"):
       with_sigmas = [k for k, s in _REGISTRY.items() if s.sigma_schedules]
-      raise ValueError(
+      raise errors.UserError(
         f"sigma_schedule={sigma_schedule!r} does not apply to sampler {name!r} (it steps on timesteps); "
         f"use one of {_choices(with_sigmas)}, or sigma_schedule=None."
       )
@@ -196,15 +197,15 @@ def resolve(
     if order_value != sampler.default_order:
       family = [a for a, f in _ORDER_ALIASES.items() if _matches(f, name)]
       hint = f"sampler={family[0]!r} with order={order_value!r}" if family else "no order"
-      raise ValueError(f"sampler {name!r} has order {sampler.default_order}, got order={order!r}; use {hint}.")
+      raise errors.UserError(f"sampler {name!r} has order {sampler.default_order}, got order={order!r}; use {hint}.")
     order = order_value
   elif order is not None:
     with_order = [k for k, s in _REGISTRY.items() if s.orders]
-    raise ValueError(
+    raise errors.UserError(
       f"order={order!r} does not apply to sampler {name!r}; multistep samplers are {_choices(with_order)}."
     )
   if n < sampler.min_steps(order):
-    raise ValueError(
+    raise errors.UserError(
       f"sampler {name!r} (order {order}) needs num_steps >= {sampler.min_steps(order)}, got {n}; "
       "use more steps or a lower order."
     )
@@ -212,10 +213,12 @@ def resolve(
   if sampler.has_lower_order_final:
     lower_order_final = True if lower_order_final is None else lower_order_final
     if not isinstance(lower_order_final, (bool, np.bool_)):
-      raise ValueError(f"lower_order_final must be a bool, got {lower_order_final!r}.")
+      raise errors.UserError(f"lower_order_final must be a bool, got {lower_order_final!r}.")
     lower_order_final = bool(lower_order_final)
   elif lower_order_final is not None:
-    raise ValueError(f"lower_order_final applies only to the DPM-Solver++ samplers, not to {name!r}; leave it None.")
+    raise errors.UserError(
+      f"lower_order_final applies only to the DPM-Solver++ samplers, not to {name!r}; leave it None."
+    )
 
   spec = SamplerSpec(
     name=name,
@@ -241,7 +244,7 @@ def check_mean_type(spec: SamplerSpec, mean_type: str) -> None:
   sampler = spec.sampler
   if mean_type not in sampler.mean_types:
     supported = [k for k, s in _REGISTRY.items() if mean_type in s.mean_types]
-    raise ValueError(
+    raise errors.UserError(
       f"sampler {spec.name!r} does not support model_mean_type={mean_type!r} (it supports "
       f"{', '.join(sampler.mean_types)}); use one of {_choices(supported)}."
     )
