@@ -83,6 +83,7 @@ def test_benchmarked_train_step_donates_its_state_and_counts_flops():
   c.run(1)  # runs under jax.transfer_guard("disallow"): no implicit host transfers in the step loop
 
 
+@pytest.mark.torch
 def test_digits_peer_trains_samples_and_scores(tmp_path):
   """The PyTorch digits peer end to end at toy sizes: a 2-second budget, 8 samples of 3 steps."""
   import json
@@ -157,6 +158,7 @@ def test_op_profile_inventory_counts_the_networks_layers():
   assert ops.hlo_op_counts(hlo)["dot"] == 1
 
 
+@pytest.mark.torch
 def test_digits_race_scores_both_sides_with_each_eval_seed(tmp_path, repo_root):
   """The equal-wall-time race at toy sizes: a one-step peer, a two-step run of ours, two eval seeds of 8 samples."""
   from benchmarks import digits_race  # noqa: PLC0415

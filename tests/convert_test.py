@@ -22,11 +22,15 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import diffusers  # noqa: E402
 import flax  # noqa: E402
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
-import torch  # noqa: E402
+
+try:
+  import diffusers
+  import torch
+except ModuleNotFoundError:  # without PyTorch: only the tests not marked `torch` run (`pytest -m "not torch"`)
+  diffusers = torch = None
 from safetensors import numpy as st_numpy  # noqa: E402
 
 from diffusion_jax import convert  # noqa: E402
@@ -175,6 +179,7 @@ def tiny_folder(tiny, tmp_path_factory):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.torch
 def test_diffusers_tiny_matches_diffusers_forward(tiny, tiny_folder):
   params, overrides = convert.diffusers_to_params(tiny_folder)
   assert overrides == dict(
@@ -187,6 +192,7 @@ def test_diffusers_tiny_matches_diffusers_forward(tiny, tiny_folder):
   _report("diffusers tiny", _our_forward(params, x, t), _torch_forward(tiny.model, x, t))
 
 
+@pytest.mark.torch
 def test_diffusers_cifar_layout_matches_diffusers_forward(tmp_path):
   model = _random_diffusers(CIFAR, seed=2)
   model.save_pretrained(tmp_path)
@@ -199,6 +205,7 @@ def test_diffusers_cifar_layout_matches_diffusers_forward(tmp_path):
   _report("diffusers CIFAR-10 layout", _our_forward(params, x, t), _torch_forward(model, x, t))
 
 
+@pytest.mark.torch
 def test_diffusers_bin_with_old_attention_names_and_pipeline_folder(tiny, tiny_folder, tmp_path):
   old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
   state = {}
@@ -217,6 +224,7 @@ def test_diffusers_bin_with_old_attention_names_and_pipeline_folder(tiny, tiny_f
   _assert_trees_equal(params, expected)
 
 
+@pytest.mark.torch
 def test_diffusers_bin_without_torch_is_a_clear_error(tiny, tiny_folder, tmp_path, monkeypatch):
   shutil.copy(tiny_folder / "config.json", tmp_path / "config.json")
   torch.save(tiny.model.state_dict(), tmp_path / "diffusion_pytorch_model.bin")
@@ -245,12 +253,14 @@ def test_diffusers_bin_without_torch_is_a_clear_error(tiny, tiny_folder, tmp_pat
     ("down_block_types", ["DownBlock2D", "SkipDownBlock2D"]),
   ],
 )
+@pytest.mark.torch
 def test_diffusers_unsupported_config_field_is_named(tiny, field, value, tmp_path):
   _write_diffusers(tmp_path, dict(TINY, **{field: value}), tiny.state)
   with pytest.raises(convert.ConversionError, match=re.escape(field.split("_types")[0])):
     convert.diffusers_to_params(tmp_path)
 
 
+@pytest.mark.torch
 def test_diffusers_missing_field_takes_unet2dmodel_default(tiny, tmp_path):
   cfg = {k: v for k, v in TINY.items() if k != "freq_shift"}  # UNet2DModel's default is 0, not DDPM's 1
   _write_diffusers(tmp_path, cfg, tiny.state)
@@ -258,6 +268,7 @@ def test_diffusers_missing_field_takes_unet2dmodel_default(tiny, tmp_path):
     convert.diffusers_to_params(tmp_path)
 
 
+@pytest.mark.torch
 def test_diffusers_corrupt_or_mismatched_weights(tiny, tiny_folder, tmp_path):
   truncated = tmp_path / "truncated"
   truncated.mkdir()
@@ -282,6 +293,7 @@ def test_diffusers_corrupt_or_mismatched_weights(tiny, tiny_folder, tmp_path):
     convert.diffusers_to_params(_write_diffusers(tmp_path / "wrong", TINY, wrong))
 
 
+@pytest.mark.torch
 def test_params_against_wrong_config_list_paths(tiny_folder):
   params, _ = convert.diffusers_to_params(tiny_folder)
   with pytest.raises(convert.ConversionError) as e:
@@ -319,6 +331,7 @@ def _random_params(config, seed: int):
   return convert._unflatten(params)
 
 
+@pytest.mark.torch
 def test_export_loads_in_diffusers_and_computes_the_same(tmp_path):
   config = _load_config("tiny", **LEARNED)
   params = _random_params(config, seed=3)
@@ -436,6 +449,7 @@ def _tf_checkpoint(tf_vars, *, drop=(), extra=None, ema=True, slots=True) -> dic
   return tensors
 
 
+@pytest.mark.torch
 def test_tf_checkpoint_ema_matches_diffusers_and_raw_on_request(tiny, tf_vars, tmp_path):
   prefix = _write_tf(tmp_path / "model.ckpt-790000", _tf_checkpoint(tf_vars), saver=True)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -458,6 +472,7 @@ def test_tf_checkpoint_ema_matches_diffusers_and_raw_on_request(tiny, tf_vars, t
   assert convert.read_tf_checkpoint(prefix)["step"] == 790000
 
 
+@pytest.mark.torch
 def test_tf_checkpoint_errors(tf_vars, tmp_path):
   conv1 = "model/down_0/block_0/conv1/W"
   prefix = _write_tf(tmp_path / "missing" / "model.ckpt-1", _tf_checkpoint(tf_vars, drop=[conv1], slots=False))
@@ -518,6 +533,7 @@ def _flags(**values):
   return {n: types.SimpleNamespace(value=values.get(n, defaults.get(n))) for n in names}
 
 
+@pytest.mark.torch
 def test_cli_tf2jax_then_jax2diffusers(tiny, tf_vars, tmp_path):
   from diffusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
 
@@ -542,6 +558,7 @@ def test_cli_tf2jax_then_jax2diffusers(tiny, tf_vars, tmp_path):
     convert._run("tf2jax", _flags(config=_load_config("tiny"), checkpoint=prefix, out=str(tmp_path / "bad")))
 
 
+@pytest.mark.torch
 def test_cli_diffusers2jax_checks_the_config(tiny_folder, tmp_path):
   from diffusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
 
@@ -620,6 +637,7 @@ def test_presets_are_the_config_files(preset, name):
   assert convert.PRESETS[preset] == f"configs/{name}.py"
 
 
+@pytest.mark.torch
 def test_cli_tf2jax_without_config_infers_the_architecture(tf_vars, tmp_path):
   from diffusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
 
@@ -652,6 +670,7 @@ def test_cli_tf2jax_without_config_infers_the_architecture(tf_vars, tmp_path):
   assert tuple(config.model.attn_resolutions) == (128,) and tuple(config.model.ch_mult) == (1, 2)
 
 
+@pytest.mark.torch
 def test_mismatch_messages_give_the_config_overrides(tiny_folder, tf_vars, tmp_path):
   params, overrides = convert.diffusers_to_params(tiny_folder)
   config = _load_config("tiny")
@@ -694,6 +713,7 @@ def test_mismatch_messages_give_the_config_overrides(tiny_folder, tf_vars, tmp_p
     convert.validate_params(convert._unflatten(fixed), config)
 
 
+@pytest.mark.torch
 def test_cli_diffusers2jax_without_config_reads_the_scheduler(tiny_folder, tmp_path):
   from diffusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
 
@@ -727,6 +747,7 @@ def test_cli_diffusers2jax_without_config_reads_the_scheduler(tiny_folder, tmp_p
   assert (config.data.dataset, config.data.image_size, config.model.dropout) == ("celeb_a_hq", 8, 0.0)
 
 
+@pytest.mark.torch
 def test_cli_user_error_is_one_line_without_traceback(tf_vars, tmp_path):
   prefix = _write_tf(tmp_path / "tf" / "model.ckpt-1", _tf_checkpoint(tf_vars, slots=False))
   env = dict(
@@ -781,6 +802,7 @@ def _torch_conditional_forward(model, x, t, y) -> np.ndarray:
   return out.numpy().transpose(0, 2, 3, 1)
 
 
+@pytest.mark.torch
 def test_conditional_export_matches_diffusers_and_imports_back(tmp_path):
   from diffusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
 
@@ -817,6 +839,7 @@ def test_conditional_export_matches_diffusers_and_imports_back(tmp_path):
     convert.validate_params(params, unconditional)
 
 
+@pytest.mark.torch
 def test_conditional_diffusers_import_matches_diffusers_forward(tmp_path):
   model = _random_diffusers(dict(TINY, num_class_embeds=4), seed=8)
   model.save_pretrained(tmp_path)
@@ -834,6 +857,7 @@ def test_conditional_diffusers_import_matches_diffusers_forward(tmp_path):
   )
 
 
+@pytest.mark.torch
 def test_pytorch_init_draws_like_a_fresh_unet2dmodel(tmp_path):
   """model.init='pytorch' against the real thing: a fresh UNet2DModel (PyTorch's defaults), converted, layer by layer.
 

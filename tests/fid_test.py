@@ -15,197 +15,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
-from torch import nn as tnn
 
 from diffusion_jax.evaluation import fid
 from diffusion_jax.evaluation import inception
 
-torch.set_num_threads(2)
-
-# ----------------------------------------------------------------------------
-# pytorch-fid's network in torch (torchvision's Inception3 + FIDInception*).
-# ----------------------------------------------------------------------------
-
-
-class TBasicConv2d(tnn.Module):
-  def __init__(self, cin, cout, **kw):
-    super().__init__()
-    self.conv = tnn.Conv2d(cin, cout, bias=False, **kw)
-    self.bn = tnn.BatchNorm2d(cout, eps=0.001)
-
-  def forward(self, x):
-    return F.relu(self.bn(self.conv(x)))
-
-
-def _fid_avg_pool(x):
-  return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-
-
-class TInceptionA(tnn.Module):
-  def __init__(self, cin, pool_features):
-    super().__init__()
-    self.branch1x1 = TBasicConv2d(cin, 64, kernel_size=1)
-    self.branch5x5_1 = TBasicConv2d(cin, 48, kernel_size=1)
-    self.branch5x5_2 = TBasicConv2d(48, 64, kernel_size=5, padding=2)
-    self.branch3x3dbl_1 = TBasicConv2d(cin, 64, kernel_size=1)
-    self.branch3x3dbl_2 = TBasicConv2d(64, 96, kernel_size=3, padding=1)
-    self.branch3x3dbl_3 = TBasicConv2d(96, 96, kernel_size=3, padding=1)
-    self.branch_pool = TBasicConv2d(cin, pool_features, kernel_size=1)
-
-  def forward(self, x):
-    b5 = self.branch5x5_2(self.branch5x5_1(x))
-    b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-    return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(_fid_avg_pool(x))], 1)
-
-
-class TInceptionB(tnn.Module):
-  def __init__(self, cin):
-    super().__init__()
-    self.branch3x3 = TBasicConv2d(cin, 384, kernel_size=3, stride=2)
-    self.branch3x3dbl_1 = TBasicConv2d(cin, 64, kernel_size=1)
-    self.branch3x3dbl_2 = TBasicConv2d(64, 96, kernel_size=3, padding=1)
-    self.branch3x3dbl_3 = TBasicConv2d(96, 96, kernel_size=3, stride=2)
-
-  def forward(self, x):
-    bd = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-    return torch.cat([self.branch3x3(x), bd, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
-
-
-class TInceptionC(tnn.Module):
-  def __init__(self, cin, c7):
-    super().__init__()
-    self.branch1x1 = TBasicConv2d(cin, 192, kernel_size=1)
-    self.branch7x7_1 = TBasicConv2d(cin, c7, kernel_size=1)
-    self.branch7x7_2 = TBasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-    self.branch7x7_3 = TBasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
-    self.branch7x7dbl_1 = TBasicConv2d(cin, c7, kernel_size=1)
-    self.branch7x7dbl_2 = TBasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-    self.branch7x7dbl_3 = TBasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-    self.branch7x7dbl_4 = TBasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-    self.branch7x7dbl_5 = TBasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
-    self.branch_pool = TBasicConv2d(cin, 192, kernel_size=1)
-
-  def forward(self, x):
-    b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-    bd = x
-    for i in range(1, 6):
-      bd = getattr(self, f"branch7x7dbl_{i}")(bd)
-    return torch.cat([self.branch1x1(x), b7, bd, self.branch_pool(_fid_avg_pool(x))], 1)
-
-
-class TInceptionD(tnn.Module):
-  def __init__(self, cin):
-    super().__init__()
-    self.branch3x3_1 = TBasicConv2d(cin, 192, kernel_size=1)
-    self.branch3x3_2 = TBasicConv2d(192, 320, kernel_size=3, stride=2)
-    self.branch7x7x3_1 = TBasicConv2d(cin, 192, kernel_size=1)
-    self.branch7x7x3_2 = TBasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
-    self.branch7x7x3_3 = TBasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
-    self.branch7x7x3_4 = TBasicConv2d(192, 192, kernel_size=3, stride=2)
-
-  def forward(self, x):
-    b3 = self.branch3x3_2(self.branch3x3_1(x))
-    b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-    return torch.cat([b3, b7, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
-
-
-class TInceptionE(tnn.Module):
-  def __init__(self, cin, pool):
-    super().__init__()
-    self.pool = pool
-    self.branch1x1 = TBasicConv2d(cin, 320, kernel_size=1)
-    self.branch3x3_1 = TBasicConv2d(cin, 384, kernel_size=1)
-    self.branch3x3_2a = TBasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-    self.branch3x3_2b = TBasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-    self.branch3x3dbl_1 = TBasicConv2d(cin, 448, kernel_size=1)
-    self.branch3x3dbl_2 = TBasicConv2d(448, 384, kernel_size=3, padding=1)
-    self.branch3x3dbl_3a = TBasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-    self.branch3x3dbl_3b = TBasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-    self.branch_pool = TBasicConv2d(cin, 192, kernel_size=1)
-
-  def forward(self, x):
-    b3 = self.branch3x3_1(x)
-    b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
-    bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-    bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
-    if self.pool == "avg":
-      bp = _fid_avg_pool(x)
-    else:
-      bp = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-    return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(bp)], 1)
-
-
-class TFIDInception(tnn.Module):
-  """`fid_inception_v3()` with pytorch-fid's InceptionV3 input handling."""
-
-  def __init__(self):
-    super().__init__()
-    self.Conv2d_1a_3x3 = TBasicConv2d(3, 32, kernel_size=3, stride=2)
-    self.Conv2d_2a_3x3 = TBasicConv2d(32, 32, kernel_size=3)
-    self.Conv2d_2b_3x3 = TBasicConv2d(32, 64, kernel_size=3, padding=1)
-    self.Conv2d_3b_1x1 = TBasicConv2d(64, 80, kernel_size=1)
-    self.Conv2d_4a_3x3 = TBasicConv2d(80, 192, kernel_size=3)
-    self.Mixed_5b = TInceptionA(192, 32)
-    self.Mixed_5c = TInceptionA(256, 64)
-    self.Mixed_5d = TInceptionA(288, 64)
-    self.Mixed_6a = TInceptionB(288)
-    self.Mixed_6b = TInceptionC(768, 128)
-    self.Mixed_6c = TInceptionC(768, 160)
-    self.Mixed_6d = TInceptionC(768, 160)
-    self.Mixed_6e = TInceptionC(768, 192)
-    self.Mixed_7a = TInceptionD(768)
-    self.Mixed_7b = TInceptionE(1280, "avg")
-    self.Mixed_7c = TInceptionE(2048, "max")
-    self.fc = tnn.Linear(2048, 1008)
-
-  def forward(self, images_uint8_nhwc):
-    x = images_uint8_nhwc.permute(0, 3, 1, 2).float() / 255.0
-    x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-    x = 2 * x - 1
-    x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-    x = F.max_pool2d(x, kernel_size=3, stride=2)
-    x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
-    x = F.max_pool2d(x, kernel_size=3, stride=2)
-    for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
-      x = getattr(self, f"Mixed_{name}")(x)
-    pool = F.adaptive_avg_pool2d(x, (1, 1)).flatten(1)
-    return pool, pool @ self.fc.weight.T  # OpenAI's IS logits: no bias.
-
-
-def _randomize(model: tnn.Module, seed: int = 0) -> None:
-  """Random weights and BN statistics that keep activations O(1) through the net."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, tnn.Conv2d):
-        fan_in = m.weight[0].numel()
-        m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
-      elif isinstance(m, tnn.BatchNorm2d):
-        c = m.num_features
-        m.weight.copy_(0.5 + torch.rand(c, generator=g))
-        m.bias.copy_(0.1 * torch.randn(c, generator=g))
-        m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
-        m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-      elif isinstance(m, tnn.Linear):
-        m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features**0.5)
-        m.bias.copy_(torch.randn(m.bias.shape, generator=g))
-  model.eval()
-
 
 @pytest.fixture(scope="module")
 def torch_model():
-  model = TFIDInception()
-  _randomize(model)
+  import torch_fid_inception  # noqa: PLC0415 - PyTorch, for the tests marked `torch` only
+
+  model = torch_fid_inception.TFIDInception()
+  torch_fid_inception._randomize(model)
   return model
 
 
 @pytest.fixture(scope="module")
 def pth_path(torch_model, tmp_path_factory):
+  import torch  # noqa: PLC0415
+
   path = tmp_path_factory.mktemp("inception") / "fid_inception_random.pth"
   torch.save(torch_model.state_dict(), path)
   return path
@@ -221,7 +51,10 @@ def params(pth_path):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.torch
 def test_parameter_tree_matches_pytorch_fid(torch_model):
+  from torch import nn as tnn  # noqa: PLC0415
+
   shapes = inception.param_shapes()
   n_torch = sum(p.numel() for p in torch_model.parameters())
   # torchvision's Inception3 has 27,161,264 parameters; without AuxLogits
@@ -238,8 +71,11 @@ def test_parameter_tree_matches_pytorch_fid(torch_model):
   assert "AuxLogits" not in shapes
 
 
+@pytest.mark.torch
 def test_matches_torch_on_random_weights(torch_model, params, n_devices):
   """The strongest check: same random weights, same images, same features; batch sharded over 2 devices."""
+  import torch  # noqa: PLC0415
+
   del n_devices
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, size=(2, 43, 57, 3), dtype=np.uint8)  # non-square: resize 43x57 → 299x299
@@ -266,6 +102,7 @@ def test_matches_torch_on_random_weights(torch_model, params, n_devices):
   np.testing.assert_allclose(logits, t_logits, rtol=1e-4, atol=1e-4 * np.max(np.abs(t_logits)))
 
 
+@pytest.mark.torch
 def test_inception_fn_without_mesh_takes_grayscale(params):
   inception_fn = fid.make_inception_fn(params, model=inception.InceptionV3(resize_input=False))
   images = np.random.default_rng(3).integers(0, 256, size=(1, 75, 75, 1), dtype=np.uint8)
@@ -286,8 +123,12 @@ def test_logits_bias_option():
   np.testing.assert_allclose(with_bias - no_bias, np.ones((3, 1008)), atol=1e-4)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("in_hw", [(32, 32), (43, 57), (299, 299), (420, 330)])
 def test_resize_matches_torch_interpolate(in_hw):
+  import torch  # noqa: PLC0415
+  import torch.nn.functional as F  # noqa: PLC0415
+
   x = np.random.default_rng(1).uniform(0, 1, size=(2, *in_hw, 3)).astype(np.float32)
   expected = (
     F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=(299, 299), mode="bilinear", align_corners=False)
@@ -319,8 +160,11 @@ def test_preprocess_range_and_grayscale():
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("zip_format", [True, False])
 def test_safe_reader_roundtrip(tmp_path, zip_format):
+  import torch  # noqa: PLC0415
+
   base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
   sd = collections.OrderedDict(
     w=torch.randn(3, 2, 5, 5, dtype=torch.float64),
@@ -350,8 +194,11 @@ class _Evil:
     return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("fmt", ["zip", "legacy", "plain_pickle"])
 def test_safe_reader_refuses_other_globals(tmp_path, fmt):
+  import torch  # noqa: PLC0415
+
   marker = tmp_path / "pwned"
   obj = {"weight": torch.zeros(2), "payload": _Evil(marker)}
   path = tmp_path / "evil.pth"
@@ -364,6 +211,7 @@ def test_safe_reader_refuses_other_globals(tmp_path, fmt):
   assert not marker.exists()
 
 
+@pytest.mark.torch
 def test_state_dict_conversion_and_rejection(torch_model, params):
   sd = {k: v.numpy() for k, v in torch_model.state_dict().items()}
   np.testing.assert_array_equal(
@@ -386,6 +234,7 @@ def test_state_dict_conversion_and_rejection(torch_model, params):
     inception.params_from_state_dict(missing)
 
 
+@pytest.mark.torch
 def test_npz_roundtrip_and_cache(tmp_path, params, pth_path, monkeypatch):
   cache = tmp_path / "cache"
   monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
@@ -560,6 +409,7 @@ def test_offline_download_says_where_to_put_the_weights(tmp_path, monkeypatch):
   assert not list((tmp_path / "cache").glob("*.part"))  # no half-written file left behind
 
 
+@pytest.mark.torch
 def test_float_images_outside_pixel_range_are_refused(params):
   from diffusion_jax import errors  # noqa: PLC0415
 

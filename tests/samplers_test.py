@@ -300,7 +300,7 @@ def test_validation():
 
 # ----------------------------------------------------------------------------
 # Stored outputs: the samplers must reproduce what they produced before (tests/data/): bit for bit on the jax and
-# jaxlib that wrote them, within conftest.STORED_OUTPUT_ATOL on other releases.
+# jaxlib that wrote them, within conftest.STORED_OUTPUT_TOLERANCE on other releases.
 # ----------------------------------------------------------------------------
 
 
@@ -454,6 +454,7 @@ PARITY_PARAMS = [(case, "eps", n) for case in PARITY_CASES for n in (10, 50)] + 
 ]
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("case,mean_type,num_steps", PARITY_PARAMS)
 def test_parity_with_diffusers(case, mean_type, num_steps, monkeypatch):
   import diffusers
@@ -488,6 +489,7 @@ def test_parity_with_diffusers(case, mean_type, num_steps, monkeypatch):
   np.testing.assert_allclose(got, want, rtol=0, atol=PARITY_ATOL)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("case", ["ddim", "dpmpp2m", "euler_karras"])
 def test_parity_with_diffusers_on_a_converted_unet(case, tmp_path, monkeypatch):
   """The tiny U-Net as a diffusers UNet2DModel (random weights), converted to ours: the same samples, 10 steps."""

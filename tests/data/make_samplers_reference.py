@@ -8,7 +8,7 @@ before they became one protocol), on CPU, with
 `tests/samplers_test.py::test_reproduces_stored_outputs` runs the same `CASES`
 through the current code and requires bit-identical results on the jax and jaxlib
 recorded in `_meta` (the releases that wrote them), and results within
-`conftest.STORED_OUTPUT_ATOL` on other releases. The model is an
+`conftest.STORED_OUTPUT_TOLERANCE` on other releases. The model is an
 analytic function (no network), T = 20, 8×8 images with 2 channels, 2 samples.
 """
 
