@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pathlib
 import shutil
 import threading
 import time
@@ -482,8 +483,8 @@ def check_workdir(workdir: str | os.PathLike, *, checkpoint_bytes: int = 0) -> N
   `checkpoint_bytes` each; object stores (gs://) are not measured.
 
   Raises:
-    PermissionError: the workdir cannot be created or written.
-    OSError: (errno ENOSPC) not enough free space.
+    UnwritableError: the workdir cannot be created or written.
+    NoSpaceError: not enough free space.
   """
   workdir = epath.Path(workdir)
   probe = workdir / f".write_probe.{jax.process_index()}.{uuid.uuid4().hex}"
@@ -499,16 +500,45 @@ def check_workdir(workdir: str | os.PathLike, *, checkpoint_bytes: int = 0) -> N
     ) from e
   if not _is_local(workdir) or checkpoint_bytes <= 0:
     return
-  free = shutil.disk_usage(os.fspath(workdir)).free
+  free = free_bytes(workdir)
   needed = 2 * checkpoint_bytes
   if free < needed:
-    raise OSError(
+    raise errors_lib.NoSpaceError(
       errno.ENOSPC,
       f"Not enough free space for the workdir {workdir}: {_format_bytes(free)} free, but two checkpoints need about "
       f"{_format_bytes(needed)} ({_format_bytes(checkpoint_bytes)} each). Free some space or choose another "
       "--workdir.",
       os.fspath(workdir),
     )
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+  """Free space on the file system of `path` (or of its nearest existing parent); None for object stores."""
+  path = epath.Path(path)
+  if not _is_local(path):
+    return None
+  path = pathlib.Path(os.fspath(path)).absolute()
+  while not path.exists() and path != path.parent:
+    path = path.parent
+  return shutil.disk_usage(path).free
+
+
+def check_free_space(workdir: str | os.PathLike, needed: int, what: str) -> None:
+  """Raises `NoSpaceError` before `what` is written if the workdir's file system has less than `needed` bytes free.
+
+  Checked before each checkpoint (and each TensorBoard write), so a full disk stops the run at once, with one
+  message, instead of failing inside a background write; object stores are not measured.
+  """
+  free = free_bytes(workdir)
+  if free is not None and free < needed:
+    raise errors_lib.NoSpaceError(
+      errno.ENOSPC,
+      f"No room for {what} in {workdir}: {_format_bytes(free)} free, about {_format_bytes(needed)} needed.",
+      os.fspath(workdir),
+    )
+
+
+format_bytes = _format_bytes
 
 
 # ----------------------------------------------------------------------------

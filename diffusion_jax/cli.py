@@ -20,6 +20,7 @@ import sys
 
 from absl import logging
 
+from diffusion_jax import compat
 from diffusion_jax import errors
 from diffusion_jax import xla_flags
 
@@ -41,8 +42,11 @@ _FILTER = OurLinesFilter()
 
 
 def quiet_logging() -> None:
-  """Hides third-party INFO lines on the console unless absl's --verbosity is 1 or more."""
+  """Hides third-party INFO lines on the console unless absl's --verbosity is 1 or more; always folds the reports
+  of writes that failed for lack of space into the command's own message (`compat.DISK_FULL_REPORTS`)."""
   handler = logging.get_absl_handler()
+  if compat.DISK_FULL_REPORTS not in handler.filters:
+    handler.addFilter(compat.DISK_FULL_REPORTS)
   verbose = logging.get_verbosity() >= 1  # --verbosity=1: everything, as absl prints it
   if verbose:
     handler.removeFilter(_FILTER)
@@ -69,4 +73,4 @@ def exit_on_user_error(fn, *args, **kwargs):
     sys.stdout.flush()
     sys.stderr.write(f"error: {errors.message(e)}\n")
     sys.stderr.flush()
-    sys.exit(errors.EXIT_USER_ERROR)
+    sys.exit(getattr(e, "exit_status", errors.EXIT_USER_ERROR))

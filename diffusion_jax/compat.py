@@ -15,6 +15,11 @@ internals.
 * `quiet_abandoned_reads`: the name of Orbax's coroutine that reads one array
   (`ABANDONED_READ`), to drop the reports of the reads a failed restore
   abandons.
+* `is_disk_full` and `DISK_FULL_REPORTS`: a write that failed for lack of
+  space, where a dependency passes it on as text (TensorStore's
+  "RESOURCE_EXHAUSTED: ... No space left on device") rather than as an
+  `OSError` with errno ENOSPC; the text is the C library's own
+  (`os.strerror(ENOSPC)`).
 * `on_cloud_tpu_vm`: TPU chips are found as the device files the TPU driver
   creates (/dev/accel*, /dev/vfio/N) with libtpu installed; JAX's own check is
   private (`jax._src.cloud_tpu_init`).
@@ -22,6 +27,7 @@ internals.
 
 from __future__ import annotations
 
+import errno
 import glob
 import importlib.util
 import logging as logging_std
@@ -29,6 +35,7 @@ import os
 import pathlib
 import re
 import sys
+import threading
 import traceback
 import warnings
 
@@ -144,3 +151,52 @@ def on_cloud_tpu_vm() -> bool:
   if importlib.util.find_spec("libtpu") is None:
     return False
   return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+_NO_SPACE_TEXT = os.strerror(errno.ENOSPC)  # "No space left on device"
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+  """Whether `error` (or an error in its chain of causes) is a write that failed for lack of space."""
+  for e in _errors_in_chain(error):
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+      return True
+    if _NO_SPACE_TEXT in str(e):
+      return True
+  return False
+
+
+class _DiskFullReports(logging_std.Filter):
+  """Drops the log records that report a write failed for lack of space, and remembers the first.
+
+  Orbax's background save threads log one failed write several times, each
+  with a traceback; the command reports the failure once, in its own words
+  (what failed, the free space, what is intact, how to continue). `first` is
+  the first such report (its exception, or its message); the training loop
+  reads it after each step and stops.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self._lock = threading.Lock()
+    self.first: BaseException | str | None = None
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    if error is not None and is_disk_full(error):
+      report = error
+    elif _NO_SPACE_TEXT in record.getMessage():
+      report = record.getMessage()
+    else:
+      return True
+    with self._lock:
+      if self.first is None:
+        self.first = report
+    return False
+
+  def reset(self) -> None:
+    with self._lock:
+      self.first = None
+
+
+DISK_FULL_REPORTS = _DiskFullReports()

@@ -18,6 +18,9 @@ This module imports nothing from the package, so every floor may use it.
 from __future__ import annotations
 
 EXIT_USER_ERROR = 2
+# A write failed for lack of space (EX_IOERR). Nothing complete was lost: the same command continues once space is
+# freed. Distinct from 75 (stopped by a signal or preemption), which schedulers restart at once.
+EXIT_NO_SPACE = 74
 
 
 class UserError(ValueError):
@@ -37,7 +40,9 @@ class UnwritableError(PermissionError, UserError):
 
 
 class NoSpaceError(OSError, UserError):
-  """Not enough free space for what the command must write."""
+  """Not enough free space for what the command must write; the command exits with `EXIT_NO_SPACE`."""
+
+  exit_status = EXIT_NO_SPACE
 
 
 class MissingPackageError(ImportError, UserError):

@@ -11,6 +11,7 @@ results; running the same command again continues the run.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shlex
 import sys
@@ -23,6 +24,7 @@ from ml_collections import config_flags
 
 from diffusion_jax import cli
 from diffusion_jax import compat
+from diffusion_jax import errors
 
 MODES = ("train", "sample", "eval", "fid_stats")
 # Exit status of a training run stopped by SIGTERM/SIGINT or a preemption notice once the checkpoint of its
@@ -184,6 +186,15 @@ def _train(config, workdir: str) -> None:
     state = train.train_and_evaluate(config, workdir, summary=summary)
   except BaseException as e:
     what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed ({type(e).__name__})"
+    if compat.is_disk_full(e) and summary.step is not None:
+      from diffusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
+
+      newest = checkpointing.checkpoint_steps(workdir)
+      intact = (
+        f"the newest complete checkpoint, of step {newest[-1]}, is intact" if newest else "no checkpoint was written"
+      )
+      summary.print(f"Training stopped at step {summary.step} of {num_steps}: the disk is full; {intact}.")
+      raise _disk_full(e, workdir, f"{intact[0].upper()}{intact[1:]}") from e
     if summary.step is None:
       summary.print(
         f"Training {what} before its first step; the error is below. Fix it and run the same command again."
@@ -217,6 +228,30 @@ def _train(config, workdir: str) -> None:
   summary.print(outcome, step=step)
 
 
+def _disk_full(error: BaseException, workdir: str, intact: str) -> errors.NoSpaceError:
+  """One message for a write that failed for lack of space: what failed, the free space, what is intact, what next."""
+  from diffusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
+
+  free = checkpointing.free_bytes(workdir)
+  room = f" ({checkpointing.format_bytes(free)} free)" if free is not None else ""
+  detail = errors.message(error) if isinstance(error, errors.NoSpaceError) else compat.short_error(error)
+  return errors.NoSpaceError(
+    errno.ENOSPC,
+    f"No space left for the workdir {workdir}{room}: {detail} {intact}. Free some space (or move the workdir "
+    f"elsewhere) and run the same command again to continue. Exit status {errors.EXIT_NO_SPACE}.",
+  )
+
+
+def _finished_work_is_kept(fn, workdir: str, what: str):
+  """Runs fn(); a write that fails for lack of space ends as one message (exit status 74)."""
+  try:
+    return fn()
+  except Exception as e:
+    if compat.is_disk_full(e):
+      raise _disk_full(e, workdir, f"Everything {what} finished before is intact and is not redone") from e
+    raise
+
+
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -243,11 +278,13 @@ def _main(argv):
   elif _MODE.value == "sample":
     from diffusion_jax import sampling  # pylint: disable=g-import-not-at-top
 
-    sampling.sample_to_workdir(config, _WORKDIR.value)
+    _finished_work_is_kept(
+      lambda: sampling.sample_to_workdir(config, _WORKDIR.value), _WORKDIR.value, "(sample chunks)"
+    )
   elif _MODE.value == "eval":
     from diffusion_jax.evaluation import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
 
-    eval_lib.evaluate(config, _WORKDIR.value)
+    _finished_work_is_kept(lambda: eval_lib.evaluate(config, _WORKDIR.value), _WORKDIR.value, "(results)")
   else:
     from diffusion_jax.evaluation import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
 

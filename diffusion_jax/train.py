@@ -12,6 +12,7 @@ waits for the step just dispatched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import math
 import signal
@@ -29,6 +30,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from diffusion_jax import checkpointing
+from diffusion_jax import compat
 from diffusion_jax import errors
 from diffusion_jax import images as images_lib
 from diffusion_jax import input_pipeline
@@ -287,6 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summa
 
   def save(step, state):
     nonlocal last_saved
+    _check_room(workdir, checkpoint_bytes, step)
     manager.save(
       step,
       args=ocp.args.Composite(
@@ -343,6 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summa
       batch = next(train_iter)
       state, metrics = step_fn(state, batch, step_rng)
       step += 1
+      _check_no_failed_write(workdir, step)
       if pending is not None:
         report(*pending)
         pending = None
@@ -425,15 +429,65 @@ class _Profiler:
 
 @contextlib.contextmanager
 def _closing(manager, writer, profiler=None):
-  """Finishes pending asynchronous checkpoint writes (also when training fails), then closes."""
+  """Finishes pending asynchronous checkpoint writes (also when training fails), then closes.
+
+  When training already failed for lack of space, a pending save that fails for the same reason is not reported
+  again (the error on its way out says it all)."""
+  failed_for_space = False
   try:
     yield
+  except errors.NoSpaceError:
+    failed_for_space = True
+    raise
   finally:
     if profiler is not None:
       profiler.stop()
-    manager.wait_until_finished()
-    manager.close()
+    for finish in (manager.wait_until_finished, manager.wait_until_finished, manager.close):
+      try:
+        finish()  # waited for twice: after a failed save, Orbax's other threads of that save may still run
+      except Exception as e:  # noqa: BLE001 - re-raised unless it is the failure already on its way out
+        if not (failed_for_space and compat.is_disk_full(e)):
+          raise
     writer.close()
+
+
+# Room kept free beyond a checkpoint's arrays: Orbax's metadata, the data iterator's state, TensorBoard events.
+_CHECKPOINT_ROOM = 4 << 20
+
+
+def _check_room(workdir, checkpoint_bytes: int, step: int) -> None:
+  """Stops before the checkpoint of `step` if the workdir cannot take it: one message, nothing half-written.
+
+  Every process checks; with several processes they agree (any one short of room stops all), since each writes
+  its part of the checkpoint.
+  """
+  needed = checkpoint_bytes + _CHECKPOINT_ROOM
+  free = checkpointing.free_bytes(workdir)
+  short = free is not None and free < needed
+  if jax.process_count() > 1:
+    short = bool(np.any(multihost_utils.process_allgather(np.asarray(short))))
+  if short:
+    checkpointing.check_free_space(workdir, needed, f"the checkpoint of step {step}")
+    raise errors.NoSpaceError(
+      errno.ENOSPC, f"Another process has no room for its part of the checkpoint of step {step}.", str(workdir)
+    )
+
+
+def _check_no_failed_write(workdir, step: int) -> None:
+  """Stops after `step` if a background write (an asynchronous checkpoint save) failed for lack of space.
+
+  One process only: with several, a save that fails on one of them surfaces when the run waits for its saves.
+  """
+  report = compat.DISK_FULL_REPORTS.first if jax.process_count() == 1 else None
+  if report is None:
+    return
+  compat.DISK_FULL_REPORTS.reset()
+  detail = compat.short_error(report) if isinstance(report, BaseException) else str(report).splitlines()[0]
+  raise errors.NoSpaceError(
+    errno.ENOSPC,
+    f"A checkpoint write in {workdir} failed for lack of space before step {step} ({detail}).",
+    str(workdir),
+  )
 
 
 _GRID_SAMPLERS = {}
