@@ -248,7 +248,7 @@ def _finished_work_is_kept(fn, workdir: str, what: str):
     return fn()
   except Exception as e:
     if compat.is_disk_full(e):
-      raise _disk_full(e, workdir, f"Everything {what} finished before is intact and is not redone") from e
+      raise _disk_full(e, workdir, f"The {what} finished before are intact and are not redone") from e
     raise
 
 
@@ -278,13 +278,11 @@ def _main(argv):
   elif _MODE.value == "sample":
     from diffusion_jax import sampling  # pylint: disable=g-import-not-at-top
 
-    _finished_work_is_kept(
-      lambda: sampling.sample_to_workdir(config, _WORKDIR.value), _WORKDIR.value, "(sample chunks)"
-    )
+    _finished_work_is_kept(lambda: sampling.sample_to_workdir(config, _WORKDIR.value), _WORKDIR.value, "sample chunks")
   elif _MODE.value == "eval":
     from diffusion_jax.evaluation import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
 
-    _finished_work_is_kept(lambda: eval_lib.evaluate(config, _WORKDIR.value), _WORKDIR.value, "(results)")
+    _finished_work_is_kept(lambda: eval_lib.evaluate(config, _WORKDIR.value), _WORKDIR.value, "results")
   else:
     from diffusion_jax.evaluation import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
 

@@ -3,6 +3,7 @@ traceback, exit status 74; every complete checkpoint stays; the same command con
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -50,6 +51,13 @@ def _env():
   )
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted run of the faults' config: (final state, workdir)."""
+  workdir = tmp_path_factory.mktemp("reference")
+  return train.train_and_evaluate(_config(), str(workdir)), workdir
+
+
 @pytest.fixture
 def small_disk(tmp_path):
   """A 64 MiB tmpfs (the test runs as root, as CI does)."""
@@ -74,8 +82,8 @@ def _fill(path: pathlib.Path, leave: int) -> pathlib.Path:
   return filler
 
 
-def test_a_full_disk_stops_training_with_one_message_and_the_same_command_continues_exactly(small_disk, tmp_path):
-  reference = train.train_and_evaluate(_config(), str(tmp_path / "reference"))
+def test_a_full_disk_stops_training_with_one_message_and_the_same_command_continues_exactly(small_disk, reference):
+  reference, _ = reference
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(reference))
   workdir = small_disk / "run"
   # Room for the start's check (two checkpoints) and two saves, not a third one.
@@ -121,3 +129,25 @@ def test_a_diverged_run_stops_at_the_step_with_one_message_and_only_finite_check
   for step in steps:
     _, params, _ = checkpointing.load_params(workdir, use_ema=False, step=step)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params)), step
+
+
+def test_a_full_disk_in_mode_sample_is_one_message(small_disk, reference):
+  _, trained = reference
+  workdir = small_disk / "run"
+  shutil.copytree(trained, workdir)
+  _fill(small_disk, 0)
+  command = [
+    *_command(workdir),
+    "--mode=sample",
+    "--config.sampling.sampler=ddim",
+    "--config.sampling.num_steps=2",
+    "--config.sampling.num_samples=16",
+  ]
+  proc = subprocess.run(command, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  stderr = proc.stderr
+  assert proc.returncode == errors.EXIT_NO_SPACE, stderr[-3000:]
+  assert "Traceback" not in stderr, stderr[-3000:]
+  error_lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+  assert len(error_lines) == 1, stderr[-3000:]
+  assert f"No space left for the workdir {workdir} (0 B free)" in error_lines[0], error_lines[0]
+  assert "The sample chunks finished before are intact and are not redone" in error_lines[0], error_lines[0]

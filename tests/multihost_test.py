@@ -8,6 +8,7 @@ step (JAX's preemption service), each writing its part of that step's
 checkpoint and exiting with status 75.
 """
 
+import fcntl
 import os
 import re
 import signal
@@ -64,8 +65,23 @@ def _steps(workdir):
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
 
 
+@pytest.fixture
+def one_multiprocess_run_at_a_time(tmp_path_factory):
+  """Serialises the multi-process runs of parallel test workers: with jax 0.12, two 2-process CPU runs started
+  together on one host both stall after gloo connects (each alone runs in seconds)."""
+  lock_path = tmp_path_factory.getbasetemp().parent / "multiprocess_runs.lock"
+  with open(lock_path, "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.mark.parametrize("num_classes", [0, 10])  # 10: class-conditional, labels in the batch, label dropout
-def test_two_processes_train_like_one_and_stop_together_on_sigterm(tmp_path, num_classes):
+def test_two_processes_train_like_one_and_stop_together_on_sigterm(
+  tmp_path, num_classes, one_multiprocess_run_at_a_time
+):
   workdir = tmp_path / "run"
   port = _free_port()
   logs = [tmp_path / f"process_{i}.log" for i in range(2)]
@@ -101,14 +117,17 @@ def test_two_processes_train_like_one_and_stop_together_on_sigterm(tmp_path, num
   assert len(list((workdir / "tensorboard").iterdir())) == 1
 
   # The same steps on one process with 4 devices: the same parameters up to float32 rounding (the
-  # cross-process gradient sum adds in another order than the in-process one).
+  # cross-process gradient sum adds in another order than the in-process one). The absolute tolerance covers
+  # the biases of up_0/block_1's conv2 and nin_shortcut: they feed norm_out, whose 32 groups are single channels
+  # here (ch=32), so their gradient is zero but for rounding and their values (|x| < 2e-6) are rounding noise.
+  # Measured on jax 0.12 after 7 steps: max |difference| 1.9e-6 there, at most 2.1e-7 in every other leaf.
   config = _tiny_config(num_train_steps=step, checkpoint_every=1000)
   config.model.num_classes = num_classes
   single = jax.device_get(train.train_and_evaluate(config, str(tmp_path / "single")))
   for use_ema, expected in ((False, single.params), (True, single.ema_params)):
     _, params, loaded_step = checkpointing.load_params(workdir, use_ema=use_ema, step=step)
     assert loaded_step == step
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, expected)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-6), params, expected)
 
 
 def _tiny_config(**training):
