@@ -90,6 +90,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # than this many seconds after the first step of this invocation finished (start-up, restore and the first
   # step's compilation are not counted; a resumed run gets the budget afresh). 0 = off.
   training.time_budget_s = 0.0
+  # Multi-process runs: a process that has not shown a sign of life (a heartbeat file in workdir/.heartbeats,
+  # written every 1/5 of this) for this many seconds is taken as lost, and every other process exits with status
+  # 75 and one message. 0 = the platform's default: 300 s on TPU, 60 s elsewhere.
+  training.peer_timeout_s = 0.0
   # After the run finishes (num_train_steps or time_budget_s reached): sample the final EMA model and score it
   # with the digit-classifier metric (digits only) into workdir/eval/final_step_<step>.json and TensorBoard.
   training.final_eval = False

@@ -67,6 +67,13 @@ def _detect_cluster() -> str | None:
   return None
 
 
+def _jax_heartbeat_timeout_s() -> int:
+  """JAX's own timeout for a dead task: twice the run's training.peer_timeout_s (at least JAX's default, 100 s), so
+  the training loop's watch (train._PeerWatch) ends the survivors with a message before JAX aborts them."""
+  peer = float(_CONFIG.value.training.get("peer_timeout_s", 0.0) or 0.0) or 300.0  # the largest platform default
+  return int(max(100, 2 * peer))
+
+
 def _initialize_distributed() -> None:
   """Joins a multi-process run: explicit flags (or $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID),
   else an environment JAX recognises (TPU VM pod slice, srun, Open MPI); otherwise runs as one process."""
@@ -89,7 +96,12 @@ def _initialize_distributed() -> None:
   )
   logging.info("Starting the multi-process run (%s).", where)
   try:
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(
+      coordinator_address=coordinator,
+      num_processes=num_processes,
+      process_id=process_id,
+      heartbeat_timeout_seconds=_jax_heartbeat_timeout_s(),
+    )
   except Exception as e:  # noqa: BLE001 - JAX raises several types; every one means the run cannot start
     raise RuntimeError(
       f"Could not join the multi-process run ({where}): {type(e).__name__}: {e}\n"

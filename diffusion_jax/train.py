@@ -15,7 +15,9 @@ import contextlib
 import errno
 import functools
 import math
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -135,6 +137,99 @@ class _Preemption:
         stop = True
         self.reason = self.reason or f"stop signal on process(es) {np.flatnonzero(flags).tolist()}"
     return stop
+
+
+# ----------------------------------------------------------------------------
+# Lost processes.
+# ----------------------------------------------------------------------------
+
+EXIT_LOST_PROCESS = 75  # EX_TEMPFAIL, as a preemption: restarting every process continues the run
+HEARTBEAT_DIR = ".heartbeats"
+
+
+def peer_timeout_s(config: ml_collections.ConfigDict) -> float:
+  """`training.peer_timeout_s`, or the platform's default (0): 300 s on TPU, 60 s elsewhere."""
+  value = float(config.training.get("peer_timeout_s", 0.0) or 0.0)
+  if value > 0:
+    return value
+  return 300.0 if jax.default_backend() == "tpu" else 60.0
+
+
+class _PeerWatch:
+  """Notices a lost process of a multi-process run within `timeout` seconds and ends this one with a status.
+
+  Each process writes a counter to workdir/.heartbeats/process_<i> every
+  timeout/5 seconds from a background thread (so compiling, saving or waiting
+  in a collective does not stop it) and watches the others' files. A peer whose
+  counter has not changed for `timeout` seconds is taken as lost: this process
+  prints the closing summary and one message (the lost process, the newest
+  complete checkpoint, the command that continues) and exits with status
+  `EXIT_LOST_PROCESS` at once. Without it, a survivor waits in its next
+  collective until JAX's coordination service gives up on the dead task and
+  aborts the process with a native stack trace; `main` sets JAX's heartbeat
+  timeout to twice this one, so this watch speaks first.
+  """
+
+  def __init__(self, workdir, timeout: float, *, summary=None):
+    self._dir = epath.Path(workdir) / HEARTBEAT_DIR
+    self._timeout = timeout
+    self._summary = summary
+    self._stop = threading.Event()
+    self._thread = None
+
+  def __enter__(self):
+    if jax.process_count() > 1:
+      self._dir.mkdir(parents=True, exist_ok=True)
+      self._thread = threading.Thread(target=self._run, name="peer_watch", daemon=True)
+      self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+
+  def _run(self) -> None:
+    me, n = jax.process_index(), jax.process_count()
+    interval = max(0.2, self._timeout / 5)
+    seen = {}  # peer -> (last counter read, monotonic time it changed)
+    start = time.monotonic()
+    beat = 0
+    while not self._stop.is_set():
+      beat += 1
+      try:
+        (self._dir / f"process_{me}").write_text(str(beat))
+      except OSError as e:
+        logging.warning("Could not write the heartbeat of process %d in %s: %s", me, self._dir, e)
+      now = time.monotonic()
+      for peer in range(n):
+        if peer == me:
+          continue
+        try:
+          value = (self._dir / f"process_{peer}").read_text()
+        except OSError:
+          value = None
+        last = seen.get(peer)
+        if last is None or value != last[0]:
+          seen[peer] = (value, now if last is not None or value is not None else start)
+        elif now - last[1] > self._timeout:
+          self._lost(peer, now - last[1])
+          return
+      self._stop.wait(interval)
+
+  def _lost(self, peer: int, silent_s: float) -> None:
+    steps = checkpointing.checkpoint_steps(self._dir.parent)
+    intact = f"the newest complete checkpoint, of step {steps[-1]}, is intact" if steps else "no checkpoint was written"
+    if self._summary is not None:
+      self._summary.print(f"Training stopped: process {peer} of {jax.process_count()} was lost; {intact}.")
+    sys.stdout.flush()
+    sys.stderr.write(
+      f"error: Process {peer} of {jax.process_count()} of this run stopped responding (no heartbeat for "
+      f"{silent_s:.0f} s, training.peer_timeout_s={self._timeout:g}). {intact[0].upper()}{intact[1:]}. Restart every "
+      f"process with the same command to continue. Exit status {EXIT_LOST_PROCESS}.\n"
+    )
+    sys.stderr.flush()
+    os._exit(EXIT_LOST_PROCESS)  # pylint: disable=protected-access  (the main thread may be stuck in a collective)
 
 
 class _TimeBudget:
@@ -339,7 +434,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summa
   budget, budget_done, previous_metrics = _TimeBudget(tc.get("time_budget_s", 0.0)), False, None
   pending = None  # (step, metrics) of a log step whose metrics are fetched after the next dispatch
   step = start_step
-  with _Preemption() as preemption, _closing(manager, writer, profiler):
+  with (
+    _PeerWatch(workdir, peer_timeout_s(config), summary=summary),
+    _Preemption() as preemption,
+    _closing(manager, writer, profiler),
+  ):
     preemption.checked = start_step
     while step < num_steps:
       profiler.before_step(step)

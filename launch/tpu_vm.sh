@@ -28,6 +28,7 @@ RUNTIME_VERSION="${RUNTIME_VERSION:-tpu-ubuntu2204-base}"
 SPOT="${SPOT:-0}"                        # 1: create a Spot TPU (cheaper; preempted at any time)
 CONFIG="${CONFIG:-configs/cifar.py}"     # relative to the repository root
 WORKDIR="${WORKDIR:-}"                   # gs://bucket/path: checkpoints, logs, samples of the run
+LOCAL_WORKDIR="${LOCAL_WORKDIR:-0}"      # 1: WORKDIR may be a path every worker sees (single host, shared FS)
 PYTHON_VERSION="${PYTHON_VERSION:-3.11}" # the TPU images ship Python 3.10; uv installs this one
 JAX_SPEC="${JAX_SPEC:-jax[tpu]}"         # pin here, e.g. "jax[tpu]==0.10.2"
 REMOTE_DIR="diffusion_jax"               # on every worker, under the home directory
@@ -99,8 +100,9 @@ setup() {
 }
 
 train() {
-  if [[ "$WORKDIR" != gs://* ]]; then
-    echo "Set WORKDIR to a gs:// path: every worker of the TPU writes the same checkpoints." >&2
+  if [[ "$WORKDIR" != gs://* && "$LOCAL_WORKDIR" != 1 ]]; then
+    echo "Set WORKDIR to a gs:// path: every worker of the TPU writes the same checkpoints" \
+      "(LOCAL_WORKDIR=1 takes a path every worker sees: a single-host TPU's disk or a shared file system)." >&2
     exit 1
   fi
   local flags

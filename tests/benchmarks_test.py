@@ -185,3 +185,16 @@ def test_digits_race_scores_both_sides_with_each_eval_seed(tmp_path, repo_root):
   assert summary["ours"]["digits_is"] == pytest.approx((np.mean(values), min(values), max(values)))
   for k in digits_race.FIGURES:
     assert all(math.isfinite(v) for v in summary["peer"][k]), k
+
+
+def test_soak_prints_readings_growth_and_the_checkpoints_left(tmp_path, repo_root):
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  command = [sys.executable, "-m", "benchmarks.soak", "--steps=300", "--every=100", f"--workdir={tmp_path / 'soak'}"]
+  proc = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  readings = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+  assert [line.split(":")[0] for line in readings] == ["step    100", "step    200", "step    300"], proc.stdout
+  assert "growth per 1,000 steps over steps 200-300: resident memory" in proc.stdout, proc.stdout
+  assert "checkpoints on disk: [200, 300] (training.keep_checkpoints=2)" in proc.stdout, proc.stdout

@@ -136,3 +136,56 @@ def _tiny_config(**training):
   config = tiny.get_config()
   config.training.update(training)
   return config
+
+
+LOST_STEPS = 12
+
+
+def test_a_lost_process_ends_the_other_with_one_message_and_a_restart_resumes_exactly(
+  tmp_path, one_multiprocess_run_at_a_time
+):
+  training = dict(num_train_steps=LOST_STEPS, checkpoint_every=4, peer_timeout_s=5)
+  # The uninterrupted two-process run.
+  port = _free_port()
+  logs = [tmp_path / f"reference_{i}.log" for i in range(2)]
+  procs = [_start(tmp_path / "reference", i, port, logs[i], **training) for i in range(2)]
+  assert [p.wait(timeout=300) for p in procs] == [0, 0], [log.read_text()[-3000:] for log in logs]
+
+  workdir = tmp_path / "run"
+  port = _free_port()
+  logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+  procs = [_start(workdir, i, port, logs[i], **training) for i in range(2)]
+  try:
+    deadline = time.monotonic() + 300
+    while not _steps(workdir):
+      assert all(p.poll() is None for p in procs), [log.read_text()[-3000:] for log in logs]
+      assert time.monotonic() < deadline, "timed out waiting for the first checkpoint"
+      time.sleep(0.05)
+    procs[1].kill()
+    killed = time.monotonic()
+    returncode = procs[0].wait(timeout=120)
+    waited = time.monotonic() - killed
+  finally:
+    for p in procs:
+      p.kill()
+  text = logs[0].read_text()
+  assert returncode == 75, text[-3000:]
+  assert waited < 5 + 2 + 10, waited  # the timeout, a heartbeat interval, slack for a loaded machine
+  for forbidden in ("Traceback", "Fatal Python error", "Check failed", "SIGABRT", "Thread 0x"):
+    assert forbidden not in text, text[-3000:]
+  error_lines = [line for line in text.splitlines() if line.startswith("error: ")]
+  assert len(error_lines) == 1 and "Process 1 of 2 of this run stopped responding" in error_lines[0], text[-3000:]
+  newest = _steps(workdir)[-1]
+  assert f"The newest complete checkpoint, of step {newest}, is intact." in error_lines[0], error_lines[0]
+  assert "==== Training stopped: process 1 of 2 was lost" in text and "resume:" in text, text[-3000:]
+
+  # Every process restarted with the same command: the run continues and ends as the uninterrupted one.
+  port = _free_port()
+  logs = [tmp_path / f"restart_{i}.log" for i in range(2)]
+  procs = [_start(workdir, i, port, logs[i], **training) for i in range(2)]
+  assert [p.wait(timeout=300) for p in procs] == [0, 0], [log.read_text()[-3000:] for log in logs]
+  for use_ema in (False, True):
+    _, got, step = checkpointing.load_params(workdir, use_ema=use_ema)
+    _, want, _ = checkpointing.load_params(tmp_path / "reference", use_ema=use_ema)
+    assert step == LOST_STEPS
+    jax.tree.map(np.testing.assert_array_equal, got, want)
