@@ -145,6 +145,7 @@ class _Preemption:
 
 EXIT_LOST_PROCESS = 75  # EX_TEMPFAIL, as a preemption: restarting every process continues the run
 HEARTBEAT_DIR = ".heartbeats"
+_DONE = "done"
 
 
 def peer_timeout_s(config: ml_collections.ConfigDict) -> float:
@@ -188,12 +189,18 @@ class _PeerWatch:
     self._stop.set()
     if self._thread is not None:
       self._thread.join()
+      try:  # a process that left the loop is not lost: the others stop watching it
+        (self._dir / f"process_{jax.process_index()}").write_text(_DONE)
+      except OSError:
+        pass
 
   def _run(self) -> None:
     me, n = jax.process_index(), jax.process_count()
     interval = max(0.2, self._timeout / 5)
-    seen = {}  # peer -> (last counter read, monotonic time it changed)
-    start = time.monotonic()
+    unread = object()
+    last = {peer: unread for peer in range(n)}  # the last content read of each peer's file
+    changed = {peer: time.monotonic() for peer in range(n)}  # when it last changed
+    beating = set()  # peers seen beating in this run: only their "done" means they finished
     beat = 0
     while not self._stop.is_set():
       beat += 1
@@ -209,11 +216,14 @@ class _PeerWatch:
           value = (self._dir / f"process_{peer}").read_text()
         except OSError:
           value = None
-        last = seen.get(peer)
-        if last is None or value != last[0]:
-          seen[peer] = (value, now if last is not None or value is not None else start)
-        elif now - last[1] > self._timeout:
-          self._lost(peer, now - last[1])
+        if value != last[peer]:
+          if last[peer] is not unread and value not in (None, _DONE):
+            beating.add(peer)
+          last[peer], changed[peer] = value, now
+        if value == _DONE and peer in beating:
+          continue
+        if now - changed[peer] > self._timeout:
+          self._lost(peer, now - changed[peer])
           return
       self._stop.wait(interval)
 

@@ -176,3 +176,75 @@ def _launcher_env(fake, workdir):
     LOCAL_WORKDIR="1",
     TPU_NAME="ddpm-test",
   )
+
+
+FAKE_SRUN = r"""#!/usr/bin/env bash
+# srun --ntasks-per-node=1 --output=PATTERN bash -c SCRIPT train ARGS...: one task, here, its output to the pattern.
+set -uo pipefail
+echo "srun $*" >> "$FAKE_SLURM/calls.log"
+output=""
+args=()
+for arg in "$@"; do
+  case "$arg" in
+    --output=*) output=${arg#--output=} ;;
+    --ntasks-per-node=*) ;;
+    *) args+=("$arg") ;;
+  esac
+done
+output=${output//%x/ddpm}; output=${output//%j/$SLURM_JOB_ID}; output=${output//%t/0}
+SLURM_PROCID=0 "${args[@]}" >> "$output" 2>&1
+"""
+
+FAKE_SCONTROL = r"""#!/usr/bin/env bash
+echo "scontrol $*" >> "$FAKE_SLURM/calls.log"
+if [[ "$1 $2" == "show hostnames" ]]; then echo localhost; fi
+"""
+
+
+def test_slurm_script_requeues_the_job_after_a_checkpointed_stop(tmp_path):
+  fake, workdir = tmp_path / "slurm", tmp_path / "run"
+  (fake / "bin").mkdir(parents=True)
+  _write_tool(fake / "bin", "srun", FAKE_SRUN)
+  _write_tool(fake / "bin", "scontrol", FAKE_SCONTROL)
+  env = dict(
+    os.environ,
+    PATH=f"{fake / 'bin'}:{os.environ['PATH']}",
+    FAKE_SLURM=str(fake),
+    SLURM_JOB_ID="4242",
+    SLURM_JOB_NODELIST="localhost",
+    SLURM_NTASKS="1",
+    WORKDIR=str(workdir),
+    CONFIG="configs/tiny.py",
+    PYTHON=sys.executable,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR / "jax"),
+  )
+  job = subprocess.Popen(
+    [
+      "bash",
+      str(REPO_ROOT / "launch" / "slurm_gpu.sbatch"),
+      "--config.training.num_train_steps=100000",
+      "--config.training.checkpoint_every=5",
+    ],
+    cwd=REPO_ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+  try:
+    _wait(lambda: checkpointing.checkpoint_steps(workdir), "the first checkpoint")
+    found = subprocess.run(["pgrep", "-f", "--", f"--workdir={workdir}"], capture_output=True, text=True)
+    pids = [int(p) for p in found.stdout.split()]
+    assert pids, found
+    for pid in pids:
+      os.kill(pid, signal.SIGTERM)  # what SLURM sends 2 minutes before the time limit
+    out, _ = job.communicate(timeout=300)
+  finally:
+    job.kill()
+  assert job.returncode == 75, out
+  assert "requeueing job 4242 to continue" in out, out
+  assert "scontrol requeue 4242" in (fake / "calls.log").read_text()
+  log = (workdir / "slurm_logs" / "ddpm-4242-node0.log").read_text()
+  assert "Exit status 75." in log, log[-3000:]
