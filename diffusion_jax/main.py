@@ -69,7 +69,7 @@ def _detect_cluster() -> str | None:
 
 def _jax_heartbeat_timeout_s() -> int:
   """JAX's own timeout for a dead task: twice the run's training.peer_timeout_s (at least JAX's default, 100 s), so
-  the training loop's watch (train._PeerWatch) ends the survivors with a message before JAX aborts them."""
+  the training run's watch (train.PeerWatch) ends the survivors with a message before JAX aborts them."""
   peer = float(_CONFIG.value.training.get("peer_timeout_s", 0.0) or 0.0) or 300.0  # the largest platform default
   return int(max(100, 2 * peer))
 
@@ -195,7 +195,8 @@ def _train(config, workdir: str) -> None:
   num_steps = config.training.num_train_steps
   summary = RunSummary(workdir, num_steps)
   try:
-    state = train.train_and_evaluate(config, workdir, summary=summary)
+    with train.PeerWatch(workdir, train.peer_timeout_s(config), summary=summary):
+      state = train.train_and_evaluate(config, workdir, summary=summary)
   except BaseException as e:
     what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed ({type(e).__name__})"
     if compat.is_disk_full(e) and summary.step is not None:

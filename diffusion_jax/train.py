@@ -156,7 +156,7 @@ def peer_timeout_s(config: ml_collections.ConfigDict) -> float:
   return 300.0 if jax.default_backend() == "tpu" else 60.0
 
 
-class _PeerWatch:
+class PeerWatch:
   """Notices a lost process of a multi-process run within `timeout` seconds and ends this one with a status.
 
   Each process writes a counter to workdir/.heartbeats/process_<i> every
@@ -168,7 +168,9 @@ class _PeerWatch:
   `EXIT_LOST_PROCESS` at once. Without it, a survivor waits in its next
   collective until JAX's coordination service gives up on the dead task and
   aborts the process with a native stack trace; `main` sets JAX's heartbeat
-  timeout to twice this one, so this watch speaks first.
+  timeout to twice this one, so this watch speaks first. `main` starts it right
+  after `jax.distributed.initialize` (which returns on every process at about
+  the same time), around the whole run.
   """
 
   def __init__(self, workdir, timeout: float, *, summary=None):
@@ -444,11 +446,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summa
   budget, budget_done, previous_metrics = _TimeBudget(tc.get("time_budget_s", 0.0)), False, None
   pending = None  # (step, metrics) of a log step whose metrics are fetched after the next dispatch
   step = start_step
-  with (
-    _PeerWatch(workdir, peer_timeout_s(config), summary=summary),
-    _Preemption() as preemption,
-    _closing(manager, writer, profiler),
-  ):
+  with _Preemption() as preemption, _closing(manager, writer, profiler):
     preemption.checked = start_step
     while step < num_steps:
       profiler.before_step(step)
