@@ -131,18 +131,27 @@ def test_a_diverged_run_stops_at_the_step_with_one_message_and_only_finite_check
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params)), step
 
 
-def test_a_full_disk_in_mode_sample_is_one_message(small_disk, reference):
+@pytest.mark.parametrize(
+  "mode, flags, kept",
+  [
+    (
+      "sample",
+      ["--config.sampling.sampler=ddim", "--config.sampling.num_steps=2", "--config.sampling.num_samples=16"],
+      "The sample chunks finished before are intact and are not redone",
+    ),
+    (
+      "eval",
+      ["--config.eval.metrics=('bpd',)", "--config.eval.bpd_max_examples=8", "--config.eval.drop_remainder=False"],
+      "The results finished before are intact and are not redone",
+    ),
+  ],
+)
+def test_a_full_disk_in_mode_sample_or_eval_is_one_message(small_disk, reference, mode, flags, kept):
   _, trained = reference
   workdir = small_disk / "run"
   shutil.copytree(trained, workdir)
   _fill(small_disk, 0)
-  command = [
-    *_command(workdir),
-    "--mode=sample",
-    "--config.sampling.sampler=ddim",
-    "--config.sampling.num_steps=2",
-    "--config.sampling.num_samples=16",
-  ]
+  command = [*_command(workdir), f"--mode={mode}", *flags]
   proc = subprocess.run(command, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
   stderr = proc.stderr
   assert proc.returncode == errors.EXIT_NO_SPACE, stderr[-3000:]
@@ -150,4 +159,15 @@ def test_a_full_disk_in_mode_sample_is_one_message(small_disk, reference):
   error_lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
   assert len(error_lines) == 1, stderr[-3000:]
   assert f"No space left for the workdir {workdir} (0 B free)" in error_lines[0], error_lines[0]
-  assert "The sample chunks finished before are intact and are not redone" in error_lines[0], error_lines[0]
+  assert kept in error_lines[0], error_lines[0]
+
+
+def test_a_full_disk_stops_the_tensorboard_writer_with_one_error(small_disk):
+  from diffusion_jax import metric_writer  # noqa: PLC0415
+
+  writer = metric_writer.MetricWriter(small_disk / "run")
+  writer.scalars(1, {"loss": 0.5})
+  _fill(small_disk, 0)
+  with pytest.raises(errors.NoSpaceError, match=r"No room for the TensorBoard scalars of step 2 in .*tensorboard"):
+    writer.scalars(2, {"loss": 0.4})
+  writer.close()  # nothing more to report
