@@ -18,6 +18,8 @@ from absl import flags
 
 _STEPS = flags.DEFINE_integer("steps", 20_000, "Training steps.")
 _EVERY = flags.DEFINE_integer("every", 1_000, "Steps between readings (and sample grids).")
+_GRIDS = flags.DEFINE_boolean("grids", True, "Write a sample grid at every reading (--nogrids: none).")
+_CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/diffusion_jax_soak", "A fresh workdir (removed first).")
 
 
@@ -65,14 +67,18 @@ def main(argv):
   shutil.rmtree(_WORKDIR.value, ignore_errors=True)
   config = tiny.get_config()
   config.training.update(
-    num_train_steps=_STEPS.value, checkpoint_every=100, sample_every=_EVERY.value, log_every=_EVERY.value
+    num_train_steps=_STEPS.value,
+    checkpoint_every=_CHECKPOINT_EVERY.value,
+    sample_every=_EVERY.value if _GRIDS.value else 0,
+    log_every=_EVERY.value,
   )
   readings = _Readings()
   train.train_and_evaluate(config, _WORKDIR.value, summary=readings)
   rows = readings.rows[len(readings.rows) // 2 :]
   steps = [r[0] / 1000 for r in rows]
   print(
-    f"\n{_STEPS.value} steps of configs/tiny.py, a checkpoint every 100, a grid every {_EVERY.value}: growth per "
+    f"\n{_STEPS.value} steps of configs/tiny.py, a checkpoint every {_CHECKPOINT_EVERY.value}, "
+    f"{f'a grid every {_EVERY.value}' if _GRIDS.value else 'no grids'}: growth per "
     f"1,000 steps over steps {rows[0][0]}-{rows[-1][0]}: resident memory {_slope(steps, [r[1] for r in rows]):+.2f} "
     f"MiB, open files {_slope(steps, [r[2] for r in rows]):+.2f}; resident memory at the end "
     f"{readings.rows[-1][1]:.1f} MiB; checkpoints on disk: {checkpointing.checkpoint_steps(_WORKDIR.value)} "

@@ -195,8 +195,13 @@ def _train(config, workdir: str) -> None:
   num_steps = config.training.num_train_steps
   summary = RunSummary(workdir, num_steps)
   try:
-    with train.PeerWatch(workdir, train.peer_timeout_s(config), summary=summary):
-      state = train.train_and_evaluate(config, workdir, summary=summary)
+    with train.PeerWatch(workdir, train.peer_timeout_s(config), summary=summary) as watch:
+      try:
+        state = train.train_and_evaluate(config, workdir, summary=summary)
+      except Exception as e:
+        if not errors.is_user_error(e):
+          watch.await_verdict()  # a collective that failed because a peer died: the watch says so
+        raise
   except BaseException as e:
     what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed ({type(e).__name__})"
     if compat.is_disk_full(e) and summary.step is not None:

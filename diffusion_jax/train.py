@@ -196,6 +196,17 @@ class PeerWatch:
       except OSError:
         pass
 
+  def await_verdict(self) -> None:
+    """After an error, in a multi-process run: gives the watch the time to find a lost peer first.
+
+    A collective whose peer died may fail at once (gloo: "Connection reset by
+    peer") instead of waiting; if a peer is lost, the watch ends the process
+    with its message within `timeout`; otherwise this returns and the error is
+    reported as it is.
+    """
+    if self._thread is not None:
+      self._thread.join(self._timeout + 2 * max(0.2, self._timeout / 5))
+
   def _run(self) -> None:
     me, n = jax.process_index(), jax.process_count()
     interval = max(0.2, self._timeout / 5)

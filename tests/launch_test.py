@@ -49,7 +49,9 @@ FAKE_UV = r"""#!/usr/bin/env bash
 set -euo pipefail
 echo "uv $*" >> "$FAKE_TPU/calls.log"
 if [[ "$1" == venv ]]; then  # uv venv --python VERSION DIR: this machine's Python, which has the packages
-  mkdir -p "$4/bin" && ln -sf "$FAKE_PYTHON" "$4/bin/python"
+  mkdir -p "$4/bin"
+  printf '#!/usr/bin/env bash\nexec "%s" "$@"\n' "$FAKE_PYTHON" > "$4/bin/python"
+  chmod +x "$4/bin/python"
 fi  # uv pip install ...: the packages are installed already
 """
 
