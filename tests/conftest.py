@@ -55,6 +55,30 @@ def pytest_configure(config):
       config.addinivalue_line("filterwarnings", f"error::{category}:{module}")
 
 
+def cli_env(devices: int = _N_DEVICES) -> dict[str, str]:
+  """The environment of a `python -m diffusion_jax...` subprocess: CPU, `devices` devices, the tests' cache."""
+  return dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR / "jax"),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
+
+
+def cli_train_command(workdir, training: dict, config: str = "configs/tiny.py") -> list[str]:
+  """`python -m diffusion_jax.main` training `config` in `workdir`, with `--config.training.K=V` overrides."""
+  return [
+    sys.executable,
+    "-m",
+    "diffusion_jax.main",
+    f"--config={config}",
+    f"--workdir={workdir}",
+    *(f"--config.training.{k}={v}" for k, v in training.items()),
+  ]
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> pathlib.Path:
   return REPO_ROOT

@@ -5,13 +5,13 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import CACHE_DIR
 from conftest import REPO_ROOT
+from conftest import cli_env
+from conftest import cli_train_command
 
 from diffusion_jax import checkpointing
 from diffusion_jax import errors
@@ -30,25 +30,11 @@ def _config():
 
 
 def _command(workdir):
-  return [
-    sys.executable,
-    "-m",
-    "diffusion_jax.main",
-    "--config=configs/tiny.py",
-    f"--workdir={workdir}",
-    *(f"--config.training.{k}={v}" for k, v in OVERRIDES.items()),
-  ]
+  return cli_train_command(workdir, OVERRIDES)
 
 
 def _env():
-  return dict(
-    os.environ,
-    JAX_PLATFORMS="cpu",
-    XLA_FLAGS="--xla_force_host_platform_device_count=4",
-    JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR / "jax"),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-  )
+  return cli_env()
 
 
 @pytest.fixture(scope="module")

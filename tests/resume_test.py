@@ -21,8 +21,9 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import CACHE_DIR
 from conftest import REPO_ROOT
+from conftest import cli_env
+from conftest import cli_train_command
 
 from diffusion_jax import checkpointing
 from diffusion_jax import train
@@ -42,26 +43,11 @@ def tiny_config(**training):
 
 
 def _command(workdir, **training):
-  overrides = {"num_train_steps": NUM_STEPS, "checkpoint_every": 4, "log_every": 1, **training}
-  return [
-    sys.executable,
-    "-m",
-    "diffusion_jax.main",
-    "--config=configs/tiny.py",
-    f"--workdir={workdir}",
-    *(f"--config.training.{k}={v}" for k, v in overrides.items()),
-  ]
+  return cli_train_command(workdir, {"num_train_steps": NUM_STEPS, "checkpoint_every": 4, "log_every": 1, **training})
 
 
 def _env():
-  return dict(
-    os.environ,
-    JAX_PLATFORMS="cpu",
-    XLA_FLAGS="--xla_force_host_platform_device_count=4",
-    JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR / "jax"),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-  )
+  return cli_env()
 
 
 def _start(workdir, log_path, **training):
