@@ -46,14 +46,11 @@ def get_config():
   config.training.checkpoint_every = 2000
   config.training.sample_every = 2000
   config.training.num_grid_samples = 64
-  config.training.grid_sampler = "dpmpp2m_sde"  # 20 network calls per grid instead of the paper's 1000
-  config.training.grid_num_steps = 20
-  config.training.final_eval = True  # digit-classifier figures of the final EMA model in runs/digits/eval/
-  config.training.final_eval_samples = 1000
-  # DPM-Solver++(2M) SDE with 20 network calls scores like the paper's 1000-step ancestral sampler on the
-  # digit metric (README, "Samplers": the quality-per-second table) at 1/50 of the cost.
-  config.training.final_eval_sampler = "dpmpp2m_sde"
-  config.training.final_eval_num_steps = 20
+  # DPM-Solver++(2M) SDE: 20 network calls per grid and per evaluation sample instead of the paper's 1000.
+  config.training.grid = config_base.sampler_section("dpmpp2m_sde", num_steps=20)
+  # The digit-classifier figures of the final EMA model, in runs/digits/eval/digits_step_*.json.
+  config.evals.digits.update(at_end=True, num_samples=1000)
+  config.evals.digits.sampling = config_base.sampler_section("dpmpp2m_sde", num_steps=20)
   config.sampling.sampler = "ddim"
   config.sampling.num_steps = 100
   config.sampling.batch_size = 256

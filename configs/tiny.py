@@ -28,7 +28,7 @@ def get_config():
   config.training.checkpoint_every = 20
   config.training.sample_every = 0
   config.training.num_grid_samples = 4
-  config.training.grid_num_steps = 5
+  config.training.grid.num_steps = 5
   config.sampling.num_steps = 20
   config.sampling.batch_size = 8
   config.sampling.num_samples = 8

@@ -57,6 +57,7 @@ RESUMABLE_FIELDS = (
   "training",
   "sampling",
   "eval",
+  "evals",
   "data.data_dir",
   "data.worker_count",
   "data.skip_corrupt",
@@ -90,7 +91,7 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise errors_lib.MissingFileError(f"{path} does not exist: {workdir} is not a diffusion_jax workdir.")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return config_base.upgrade(json.loads(path.read_text()))
 
 
 def incompatible_fields(saved: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:

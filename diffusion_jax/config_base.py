@@ -78,8 +78,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   training.checkpoint_every = 5000  # steps between checkpoints (one is always written at the end)
   training.sample_every = 20_000  # steps between sample grids (0 disables)
   training.num_grid_samples = 64  # images in a training-time sample grid
-  training.grid_sampler = "ddim"  # sampler for the training-time grid
-  training.grid_num_steps = 100  # its number of steps
+  training.grid = sampler_section("ddim", num_steps=100)  # the grid's sampler (num_steps above T are T)
   training.keep_checkpoints = 2  # checkpoints kept (the paper kept 2)
   training.seed = 0  # a run is a function of (config, seed)
   training.init_from = ""  # start a new run from these weights (a workdir or converted checkpoint)
@@ -94,13 +93,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   # written every 1/5 of this) for this many seconds is taken as lost, and every other process exits with status
   # 75 and one message. 0 = the platform's default: 300 s on TPU, 60 s elsewhere.
   training.peer_timeout_s = 0.0
-  # After the run finishes (num_train_steps or time_budget_s reached): sample the final EMA model and score it
-  # with the digit-classifier metric (digits only) into workdir/eval/final_step_<step>.json and TensorBoard.
-  training.final_eval = False
-  training.final_eval_samples = 500  # images sampled for the final evaluation
-  training.final_eval_sampler = "ddim"  # its sampler (any of config.sampling.sampler's)
-  training.final_eval_num_steps = 100  # its number of steps (1000 with ancestral is the paper's sampler, ~10x slower)
-  training.final_eval_sigma_schedule = ""  # euler, heun, dpmpp*: uniform | karras ('' = uniform)
 
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.sampler = "ancestral"  # ancestral | ddim | dpmpp2m | dpmpp3m | dpmpp2m_sde | dpmpp3m_sde | euler | heun
@@ -117,7 +109,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   sampling.guidance_scale = 1.0  # classifier-free guidance s: eps(x, null) + s * (eps(x, c) - eps(x, null)); 1 = none
 
   config.eval = eval_config = ml_collections.ConfigDict()
-  eval_config.metrics = ("bpd",)  # any of bpd, fid (FID and IS)
+  eval_config.metrics = ("bpd", "rate_distortion")  # --mode=eval runs these entries of config.evals
   eval_config.num_samples = 50_000  # samples for FID/IS
   eval_config.batch_size = 256  # global batch for bits/dim and Inception
   eval_config.bpd_max_examples = 0  # 0 = the whole split (remainder reported)
@@ -130,7 +122,93 @@ def get_base_config() -> ml_collections.ConfigDict:
   eval_config.fid_stats_max_examples = 0  # images for the reference statistics (0 = the whole split)
   eval_config.random_inception = False  # smoke tests only: random Inception weights, FID/IS not comparable
 
+  # Evaluations by name (evaluation/evaluators.py): --mode=eval runs those eval.metrics names; training runs those
+  # with every > 0 (every N steps) or at_end=True (when it finishes). Samples: num_samples (0 = eval.num_samples)
+  # drawn with the entry's sampler (sampler '' = config.sampling's).
+  config.evals = evals = ml_collections.ConfigDict()
+  evals.bpd = eval_entry("bpd")  # bits/dim of data.eval_split (the paper's protocol by default)
+  evals.rate_distortion = eval_entry("rate_distortion")  # the rate–distortion curve of the same computation
+  evals.fid = eval_entry("fid")  # FID and Inception Score (dataset=digits: the digit-classifier metric)
+  evals.digits = eval_entry("digits", num_samples=500, sampler=sampler_section("ddim", num_steps=100))
+
   return config
+
+
+def sampler_section(sampler: str = "", *, num_steps: int = 0, eta: float = 0.0) -> ml_collections.ConfigDict:
+  """A sampler's settings (`samplers.SamplerSpec.from_config`): '' and 0 take the sampler's defaults."""
+  return ml_collections.ConfigDict(
+    dict(sampler=sampler, num_steps=num_steps, eta=eta, timestep_spacing="", sigma_schedule="", order=0)
+  )
+
+
+def eval_entry(
+  kind: str, *, every: int = 0, at_end: bool = False, num_samples: int = 0, sampler=None
+) -> ml_collections.ConfigDict:
+  """One entry of `config.evals`: its kind, when it runs in training, its sample count and sampler."""
+  return ml_collections.ConfigDict(
+    dict(
+      kind=kind,
+      every=every,
+      at_end=at_end,
+      num_samples=num_samples,
+      sampling=sampler_section() if sampler is None else sampler,
+    )
+  )
+
+
+# Keys of earlier versions, and where their values now live.
+_RENAMED = {
+  "training.grid_sampler": "training.grid.sampler",
+  "training.grid_num_steps": "training.grid.num_steps",
+  "training.final_eval": "evals.digits.at_end",
+  "training.final_eval_samples": "evals.digits.num_samples",
+  "training.final_eval_sampler": "evals.digits.sampling.sampler",
+  "training.final_eval_num_steps": "evals.digits.sampling.num_steps",
+  "training.final_eval_sigma_schedule": "evals.digits.sampling.sigma_schedule",
+}
+
+
+def upgrade(config) -> ml_collections.ConfigDict:
+  """A config (a ConfigDict or the dict of a workdir's config.json) in this version's schema.
+
+  Keys of earlier versions move to their new places (with one warning naming them); sections this version added
+  take their defaults. A config already in the schema comes back unchanged (the same object).
+  """
+  data = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  moved = []
+  for old, new in _RENAMED.items():
+    section, key = old.split(".")
+    if key in (data.get(section) or {}):
+      value = data[section].pop(key)
+      node = data
+      *parents, leaf = new.split(".")
+      for part in parents:
+        node = node.setdefault(part, {})
+      node[leaf] = value
+      moved.append(f"{old} -> {new}")
+  added = [k for k in ("evals",) if k not in data]
+  grid_missing = "training" in data and "grid" not in data["training"]
+  if not moved and not added and not grid_missing and isinstance(config, ml_collections.ConfigDict):
+    return config
+  base = get_base_config().to_dict()
+  for key in added:
+    data[key] = base[key]
+  for name, entry in list(data.get("evals", {}).items()):
+    data["evals"][name] = _merged(base["evals"].get(name, eval_entry(entry.get("kind", "")).to_dict()), entry)
+  if "training" in data:
+    data["training"]["grid"] = _merged(base["training"]["grid"], data["training"].get("grid", {}))
+  if moved:
+    from absl import logging  # pylint: disable=g-import-not-at-top
+
+    logging.warning("This config uses keys of an earlier version; read as: %s.", ", ".join(moved))
+  return ml_collections.ConfigDict(data)
+
+
+def _merged(default: dict, given: dict) -> dict:
+  out = dict(default)
+  for k, v in given.items():
+    out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out
 
 
 def get_256_config(dataset: str, *, num_train_steps: int, random_flip: bool) -> ml_collections.ConfigDict:

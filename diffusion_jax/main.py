@@ -129,7 +129,7 @@ class RunSummary:
   start_step: int | None = None
   step: int | None = None
   loss: float | None = None
-  final_eval: str | None = None  # the end-of-training evaluation's figures, when it ran
+  evaluations: list[str] = dataclasses.field(default_factory=list)  # the end-of-training evaluations' summaries
 
   def started(self, start_step: int) -> None:
     self.start_step = self.step = start_step
@@ -175,7 +175,7 @@ class RunSummary:
       f"  TensorBoard:  tensorboard --logdir={os.path.join(workdir, 'tensorboard')}",
       f"  eval results: {os.path.join(workdir, 'eval')}"
       + (f" ({len(evals)} files)" if evals else " (none yet: add --mode=eval)"),
-      *([f"  final eval:   {self.final_eval}"] if self.final_eval else []),
+      *(f"  final eval:   {line}" for line in self.evaluations),
       f"  resume:       {command}",
       f"  sample:       {command} --mode=sample",
     ]
@@ -197,7 +197,7 @@ def _train(config, workdir: str) -> None:
   try:
     with train.PeerWatch(workdir, train.peer_timeout_s(config), summary=summary) as watch:
       try:
-        state = train.train_and_evaluate(config, workdir, summary=summary)
+        result = train.train_and_evaluate(config, workdir, summary=summary)
       except Exception as e:
         if not errors.is_user_error(e):
           watch.await_verdict()  # a collective that failed because a peer died: the watch says so
@@ -223,24 +223,18 @@ def _train(config, workdir: str) -> None:
         "intact. Fix the error and run the same command again to continue."
       )
     raise
-  step = int(state.step)
-  budget = train.last_finish() == "time_budget"
-  if step < num_steps and not budget:
+  step = result.steps
+  if not result.finished:
     summary.print(
       f"Training stopped early at step {step} of {num_steps}; the checkpoint of step {step} is complete. "
       f"Run the same command again to continue. Exit status {EXIT_PREEMPTED}.",
       step=step,
     )
     sys.exit(EXIT_PREEMPTED)
-  if config.training.get("final_eval", False):
-    from diffusion_jax.evaluation import final_eval  # pylint: disable=g-import-not-at-top
-
-    result = final_eval.evaluate_final(config, workdir, state.ema_params, step)
-    if result is not None:
-      summary.final_eval = final_eval.summary_line(result)
+  summary.evaluations = [f"{name}: {r.summary}" for name, r in result.evaluations.items()]
   outcome = (
     f"Training finished: time budget of {config.training.time_budget_s:g} s reached at step {step}."
-    if budget
+    if result.finish_reason == "time_budget"
     else f"Training finished: {num_steps} steps."
   )
   summary.print(outcome, step=step)
@@ -290,7 +284,9 @@ def _main(argv):
     jax.device_count(),
     jax.devices()[0].platform,
   )
-  config = _CONFIG.value
+  from diffusion_jax import config_base  # pylint: disable=g-import-not-at-top
+
+  config = config_base.upgrade(_CONFIG.value)
   if _MODE.value == "train":
     _train(config, _WORKDIR.value)
   elif _MODE.value == "sample":
@@ -298,9 +294,9 @@ def _main(argv):
 
     _finished_work_is_kept(lambda: sampling.sample_to_workdir(config, _WORKDIR.value), _WORKDIR.value, "sample chunks")
   elif _MODE.value == "eval":
-    from diffusion_jax.evaluation import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+    from diffusion_jax.evaluation import evaluators  # pylint: disable=g-import-not-at-top
 
-    _finished_work_is_kept(lambda: eval_lib.evaluate(config, _WORKDIR.value), _WORKDIR.value, "results")
+    _finished_work_is_kept(lambda: evaluators.evaluate(config, _WORKDIR.value), _WORKDIR.value, "results")
   else:
     from diffusion_jax.evaluation import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
 

@@ -28,23 +28,38 @@ from etils import epath
 from diffusion_jax import checkpointing
 from diffusion_jax import errors
 from diffusion_jax import images as images_lib
+from diffusion_jax import inference
 from diffusion_jax import runtime
 from diffusion_jax import samplers
 from diffusion_jax.evaluation import sample_export
-from diffusion_jax.evaluation.sample_export import LoadedModel  # noqa: F401 (API)
-from diffusion_jax.evaluation.sample_export import load_model  # noqa: F401 (API)
-from diffusion_jax.evaluation.sample_export import model_from_config  # noqa: F401 (API)
+from diffusion_jax.inference import LoadedModel  # noqa: F401 (API)
+from diffusion_jax.inference import load_model  # noqa: F401 (API)
+from diffusion_jax.inference import model_from_config  # noqa: F401 (API)
 
-_progress = sample_export.progress_bar
-generate = sample_export.generate
-resolve_sampler = sample_export.resolve_sampler
-write_sample_chunks = sample_export.write_sample_chunks
-read_sample_chunks = sample_export.read_sample_chunks
 SAMPLERS = samplers.SAMPLERS
 
 
 def _spec(model: LoadedModel, sampler, num_steps, eta, settings) -> samplers.SamplerSpec:
-  return resolve_sampler(model.diffusion.num_timesteps, sampler, num_steps=num_steps, eta=eta, **settings)
+  """The notebook API's boundary: a sampler name and its settings resolved once (a SamplerSpec passes through)."""
+  unknown = sorted(set(settings) - set(samplers.registry.SETTINGS))
+  if unknown:
+    raise errors.UserError(
+      f"Unknown sampler settings {unknown}; valid settings are {', '.join(samplers.registry.SETTINGS)}."
+    )
+  if isinstance(sampler, samplers.SamplerSpec):
+    given = [k for k, v in dict(settings, num_steps=num_steps, eta=eta).items() if v not in (None, 0, 0.0)]
+    if given:
+      raise errors.UserError(
+        f"Pass either a SamplerSpec or sampler settings, not both (got {', '.join(given)} with a spec)."
+      )
+    return samplers.resolve(sampler, num_timesteps=model.diffusion.num_timesteps)
+  return samplers.resolve(
+    sampler,
+    num_timesteps=model.diffusion.num_timesteps,
+    num_steps=num_steps,
+    eta=None if eta is None else float(eta),
+    **settings,
+  )
 
 
 def sample_fn(
@@ -97,11 +112,11 @@ def sample_fn(
   if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
     raise errors.UserError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
   spec = _spec(model, sampler, num_steps, eta, settings)
-  return sample_export.generate_set(
+  return inference.generate_set(
     model,
     int(num_samples),
     rng,
-    sampler=spec,
+    spec,
     clip_denoised=clip_denoised,
     labels=labels,
     guidance_scale=guidance_scale,
@@ -132,13 +147,13 @@ def progressive_fn(
   """
   spec = _spec(model, sampler, num_steps, eta, settings)
   every = every or max(1, spec.num_steps // 10)
-  out = generate(
+  out = inference.generate(
     model,
     np.arange(num_samples),
     rng,
-    sampler=spec,
+    spec,
     progressive_every=every,
-    labels=sample_export.resolve_labels(model, labels, int(num_samples)),
+    labels=inference.resolve_labels(model, labels, int(num_samples)),
     guidance_scale=guidance_scale,
   )
   return {k: images_lib.to_uint8(v) for k, v in out.items()}
@@ -194,20 +209,20 @@ def interpolate_fn(
     return x.astype(np.float32) / 127.5 - 1.0 if x.dtype == np.uint8 else x.astype(np.float32)
 
   x1, x2 = prep(x1, "x1"), prep(x2, "x2")
-  scale = sample_export._check_guidance(model, guidance_scale)  # pylint: disable=protected-access
+  scale = inference.check_guidance(model, guidance_scale)
   guidance = {}
   if model.num_classes:
     n = int(np.shape(lambdas)[0])
     cond = (
-      np.full((n,), model.model.null_label, np.int32)
+      np.full((n,), model.network.null_label, np.int32)
       if label is None
-      else sample_export.resolve_labels(model, label, n)
+      else inference.resolve_labels(model, label, n)
     )
-    guidance = dict(cond=jnp.asarray(cond), guidance_scale=scale, null_label=model.model.null_label)
+    guidance = dict(cond=jnp.asarray(cond), guidance_scale=scale, null_label=model.network.null_label)
   elif label is not None:
-    sample_export.resolve_labels(model, label, 1)  # raises: a label for an unconditional model
+    inference.resolve_labels(model, label, 1)  # raises: a label for an unconditional model
 
-  model_fn = runtime.bind(runtime.model_fn(model.model), model.params)
+  model_fn = runtime.bind(runtime.model_fn(model.network), model.params)
   out = samplers.interpolate(
     model.diffusion,
     model_fn,
@@ -294,14 +309,14 @@ def sample_to_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathL
       checkpointing.checkpoint_dir(workdir),
       model.step,
     )
-  spec = sample_export.sampler_from_config(sc, model.diffusion.num_timesteps)
+  spec = samplers.SamplerSpec.from_config(sc, num_timesteps=model.diffusion.num_timesteps)
   labels = _config_labels(model, sc.get("labels", ""))
   if labels is not None and len(labels) not in (1, sc.num_samples):
     raise errors.UserError(
       f"config.sampling.labels lists {len(labels)} labels for num_samples={sc.num_samples}: give one "
       "label, or one per sample."
     )
-  resolved = sample_export.resolve_labels(
+  resolved = inference.resolve_labels(
     model, None if labels is None else (labels if len(labels) > 1 else labels[0]), sc.num_samples
   )
   scale = float(sc.get("guidance_scale", 1.0))
@@ -315,19 +330,19 @@ def sample_to_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathL
     f", guidance {scale:g}" if model.num_classes else "",
     out_dir,
   )
-  paths = write_sample_chunks(
+  paths = sample_export.write_sample_chunks(
     model,
     out_dir,
     sc.num_samples,
     rng,
-    sampler=spec,
+    spec,
     clip_denoised=sc.clip_denoised,
     chunk_size=sc.batch_size,
     labels=resolved,
     guidance_scale=scale,
   )
   if jax.process_index() == 0:
-    images, chunk_labels = read_sample_chunks(paths, with_labels=True)
+    images, chunk_labels = sample_export.read_sample_chunks(paths, with_labels=True)
     scale_px = max(1, 64 // model.image_shape[0])
     grid_path = out_dir / "grid.png"
     if not grid_path.exists():

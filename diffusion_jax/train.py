@@ -12,6 +12,7 @@ waits for the step just dispatched.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import math
@@ -33,24 +34,109 @@ from jax.experimental import multihost_utils
 
 from diffusion_jax import checkpointing
 from diffusion_jax import compat
+from diffusion_jax import config_base
 from diffusion_jax import errors
 from diffusion_jax import images as images_lib
+from diffusion_jax import inference
 from diffusion_jax import input_pipeline
 from diffusion_jax import metric_writer
 from diffusion_jax import optimizer as optimizer_lib
 from diffusion_jax import runtime
 from diffusion_jax import samplers
 from diffusion_jax import train_step as train_step_lib
+from diffusion_jax.evaluation import evaluators as evaluators_lib
 
 TrainState = train_step_lib.TrainState
 PROFILE_DIR = "profile"
-_last_finish = None
 
 
-def last_finish() -> str | None:
-  """How this process's last `train_and_evaluate` ended: 'steps' (num_train_steps reached), 'time_budget'
-  (training.time_budget_s reached: a normal finish), 'stopped' (signal or preemption), or None (none ended)."""
-  return _last_finish
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+  """How a `train_and_evaluate` call ended.
+
+  Attributes:
+    state: the final train state.
+    steps: the step it ended at.
+    finish_reason: 'steps' (num_train_steps reached), 'time_budget' (training.time_budget_s reached: a normal
+      finish) or 'stopped' (a signal or a preemption notice; the checkpoint of `steps` is complete).
+    evaluations: name -> `evaluators.Result` of the evaluations that ran at the end (`config.evals`, at_end).
+  """
+
+  state: TrainState
+  steps: int
+  finish_reason: str
+  evaluations: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def finished(self) -> bool:
+    return self.finish_reason in ("steps", "time_budget")
+
+
+# ----------------------------------------------------------------------------
+# What happens at a step.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """The step counts that decide what the loop does: training.* and the evaluations' `every` and `at_end`."""
+
+  num_steps: int
+  log_every: int
+  checkpoint_every: int
+  sample_every: int = 0
+  evals: tuple[tuple[str, int, bool], ...] = ()  # (name, every, at_end)
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, evals=()) -> Schedule:
+    tc = config.training
+    return cls(
+      num_steps=int(tc.num_train_steps),
+      log_every=int(tc.log_every),
+      checkpoint_every=int(tc.checkpoint_every),
+      sample_every=int(tc.sample_every or 0),
+      evals=tuple((e.name, e.every, e.at_end) for e in evals),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Actions:
+  """What the loop does after a step: log its metrics, checkpoint, write a grid, run evaluations, finish."""
+
+  log: bool = False
+  checkpoint: bool = False
+  grid: bool = False
+  evaluate: tuple[str, ...] = ()  # evaluations due at this step (`every`)
+  finish: str | None = None  # the loop ends after this step: 'steps', 'time_budget' or 'stopped'
+  evaluate_at_end: tuple[str, ...] = ()  # evaluations run once the run has finished (`at_end`)
+
+
+def step_actions(step: int, schedule: Schedule, *, stop: bool = False, out_of_time: bool = False) -> Actions:
+  """What the loop does after `step`, from the step, the schedule and the clock; a pure function.
+
+  `stop`: a stop was requested (a signal or a preemption notice): checkpoint this step and end, unless it is
+  the last anyway. `out_of_time`: training.time_budget_s has run out: finish normally here (final
+  checkpoint, grid and evaluations). The last step (num_train_steps) always logs, checkpoints and writes a
+  grid; a stopped run skips the evaluations.
+  """
+  if step >= schedule.num_steps:
+    finish = "steps"
+  else:
+    finish = "stopped" if stop else ("time_budget" if out_of_time else None)
+  done = finish in ("steps", "time_budget")
+  at_end = tuple(name for name, _, end in schedule.evals if end) if done else ()
+  return Actions(
+    log=step % schedule.log_every == 0 or done,
+    checkpoint=step % schedule.checkpoint_every == 0 or finish is not None,
+    grid=bool(schedule.sample_every) and (step % schedule.sample_every == 0 or done),
+    evaluate=tuple(
+      name
+      for name, every, _ in schedule.evals
+      if every and step % every == 0 and finish != "stopped" and name not in at_end
+    ),
+    finish=finish,
+    evaluate_at_end=at_end,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -312,16 +398,16 @@ def _check_finite(step: int, metrics: Mapping[str, float], last_saved: int | Non
     )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summary=None) -> TrainState:
-  """Trains (or continues training) the model of `config` in `workdir`.
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summary=None) -> TrainResult:
+  """Trains (or continues training) the model of `config` in `workdir`, and runs the evaluations it asks for.
 
   Resumes from the newest readable checkpoint in the workdir (train state and
   input position); otherwise starts from `config.training.init_from` weights if
-  set, or from a fresh initialisation. Writes metrics every `log_every` steps,
-  checkpoints every `checkpoint_every` steps, at the end and on SIGTERM, and a
-  sample grid every `sample_every` steps. With `training.time_budget_s` set,
-  finishes normally (final checkpoint and grid) at the first step boundary past
-  the budget (see `_TimeBudget`); `last_finish()` tells how the run ended.
+  set, or from a fresh initialisation. What happens after each step (metrics,
+  checkpoints, sample grids, evaluations, the end) is `step_actions`: metrics every `log_every` steps,
+  checkpoints every `checkpoint_every` steps, at the end and on SIGTERM, a sample grid every `sample_every`
+  steps, the `config.evals` entries every their `every` steps and, with `at_end`, once training has finished.
+  With `training.time_budget_s` set, finishes normally at the first step boundary past the budget (`_TimeBudget`).
 
   Args:
     config: the run's config.
@@ -331,113 +417,192 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summa
       line's closing summary.
 
   Returns:
-    The final train state.
+    A `TrainResult`.
   """
-  global _last_finish
-  _last_finish = None
-  workdir = epath.Path(workdir)
-  train_step_lib.validate_config(config)
-  tc = config.training
-
-  network, diffusion = runtime.build(config)
-  rng = jax.random.PRNGKey(tc.seed)
-  init_rng, step_rng, sample_rng = jax.random.split(rng, 3)
-  # Fail before any compilation on a workdir that cannot take the run's checkpoints.
-  create = functools.partial(
-    train_step_lib.create_train_state, config, network, tx=optimizer_lib.create_optimizer(config.optim)
-  )
-  abstract = jax.eval_shape(create, init_rng)
-  checkpoint_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
-  checkpointing.check_workdir(workdir, checkpoint_bytes=checkpoint_bytes)
-  checkpointing.write_config(workdir, config)
-  if network.num_classes:
-    checkpointing.write_class_names(workdir, input_pipeline.class_names(config.data))
-  mesh = runtime.make_mesh(config)
-
-  train_iter = runtime.prefetch(
-    input_pipeline.create_train_iterator(config, seed=tc.seed), mesh, size=max(1, tc.get("prefetch", 2))
-  )
-  # The state lives replicated; a restart restores into shapes (nothing is initialised or compiled for it).
-  replicated = runtime.replicated(mesh)
-  abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
-  manager = checkpointing.create_manager(workdir, max_to_keep=tc.keep_checkpoints, log_saves=True)
-
-  def restore_args(_):
-    return ocp.args.Composite(
-      **{
-        checkpointing.STATE_ITEM: ocp.args.StandardRestore(abstract_state),
-        checkpointing.DATA_ITEM: input_pipeline.train_restore_args(train_iter),
-      }
+  config = config_base.upgrade(config)
+  run = _Run(config, epath.Path(workdir), summary)
+  step, state = run.start_step, run.state
+  actions = Actions(finish="steps") if step >= run.schedule.num_steps else Actions()
+  budget, previous_metrics = run.budget, None
+  with _Preemption() as preemption, _closing(run.manager, run.writer, run.profiler):
+    preemption.checked = step
+    while actions.finish is None:
+      run.profiler.before_step(step)
+      state, metrics = run.step_fn(state, next(run.train_iter), run.step_rng)
+      step += 1
+      _check_no_failed_write(run.workdir, step)
+      run.report_pending()
+      planned = step_actions(step, run.schedule)
+      sync = planned.log or planned.checkpoint  # the steps where the processes exchange their stop flags
+      stop = preemption.should_stop(step, sync=sync)
+      out_of_time = not (stop or planned.finish) and budget.reached(metrics, previous_metrics, sync=sync)
+      actions = step_actions(step, run.schedule, stop=stop, out_of_time=out_of_time)
+      previous_metrics = metrics
+      run.after_step(step, state, metrics, actions, reason=preemption.reason)
+    run.report_pending()
+  evaluations = run.evaluate(step, state, actions.evaluate_at_end, at_end=True) if actions.evaluate_at_end else {}
+  if actions.finish == "stopped":
+    logging.warning(
+      "Stopped at step %d of %d; the checkpoint of step %d is complete in %s.",
+      step,
+      run.schedule.num_steps,
+      step,
+      checkpointing.checkpoint_dir(run.workdir),
     )
+  return TrainResult(state=state, steps=step, finish_reason=actions.finish, evaluations=evaluations)
 
-  found = checkpointing.restore_latest(manager, restore_args)
-  if jax.process_count() > 1:
-    steps = multihost_utils.process_allgather(np.asarray(-1 if found is None else found[0]))
-    if len(set(np.asarray(steps).tolist())) != 1:
-      raise RuntimeError(
-        f"The processes found different checkpoints to resume from (steps by process: {steps.tolist()}, -1: "
-        f"none) in {checkpointing.checkpoint_dir(workdir)}. The workdir must be storage that every process sees "
-        "the same (a bucket or a shared file system)."
+
+class _Run:
+  """One invocation of the loop: its model, data, mesh, checkpoint manager, writer and caches."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: epath.Path, summary):
+    train_step_lib.validate_config(config)
+    self.config, self.workdir, self.summary = config, workdir, summary
+    tc = config.training
+    self.evaluators = evaluators_lib.from_config(config, workdir, training=True)  # settings fail here, not at the end
+    self.schedule = Schedule.from_config(config, self.evaluators)
+    self.network, self.diffusion = runtime.build(config)
+    init_rng, self.step_rng, self.sample_rng = jax.random.split(jax.random.PRNGKey(tc.seed), 3)
+    # Fail before any compilation on a workdir that cannot take the run's checkpoints.
+    create = functools.partial(
+      train_step_lib.create_train_state, config, self.network, tx=optimizer_lib.create_optimizer(config.optim)
+    )
+    abstract = jax.eval_shape(create, init_rng)
+    self.checkpoint_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+    checkpointing.check_workdir(workdir, checkpoint_bytes=self.checkpoint_bytes)
+    checkpointing.write_config(workdir, config)
+    if self.network.num_classes:
+      checkpointing.write_class_names(workdir, input_pipeline.class_names(config.data))
+    self.mesh = runtime.make_mesh(config)
+    self.train_iter = runtime.prefetch(
+      input_pipeline.create_train_iterator(config, seed=tc.seed), self.mesh, size=max(1, tc.get("prefetch", 2))
+    )
+    self.manager = checkpointing.create_manager(workdir, max_to_keep=tc.keep_checkpoints, log_saves=True)
+    self.start_step, self.state, found = self._restore_or_init(abstract, init_rng)
+    self.last_saved = self.start_step if found else None
+    if summary is not None:
+      summary.started(self.start_step)
+    state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
+    self.step_fn = train_step_lib.jit_train_step(
+      self.mesh,
+      self.network,
+      self.diffusion,
+      config.optim,
+      state_sharding,
+      label_dropout=float(tc.get("label_dropout", 0.0)),
+    )
+    self.writer = metric_writer.MetricWriter(workdir)
+    self.profiler = _Profiler(workdir, self.start_step + 1, tc.get("profile_steps", 0))
+    self.budget = _TimeBudget(tc.get("time_budget_s", 0.0))
+    self.pending = None  # (step, metrics) of a log step whose metrics are fetched after the next dispatch
+    self._clock = (time.time(), self.start_step)
+    self._grid_fn = None
+
+  def _restore_or_init(self, abstract, init_rng):
+    """(start step, state, whether a checkpoint was found): the newest readable checkpoint, else a new state."""
+    # The state lives replicated; a restart restores into shapes (nothing is initialised or compiled for it).
+    replicated = runtime.replicated(self.mesh)
+    abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+
+    def restore_args(_):
+      return ocp.args.Composite(
+        **{
+          checkpointing.STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+          checkpointing.DATA_ITEM: input_pipeline.train_restore_args(self.train_iter),
+        }
       )
-  if found is not None:
-    start_step, restored = found
-    state = restored[checkpointing.STATE_ITEM]
-    logging.info("Resumed from the checkpoint of step %d in %s.", start_step, workdir)
-    # Unreadable newer checkpoints go aside, so these steps can be written again.
-    checkpointing.set_aside(manager, [s for s in manager.all_steps() if s > start_step])
-  else:
-    start_step = 0
-    if tc.get("init_from"):
-      _, params, src_step = checkpointing.load_params(tc.init_from, use_ema=False)
-      _, ema, _ = checkpointing.load_params(tc.init_from, use_ema=True, step=src_step)
-      state = train_step_lib.init_state_sharded(config, network, mesh, init_rng, params=params, ema_params=ema)
-      logging.info("Initialised from %s (step %d).", tc.init_from, src_step)
+
+    found = checkpointing.restore_latest(self.manager, restore_args)
+    if jax.process_count() > 1:
+      steps = multihost_utils.process_allgather(np.asarray(-1 if found is None else found[0]))
+      if len(set(np.asarray(steps).tolist())) != 1:
+        raise RuntimeError(
+          f"The processes found different checkpoints to resume from (steps by process: {steps.tolist()}, -1: "
+          f"none) in {checkpointing.checkpoint_dir(self.workdir)}. The workdir must be storage that every process "
+          "sees the same (a bucket or a shared file system)."
+        )
+    config, tc = self.config, self.config.training
+    if found is not None:
+      start_step, restored = found
+      state = restored[checkpointing.STATE_ITEM]
+      logging.info("Resumed from the checkpoint of step %d in %s.", start_step, self.workdir)
+      # Unreadable newer checkpoints go aside, so these steps can be written again.
+      checkpointing.set_aside(self.manager, [s for s in self.manager.all_steps() if s > start_step])
     else:
-      state = train_step_lib.init_state_sharded(config, network, mesh, init_rng)
-  assert int(state.step) == start_step, (int(state.step), start_step)
-  state_sharding = jax.tree.map(lambda x: x.sharding, state)
-  if summary is not None:
-    summary.started(start_step)
+      start_step = 0
+      if tc.get("init_from"):
+        _, params, src_step = checkpointing.load_params(tc.init_from, use_ema=False)
+        _, ema, _ = checkpointing.load_params(tc.init_from, use_ema=True, step=src_step)
+        state = train_step_lib.init_state_sharded(
+          config, self.network, self.mesh, init_rng, params=params, ema_params=ema
+        )
+        logging.info("Initialised from %s (step %d).", tc.init_from, src_step)
+      else:
+        state = train_step_lib.init_state_sharded(config, self.network, self.mesh, init_rng)
+    assert int(state.step) == start_step, (int(state.step), start_step)
+    return start_step, state, found is not None
 
-  step_fn = train_step_lib.jit_train_step(
-    mesh, network, diffusion, config.optim, state_sharding, label_dropout=float(tc.get("label_dropout", 0.0))
-  )
-  writer = metric_writer.MetricWriter(workdir)
-  last_saved = start_step if found is not None else None
+  def after_step(self, step, state, metrics, actions: Actions, *, reason) -> None:
+    """Carries out `actions` for `step` (metrics of log steps without a checkpoint are fetched one step late)."""
+    if actions.finish == "time_budget":
+      logging.info(
+        "Time budget of %.0f s reached at step %d (%.1f s since the first step finished): writing the "
+        "final checkpoint and finishing.",
+        self.budget.seconds,
+        step,
+        self.budget.elapsed,
+      )
+    elif actions.finish == "stopped":
+      logging.warning("Stopping at step %d (%s): writing the checkpoint of step %d, then exiting.", step, reason, step)
+    if actions.checkpoint:
+      # Checked before the checkpoint is written, so a non-finite state is never saved.
+      if actions.log:
+        self.report(step, metrics)
+      else:
+        _check_finite(step, {k: float(v) for k, v in jax.device_get(metrics).items()}, self.last_saved, self.workdir)
+      self.save(step, state)
+    elif actions.log:
+      self.pending = (step, metrics)
+    if actions.grid:
+      self.write_grid(step, state)
+    if actions.evaluate:
+      self.evaluate(step, state, actions.evaluate)
 
-  def save(step, state):
-    nonlocal last_saved
-    _check_room(workdir, checkpoint_bytes, step)
-    manager.save(
+  def save(self, step, state) -> None:
+    _check_room(self.workdir, self.checkpoint_bytes, step)
+    self.manager.save(
       step,
       args=ocp.args.Composite(
         **{
           checkpointing.STATE_ITEM: ocp.args.StandardSave(state),
-          checkpointing.DATA_ITEM: input_pipeline.train_checkpoint_args(train_iter),
+          checkpointing.DATA_ITEM: input_pipeline.train_checkpoint_args(self.train_iter),
           checkpointing.INTEGRITY_ITEM: checkpointing.integrity_save_args(state),
         }
       ),
       force=True,
     )
-    last_saved = step
+    self.last_saved = step
 
-  num_steps = tc.num_train_steps
-  images_per_step = tc.batch_size
-  t_last, step_last = time.time(), start_step
+  def report_pending(self) -> None:
+    if self.pending is not None:
+      self.report(*self.pending)
+      self.pending = None
 
-  def report(step, metrics):
+  def report(self, step, metrics) -> None:
     """Fetches `metrics` of `step` (waits for that step only), checks them, logs them."""
-    nonlocal t_last, step_last
     host_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    _check_finite(step, host_metrics, last_saved, workdir)
+    _check_finite(step, host_metrics, self.last_saved, self.workdir)
     now = time.time()
+    t_last, step_last = self._clock
     steps_per_sec = (step - step_last) / max(now - t_last, 1e-9)
-    t_last, step_last = now, step
+    self._clock = (now, step)
+    images_per_step = self.config.training.batch_size
     host_metrics.update(steps_per_sec=steps_per_sec, images_per_sec=steps_per_sec * images_per_step)
-    writer.scalars(step, host_metrics)
-    if summary is not None:
-      summary.logged(step, host_metrics)
+    self.writer.scalars(step, host_metrics)
+    if self.summary is not None:
+      self.summary.logged(step, host_metrics)
     if jax.process_index() == 0:
+      num_steps = self.schedule.num_steps
       logging.info(
         "step %d/%d | loss %.5f (q0..q3 %.4f %.4f %.4f %.4f) | grad_norm %.3f | lr %.2e | "
         "%.2f steps/s, %.1f img/s | ETA %s",
@@ -449,69 +614,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summa
         host_metrics["lr"],
         steps_per_sec,
         steps_per_sec * images_per_step,
-        _format_eta(min((num_steps - step) / max(steps_per_sec, 1e-9), budget.remaining())),
+        _format_eta(min((num_steps - step) / max(steps_per_sec, 1e-9), self.budget.remaining())),
       )
-    return host_metrics
 
-  profiler = _Profiler(workdir, start_step + 1, tc.get("profile_steps", 0))
-  budget, budget_done, previous_metrics = _TimeBudget(tc.get("time_budget_s", 0.0)), False, None
-  pending = None  # (step, metrics) of a log step whose metrics are fetched after the next dispatch
-  step = start_step
-  with _Preemption() as preemption, _closing(manager, writer, profiler):
-    preemption.checked = start_step
-    while step < num_steps:
-      profiler.before_step(step)
-      batch = next(train_iter)
-      state, metrics = step_fn(state, batch, step_rng)
-      step += 1
-      _check_no_failed_write(workdir, step)
-      if pending is not None:
-        report(*pending)
-        pending = None
+  def write_grid(self, step, state) -> None:
+    """Samples a grid with the EMA parameters (training.grid's sampler) and writes it as PNG and to TensorBoard."""
+    tc, T = self.config.training, self.diffusion.num_timesteps
+    image_shape = runtime.image_shape(self.config)
+    n = runtime.pad_to_multiple(tc.num_grid_samples, runtime.data_size(self.mesh))
+    if self._grid_fn is None:  # one compilation per run, not one per grid
+      section = dict(tc.grid.to_dict(), num_steps=min(tc.grid.get("num_steps") or T, T))
+      spec = samplers.SamplerSpec.from_config(section, num_timesteps=T)
+      self._grid_fn = inference.make_sharded_sampler(
+        self.diffusion, runtime.inference_fn(self.network), self.mesh, image_shape, spec
+      )
+    sharding = runtime.batch_sharding(self.mesh)
+    indices = jax.device_put(jnp.arange(n, dtype=jnp.int32), sharding)
+    # Conditional models: sample i is of class i mod K, so each grid column is one class.
+    k = self.network.num_classes
+    cond = jax.device_put(jnp.arange(n, dtype=jnp.int32) % k, sharding) if k else None
+    samples = runtime.to_host(self._grid_fn(state.ema_params, self.sample_rng, indices, cond)["samples"])
+    if jax.process_index() == 0:
+      scale = max(1, 64 // self.config.data.image_size)
+      grid = images_lib.make_grid(images_lib.to_uint8(samples[: tc.num_grid_samples]), scale=scale, ncols=k or None)
+      images_lib.save_image(grid, self.workdir / "samples" / f"grid_step_{step:08d}.png", overwrite=True)
+      self.writer.image(step, "samples", grid)
 
-      is_last = step == num_steps
-      want_log = step % tc.log_every == 0 or is_last
-      want_ckpt = step % tc.checkpoint_every == 0 or is_last
-      stop = preemption.should_stop(step, sync=want_log or want_ckpt)
-      if not (stop or is_last) and budget.reached(metrics, previous_metrics, sync=want_log or want_ckpt):
-        logging.info(
-          "Time budget of %.0f s reached at step %d (%.1f s since the first step finished): writing the "
-          "final checkpoint and finishing.",
-          budget.seconds,
-          step,
-          budget.elapsed,
-        )
-        budget_done = is_last = want_log = want_ckpt = True
-      previous_metrics = metrics
-      if stop and not is_last:
-        logging.warning(
-          "Stopping at step %d (%s): writing the checkpoint of step %d, then exiting.", step, preemption.reason, step
-        )
-      if want_ckpt or stop:
-        # Checked before the checkpoint is written, so a non-finite state is never saved.
-        if want_log:
-          report(step, metrics)
-        else:
-          _check_finite(step, {k: float(v) for k, v in jax.device_get(metrics).items()}, last_saved, workdir)
-        save(step, state)
-      elif want_log:
-        pending = (step, metrics)
-      if tc.sample_every and (step % tc.sample_every == 0 or is_last):
-        _write_sample_grid(config, diffusion, network, state, mesh, sample_rng, step, workdir, writer)
-      if (stop and not is_last) or budget_done:
-        break
-    if pending is not None:
-      report(*pending)
-  _last_finish = "time_budget" if budget_done else ("steps" if step >= num_steps else "stopped")
-  if step < num_steps and not budget_done:
-    logging.warning(
-      "Stopped at step %d of %d; the checkpoint of step %d is complete in %s.",
-      step,
-      num_steps,
-      step,
-      checkpointing.checkpoint_dir(workdir),
+  def evaluate(self, step, state, names, *, at_end: bool = False) -> dict:
+    """Runs the named evaluations on the EMA parameters of `state` (`evaluators.run_all`)."""
+    model = inference.model_from_config(self.config, state.ema_params, step=step)
+    chosen = [e for e in self.evaluators if e.name in names]
+    writer = None if at_end else self.writer  # at the end the loop's writer is closed
+    results, _ = evaluators_lib.run_all(
+      chosen, model, workdir=self.workdir, mesh=self.mesh, writer=writer, what="final eval" if at_end else "eval"
     )
-  return state
+    return results
 
 
 class _Profiler:
@@ -606,34 +743,3 @@ def _check_no_failed_write(workdir, step: int) -> None:
     f"A checkpoint write in {workdir} failed for lack of space before step {step} ({detail}).",
     str(workdir),
   )
-
-
-_GRID_SAMPLERS = {}
-
-
-def _write_sample_grid(config, diffusion, network, state, mesh, rng, step, workdir, writer) -> None:
-  """Samples a grid with the EMA parameters (fast sampler) and writes it as PNG and to TensorBoard."""
-  tc = config.training
-  image_shape = runtime.image_shape(config)
-  n = runtime.pad_to_multiple(tc.num_grid_samples, runtime.data_size(mesh))
-  spec = samplers.resolve(
-    tc.grid_sampler, num_timesteps=diffusion.num_timesteps, num_steps=min(tc.grid_num_steps, diffusion.num_timesteps)
-  )
-  key = (id(diffusion), network, id(mesh), image_shape, spec)
-  if key not in _GRID_SAMPLERS:  # one compilation per run, not one per grid
-    _GRID_SAMPLERS[key] = samplers.make_sharded_sampler(
-      diffusion, runtime.inference_fn(network), mesh, image_shape, sampler=spec, axis=runtime.DATA_AXIS
-    )
-  fn = _GRID_SAMPLERS[key]
-  sharding = runtime.batch_sharding(mesh)
-  indices = jax.device_put(jnp.arange(n, dtype=jnp.int32), sharding)
-  # Conditional models: sample i is of class i mod K, so each grid column is one class.
-  cond = jax.device_put(jnp.arange(n, dtype=jnp.int32) % network.num_classes, sharding) if network.num_classes else None
-  samples = runtime.to_host(fn(state.ema_params, rng, indices, cond)["samples"])
-  if jax.process_index() == 0:
-    scale = max(1, 64 // config.data.image_size)
-    grid = images_lib.make_grid(
-      images_lib.to_uint8(samples[: tc.num_grid_samples]), scale=scale, ncols=network.num_classes or None
-    )
-    images_lib.save_image(grid, epath.Path(workdir) / "samples" / f"grid_step_{step:08d}.png", overwrite=True)
-    writer.image(step, "samples", grid)

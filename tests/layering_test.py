@@ -13,8 +13,10 @@ FLOORS = [
   ("network", ["models"]),
   ("runtime", ["runtime", "compat", "images", "config_base"]),
   ("data", ["input_pipeline"]),
-  ("loop", ["optimizer", "train_step", "train", "checkpointing", "metric_writer"]),
+  ("state", ["optimizer", "train_step", "checkpointing", "metric_writer"]),
+  ("inference", ["inference"]),
   ("evaluation", ["evaluation"]),
+  ("loop", ["train"]),
   ("face", ["main", "cli", "sampling", "convert", "__init__"]),
 ]
 

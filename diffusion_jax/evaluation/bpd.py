@@ -109,7 +109,7 @@ def compute_bpd(
   """The variational bound in bits/dim, averaged over a data split.
 
   Args:
-    model: a `sampling.LoadedModel` (its `params`, `model`, `diffusion`,
+    model: an `inference.LoadedModel` (its `params`, `network`, `diffusion`,
       `step`, `use_ema`); the paper evaluates the EMA parameters.
     config: the run config; reads `config.data` and the `config.eval` defaults.
     rng: a PRNG key; batch k uses `fold_in(rng, k)`.
@@ -162,8 +162,8 @@ def compute_bpd(
   iterator = input_pipeline.create_eval_iterator(
     config, split=split, batch_size=batch_size, drop_remainder=drop_remainder, max_examples=max_examples
   )
-  conditional = bool(getattr(model.model, "num_classes", 0))
-  fn = _bpd_sums_fn(model.model, mesh, clip_denoised, conditional)
+  conditional = bool(getattr(model.network, "num_classes", 0))
+  fn = _bpd_sums_fn(model.network, mesh, clip_denoised, conditional)
   replicated = runtime.replicated(mesh)
   params = jax.device_put(model.params, replicated)
   diffusion = jax.device_put(model.diffusion, replicated)

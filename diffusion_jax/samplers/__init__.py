@@ -50,7 +50,6 @@ Classifier-free guidance: `cond`, `guidance_scale`, `null_label` (see `driver`).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from collections.abc import Sequence
 
@@ -113,47 +112,24 @@ def _maybe_concrete(x):
     return None
 
 
-def _resolve(diffusion, sampler, *, num_steps, eta, timestep_spacing, sigma_schedule, order, lower_order_final):
-  """(spec, eta): the resolved spec, and η as given (possibly traced; the spec then holds 0)."""
-  eta_value = _maybe_concrete(eta)
-  if isinstance(sampler, SamplerSpec):
-    given = dict(
-      num_steps=num_steps,
-      timestep_spacing=timestep_spacing,
-      sigma_schedule=sigma_schedule,
-      order=order,
-      lower_order_final=lower_order_final,
-    )
-    extra = [k for k, v in given.items() if v is not None]
-    if extra or (eta_value is not None and eta_value != 0 and eta_value != sampler.eta):
-      raise errors.UserError(
-        f"Pass either a SamplerSpec or sampler settings, not both (got {', '.join(extra) or 'eta'} with a spec); "
-        "put the settings into samplers.resolve(...)."
-      )
-    spec = registry.resolve(sampler, num_timesteps=diffusion.num_timesteps)
+def _spec_and_eta(diffusion, sampler, eta):
+  """(spec, η): `sampler` (a SamplerSpec, or a name taken with its defaults) checked against the diffusion, and η:
+  the spec's when `eta` is None, else `eta` (possibly traced) for a sampler that has one."""
+  spec = registry.resolve(sampler, num_timesteps=diffusion.num_timesteps)
+  registry.check_mean_type(spec, diffusion.model_mean_type)
+  if eta is None:
     return spec, spec.eta
-  if isinstance(sampler, str) and sampler in SAMPLERS and eta_value is None and registry.get(sampler).has_eta:
-    spec = registry.resolve(
-      sampler,
-      num_timesteps=diffusion.num_timesteps,
-      num_steps=num_steps,
-      timestep_spacing=timestep_spacing,
-      sigma_schedule=sigma_schedule,
-      order=order,
-      lower_order_final=lower_order_final,
+  value = _maybe_concrete(eta)
+  if value is not None:
+    if value.ndim != 0 or not np.isfinite(value) or value < 0:
+      raise errors.UserError(f"eta must be a finite scalar >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta!r}.")
+    if value == spec.eta:
+      return spec, spec.eta
+  if not spec.sampler.has_eta:
+    raise errors.UserError(
+      f"eta={eta!r} applies only to samplers with an eta (ddim); {spec.name!r} has none: leave eta=None."
     )
-    return spec, eta
-  spec = registry.resolve(
-    sampler,
-    num_timesteps=diffusion.num_timesteps,
-    num_steps=num_steps,
-    eta=None if eta_value is None else eta_value,
-    timestep_spacing=timestep_spacing,
-    sigma_schedule=sigma_schedule,
-    order=order,
-    lower_order_final=lower_order_final,
-  )
-  return spec, spec.eta
+  return spec, eta
 
 
 def _check_flags(clip_denoised, progressive_every):
@@ -263,17 +239,12 @@ def sample(
   indices,
   shape: Sequence[int],
   *,
-  sampler: str | SamplerSpec = "ancestral",
-  num_steps: int | None = None,
-  eta: float = 0.0,
+  sampler: SamplerSpec | str = "ancestral",
+  eta=None,
   clip_denoised: bool = True,
   progressive_every: int = 0,
-  timestep_spacing: str | None = None,
-  sigma_schedule: str | None = None,
-  order: int | None = None,
-  lower_order_final: bool | None = None,
   cond=None,
-  guidance_scale: float = 1.0,
+  guidance_scale=1.0,
   null_label: int | None = None,
 ) -> dict[str, Array]:
   """Draws samples by running the reverse process from x_T ~ N(0, I).
@@ -287,19 +258,16 @@ def sample(
     rng: a PRNG key (raw or typed).
     indices: [B] integer global sample indices; see the module's noise scheme.
     shape: the full output shape [B, H, W, C] (any [B, ...]).
-    sampler: one of `SAMPLERS`, or a `SamplerSpec` from `resolve` (then leave
-      num_steps, eta, timestep_spacing, sigma_schedule, order, lower_order_final unset).
-    num_steps: steps to use, in [1, T]; None (or T) runs all T steps. Fewer
-      steps use the timesteps of the sampler's `timestep_spacing`.
-    eta: DDIM's noise scale, >= 0 (0 = deterministic); must be 0 for the other samplers.
+    sampler: a `SamplerSpec` from `resolve` (or `SamplerSpec.from_config`); a
+      bare name takes that sampler's defaults (all T steps).
+    eta: DDIM's η, possibly traced (one compilation for every η); None takes the spec's.
     clip_denoised: clip each x_0 prediction to [-1, 1] (the reference default).
     progressive_every: k > 0 also records, every k steps of the chain, the x_0
       prediction and the x_t it was made from (paper Fig. 6; the reference
       `p_sample_loop_progressive(include_xstartpred_freq=k)`).
-    timestep_spacing, sigma_schedule, order, lower_order_final: see `resolve`.
     cond: optional [B] integer class labels (None: unconditional model).
-    guidance_scale: classifier-free guidance scale s (1 = the conditional
-      model; ε̂ = ε(x, ∅) + s·(ε(x, c) − ε(x, ∅)); w = s − 1 in the other convention).
+    guidance_scale: classifier-free guidance scale s, possibly traced (1 = the
+      conditional model; ε̂ = ε(x, ∅) + s·(ε(x, c) − ε(x, ∅)); w = s − 1 in the other convention).
     null_label: the label of the unconditional class, needed when s != 1.
 
   Returns:
@@ -314,19 +282,11 @@ def sample(
     array in reverse order. `trajectory` holds the network's input x_t.
 
   Raises:
-    ValueError: for an unknown sampler or bad settings (see `resolve`), eta < 0 (or
-      eta != 0 without DDIM), indices that do not match the batch, or bad guidance arguments.
+    UserError: a spec resolved for another T, a model mean type the sampler
+      does not support, eta for a sampler without one, indices that do not
+      match the batch, or bad guidance arguments.
   """
-  spec, eta = _resolve(
-    diffusion,
-    sampler,
-    num_steps=num_steps,
-    eta=eta,
-    timestep_spacing=timestep_spacing,
-    sigma_schedule=sigma_schedule,
-    order=order,
-    lower_order_final=lower_order_final,
-  )
+  spec, eta = _spec_and_eta(diffusion, sampler, eta)
   _check_flags(clip_denoised, progressive_every)
   shape = tuple(int(s) for s in shape)
   if len(shape) < 2:
@@ -359,30 +319,24 @@ def denoise(
   x_t,
   *,
   t: int,
-  sampler: str | SamplerSpec = "ancestral",
-  num_steps: int | None = None,
-  eta: float = 0.0,
+  sampler: SamplerSpec | str = "ancestral",
+  eta=None,
   clip_denoised: bool = True,
   progressive_every: int = 0,
-  timestep_spacing: str | None = None,
-  sigma_schedule: str | None = None,
-  order: int | None = None,
-  lower_order_final: bool | None = None,
   cond=None,
-  guidance_scale: float = 1.0,
+  guidance_scale=1.0,
   null_label: int | None = None,
 ) -> dict[str, Array]:
   """Runs the reverse process from given latents x_t at timestep t down to 0.
 
   The chain visits t and then the timesteps of the sampler's grid for
-  `num_steps` below t (all of 0..t for num_steps=None with the `even` grid),
+  `num_steps` below t (all of 0..t for num_steps = T with the `even` grid),
   so `denoise` from x_{T−1} = x_T with the same noise is `sample`. Step noise
   follows the module's scheme. σ-samplers start at σ_t (Karras σ's then run from σ_t down).
 
   Args:
-    diffusion, model_fn, rng, indices, sampler, num_steps, eta, clip_denoised,
-      progressive_every, timestep_spacing, sigma_schedule, order,
-      lower_order_final, cond, guidance_scale, null_label: as in `sample`.
+    diffusion, model_fn, rng, indices, sampler, eta, clip_denoised,
+      progressive_every, cond, guidance_scale, null_label: as in `sample`.
     x_t: [B, ...] latents at timestep t.
     t: the Python integer timestep of x_t, in [0, T).
 
@@ -390,18 +344,9 @@ def denoise(
     dict as in `sample`.
 
   Raises:
-    ValueError: as in `sample`, and for t outside [0, T).
+    UserError: as in `sample`, and for t outside [0, T).
   """
-  spec, eta = _resolve(
-    diffusion,
-    sampler,
-    num_steps=num_steps,
-    eta=eta,
-    timestep_spacing=timestep_spacing,
-    sigma_schedule=sigma_schedule,
-    order=order,
-    lower_order_final=lower_order_final,
-  )
+  spec, eta = _spec_and_eta(diffusion, sampler, eta)
   _check_flags(clip_denoised, progressive_every)
   t = _check_t(t, diffusion.num_timesteps)
   if jnp.ndim(x_t) < 2 or not jnp.issubdtype(jnp.result_type(x_t), jnp.floating):
@@ -448,12 +393,13 @@ def interpolate(
   lambdas,
   *,
   t: int,
-  sampler: str | SamplerSpec = "ancestral",
-  num_steps: int | None = None,
-  eta: float = 0.0,
+  sampler: SamplerSpec | str = "ancestral",
+  eta=None,
   same_noise: bool = False,
   clip_denoised: bool = True,
-  **settings,
+  cond=None,
+  guidance_scale=1.0,
+  null_label: int | None = None,
 ) -> Array:
   """Interpolates two images in latent space (paper §4.4, Fig. 8).
 
@@ -467,44 +413,23 @@ def interpolate(
   at λ = 0 and λ = 1 are the endpoints' reconstructions.
 
   Args:
-    diffusion, model_fn, sampler, num_steps, eta, clip_denoised: as in `sample`.
+    diffusion, model_fn, sampler, eta, clip_denoised: as in `sample`.
     rng: a PRNG key.
     x1, x2: the endpoints, [H, W, C] (any unbatched shape) in [-1, 1].
     lambdas: [L] mixing weights in [0, 1].
     t: the Python integer timestep to diffuse to, in [0, T); the paper uses 500
       of 1000.
     same_noise: diffuse both endpoints with the same noise.
-    **settings: further keyword arguments of `denoise` (timestep_spacing,
-      sigma_schedule, order, lower_order_final, cond ([L] labels),
-      guidance_scale, null_label).
+    cond, guidance_scale, null_label: as in `denoise` (cond: [L] labels).
 
   Returns:
     [L, H, W, C] float32 images, row l for lambdas[l].
 
   Raises:
-    ValueError: for endpoints of different shapes, lambdas that are not a
+    UserError: for endpoints of different shapes, lambdas that are not a
       non-empty 1-D array in [0, 1], t outside [0, T), and as in `sample`.
   """
-  unknown = set(settings) - {
-    "timestep_spacing",
-    "sigma_schedule",
-    "order",
-    "lower_order_final",
-    "cond",
-    "guidance_scale",
-    "null_label",
-  }
-  if unknown:
-    raise errors.UserError(
-      f"interpolate got unexpected arguments {sorted(unknown)}; see samplers.denoise for the settings."
-    )
-  _resolve(
-    diffusion,
-    sampler,
-    num_steps=num_steps,
-    eta=eta,
-    **{k: settings.get(k) for k in ("timestep_spacing", "sigma_schedule", "order", "lower_order_final")},
-  )
+  _spec_and_eta(diffusion, sampler, eta)
   _check_flags(clip_denoised, 0)
   t = _check_t(t, diffusion.num_timesteps)
   if jnp.shape(x1) != jnp.shape(x2) or jnp.ndim(x1) < 1:
@@ -531,105 +456,9 @@ def interpolate(
     x_t,
     t=t,
     sampler=sampler,
-    num_steps=num_steps,
     eta=eta,
     clip_denoised=clip_denoised,
-    **settings,
+    cond=cond,
+    guidance_scale=guidance_scale,
+    null_label=null_label,
   )["samples"]
-
-
-def make_sharded_sampler(
-  diffusion: GaussianDiffusion,
-  model_fn: Callable[..., jax.Array],
-  mesh: jax.sharding.Mesh,
-  image_shape: Sequence[int],
-  *,
-  sampler: str | SamplerSpec = "ancestral",
-  num_steps: int | None = None,
-  eta: float = 0.0,
-  clip_denoised: bool = True,
-  progressive_every: int = 0,
-  axis: str = "data",
-  timestep_spacing: str | None = None,
-  sigma_schedule: str | None = None,
-  order: int | None = None,
-  lower_order_final: bool | None = None,
-  guided: bool = False,
-  null_label: int | None = None,
-) -> Callable[..., dict[str, jax.Array]]:
-  """`sample` jitted over a device mesh, with the parameters as an argument.
-
-  Args:
-    diffusion: the diffusion (closed over: plans need its concrete tables).
-    model_fn: model_fn(params, x_t, t, cond=None) -> the network output; a
-      hashable callable (e.g. `runtime.inference_fn(network)`), so that the
-      compiled chain is shared by every parameter set.
-    mesh: the device mesh; the batch is sharded over `axis`, parameters replicated.
-    image_shape: [H, W, C] of one image.
-    sampler, num_steps, eta, clip_denoised, progressive_every, timestep_spacing, sigma_schedule, order,
-      lower_order_final, null_label: as in `sample` (settings are validated here, eagerly).
-    axis: the mesh axis of the batch.
-    guided: classifier-free guidance with the `guidance_scale` given at each
-      call (needs `null_label`); False runs the conditional model as it is.
-
-  Returns:
-    fn(params, rng, indices [N], cond=None, guidance_scale=1.0) -> the dict of
-    `sample`, sharded over `axis`; N must be a multiple of the mesh size; cond:
-    [N] labels, sharded like indices (required when `guided`).
-  """
-  spec, eta_value = _resolve(
-    diffusion,
-    sampler,
-    num_steps=num_steps,
-    eta=eta,
-    timestep_spacing=timestep_spacing,
-    sigma_schedule=sigma_schedule,
-    order=order,
-    lower_order_final=lower_order_final,
-  )
-  registry.check_mean_type(spec, diffusion.model_mean_type)
-  _check_flags(clip_denoised, progressive_every)
-  if guided and (isinstance(null_label, bool) or not isinstance(null_label, (int, np.integer))):
-    raise errors.UserError(f"guided=True needs null_label, the integer label of the null class, got {null_label!r}.")
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
-  shape_tail = tuple(int(s) for s in image_shape)
-
-  def sharded_sample(params, rng, indices, cond=None, guidance_scale=None):
-    bound = jax.tree_util.Partial(model_fn, params)
-    return sample(
-      diffusion,
-      bound,
-      rng,
-      indices,
-      (indices.shape[0],) + shape_tail,
-      sampler=spec,
-      eta=eta_value,
-      clip_denoised=clip_denoised,
-      progressive_every=progressive_every,
-      cond=cond,
-      guidance_scale=guidance_scale if guided else 1.0,
-      null_label=null_label,
-    )
-
-  unconditional = jax.jit(sharded_sample, in_shardings=(replicated, replicated, sharded), out_shardings=sharded)
-  conditional = jax.jit(
-    functools.partial(sharded_sample, guidance_scale=1.0) if not guided else sharded_sample,
-    in_shardings=(replicated, replicated, sharded, sharded) + ((replicated,) if guided else ()),
-    out_shardings=sharded,
-  )
-
-  def sharded_fn(params, rng, indices, cond=None, guidance_scale=1.0):
-    if cond is None:
-      if guided:
-        raise errors.UserError("This sampler was made with guided=True: pass cond=[N] class labels.")
-      return unconditional(params, rng, indices)
-    if guided:
-      return conditional(params, rng, indices, cond, jnp.asarray(guidance_scale, jnp.float32))
-    return conditional(params, rng, indices, cond)
-
-  # `lower` and `trace` as on a jitted function (ahead-of-time compilation; lowering for other platforms).
-  sharded_fn.lower = conditional.lower if guided else unconditional.lower
-  sharded_fn.trace = conditional.trace if guided else unconditional.trace
-  sharded_fn.spec = spec
-  return sharded_fn

@@ -16,6 +16,10 @@ from diffusion_jax.samplers import grids
 from diffusion_jax.samplers.base import Sampler
 
 _REGISTRY: dict[str, Sampler] = {}
+# The settings of `resolve` besides the sampler's name.
+SETTINGS = ("num_steps", "eta", "timestep_spacing", "sigma_schedule", "order", "lower_order_final")
+# Fields of `config.sampling` that are not the sampler's settings (how many, in what batches, with what labels).
+NOT_SAMPLER_SETTINGS = ("clip_denoised", "batch_size", "num_samples", "use_ema", "labels", "guidance_scale")
 # Names that resolve to a registered sampler given an order: "dpmpp" with order=3 is "dpmpp3m".
 _ORDER_ALIASES: dict[str, str] = {}
 
@@ -90,6 +94,30 @@ class SamplerSpec:
 
   def with_eta(self, eta: float) -> SamplerSpec:
     return dataclasses.replace(self, eta=float(eta))
+
+  @classmethod
+  def from_config(cls, section, *, num_timesteps: int) -> SamplerSpec:
+    """The spec of a config's sampler section (`config.sampling`, an eval's or the grid's `sampling`).
+
+    The section has `sampler` and any of `num_steps`, `eta`, `timestep_spacing`, `sigma_schedule`, `order`,
+    `lower_order_final`; empty and zero values take the sampler's defaults (see `resolve`).
+    """
+    known = ("sampler", *SETTINGS)
+    unknown = sorted(k for k in section.keys() if k not in known and k not in NOT_SAMPLER_SETTINGS)
+    if unknown:
+      raise errors.UserError(f"Unknown sampler settings {unknown}; a sampler section takes {', '.join(known)}.")
+    value = lambda k: section.get(k) or None  # noqa: E731
+    lof = section.get("lower_order_final")
+    return resolve(
+      section.get("sampler") or "ancestral",
+      num_timesteps=num_timesteps,
+      num_steps=value("num_steps"),
+      eta=float(section.get("eta", 0.0) or 0.0),
+      timestep_spacing=value("timestep_spacing"),
+      sigma_schedule=value("sigma_schedule"),
+      order=value("order"),
+      lower_order_final=None if lof in (None, "") else lof,
+    )
 
 
 def _choices(values) -> str:

@@ -1,0 +1,383 @@
+"""Loaded models and sampling on a device mesh: what the command line, the evaluators and the notebook API share.
+
+`LoadedModel` is everything needed to sample (config, parameters, network,
+diffusion). `make_sharded_sampler` jits a sampler over a mesh with the
+parameters as an argument; `generate` draws the images of given global
+indices in one sharded batch, padded to a fixed size so that every batch of a
+sample set runs the same compiled program; `generate_set` draws a whole set in
+such batches. Sampler settings arrive resolved, as a `samplers.SamplerSpec`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from jax.sharding import Mesh
+
+from diffusion_jax import checkpointing
+from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import errors
+from diffusion_jax import images as images_lib
+from diffusion_jax import runtime
+from diffusion_jax import samplers
+from diffusion_jax.models import unet
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+  """Everything needed to sample: the config, parameters, network and diffusion.
+
+  `class_names` (label i is class_names[i]) is recorded by conditional
+  training runs; None for unconditional models or names not recorded.
+  """
+
+  config: ml_collections.ConfigDict
+  params: Any
+  network: unet.UNet
+  diffusion: diffusion_lib.GaussianDiffusion
+  step: int
+  use_ema: bool
+  class_names: tuple[str, ...] | None = None
+  cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return runtime.image_shape(self.config)
+
+  @property
+  def num_classes(self) -> int:
+    """K of a class-conditional model (labels 0..K−1; K is the null class), 0 for an unconditional one."""
+    return int(self.network.num_classes)
+
+  def params_on(self, mesh: Mesh) -> Any:
+    """The parameters replicated on `mesh`, transferred once per mesh."""
+    key = ("params", id(mesh))
+    if key not in self.cache:
+      self.cache[key] = runtime.put_replicated(self.params, mesh)
+    return self.cache[key]
+
+  def __repr__(self):
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+    classes = f", classes={self.num_classes}" if self.num_classes else ""
+    return (
+      f"LoadedModel(dataset={self.config.data.dataset!r}, image_shape={self.image_shape}, "
+      f"params={n:,}, step={self.step}, ema={self.use_ema}, T={self.diffusion.num_timesteps}{classes})"
+    )
+
+
+def model_from_config(
+  config: ml_collections.ConfigDict, params, *, step: int = 0, use_ema: bool = True, class_names=None
+) -> LoadedModel:
+  """A `LoadedModel` of `params` in the network and diffusion that `config` describes."""
+  network, diffusion = runtime.build(config)
+  names = None if class_names is None else tuple(str(n) for n in class_names)
+  if names is not None and len(names) != network.num_classes:
+    raise errors.UserError(f"{len(names)} class names given for a model with model.num_classes={network.num_classes}.")
+  return LoadedModel(
+    config=config, params=params, network=network, diffusion=diffusion, step=step, use_ema=use_ema, class_names=names
+  )
+
+
+def load_model(path: str | os.PathLike, *, use_ema: bool = True, step: int | None = None) -> LoadedModel:
+  """Loads a model from a training workdir or a converted checkpoint directory.
+
+  Args:
+    path: a workdir (with config.json and checkpoints/), its checkpoints/
+      folder, or one checkpoints/<step> folder.
+    use_ema: the EMA parameters (what the paper samples and evaluates with);
+      False gives the raw parameters.
+    step: a specific checkpoint step (default: the newest).
+
+  Returns:
+    A `LoadedModel` for sampling.
+  """
+  config, params, step = checkpointing.load_params(path, use_ema=use_ema, step=step)
+  names = None
+  if int(config.model.get("num_classes", 0) or 0):
+    workdir, _ = checkpointing._find_workdir(epath.Path(path))  # pylint: disable=protected-access
+    names = checkpointing.read_class_names(workdir)
+  return model_from_config(config, params, step=step, use_ema=use_ema, class_names=names)
+
+
+# ----------------------------------------------------------------------------
+# Class labels and guidance.
+# ----------------------------------------------------------------------------
+
+
+def resolve_labels(model: LoadedModel, labels, num_samples: int) -> np.ndarray | None:
+  """[num_samples] int32 class labels for a conditional model, None for an unconditional one.
+
+  Args:
+    model: the model.
+    labels: None (sample i gets class i mod K: equal numbers per class), one
+      int or class name (every sample), or a sequence of num_samples ints or
+      class names (`model.class_names`).
+    num_samples: the number of samples.
+
+  Raises:
+    ValueError: labels for an unconditional model, unknown names, labels
+      outside [0, K), or a sequence of the wrong length.
+  """
+  k = model.num_classes
+  if not k:
+    if labels is not None:
+      raise errors.UserError(
+        "labels= applies to class-conditional models (model.num_classes > 0); this model is "
+        "unconditional: leave labels=None."
+      )
+    return None
+  if labels is None:
+    return (np.arange(num_samples) % k).astype(np.int32)
+  names = model.class_names or ()
+
+  def one(v):
+    if isinstance(v, (str, np.str_)):
+      v = str(v).strip()
+      if v in names:
+        return names.index(v)
+      if v.lstrip("-").isdigit():
+        return one(int(v))
+      raise errors.UserError(
+        f"Unknown class name {v!r}; the model's classes are "
+        f"{', '.join(names) if names else '(no names recorded) 0..' + str(k - 1)}."
+      )
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+      raise errors.UserError(f"Class labels must be ints in [0, {k}) or class names, got {v!r}.")
+    if not 0 <= int(v) < k:
+      raise errors.UserError(f"Class label {int(v)} is outside [0, {k}) (the model has {k} classes).")
+    return int(v)
+
+  if isinstance(labels, (str, np.str_, int, np.integer)) and not isinstance(labels, (bool, np.bool_)):
+    return np.full((num_samples,), one(labels), np.int32)
+  values = [one(v) for v in np.asarray(labels).reshape(-1).tolist()]
+  if len(values) != num_samples:
+    raise errors.UserError(
+      f"labels has {len(values)} entries for {num_samples} samples: give one label per sample, or one label for all."
+    )
+  return np.asarray(values, np.int32)
+
+
+def check_guidance(model: LoadedModel, guidance_scale) -> float:
+  scale = float(guidance_scale)
+  if not np.isfinite(scale):
+    raise errors.UserError(f"guidance_scale must be finite (1 = no guidance), got {guidance_scale!r}.")
+  if scale != 1.0 and not model.num_classes:
+    raise errors.UserError(
+      f"guidance_scale={guidance_scale!r} needs a class-conditional model; this one is unconditional "
+      "(use guidance_scale=1.0)."
+    )
+  return scale
+
+
+# ----------------------------------------------------------------------------
+# Sampling on a mesh.
+# ----------------------------------------------------------------------------
+
+
+def make_sharded_sampler(
+  diffusion: diffusion_lib.GaussianDiffusion,
+  model_fn: Callable[..., jax.Array],
+  mesh: Mesh,
+  image_shape: Sequence[int],
+  spec: samplers.SamplerSpec,
+  *,
+  clip_denoised: bool = True,
+  progressive_every: int = 0,
+  guided: bool = False,
+  null_label: int | None = None,
+  axis: str = runtime.DATA_AXIS,
+) -> Callable[..., dict[str, jax.Array]]:
+  """`samplers.sample` jitted over a device mesh, with the parameters as an argument.
+
+  Args:
+    diffusion: the diffusion (closed over: plans need its concrete tables).
+    model_fn: model_fn(params, x_t, t, cond=None) -> the network output; a
+      hashable callable (e.g. `runtime.inference_fn(network)`), so that the
+      compiled chain is shared by every parameter set.
+    mesh: the device mesh; the batch is sharded over `axis`, parameters replicated.
+    image_shape: [H, W, C] of one image.
+    spec: the resolved sampler.
+    clip_denoised, progressive_every, null_label: as in `samplers.sample`.
+    guided: classifier-free guidance with the `guidance_scale` given at each
+      call (needs `null_label`); False runs the conditional model as it is.
+    axis: the mesh axis of the batch.
+
+  Returns:
+    fn(params, rng, indices [N], cond=None, guidance_scale=1.0) -> the dict of
+    `samplers.sample`, sharded over `axis`; N must be a multiple of the mesh size; cond:
+    [N] labels, sharded like indices (required when `guided`).
+  """
+  if not isinstance(spec, samplers.SamplerSpec):
+    raise errors.UserError(f"spec must be a samplers.SamplerSpec (from samplers.resolve), got {spec!r}.")
+  spec = samplers.resolve(spec, num_timesteps=diffusion.num_timesteps)
+  samplers.registry.check_mean_type(spec, diffusion.model_mean_type)
+  if guided and (isinstance(null_label, bool) or not isinstance(null_label, (int, np.integer))):
+    raise errors.UserError(f"guided=True needs null_label, the integer label of the null class, got {null_label!r}.")
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
+  shape_tail = tuple(int(s) for s in image_shape)
+
+  def sharded_sample(params, rng, indices, cond=None, guidance_scale=None):
+    return samplers.sample(
+      diffusion,
+      jax.tree_util.Partial(model_fn, params),
+      rng,
+      indices,
+      (indices.shape[0],) + shape_tail,
+      sampler=spec,
+      clip_denoised=clip_denoised,
+      progressive_every=progressive_every,
+      cond=cond,
+      guidance_scale=guidance_scale if guided else 1.0,
+      null_label=null_label,
+    )
+
+  unconditional = jax.jit(sharded_sample, in_shardings=(replicated, replicated, sharded), out_shardings=sharded)
+  conditional = jax.jit(
+    functools.partial(sharded_sample, guidance_scale=1.0) if not guided else sharded_sample,
+    in_shardings=(replicated, replicated, sharded, sharded) + ((replicated,) if guided else ()),
+    out_shardings=sharded,
+  )
+
+  def sharded_fn(params, rng, indices, cond=None, guidance_scale=1.0):
+    if cond is None:
+      if guided:
+        raise errors.UserError("This sampler was made with guided=True: pass cond=[N] class labels.")
+      return unconditional(params, rng, indices)
+    if guided:
+      return conditional(params, rng, indices, cond, jnp.asarray(guidance_scale, jnp.float32))
+    return conditional(params, rng, indices, cond)
+
+  # `lower` and `trace` as on a jitted function (ahead-of-time compilation; lowering for other platforms).
+  sharded_fn.lower = conditional.lower if guided else unconditional.lower
+  sharded_fn.trace = conditional.trace if guided else unconditional.trace
+  sharded_fn.spec = spec
+  return sharded_fn
+
+
+def sampler_fn(
+  model: LoadedModel,
+  mesh: Mesh,
+  spec: samplers.SamplerSpec,
+  clip_denoised: bool,
+  progressive_every: int,
+  guided: bool = False,
+):
+  """The compiled sampler for these settings, cached on the model object."""
+  key = (id(mesh), spec, clip_denoised, progressive_every, guided)
+  if key not in model.cache:
+    model.cache[key] = make_sharded_sampler(
+      model.diffusion,
+      runtime.inference_fn(model.network),
+      mesh,
+      model.image_shape,
+      spec,
+      clip_denoised=clip_denoised,
+      progressive_every=progressive_every,
+      guided=guided,
+      null_label=model.network.null_label if guided else None,
+    )
+  return model.cache[key]
+
+
+def generate(
+  model: LoadedModel,
+  indices: np.ndarray,
+  rng,
+  spec: samplers.SamplerSpec,
+  *,
+  clip_denoised=True,
+  progressive_every=0,
+  labels=None,
+  guidance_scale=1.0,
+  batch_size: int | None = None,
+  mesh: Mesh | None = None,
+) -> dict[str, np.ndarray]:
+  """Samples the images with global indices `indices` in one sharded batch; float outputs in [-1, 1].
+
+  The batch is padded to `batch_size` (default: len(indices)), rounded up to a
+  multiple of the mesh size, with the indices that follow; their samples are
+  computed and dropped. Padding every batch of a sample set to the same size
+  runs one compiled program for all of them. `labels` ([len(indices)] int
+  labels of a conditional model, None for index mod K) and `guidance_scale`
+  as in `resolve_labels` and `check_guidance`.
+  """
+  mesh = runtime.make_mesh() if mesh is None else mesh
+  scale = check_guidance(model, guidance_scale)
+  n = len(indices)
+  batch_size = n if batch_size is None else max(int(batch_size), n)
+  padded = runtime.pad_to_multiple(batch_size, runtime.data_size(mesh))
+  pad = int(np.max(indices)) + 1 + np.arange(padded - n, dtype=np.int32)
+  idx = np.concatenate([np.asarray(indices, np.int32), pad])
+  sharding = runtime.batch_sharding(mesh)
+  args = (model.params_on(mesh), rng, jax.device_put(idx, sharding))
+  kwargs = {}
+  if model.num_classes:
+    if labels is None:  # sample i is of class i mod K
+      labels = np.asarray(indices) % model.num_classes
+    cond = np.concatenate([np.asarray(labels, np.int32), np.zeros((padded - n,), np.int32)])
+    kwargs = dict(cond=jax.device_put(cond, sharding), guidance_scale=scale)
+  elif labels is not None:
+    resolve_labels(model, labels, n)  # raises: labels for an unconditional model
+  fn = sampler_fn(model, mesh, spec, bool(clip_denoised), int(progressive_every), guided=scale != 1.0)
+  out = fn(*args, **kwargs)
+  return {k: v[:n] for k, v in runtime.to_host(out).items()}
+
+
+def generate_set(
+  model: LoadedModel,
+  num_samples: int,
+  rng,
+  spec: samplers.SamplerSpec,
+  *,
+  clip_denoised=True,
+  labels=None,
+  guidance_scale=1.0,
+  batch_size: int | None = None,
+  progress: bool = False,
+) -> np.ndarray:
+  """uint8 [num_samples, H, W, C]: samples 0..num_samples−1 in batches of `batch_size` (default:
+  config.sampling.batch_size), every batch padded to the same size; sample i depends only on (rng, i, its
+  label). `labels` as in `resolve_labels`."""
+  all_labels = resolve_labels(model, labels, int(num_samples))
+  mesh = runtime.make_mesh()
+  size = runtime.data_size(mesh)
+  batch_size = int(batch_size or model.config.sampling.batch_size)
+  batch_size = min(runtime.pad_to_multiple(batch_size, size), runtime.pad_to_multiple(num_samples, size))
+  starts = range(0, num_samples, batch_size)
+  out = []
+  for start in progress_bar(starts, len(starts), progress, f"sampling ({spec.folder_name})"):
+    idx = np.arange(start, min(start + batch_size, num_samples))
+    out.append(
+      generate(
+        model,
+        idx,
+        rng,
+        spec,
+        clip_denoised=clip_denoised,
+        labels=None if all_labels is None else all_labels[idx],
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
+        mesh=mesh,
+      )["samples"]
+    )
+  return images_lib.to_uint8(np.concatenate(out))
+
+
+def progress_bar(iterable, total, enabled, desc):
+  """A tqdm bar over `iterable` on process 0 when `enabled`."""
+  if not enabled or jax.process_index() != 0:
+    return iterable
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
+  return tqdm(iterable, total=total, desc=desc, unit="batch")
