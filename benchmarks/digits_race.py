@@ -9,7 +9,7 @@ For each training seed, one right after the other on the same machine:
   smaller `training.time_budget_s` for a shorter row), timed as a whole.
 
 Each final EMA model is then sampled with the quickstart's evaluation sampler
-(`training.final_eval_sampler`, DPM-Solver++(2M) SDE with 20 steps; diffusers'
+(`config.evals.digits.sampling`, DPM-Solver++(2M) SDE with 20 steps; diffusers'
 `sde-dpmsolver++` of order 2 for the peer) once per evaluation seed, and each
 sample set is scored by the digit metric against the train split. A single
 evaluation of one model spreads by about ±0.005 in confidence and ±0.1 in IS
@@ -44,11 +44,12 @@ from benchmarks import digits_peer
 from benchmarks import harness
 from benchmarks import torch_baseline
 from diffusion_jax import cli
+from diffusion_jax import config_base
 from diffusion_jax import images as images_lib
+from diffusion_jax import inference
 from diffusion_jax import input_pipeline
 from diffusion_jax.evaluation import digits_metric
-from diffusion_jax.evaluation import final_eval
-from diffusion_jax.evaluation import sample_export
+from diffusion_jax.evaluation import evaluators
 
 FIGURES = digits_metric.FIGURES
 
@@ -70,20 +71,16 @@ def ours_command(config_path: str, workdir: str, seed: int, extra_flags: Sequenc
 
 
 def score_ours(workdir: str, eval_seeds: Sequence[int], num_samples: int) -> tuple[int, list[dict[str, float]]]:
-  """(the final step, one figures dict per eval seed) of a trained workdir's EMA model, its final-eval sampler."""
-  model = sample_export.load_model(workdir, use_ema=True)
-  tc = model.config.training
-  spec = sample_export.resolve_sampler(
-    int(model.config.diffusion.num_timesteps),
-    tc.get("final_eval_sampler", "ddim"),
-    num_steps=int(tc.get("final_eval_num_steps", 100)) or None,
-    sigma_schedule=tc.get("final_eval_sigma_schedule", "") or None,
-  )
+  """(the final step, one figures dict per eval seed) of a trained workdir's EMA model, with the sampler of its
+  end-of-training digits evaluation (`config.evals.digits`)."""
+  model = inference.load_model(workdir, use_ema=True)
+  config = model.config  # read_config upgrades the config.json of earlier versions (training.final_eval_*)
+  spec = evaluators.sampler_spec(config, config.evals.digits)
   reference = input_pipeline.load_digits("train")[0]
   rows = []
   for seed in eval_seeds:
-    images, _ = final_eval.samples_from_params(
-      model.config, model.params, num_samples, jax.random.PRNGKey(seed), sampler=spec, step=model.step
+    images = inference.generate_set(
+      model, num_samples, jax.random.PRNGKey(seed), spec, clip_denoised=config.sampling.clip_denoised
     )
     rows.append({"eval_seed": int(seed), **figures_of(digits_metric.compute_digit_metrics(images, reference))})
   return int(model.step), rows
@@ -177,7 +174,7 @@ def main(argv):
   bad = sorted(set(flags.FLAGS.sides) - {"peer", "ours"})
   if bad:
     raise app.UsageError(f"--sides takes 'peer' and 'ours', got {bad}.")
-  config = flags.FLAGS.config
+  config = config_base.upgrade(flags.FLAGS.config)
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   os.makedirs(flags.FLAGS.workdir, exist_ok=True)
   targets = {}
@@ -194,7 +191,7 @@ def main(argv):
     torch.set_num_threads(os.cpu_count() or 1)
   env = harness.environment()
   load_start = list(os.getloadavg())
-  num_steps = int(config.training.get("final_eval_num_steps", 20))
+  num_steps = int(config.evals.digits.sampling.get("num_steps", 20))  # the peer samples with as many steps as ours
   runs = []
   for seed in seeds:
     for side in flags.FLAGS.sides:

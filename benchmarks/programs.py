@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
+from diffusion_jax import inference
 from diffusion_jax import runtime
 from diffusion_jax import samplers
 from diffusion_jax import train_step as train_step_lib
@@ -93,11 +94,10 @@ def train_step(config, clip_groups: int, batch_size: int, dtype: str, peak: floa
 
 
 def sampler(name, diffusion, model, params, image_shape, batch_size, sampler_name, num_steps, flops_per_call):
-  """`samplers.make_sharded_sampler` compiled ahead of time; `run(n)` draws n batches of num_steps steps."""
+  """`inference.make_sharded_sampler` compiled ahead of time; `run(n)` draws n batches of num_steps steps."""
   mesh = runtime.make_mesh()
-  fn = samplers.make_sharded_sampler(
-    diffusion, runtime.inference_fn(model), mesh, image_shape, sampler=sampler_name, num_steps=num_steps
-  )
+  spec = samplers.resolve(sampler_name, num_timesteps=diffusion.num_timesteps, num_steps=num_steps)
+  fn = inference.make_sharded_sampler(diffusion, runtime.inference_fn(model), mesh, image_shape, spec)
   params = runtime.put_replicated(params, mesh)
   indices = jax.device_put(jnp.arange(batch_size, dtype=jnp.int32), runtime.batch_sharding(mesh))
   rng = runtime.put_replicated(jax.random.PRNGKey(1), mesh)

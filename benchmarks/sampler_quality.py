@@ -25,10 +25,11 @@ from absl import flags
 
 from diffusion_jax import cli
 from diffusion_jax import images as images_lib
+from diffusion_jax import inference
 from diffusion_jax import input_pipeline
 from diffusion_jax import runtime
+from diffusion_jax import samplers
 from diffusion_jax.evaluation import digits_metric
-from diffusion_jax.evaluation import sample_export
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "A trained digits workdir.")
 _SAMPLERS = flags.DEFINE_list(
@@ -54,13 +55,13 @@ def measure(model, spec, num_samples, batch_size, rng, reference):
   mesh = runtime.make_mesh()
   batch_size = runtime.pad_to_multiple(min(batch_size, num_samples), runtime.data_size(mesh))
   t0 = time.perf_counter()
-  sample_export.generate(model, np.arange(batch_size), rng, sampler=spec, batch_size=batch_size, mesh=mesh)
+  inference.generate(model, np.arange(batch_size), rng, spec, batch_size=batch_size, mesh=mesh)
   compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   out = []
   for start in range(0, num_samples, batch_size):
     idx = np.arange(start, min(start + batch_size, num_samples))
-    out.append(sample_export.generate(model, idx, rng, sampler=spec, batch_size=batch_size, mesh=mesh)["samples"])
+    out.append(inference.generate(model, idx, rng, spec, batch_size=batch_size, mesh=mesh)["samples"])
   seconds = time.perf_counter() - t0
   images = images_lib.to_uint8(np.concatenate(out))
   return seconds, compile_s - seconds * batch_size / num_samples, digits_metric.compute_digit_metrics(images, reference)
@@ -69,7 +70,7 @@ def measure(model, spec, num_samples, batch_size, rng, reference):
 def main(argv):
   del argv
   cli.quiet_logging()  # our lines only on the console, as the package's commands
-  model = sample_export.load_model(_WORKDIR.value)
+  model = inference.load_model(_WORKDIR.value)
   T = model.diffusion.num_timesteps
   reference = input_pipeline.load_digits("train")[0]
   rng = jax.random.PRNGKey(_SEED.value)
@@ -79,7 +80,7 @@ def main(argv):
       schedules = [None] + (["karras"] if name in _KARRAS.value and name in SIGMA_SAMPLERS else [])
       for schedule in schedules:
         try:
-          spec = sample_export.resolve_sampler(T, name, num_steps=min(_steps(name, calls), T), sigma_schedule=schedule)
+          spec = samplers.resolve(name, num_timesteps=T, num_steps=min(_steps(name, calls), T), sigma_schedule=schedule)
         except ValueError as e:
           print(f"skipping {name} at {calls} calls: {e}")
           continue

@@ -1,6 +1,6 @@
 r"""Sampling throughput (images × network steps / s) of the compiled samplers, and the paper's 256 × 1000 cost.
 
-Times `samplers.make_sharded_sampler` (the whole chain as one `lax.scan`,
+Times `inference.make_sharded_sampler` (the whole chain as one `lax.scan`,
 batch sharded over every device) for the ancestral and DDIM samplers with
 random parameters, each call running --num_steps network evaluations at
 --batch_size; calls of the samplers (and of the optional PyTorch baseline)

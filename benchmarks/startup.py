@@ -72,7 +72,7 @@ def _train(config: str, workdir: str, steps: int) -> list[str]:
     f"--config.training.num_train_steps={steps}",
     "--config.training.log_every=1",
     "--config.training.sample_every=0",
-    "--config.training.final_eval=False",
+    "--config.evals.digits.at_end=False",
     "--config.training.time_budget_s=0",
     f"--config.training.checkpoint_every={steps}",
   ]

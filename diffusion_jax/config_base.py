@@ -171,8 +171,8 @@ _RENAMED = {
 def upgrade(config) -> ml_collections.ConfigDict:
   """A config (a ConfigDict or the dict of a workdir's config.json) in this version's schema.
 
-  Keys of earlier versions move to their new places (with one warning naming them); sections this version added
-  take their defaults. A config already in the schema comes back unchanged (the same object).
+  Keys of earlier versions move to their new places (with one warning naming them); sections and entries this
+  version added take their defaults. A ConfigDict already in the schema comes back unchanged (the same object).
   """
   data = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
   moved = []
@@ -186,21 +186,21 @@ def upgrade(config) -> ml_collections.ConfigDict:
         node = node.setdefault(part, {})
       node[leaf] = value
       moved.append(f"{old} -> {new}")
-  added = [k for k in ("evals",) if k not in data]
-  grid_missing = "training" in data and "grid" not in data["training"]
-  if not moved and not added and not grid_missing and isinstance(config, ml_collections.ConfigDict):
-    return config
   base = get_base_config().to_dict()
-  for key in added:
-    data[key] = base[key]
-  for name, entry in list(data.get("evals", {}).items()):
-    data["evals"][name] = _merged(base["evals"].get(name, eval_entry(entry.get("kind", "")).to_dict()), entry)
+  evals = data.setdefault("evals", {})
+  for name in base["evals"]:
+    evals[name] = _merged(base["evals"][name], evals.get(name, {}))
+  for name, entry in evals.items():
+    if name not in base["evals"]:
+      evals[name] = _merged(eval_entry(str(entry.get("kind", ""))).to_dict(), entry)
   if "training" in data:
     data["training"]["grid"] = _merged(base["training"]["grid"], data["training"].get("grid", {}))
   if moved:
     from absl import logging  # pylint: disable=g-import-not-at-top
 
     logging.warning("This config uses keys of an earlier version; read as: %s.", ", ".join(moved))
+  if isinstance(config, ml_collections.ConfigDict) and data == config.to_dict():
+    return config
   return ml_collections.ConfigDict(data)
 
 

@@ -171,7 +171,7 @@ def test_digits_race_scores_both_sides_with_each_eval_seed(tmp_path, repo_root):
   with np.load(tmp_path / "peer_seed0.npz") as weights:
     assert sum(weights[k].size for k in weights.files) == peer["stats"]["num_params"]
 
-  flags = ["--config.training.num_train_steps=2", "--config.training.final_eval_num_steps=4"]
+  flags = ["--config.training.num_train_steps=2", "--config.evals.digits.sampling.num_steps=4"]
   ours = digits_race.run_ours(str(repo_root / "configs" / "tiny.py"), 3, str(tmp_path / "ours"), flags, [1, 2], 8)
   assert ours["side"] == "ours" and ours["steps"] == 2
   assert "--config.training.seed=3" in ours["command"]

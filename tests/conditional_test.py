@@ -202,7 +202,9 @@ def test_guided_output_equals_the_formula_for_every_parametrisation(mean_type, v
     mean = u[..., :1] + s * (c[..., :1] - u[..., :1])
     return jnp.concatenate([mean, c[..., 1:]], axis=-1) if learned else mean
 
-  kw = dict(sampler="ancestral", num_steps=5, clip_denoised=False)
+  kw = dict(
+    sampler=samplers.resolve("ancestral", num_timesteps=diffusion.num_timesteps, num_steps=5), clip_denoised=False
+  )
   rng, idx, shape = jax.random.PRNGKey(0), jnp.arange(4), (4, 8, 8, 1)
   guided = samplers.sample(diffusion, toy, rng, idx, shape, cond=cond, guidance_scale=s, null_label=null, **kw)
   want = samplers.sample(diffusion, by_formula, rng, idx, shape, **kw)
@@ -284,6 +286,7 @@ def test_mode_sample_writes_one_row_per_class_and_stores_labels(cond_workdir, tm
 
   from diffusion_jax import checkpointing  # noqa: PLC0415
   from diffusion_jax import sampling  # noqa: PLC0415
+  from diffusion_jax.evaluation import sample_export  # noqa: PLC0415
 
   run = tmp_path / "run"
   shutil.copytree(cond_workdir, run)
@@ -292,7 +295,7 @@ def test_mode_sample_writes_one_row_per_class_and_stores_labels(cond_workdir, tm
   config.sampling.num_samples, config.sampling.batch_size, config.sampling.guidance_scale = 20, 8, 2.0
   out = sampling.sample_to_workdir(config, run)
   assert out.name == "step_4_ddim_3steps_eta0_cfg2"
-  images, labels = sampling.read_sample_chunks(sorted(out.glob("samples_*.npz")), with_labels=True)
+  images, labels = sample_export.read_sample_chunks(sorted(out.glob("samples_*.npz")), with_labels=True)
   np.testing.assert_array_equal(labels, np.arange(20) % 10)
   grid = np.asarray(Image.open(out / "grid.png"))
   scale = 64 // 8
@@ -306,7 +309,7 @@ def test_mode_sample_writes_one_row_per_class_and_stores_labels(cond_workdir, tm
   config.sampling.num_samples = 2
   out2 = sampling.sample_to_workdir(config, run)
   assert out2.name == "step_4_ddim_3steps_eta0_cfg2_labels-digit7-2"
-  _, labels2 = sampling.read_sample_chunks(sorted(out2.glob("samples_*.npz")), with_labels=True)
+  _, labels2 = sample_export.read_sample_chunks(sorted(out2.glob("samples_*.npz")), with_labels=True)
   np.testing.assert_array_equal(labels2, [7, 2])
 
 
@@ -320,7 +323,7 @@ def test_bits_per_dim_of_a_conditional_model_use_the_true_labels(cond_workdir):
   assert result["conditional"] and result["num_examples"] == 8
   images, labels = input_pipeline.load_digits(model.config.data.eval_split)
   x = jnp.asarray(images[:8].astype(np.float32) / 127.5 - 1.0)
-  fn = runtime.bind(runtime.model_fn(model.model), model.params)
+  fn = runtime.bind(runtime.model_fn(model.network), model.params)
 
   def total(y):
     out = model.diffusion.calc_bpd_loop(lambda x_t, t: fn(x_t, t, y), x, jax.random.fold_in(rng, 0))

@@ -13,9 +13,11 @@ import pytest
 from configs import tiny
 from diffusion_jax import checkpointing
 from diffusion_jax import input_pipeline
+from diffusion_jax import metric_writer
 from diffusion_jax import runtime
 from diffusion_jax.evaluation import digits_metric as dm
 from diffusion_jax.evaluation import evaluate as eval_lib
+from diffusion_jax.evaluation import evaluators
 
 STEP = 5
 LOG_PATH = dm.WEIGHTS_PATH.with_name(dm.WEIGHTS_PATH.stem + "_log.txt")
@@ -184,26 +186,27 @@ def test_eval_hook_scores_digits_without_inception(workdir, monkeypatch, n_devic
 
   monkeypatch.setattr(eval_lib, "inception_weights", no_inception)
   written = {}
-  write_tensorboard = eval_lib._write_tensorboard  # pylint: disable=protected-access
+  scalars = metric_writer.MetricWriter.scalars
   monkeypatch.setattr(
-    eval_lib,
-    "_write_tensorboard",
-    lambda wd, step, scalars: (written.update(scalars), write_tensorboard(wd, step, scalars)),
+    metric_writer.MetricWriter,
+    "scalars",
+    lambda self, step, values: (written.update(values), scalars(self, step, values)),
   )
   cfg = tiny.get_config()
   cfg.eval.metrics = ("fid",)
   cfg.eval.num_samples = 12
   cfg.sampling.sampler, cfg.sampling.num_steps = "ddim", 3
   assert eval_lib.uses_digit_metric(cfg)
-  out = eval_lib.evaluate(cfg, workdir)
+  out = evaluators.evaluate(cfg, workdir)
 
   step = f"step_{STEP:06d}"
   eval_dir = workdir / "eval"
   assert out["files"] == [str(eval_dir / f"fid_{step}.json")]
   record = json.loads((eval_dir / f"fid_{step}.json").read_text())
-  assert record["metric"] == "digits" and record["checkpoint_step"] == STEP and record["reference_split"] == "train"
-  assert record["num_samples"] == 12 and record["num_reference"] == 1500 and record["sampler"] == "ddim"
-  assert record["classifier_sha256"] == dm.weights_sha256() and sum(record["digits_class_histogram"]) == 12
+  settings, figures = record["settings"], record["figures"]
+  assert record["kind"] == "digits" and record["step"] == STEP and settings["reference_split"] == "train"
+  assert figures["num_samples"] == 12 and figures["num_reference"] == 1500 and settings["sampler"] == "ddim"
+  assert settings["classifier_sha256"] == dm.weights_sha256() and sum(record["details"]["digits_class_histogram"]) == 12
   # The figures are those of the exported samples.
   samples = np.concatenate(
     [np.load(p)["images"] for p in sorted((eval_dir / "samples_5_ddim_3steps_eta0_seed1").glob("samples_*.npz"))]
@@ -217,7 +220,7 @@ def test_eval_hook_scores_digits_without_inception(workdir, monkeypatch, n_devic
     "digits_recall",
     "digits_memorisation",
   ):
-    assert record[name] == pytest.approx(expected[name], rel=1e-9)
+    assert figures[name] == pytest.approx(expected[name], rel=1e-9)
     assert written[f"eval/{name}"] == pytest.approx(expected[name], rel=1e-9)
   assert not list(eval_dir.glob("fid_stats_*"))  # no Inception reference statistics
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
@@ -228,4 +231,4 @@ def test_eval_hook_scores_digits_without_inception(workdir, monkeypatch, n_devic
   cfg.eval.random_inception = False
   cfg.data.image_size = 16
   with pytest.raises(ValueError, match="8×8×1"):
-    eval_lib.compute_digit_fid(eval_lib.load_eval_model(tiny.get_config(), workdir), cfg, workdir)
+    evaluators.make("fid", cfg.evals.fid, cfg, workdir)

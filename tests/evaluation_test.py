@@ -17,6 +17,7 @@ from diffusion_jax import runtime
 from diffusion_jax import schedules
 from diffusion_jax.evaluation import bpd as bpd_lib
 from diffusion_jax.evaluation import evaluate as eval_lib
+from diffusion_jax.evaluation import evaluators
 
 STEP = 7
 MAX_EXAMPLES = 12  # with eval batch 8: one full batch and a remainder of 4
@@ -83,7 +84,7 @@ def _numpy_bpd(model, x0, rng):
     noise = np.asarray(jax.random.normal(jax.random.fold_in(rng, t), x0.shape, jnp.float32), np.float64)
     x_t = np.sqrt(ab[t]) * x0 + np.sqrt(1.0 - ab[t]) * noise
     eps = np.asarray(
-      model.model.apply(
+      model.network.apply(
         {"params": model.params}, jnp.asarray(x_t, jnp.float32), jnp.full((b,), t, jnp.int32), train=False
       ),
       np.float64,
@@ -233,7 +234,7 @@ def test_mode_eval_end_to_end(workdir, monkeypatch, repo_root, n_devices):
     f"--config={repo_root / 'configs' / 'tiny.py'}",
     f"--workdir={workdir}",
     "--mode=eval",
-    "--config.eval.metrics=('bpd','fid')",
+    "--config.eval.metrics=bpd,rate_distortion,fid",
     "--config.eval.random_inception=True",
     "--config.eval.num_samples=8",
     f"--config.eval.bpd_max_examples={MAX_EXAMPLES}",
@@ -261,20 +262,28 @@ def test_mode_eval_end_to_end(workdir, monkeypatch, repo_root, n_devices):
   step = f"step_{STEP:06d}"
   first = {f"bpd_{step}.json", f"rate_distortion_{step}.json", f"rate_distortion_{step}.png", f"fid_{step}.json"}
   assert set(_eval_files(workdir)) == first
-  bpd = json.loads((eval_dir / f"bpd_{step}.json").read_text())
-  assert bpd["num_examples"] == MAX_EXAMPLES and bpd["checkpoint_step"] == STEP and bpd["use_ema"]
-  assert not bpd["drop_remainder"] and bpd["clip_denoised"] and bpd["split"] == "test"
-  assert len(bpd["terms_bpd"]) == 20 and math.isfinite(bpd["total_bpd"])
-  rd = json.loads((eval_dir / f"rate_distortion_{step}.json").read_text())
-  assert rd["rate_bpd"][0] == pytest.approx(bpd["prior_bpd"])
-  assert rd["final_distortion_rmse"] == pytest.approx(math.sqrt(bpd["mse"][0]) * 127.5)
-  fid = json.loads((eval_dir / f"fid_{step}.json").read_text())
-  assert fid["inception_weights"] == "random (smoke test, not comparable)" and fid["random_inception"]
+  records = {
+    name: json.loads((eval_dir / f"{name}_{step}.json").read_text()) for name in ("bpd", "rate_distortion", "fid")
+  }
+  schema = {"name", "kind", "step", "use_ema", "workdir", "created", "figures", "details", "settings", "seconds"}
+  assert all(set(r) == schema for r in records.values())  # one schema for every kind
+  bpd = records["bpd"]
+  assert bpd["kind"] == "bpd" and bpd["step"] == STEP and bpd["use_ema"]
+  assert bpd["settings"]["num_examples"] == MAX_EXAMPLES
+  assert (
+    not bpd["settings"]["drop_remainder"] and bpd["settings"]["clip_denoised"] and bpd["settings"]["split"] == "test"
+  )
+  assert len(bpd["details"]["terms_bpd"]) == 20 and math.isfinite(bpd["figures"]["total_bpd"])
+  rd = records["rate_distortion"]
+  assert rd["details"]["rate_bpd"][0] == pytest.approx(bpd["figures"]["prior_bpd"])
+  assert rd["figures"]["final_distortion_rmse"] == pytest.approx(math.sqrt(bpd["details"]["mse"][0]) * 127.5)
+  fid, fid_settings = records["fid"]["figures"], records["fid"]["settings"]
+  assert fid_settings["inception_weights"] == "random (smoke test, not comparable)" and fid_settings["random_inception"]
   assert math.isfinite(fid["fid"]) and fid["fid"] >= -1e-6
   assert math.isfinite(fid["inception_score"]) and fid["inception_score"] >= 1.0 - 1e-6
-  assert fid["num_samples"] == 8 and fid["sampler"] == "ddim" and fid["num_steps"] == 3
+  assert fid_settings["num_samples"] == 8 and fid_settings["sampler"] == "ddim" and fid_settings["num_steps"] == 3
   stats = eval_dir / "fid_stats_digits_train_first8_random_inception.npz"
-  assert fid["reference_statistics"] == str(stats) and stats.exists()
+  assert fid_settings["reference_statistics"] == str(stats) and stats.exists()
   assert json.loads(stats.with_suffix(".json").read_text())["num_examples"] == 8
   assert len(list((eval_dir / "samples_7_ddim_3steps_eta0_seed1").glob("samples_*.npz"))) == 1
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
@@ -287,47 +296,51 @@ def test_mode_eval_end_to_end(workdir, monkeypatch, repo_root, n_devices):
 
   # A second evaluation appends new files and keeps the first ones unchanged.
   before = {name: (eval_dir / name).read_bytes() for name in first}
-  cfg.eval.metrics = ("bpd",)
-  out = eval_lib.evaluate(cfg, workdir)
+  cfg.eval.metrics = ("bpd", "rate_distortion")
+  out = evaluators.evaluate(cfg, workdir)
   assert set(_eval_files(workdir)) == first | {
     f"bpd_{step}_1.json",
     f"rate_distortion_{step}_1.json",
     f"rate_distortion_{step}_1.png",
   }
   assert all((eval_dir / name).read_bytes() == data for name, data in before.items())
-  assert out["bpd"]["num_examples"] == 8  # drop_remainder=True by default (the paper)
+  assert out["results"]["bpd"]["settings"]["num_examples"] == 8  # drop_remainder=True by default (the paper)
   assert sorted(out["files"]) == sorted(
     str(eval_dir / n) for n in (f"bpd_{step}_1.json", f"rate_distortion_{step}_1.json", f"rate_distortion_{step}_1.png")
   )
 
 
 def test_result_paths_never_reuse_names(tmp_path):
-  paths = eval_lib.result_paths(tmp_path, 5, ["bpd.json", "fid.json"])
+  paths = evaluators.result_paths(tmp_path, 5, ["bpd.json", "fid.json"])
   assert paths["bpd.json"].name == "bpd_step_000005.json"
   paths["fid.json"].write_text("{}")  # any existing member moves the whole set to the next counter
-  again = eval_lib.result_paths(tmp_path, 5, ["bpd.json", "fid.json"])
+  again = evaluators.result_paths(tmp_path, 5, ["bpd.json", "fid.json"])
   assert again["bpd.json"].name == "bpd_step_000005_1.json" and again["fid.json"].name == "fid_step_000005_1.json"
 
 
 def test_eval_config_errors(workdir):
   cfg = _config()
   cfg.eval.metrics = ("bpd,fid",)  # what --config.eval.metrics=bpd,fid gives
-  assert eval_lib.eval_metrics(cfg) == ("bpd", "fid")
+  assert evaluators.eval_names(cfg) == ("bpd", "fid")
   cfg.eval.metrics = ("bpd", "nll")
-  with pytest.raises(ValueError, match="Unknown or no metrics.*bpd.*fid"):
-    eval_lib.evaluate(cfg, workdir)
+  with pytest.raises(ValueError, match=r"config.eval.metrics names \['nll'\], which config.evals does not define"):
+    evaluators.evaluate(cfg, workdir)
+  cfg.eval.metrics = ("bpd",)
+  cfg.evals.bpd.kind = "nll"
+  with pytest.raises(ValueError, match="config.evals.bpd.kind='nll' is not a kind of evaluation"):
+    evaluators.evaluate(cfg, workdir)
   cfg.eval.metrics = ("fid",)
   cfg.eval.fid_stats_path = str(workdir / "missing.npz")
   with pytest.raises(ValueError, match="(?s)does not exist.*--mode=fid_stats"):
-    eval_lib.evaluate(cfg, workdir)
+    evaluators.evaluate(cfg, workdir)
   cfg.eval.random_inception = True
   with pytest.raises(ValueError, match="random_inception"):
-    eval_lib.evaluate(cfg, workdir)
+    evaluators.evaluate(cfg, workdir)
   cfg = _config()
   cfg.data.eval_split = ""
   with pytest.raises(ValueError, match="No eval split.*eval_split"):
-    eval_lib.evaluate(cfg, workdir)
+    evaluators.evaluate(cfg, workdir)
   cfg = _config()
   cfg.model.ch = 64
   with pytest.raises(ValueError, match="model.ch"):
-    eval_lib.evaluate(cfg, workdir)
+    evaluators.evaluate(cfg, workdir)

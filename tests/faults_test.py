@@ -41,7 +41,7 @@ def _env():
 def reference(tmp_path_factory):
   """An uninterrupted run of the faults' config: (final state, workdir)."""
   workdir = tmp_path_factory.mktemp("reference")
-  return train.train_and_evaluate(_config(), str(workdir)), workdir
+  return train.train_and_evaluate(_config(), str(workdir)).state, workdir
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ os.environ.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLAT
 STEPS = 30
 
 # The run's config: configs/tiny.py with the settings below, in the config schema of the code under test.
-_CONFIG = r'''
+_CONFIG = r"""
 import importlib.util, pathlib
 _spec = importlib.util.spec_from_file_location("tiny", pathlib.Path({root!r}) / "configs" / "tiny.py")
 _tiny = importlib.util.module_from_spec(_spec)
@@ -54,7 +54,7 @@ def get_config():
     config.evals.digits.sampling.update(sampler="ddim", num_steps=10)
     config.eval.metrics = ("bpd", "rate_distortion", "fid")
   return config
-'''
+"""
 
 SAMPLERS = [
   ("ancestral", {}),

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from diffusion_jax import inference
 from diffusion_jax import runtime
 from diffusion_jax import samplers
 from diffusion_jax import train_step
@@ -56,13 +57,12 @@ def test_samplers_lower(platform, sampler, guided):
   config = tiny_config(num_classes=10 if guided else 0)
   network, diffusion = runtime.build(config)
   mesh = runtime.make_mesh()
-  fn = samplers.make_sharded_sampler(
+  fn = inference.make_sharded_sampler(
     diffusion,
     runtime.inference_fn(network),
     mesh,
     (8, 8, 1),
-    sampler=sampler,
-    num_steps=4,
+    samplers.resolve(sampler, num_timesteps=diffusion.num_timesteps, num_steps=4),
     guided=guided,
     null_label=network.null_label if guided else None,
   )

@@ -123,7 +123,7 @@ def test_two_processes_train_like_one_and_stop_together_on_sigterm(
   # Measured on jax 0.12 after 7 steps: max |difference| 1.9e-6 there, at most 2.1e-7 in every other leaf.
   config = _tiny_config(num_train_steps=step, checkpoint_every=1000)
   config.model.num_classes = num_classes
-  single = jax.device_get(train.train_and_evaluate(config, str(tmp_path / "single")))
+  single = jax.device_get(train.train_and_evaluate(config, str(tmp_path / "single")).state)
   for use_ema, expected in ((False, single.params), (True, single.ema_params)):
     _, params, loaded_step = checkpointing.load_params(workdir, use_ema=use_ema, step=step)
     assert loaded_step == step

@@ -86,7 +86,7 @@ def _assert_same(state, reference):
 def reference(tmp_path_factory):
   """An uninterrupted run of NUM_STEPS steps (the checkpoints of steps 12 and 16 are kept)."""
   workdir = tmp_path_factory.mktemp("reference")
-  state = train.train_and_evaluate(tiny_config(), str(workdir))
+  state = train.train_and_evaluate(tiny_config(), str(workdir)).state
   return dict(workdir=workdir, params=_host(state.params), ema_params=_host(state.ema_params))
 
 
@@ -106,7 +106,7 @@ def test_kill9_at_a_random_moment_then_resume_is_exact(reference, tmp_path, capl
   assert killed_at and killed_at[-1] < NUM_STEPS
 
   caplog.set_level(logging.INFO)
-  state = train.train_and_evaluate(tiny_config(checkpoint_every=1000), str(tmp_path))
+  state = train.train_and_evaluate(tiny_config(checkpoint_every=1000), str(tmp_path)).state
   assert f"Resumed from the checkpoint of step {killed_at[-1]}" in caplog.text
   assert int(state.step) == NUM_STEPS
   _assert_same(state, reference)
@@ -134,7 +134,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_75(reference, tmp_path, 
   assert f"Run the same command again to continue. Exit status {EXIT_PREEMPTED}" in log
 
   caplog.set_level(logging.INFO)
-  state = train.train_and_evaluate(tiny_config(checkpoint_every=1000), str(tmp_path))
+  state = train.train_and_evaluate(tiny_config(checkpoint_every=1000), str(tmp_path)).state
   assert f"Resumed from the checkpoint of step {step}" in caplog.text
   _assert_same(state, reference)
 
@@ -167,7 +167,7 @@ def test_corrupt_latest_checkpoint_is_reported_and_training_resumes_from_the_pre
   _damage_latest(workdir, "flip_one_bit")
 
   caplog.set_level(logging.INFO)
-  state = train.train_and_evaluate(tiny_config(), str(workdir))
+  state = train.train_and_evaluate(tiny_config(), str(workdir)).state
   assert re.search(_SKIPPED, caplog.text), caplog.text
   # On jax 0.10.2 the flipped bit is read without complaint and only the checksums catch it. On jax 0.12 the
   # storage layer once reported the same damage itself ("Error reading ..."), the checkpoint skipped just the

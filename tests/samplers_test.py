@@ -20,6 +20,11 @@ SHAPE = (4, 4, 4, 2)  # [B, H, W, C]
 BETAS = np.linspace(1e-3, 0.2, T)
 
 
+def spec(name="ancestral", **settings):
+  """The resolved sampler of the tests' diffusion (T steps)."""
+  return samplers.resolve(name, num_timesteps=T, **settings)
+
+
 def make_diffusion(mean_type="eps", var_type="fixedlarge", betas=BETAS):
   loss = "hybrid" if var_type.startswith("learned") else "mse"
   return GaussianDiffusion.create(betas, model_mean_type=mean_type, model_var_type=var_type, loss_type=loss)
@@ -113,14 +118,18 @@ def test_ancestral_equals_python_loop(mean_type, var_type, clip):
   if clip and mean_type == "eps":
     assert np.all(np.abs(np.asarray(got)) <= 1.0)
   # All T steps of the respaced sampler are the full sampler.
-  full = samplers.sample(diffusion, model_fn, RNG, INDICES, SHAPE, num_steps=T, clip_denoised=clip)["samples"]
+  full = samplers.sample(diffusion, model_fn, RNG, INDICES, SHAPE, sampler=spec(num_steps=T), clip_denoised=clip)
+  np.testing.assert_array_equal(full["samples"], got)
+  # A bare name takes the sampler's defaults: all T steps.
+  full = samplers.sample(diffusion, model_fn, RNG, INDICES, SHAPE, sampler="ancestral", clip_denoised=clip)["samples"]
   np.testing.assert_array_equal(full, got)
 
 
 def test_respaced_ancestral_equals_python_loop():
   diffusion = make_diffusion("eps", "fixedsmall")
   steps = samplers.space_timesteps(T, 4)
-  got = samplers.sample(diffusion, model_fn, RNG, INDICES, SHAPE, num_steps=4, clip_denoised=False)["samples"]
+  got = samplers.sample(diffusion, model_fn, RNG, INDICES, SHAPE, sampler=spec(num_steps=4), clip_denoised=False)
+  got = got["samples"]
   rd = GaussianDiffusion.create(float64_respaced_betas(diffusion.betas, steps), model_var_type="fixedsmall")
   want, _ = python_ancestral(rd, model_fn, RNG, INDICES, SHAPE, timesteps=steps, clip_denoised=False)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -135,7 +144,7 @@ def test_respaced_xprev_matches_eps():
     x0 = eps_diffusion.predict_xstart_from_eps(x, t, model_fn(x, t))
     return eps_diffusion.q_posterior_mean_variance(x0, x, t)[0]
 
-  kw = dict(num_steps=4, clip_denoised=False)
+  kw = dict(sampler=spec(num_steps=4), clip_denoised=False)
   want = samplers.sample(eps_diffusion, model_fn, RNG, INDICES, SHAPE, **kw)["samples"]
   got = samplers.sample(xprev_diffusion, xprev_fn, RNG, INDICES, SHAPE, **kw)["samples"]
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
@@ -144,16 +153,18 @@ def test_respaced_xprev_matches_eps():
 @pytest.mark.parametrize("num_steps", [None, 4])
 def test_ddim_eta1_equals_fixedsmall_ancestral(num_steps):
   diffusion = make_diffusion("eps", "fixedsmall")
-  kw = dict(num_steps=num_steps, clip_denoised=False)
-  ddim = samplers.sample(diffusion, model_fn, RNG, INDICES, SHAPE, sampler="ddim", eta=1.0, **kw)["samples"]
-  ancestral = samplers.sample(diffusion, model_fn, RNG, INDICES, SHAPE, **kw)["samples"]
+  kw = dict(clip_denoised=False)
+  ddim_spec = spec("ddim", num_steps=num_steps, eta=1.0)
+  ddim = samplers.sample(diffusion, model_fn, RNG, INDICES, SHAPE, sampler=ddim_spec, **kw)["samples"]
+  ancestral = samplers.sample(diffusion, model_fn, RNG, INDICES, SHAPE, sampler=spec(num_steps=num_steps), **kw)
+  ancestral = ancestral["samples"]
   np.testing.assert_allclose(ddim, ancestral, rtol=1e-4, atol=1e-5)
 
 
 def test_ddim_equals_python_formula():
   diffusion = make_diffusion("v", "learned_range")
   eta, steps = 0.5, samplers.space_timesteps(T, 4)
-  got = samplers.sample(diffusion, learned_model_fn, RNG, INDICES, SHAPE, sampler="ddim", num_steps=4, eta=eta)
+  got = samplers.sample(diffusion, learned_model_fn, RNG, INDICES, SHAPE, sampler=spec("ddim", num_steps=4, eta=eta))
   keys = example_keys(RNG, INDICES)
   x = noise(keys, 0, SHAPE[1:])
   ac = np.asarray(diffusion.alphas_cumprod, np.float64)
@@ -178,8 +189,7 @@ def test_ddim_eta0_is_deterministic():
     indices=jnp.zeros(SHAPE[0], jnp.int32),
     x_t=x_T,
     t=5,
-    sampler="ddim",
-    num_steps=4,
+    sampler=spec("ddim", num_steps=4),
   )
   a = run(jax.random.PRNGKey(1), eta=0.0)["samples"]
   b = run(jax.random.PRNGKey(2), eta=0.0)["samples"]
@@ -191,7 +201,7 @@ def test_ddim_eta0_is_deterministic():
 def test_same_images_whatever_the_batch_size():
   diffusion = make_diffusion()
   shape8 = (8,) + SHAPE[1:]
-  for kw in (dict(sampler="ddim", num_steps=4, eta=0.7),):
+  for kw in (dict(sampler=spec("ddim", num_steps=4, eta=0.7)),):
     whole = samplers.sample(diffusion, model_fn, RNG, jnp.arange(8), shape8, **kw)["samples"]
     halves = [samplers.sample(diffusion, model_fn, RNG, jnp.arange(4) + 4 * h, SHAPE, **kw)["samples"] for h in (0, 1)]
     np.testing.assert_allclose(whole, np.concatenate(halves), rtol=1e-6, atol=1e-6)
@@ -200,12 +210,12 @@ def test_same_images_whatever_the_batch_size():
 def test_same_images_on_one_or_four_devices(n_devices):
   diffusion = make_diffusion()
   shape8 = (8,) + SHAPE[1:]
-  results = []
+  results, ddim = [], spec("ddim", num_steps=4)
   for devices in (jax.devices()[:1], jax.devices()[:n_devices]):
     sharding = NamedSharding(Mesh(np.array(devices), ("data",)), P("data"))
     indices = jax.device_put(jnp.arange(8, dtype=jnp.int32), sharding)
     fn = jax.jit(
-      lambda rng, idx: samplers.sample(diffusion, model_fn, rng, idx, shape8, sampler="ddim", num_steps=4, eta=1.0),
+      lambda rng, idx: samplers.sample(diffusion, model_fn, rng, idx, shape8, sampler=ddim, eta=1.0),
       out_shardings=sharding,
     )
     out = fn(RNG, indices)["samples"]
@@ -236,7 +246,7 @@ def test_interpolation(same_noise, sampler, num_steps):
   x2 = -jnp.flip(x1)
   lambdas = jnp.array([0.0, 0.3, 0.6, 1.0])
   t = 5
-  kw = dict(t=t, sampler=sampler, num_steps=num_steps)
+  kw = dict(t=t, sampler=spec(sampler, num_steps=num_steps))
   rows = samplers.interpolate(diffusion, model_fn, RNG, x1, x2, lambdas, same_noise=same_noise, **kw)
   assert rows.shape == (4,) + SHAPE[1:]
   # The documented noise: q_rng diffuses the endpoints, d_rng denoises every row with index 0.
@@ -259,7 +269,7 @@ def test_interpolation(same_noise, sampler, num_steps):
 
 def test_no_recompilation_for_new_values():
   diffusion = make_diffusion()
-  kw = dict(sampler="ddim", num_steps=4, eta=0.3)
+  kw = dict(sampler=spec("ddim", num_steps=4, eta=0.3))
   samplers.sample(diffusion, model_fn, RNG, INDICES, SHAPE, **kw)
   size = samplers._run._cache_size()
   new_model = jax.tree_util.Partial(_apply, {"a": jnp.float32(0.7), "b": jnp.float32(0.2)})
@@ -274,13 +284,15 @@ def test_validation():
   with pytest.raises(ValueError, match="Unknown sampler"):
     call(sampler="unknown")
   with pytest.raises(ValueError, match="num_steps"):
-    call(num_steps=0)
+    spec(num_steps=0)
   with pytest.raises(ValueError, match="num_steps"):
-    call(num_steps=T + 1)
+    spec(num_steps=T + 1)
   with pytest.raises(ValueError, match="eta"):
     call(sampler="ddim", eta=-0.1)
-  with pytest.raises(ValueError, match="only to sampler='ddim'"):
+  with pytest.raises(ValueError, match="eta=0.5 applies only to samplers with an eta"):
     call(eta=0.5)
+  with pytest.raises(ValueError, match="resolved for T=20, but the diffusion has T=10"):
+    call(sampler=samplers.resolve("ddim", num_timesteps=2 * T))
   with pytest.raises(ValueError, match="indices"):
     samplers.sample(diffusion, model_fn, RNG, jnp.arange(3), SHAPE)
   with pytest.raises(ValueError, match="progressive_every"):

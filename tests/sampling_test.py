@@ -8,8 +8,11 @@ import pytest
 
 from configs import tiny
 from diffusion_jax import checkpointing
+from diffusion_jax import config_base
 from diffusion_jax import runtime
+from diffusion_jax import samplers
 from diffusion_jax import sampling
+from diffusion_jax.evaluation import sample_export
 
 
 def _random_params(cfg, seed=0):
@@ -105,23 +108,24 @@ def test_save_image_grid_never_overwrites(tmp_path):
 def test_chunked_export_resumes_without_gaps_or_duplicates(workdir, tmp_path):
   model = sampling.load_model(workdir)
   rng = jax.random.PRNGKey(0)
-  kw = dict(sampler="ddim", num_steps=4, eta=0.0, clip_denoised=True, chunk_size=4, progress=False)
-  full = sampling.read_sample_chunks(sampling.write_sample_chunks(model, tmp_path / "full", 10, rng, **kw))
+  spec = samplers.resolve("ddim", num_timesteps=model.diffusion.num_timesteps, num_steps=4)
+  kw = dict(spec=spec, clip_denoised=True, chunk_size=4, progress=False)
+  full = sample_export.read_sample_chunks(sample_export.write_sample_chunks(model, tmp_path / "full", 10, rng, **kw))
   assert full.shape == (10, 8, 8, 1)
 
   # An interrupted export: two chunks written, one lost mid-write (a stray temporary file).
   out = tmp_path / "resumed"
-  paths = sampling.write_sample_chunks(model, out, 8, rng, **kw)
+  paths = sample_export.write_sample_chunks(model, out, 8, rng, **kw)
   paths[1].rename(out / (paths[1].name + ".tmp"))
   first_mtime = os.stat(paths[0]).st_mtime_ns
-  paths = sampling.write_sample_chunks(model, out, 10, rng, **kw)
+  paths = sample_export.write_sample_chunks(model, out, 10, rng, **kw)
   assert [p.name for p in paths] == [
     "samples_0000000_0000004.npz",
     "samples_0000004_0000008.npz",
     "samples_0000008_0000010.npz",
   ]
   assert os.stat(paths[0]).st_mtime_ns == first_mtime  # finished chunks are kept, not rewritten
-  resumed = sampling.read_sample_chunks(paths)
+  resumed = sample_export.read_sample_chunks(paths)
   np.testing.assert_array_equal(resumed, full)
   indices = np.concatenate([np.load(p)["indices"] for p in paths])
   np.testing.assert_array_equal(indices, np.arange(10))
@@ -177,8 +181,9 @@ def test_one_compilation_per_sample_set_and_per_interpolation(workdir, tmp_path)
   model = sampling.load_model(workdir)
   rng = jax.random.PRNGKey(0)
   with _CompileLog() as log:
-    paths = sampling.write_sample_chunks(
-      model, tmp_path / "set", 10, rng, sampler="dpmpp2m", num_steps=4, clip_denoised=True, chunk_size=4, progress=False
+    spec = samplers.resolve("dpmpp2m", num_timesteps=model.diffusion.num_timesteps, num_steps=4)
+    paths = sample_export.write_sample_chunks(
+      model, tmp_path / "set", 10, rng, spec, clip_denoised=True, chunk_size=4, progress=False
     )
   assert len(paths) == 3 and log.count("sharded_sample") == 1, log.messages
 
@@ -215,9 +220,15 @@ def test_sampler_names_and_settings_are_validated_in_one_place(workdir):
       call(sampler="ddim", num_steps=4, timestep_spacing="sideways")
     with pytest.raises(ValueError, match="Unknown sampler settings"):
       call(sampler="ddim", num_steps=4, stepz=3)
-  spec = sampling.resolve_sampler(20, "dpmpp2m", num_steps=8, sigma_schedule="karras")
+  spec = samplers.resolve("dpmpp2m", num_timesteps=20, num_steps=8, sigma_schedule="karras")
   assert spec.folder_name == "dpmpp2m_8steps_karras" and spec.network_calls == 8
-  assert sampling.resolve_sampler(20, "heun", num_steps=5).network_calls == 9  # 2 per step but the last
+  assert samplers.resolve("heun", num_timesteps=20, num_steps=5).network_calls == 9  # 2 per step but the last
+  section = config_base.sampler_section("dpmpp2m", num_steps=8)
+  section.sigma_schedule = "karras"
+  assert samplers.SamplerSpec.from_config(section, num_timesteps=20) == spec
+  section.stepz = 3
+  with pytest.raises(ValueError, match=r"Unknown sampler settings \['stepz'\]"):
+    samplers.SamplerSpec.from_config(section, num_timesteps=20)
 
 
 def test_sample_to_workdir_names_folders_by_sampler_settings(workdir, tmp_path):
@@ -230,7 +241,7 @@ def test_sample_to_workdir_names_folders_by_sampler_settings(workdir, tmp_path):
   cfg.sampling.num_samples, cfg.sampling.batch_size = 4, 4
   out = sampling.sample_to_workdir(cfg, run)
   assert out.name == "step_3_dpmpp2m_5steps_karras"
-  images = sampling.read_sample_chunks(sorted(out.glob("samples_*.npz")))
+  images = sample_export.read_sample_chunks(sorted(out.glob("samples_*.npz")))
   model = sampling.load_model(run)
   want = sampling.sample_fn(
     model, 4, jax.random.PRNGKey(cfg.eval.seed), sampler="dpmpp2m", num_steps=5, sigma_schedule="karras", progress=False

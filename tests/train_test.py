@@ -244,7 +244,7 @@ def test_batch_not_divisible_by_devices_is_a_clear_error(config):
 
 
 def _train(cfg, workdir):
-  return jax.device_get(train.train_and_evaluate(cfg, str(workdir)))
+  return jax.device_get(train.train_and_evaluate(cfg, str(workdir)).state)
 
 
 @pytest.mark.parametrize("num_classes", [0, 10])  # 10: labels in the batch and label dropout resume exactly too

@@ -151,11 +151,6 @@ def draw_samples(model: inference.LoadedModel, config, workdir, entry) -> tuple[
   sc = config.sampling
   spec = sampler_spec(config, entry)
   count = num_samples(config, entry)
-  if count < 2:
-    raise errors.UserError(
-      f"An evaluation of samples needs at least 2 (a covariance); got num_samples={count} (config.evals entry "
-      "or config.eval.num_samples). The paper used 50000."
-    )
   out_dir = samples_dir(config, workdir, model, spec)
   guidance = float(sc.get("guidance_scale", 1.0)) if model.num_classes else 1.0
   start = time.time()
@@ -188,6 +183,17 @@ def draw_samples(model: inference.LoadedModel, config, workdir, entry) -> tuple[
 # ----------------------------------------------------------------------------
 # The kinds.
 # ----------------------------------------------------------------------------
+
+
+def _check_samples(evaluator) -> None:
+  """The sampler settings and the sample count of an evaluation of samples, checked before anything runs."""
+  sampler_spec(evaluator.config, evaluator.entry)
+  count = num_samples(evaluator.config, evaluator.entry)
+  if count < 2:
+    raise errors.UserError(
+      f"config.evals.{evaluator.name}: {evaluator.kind} needs at least 2 samples (it fits a covariance), got "
+      f"num_samples={count} (the entry's num_samples, or config.eval.num_samples where it is 0). The paper used 50000."
+    )
 
 
 class Evaluator:
@@ -305,7 +311,7 @@ class FidEvaluator(Evaluator):
 
   def check(self):
     evaluate_lib.check_fid_config(self.config)
-    sampler_spec(self.config, self.entry)
+    _check_samples(self)
 
   def run(self, model, *, mesh, memo):
     paths, provenance, sampling_s = draw_samples(model, self.config, self.workdir, self.entry)
@@ -345,7 +351,7 @@ class DigitsEvaluator(Evaluator):
         "--config.data.image_size=8 --config.data.channels=1, or Inception's smoke test "
         "(--config.eval.random_inception=True)."
       )
-    sampler_spec(self.config, self.entry)
+    _check_samples(self)
 
   def run(self, model, *, mesh, memo):
     paths, provenance, sampling_s = draw_samples(model, self.config, self.workdir, self.entry)

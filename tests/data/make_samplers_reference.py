@@ -107,6 +107,9 @@ def run_case(name, module=samplers):
   function, mean_type, var_type, kw = CASES[name]
   diffusion, model_fn = make_diffusion(mean_type, var_type), make_model_fn(mean_type, var_type)
   rng = jax.random.PRNGKey(SEED)
+  kw = dict(kw)
+  settings = {k: kw.pop(k) for k in samplers.registry.SETTINGS if k in kw}
+  kw["sampler"] = samplers.resolve(kw.pop("sampler", "ancestral"), num_timesteps=diffusion.num_timesteps, **settings)
   if function == "sample":
     out = module.sample(diffusion, model_fn, rng, jnp.asarray(INDICES), SHAPE, **kw)
   elif function == "denoise":
