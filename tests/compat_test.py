@@ -3,8 +3,11 @@ release changes the detail the package relies on; and no other module reaches in
 
 import ast
 import importlib.util
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -101,3 +104,14 @@ def test_no_module_outside_compat_reaches_into_dependency_internals():
       if private.search(text) or patched.search(text):
         offenders.append(f"{path.relative_to(PACKAGE)}:{lineno}: {text}")
   assert not offenders, offenders
+
+
+def test_malloc_arenas_are_capped_unless_the_environment_says_otherwise():
+  """cli.limit_malloc_arenas (resident memory stays flat over many checkpoints: benchmarks/soak.py)."""
+  code = "from diffusion_jax import cli; print(cli.limit_malloc_arenas())"
+  env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+  assert out.strip() == "True"
+  env["MALLOC_ARENA_MAX"] = "4"  # the user's own setting wins
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+  assert out.strip() == "False"

@@ -351,6 +351,12 @@ class DigitsEvaluator(Evaluator):
         "--config.data.image_size=8 --config.data.channels=1, or Inception's smoke test "
         "(--config.eval.random_inception=True)."
       )
+    if self.config.eval.fid_stats_path:
+      logging.warning(
+        "config.eval.fid_stats_path=%s is not used by config.evals.%s: the digit classifier scores the samples.",
+        self.config.eval.fid_stats_path,
+        self.name,
+      )
     _check_samples(self)
 
   def run(self, model, *, mesh, memo):
