@@ -25,6 +25,8 @@ from typing import Any
 
 import jax
 
+from diffusion_jax import runtime
+
 # Dense peak TFLOP/s per chip by `device_kind` substring (first match wins), as (bfloat16, float32).
 # GPUs: NVIDIA's dense (no sparsity) tensor-core figure for bf16 and the plain FP32 (non-tensor-core) figure;
 # with TF32 enabled, float32 matmuls can reach the TF32 peak instead (H100 SXM 495, A100 156).
@@ -211,8 +213,5 @@ def write_json(path: str | None, payload: Mapping[str, Any]) -> None:
     return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, default=str)
-  os.replace(tmp, path)
+  runtime.atomic_write(path, json.dumps(payload, indent=2, default=str))
   print(f"Wrote {path}")

@@ -1,8 +1,8 @@
 """The PyTorch baseline: diffusers' `UNet2DModel` configured as our U-Net, trained and sampled like ours.
 
 The network is `UNet2DModel(**convert.diffusers_config_for(config))`, which for
-configs/cifar.py is the paper's CIFAR-10 model (DDPM_FACTS §7: 35,746,307
-parameters, the same as ours). A training step does the work of our
+configs/cifar.py is the paper's CIFAR-10 model (35,746,307 parameters, the
+same as ours; the paper's Appendix B gives 35.7M). A training step does the work of our
 `train_step` with `clip_groups=1`: random t, x_t = q_sample(x_0, t, ε), the ε
 MSE, backward, global-norm clipping, Adam, and the EMA update. Sampling runs
 the ancestral reverse step (ε prediction, x_0 clipping) in a Python loop.

@@ -43,6 +43,7 @@ from etils import epath
 from diffusion_jax import compat
 from diffusion_jax import config_base
 from diffusion_jax import errors as errors_lib
+from diffusion_jax import runtime
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -142,9 +143,7 @@ def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) 
     while (workdir / f"{CONFIG_FILE}.{n}").exists():
       n += 1
     path.rename(workdir / f"{CONFIG_FILE}.{n}")
-  tmp = workdir / f"{CONFIG_FILE}.tmp"
-  tmp.write_text(json.dumps(new, indent=2, sort_keys=True))
-  tmp.rename(path)
+  runtime.atomic_write(path, json.dumps(new, indent=2, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------
@@ -168,9 +167,7 @@ def write_class_names(workdir: str | os.PathLike, names) -> None:
         f"{path} lists the classes {old}, but the data now has {names}: train in a new workdir."
       )
     return
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(json.dumps(names, indent=1) + "\n")
-  tmp.rename(path)
+  runtime.atomic_write(path, json.dumps(names, indent=1) + "\n")
 
 
 def read_class_names(workdir: str | os.PathLike) -> list[str] | None:

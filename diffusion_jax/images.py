@@ -10,6 +10,7 @@ import numpy as np
 from etils import epath
 
 from diffusion_jax import errors
+from diffusion_jax import runtime
 
 
 def to_uint8(x) -> np.ndarray:
@@ -64,7 +65,4 @@ def save_image(image, path: str | os.PathLike, *, overwrite: bool = False) -> ep
   buf = io.BytesIO()
   pil.save(buf, format="PNG")
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_bytes(buf.getvalue())
-  tmp.rename(path)
-  return path
+  return runtime.atomic_write(path, buf.getvalue())

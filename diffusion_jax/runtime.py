@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
@@ -350,21 +351,57 @@ def import_tensorflow():
   return tf
 
 
-# The environment variable that chooses the compilation cache's directory; "0" (or "off", "") turns it off.
+# The environment variable that chooses the directory of the package's caches: the persistent compilation cache
+# (in its jax/ folder) and downloaded weights (the FID Inception's). "0" (or "off", "") turns the compilation cache off.
 CACHE_ENV = "DIFFUSION_JAX_CACHE_DIR"
+# Its deprecated alias, the FID Inception weights' variable before every cache shared one directory.
+DEPRECATED_CACHE_ENV = "DIFFUSION_JAX_CACHE"
+_CACHE_OFF = ("0", "", "off", "false", "no")
+
+
+@functools.cache
+def _warn_deprecated_cache_env() -> None:
+  warnings.warn(
+    f"${DEPRECATED_CACHE_ENV} is deprecated; set ${CACHE_ENV} instead (the directory of diffusion_jax's caches: "
+    "the compilation cache in its jax/ folder and the FID Inception weights).",
+    FutureWarning,
+    stacklevel=1,
+  )
+
+
+def _cache_env() -> str | None:
+  """$DIFFUSION_JAX_CACHE_DIR, else $DIFFUSION_JAX_CACHE (warning once that it is deprecated), else None."""
+  if CACHE_ENV in os.environ:
+    return os.environ[CACHE_ENV]
+  if DEPRECATED_CACHE_ENV in os.environ:
+    _warn_deprecated_cache_env()
+    return os.environ[DEPRECATED_CACHE_ENV]
+  return None
 
 
 def default_cache_dir() -> str:
-  """$XDG_CACHE_HOME/diffusion_jax/jax, or ~/.cache/diffusion_jax/jax."""
+  """The directory of the package's caches: the compilation cache (its jax/ folder) and downloaded weights.
+
+  $DIFFUSION_JAX_CACHE_DIR; else $DIFFUSION_JAX_CACHE, its deprecated alias
+  (the FID Inception weights' variable before every cache shared this
+  directory), read with a FutureWarning, once per process, that names
+  DIFFUSION_JAX_CACHE_DIR; else $XDG_CACHE_HOME/diffusion_jax, or
+  ~/.cache/diffusion_jax. A value that turns the compilation cache off ("0",
+  "off", "") leaves the other caches in that default.
+  """
+  directory = _cache_env()
+  if directory is not None and directory.strip().lower() not in _CACHE_OFF:
+    return os.path.expanduser(directory)
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "diffusion_jax", "jax")
+  return os.path.join(base, "diffusion_jax")
 
 
 def enable_compilation_cache() -> str | None:
   """Turns on JAX's persistent compilation cache, so a restarted run or a new session skips recompiling.
 
-  The directory is $DIFFUSION_JAX_CACHE_DIR, else `default_cache_dir()`;
-  DIFFUSION_JAX_CACHE_DIR=0 turns the cache off. A cache the user configured
+  The directory is jax/ in `default_cache_dir()` ($DIFFUSION_JAX_CACHE_DIR, by
+  default ~/.cache/diffusion_jax); DIFFUSION_JAX_CACHE_DIR=0 turns the cache
+  off. A cache the user configured
   ($JAX_COMPILATION_CACHE_DIR or `jax.config.update("jax_compilation_cache_dir",
   ...)`) is kept as it is, and so are minimum compile time and entry size
   set through their own variables. Call it before the first compilation: JAX
@@ -376,10 +413,10 @@ def enable_compilation_cache() -> str | None:
   configured = jax.config.jax_compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR")
   if configured:
     return configured
-  directory = os.environ.get(CACHE_ENV)
-  if directory is not None and directory.strip().lower() in ("0", "", "off", "false", "no"):
+  directory = _cache_env()
+  if directory is not None and directory.strip().lower() in _CACHE_OFF:
     return None
-  directory = os.path.expanduser(directory) if directory else default_cache_dir()
+  directory = os.path.join(default_cache_dir(), "jax")
   try:
     os.makedirs(directory, exist_ok=True)
   except OSError:

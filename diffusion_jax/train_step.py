@@ -112,7 +112,7 @@ def grouped_clipped_gradients(grad_fn, params, batch, rngs, max_norm: float):
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   # Unrolled: inside a while loop XLA:CPU leaves the weight-gradient convolutions in a
-  # non-canonical layout and runs them ~8x slower (benchmarks/README.md).
+  # non-canonical layout, off its fast path (benchmarks/README.md, "Performance notes (CPU)").
   acc, (losses, norms) = jax.lax.scan(body, zeros, tuple(split(a) for a in batch) + (rngs,), unroll=True)
   return jax.tree.map(lambda a: a / groups, acc), losses.reshape(b), jnp.mean(norms)
 

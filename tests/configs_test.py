@@ -17,7 +17,7 @@ from diffusion_jax.models import unet
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 CONFIG_FILES = sorted(p.name for p in CONFIG_DIR.glob("*.py") if not p.name.startswith("_"))
-SECTIONS = {"data", "model", "diffusion", "optim", "training", "sampling", "eval"}
+SECTIONS = {"data", "model", "diffusion", "optim", "training", "sampling", "eval", "evals"}
 
 
 def load_config(name):
@@ -68,7 +68,7 @@ def test_config_loads_and_builds(name):
 
 
 def test_cifar_is_the_paper_setting():
-  """DDPM_FACTS §1, §3 and §4: run_cifar.py exactly."""
+  """The paper's CIFAR-10 setting (§4, Appendix B): the reference code's run_cifar.py exactly."""
   c = load_config("cifar.py")
   assert c.data.dataset == "cifar10" and c.data.image_size == 32 and c.data.channels == 3
   assert c.data.random_flip is True

@@ -20,9 +20,11 @@ from diffusion_jax import xla_flags  # noqa: E402
 
 xla_flags.apply()  # the XLA:CPU options every command of the package starts with (cli.start)
 
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 CACHE_DIR = pathlib.Path(
@@ -35,9 +37,6 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-# `from configs import tiny` in tests: configs/ is a folder of config files at the repository root.
-if str(REPO_ROOT) not in sys.path:
-  sys.path.insert(0, str(REPO_ROOT))
 
 
 # Deprecations become errors where they are attributed to the libraries the package is built on, to the package or
@@ -65,6 +64,36 @@ def cli_env(devices: int = _N_DEVICES) -> dict[str, str]:
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
   )
+
+
+def start_cli(command: list[str], log_path, *, devices: int = _N_DEVICES) -> subprocess.Popen:
+  """Starts `command` (e.g. `cli_train_command(...)`) from the repository's root with `cli_env(devices)`, its
+  stdout and stderr going to `log_path`."""
+  with open(log_path, "w") as log:
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=cli_env(devices), stdout=log, stderr=subprocess.STDOUT)
+
+
+def tiny_config(**training):
+  """configs/tiny.py with `training.K=V` overrides."""
+  from configs import tiny  # noqa: PLC0415 - imported where used: conftest runs before XLA_FLAGS-dependent imports
+
+  config = tiny.get_config()
+  config.training.update(training)
+  return config
+
+
+def write_model_workdir(path, *, step: int, config=None, scale: float = 0.05):
+  """A workdir of the tiny model at `step` whose (EMA) parameters are random but give a non-trivial output:
+  the initialisation (whose residual branches start at zero) plus `scale` standard normals (seeded)."""
+  from diffusion_jax import checkpointing  # noqa: PLC0415
+  from diffusion_jax import runtime  # noqa: PLC0415
+
+  config = config or tiny_config()
+  params = runtime.init_params(runtime.build_network(config), jax.random.PRNGKey(0), runtime.image_shape(config))
+  rs = np.random.RandomState(0)
+  params = jax.tree.map(lambda x: np.asarray(x) + scale * rs.standard_normal(x.shape).astype(np.float32), params)
+  checkpointing.save_model_checkpoint(path, config=config, params=params, ema_params=params, step=step)
+  return path
 
 
 def cli_train_command(workdir, training: dict, config: str = "configs/tiny.py") -> list[str]:

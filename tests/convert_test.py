@@ -34,7 +34,10 @@ except ModuleNotFoundError:  # without PyTorch: only the tests not marked `torch
 from safetensors import numpy as st_numpy  # noqa: E402
 
 from diffusion_jax import convert  # noqa: E402
+from diffusion_jax import errors as errors_lib  # noqa: E402
 from diffusion_jax import runtime  # noqa: E402
+from diffusion_jax.convert import cli as convert_cli  # noqa: E402
+from diffusion_jax.convert import common as convert_common  # noqa: E402
 from diffusion_jax.models import unet  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -155,7 +158,7 @@ def _write_diffusers(folder: pathlib.Path, config: dict, tensors: dict[str, np.n
 
 
 def _assert_trees_equal(a, b) -> None:
-  fa, fb = convert._flatten(a), convert._flatten(b)
+  fa, fb = convert_common.flatten(a), convert_common.flatten(b)
   assert set(fa) == set(fb)
   for k in fa:
     np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg="/".join(k))
@@ -200,7 +203,7 @@ def test_diffusers_cifar_layout_matches_diffusers_forward(tmp_path):
   config = _load_config("cifar")
   convert.check_config_matches(config, overrides)
   convert.validate_params(params, config)
-  assert sum(v.size for v in convert._flatten(params).values()) == 35_746_307
+  assert sum(v.size for v in convert_common.flatten(params).values()) == 35_746_307
   x, t = _inputs(CIFAR, batch=1)
   _report("diffusers CIFAR-10 layout", _our_forward(params, x, t), _torch_forward(model, x, t))
 
@@ -328,7 +331,7 @@ def _random_params(config, seed: int):
     else:
       value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
     params[path] = value.astype(np.float32)
-  return convert._unflatten(params)
+  return convert_common.unflatten(params)
 
 
 @pytest.mark.torch
@@ -463,7 +466,7 @@ def test_tf_checkpoint_ema_matches_diffusers_and_raw_on_request(tiny, tf_vars, t
   _report("TF checkpoint (EMA)", _our_forward(params, x, t), _torch_forward(tiny.model, x, t))
 
   raw = convert.tf_checkpoint_to_params(str(tmp_path), use_ema=False)  # the directory works too
-  flat = convert._flatten(raw)
+  flat = convert_common.flatten(raw)
   assert len(flat) == len(tf_vars.raw)
   leaf = {"W": "kernel", "b": "bias", "gamma": "scale", "beta": "bias"}
   for name, value in tf_vars.raw.items():  # same layout as TF: HWIO convs, [in, out] dense and nin
@@ -540,7 +543,7 @@ def test_cli_tf2jax_then_jax2diffusers(tiny, tf_vars, tmp_path):
   prefix = _write_tf(tmp_path / "tf" / "model.ckpt-790000", _tf_checkpoint(tf_vars))
   config = _load_config("tiny", **LEARNED)
   out = tmp_path / "ours"
-  convert._run("tf2jax", _flags(config=config, checkpoint=prefix, out=str(out)))
+  convert_cli._run("tf2jax", _flags(config=config, checkpoint=prefix, out=str(out)))
   saved_config, ema, step = checkpointing.load_params(out)
   _, raw, _ = checkpointing.load_params(out, use_ema=False)
   assert step == 790000
@@ -549,13 +552,13 @@ def test_cli_tf2jax_then_jax2diffusers(tiny, tf_vars, tmp_path):
   _assert_trees_equal(raw, convert.tf_checkpoint_to_params(prefix, use_ema=False))
 
   folder = tmp_path / "exported"
-  convert._run("jax2diffusers", _flags(workdir=str(out), out=str(folder)))
+  convert_cli._run("jax2diffusers", _flags(workdir=str(out), out=str(folder)))
   model = diffusers.UNet2DModel.from_pretrained(folder).eval()
   x, t = _inputs(TINY, batch=2, seed=3)
   _report("TF -> ours -> diffusers", _torch_forward(model, x, t), _torch_forward(tiny.model, x, t))
 
   with pytest.raises(convert.ConversionError, match="conv_out/kernel"):  # fixedlarge: 1 output channel
-    convert._run("tf2jax", _flags(config=_load_config("tiny"), checkpoint=prefix, out=str(tmp_path / "bad")))
+    convert_cli._run("tf2jax", _flags(config=_load_config("tiny"), checkpoint=prefix, out=str(tmp_path / "bad")))
 
 
 @pytest.mark.torch
@@ -567,7 +570,7 @@ def test_cli_diffusers2jax_checks_the_config(tiny_folder, tmp_path):
     match=r"model\.ch: config 128, checkpoint 32(.|\n)*"
     r"--config\.model\.ch=32 --config\.model\.ch_mult='\(1,2\)'",
   ):
-    convert._run(
+    convert_cli._run(
       "diffusers2jax", _flags(config=_load_config("cifar"), folder=str(tiny_folder), out=str(tmp_path / "a"))
     )
   with pytest.raises(
@@ -575,9 +578,13 @@ def test_cli_diffusers2jax_checks_the_config(tiny_folder, tmp_path):
     match=r"output channels: config 1 \(diffusion.model_var_type="
     r"'fixedlarge'\), checkpoint 2(.|\n)*learned_range",
   ):
-    convert._run("diffusers2jax", _flags(config=_load_config("tiny"), folder=str(tiny_folder), out=str(tmp_path / "a")))
+    convert_cli._run(
+      "diffusers2jax", _flags(config=_load_config("tiny"), folder=str(tiny_folder), out=str(tmp_path / "a"))
+    )
   out = tmp_path / "b"
-  convert._run("diffusers2jax", _flags(config=_load_config("tiny", **LEARNED), folder=str(tiny_folder), out=str(out)))
+  convert_cli._run(
+    "diffusers2jax", _flags(config=_load_config("tiny", **LEARNED), folder=str(tiny_folder), out=str(out))
+  )
   _, params, step = checkpointing.load_params(out)
   assert step == 0
   _assert_trees_equal(params, convert.diffusers_to_params(tiny_folder)[0])
@@ -643,16 +650,16 @@ def test_cli_tf2jax_without_config_infers_the_architecture(tf_vars, tmp_path):
 
   prefix = _write_tf(tmp_path / "tf" / "model.ckpt-790000", _tf_checkpoint(tf_vars, slots=False))
   with pytest.raises(convert.ConversionError, match=r"needs the image size(.|\n)*--image_size=N"):
-    convert._run("tf2jax", _flags(checkpoint=prefix, out=str(tmp_path / "a")))
+    convert_cli._run("tf2jax", _flags(checkpoint=prefix, out=str(tmp_path / "a")))
   with pytest.raises(convert.ConversionError, match="either --config or --preset"):
-    convert._run(
+    convert_cli._run(
       "tf2jax", _flags(config=_load_config("tiny"), image_size=8, checkpoint=prefix, out=str(tmp_path / "a"))
     )
   with pytest.raises(convert.ConversionError, match=r"Unknown preset 'cifar'(.|\n)*--preset=cifar10"):
-    convert._run("tf2jax", _flags(preset="cifar", checkpoint=prefix, out=str(tmp_path / "a")))
+    convert_cli._run("tf2jax", _flags(preset="cifar", checkpoint=prefix, out=str(tmp_path / "a")))
 
   out = tmp_path / "ours"
-  convert._run("tf2jax", _flags(image_size=8, checkpoint=prefix, out=str(out)))
+  convert_cli._run("tf2jax", _flags(image_size=8, checkpoint=prefix, out=str(out)))
   config, ema, step = checkpointing.load_params(out)
   assert step == 790000
   expected = _load_config("cifar")  # a bare --image_size: configs/cifar.py with the checkpoint's network
@@ -664,7 +671,7 @@ def test_cli_tf2jax_without_config_infers_the_architecture(tf_vars, tmp_path):
   _assert_trees_equal(ema, convert.tf_checkpoint_to_params(prefix))
 
   out = tmp_path / "lsun"
-  convert._run("tf2jax", _flags(preset="lsun", checkpoint=prefix, out=str(out)))
+  convert_cli._run("tf2jax", _flags(preset="lsun", checkpoint=prefix, out=str(out)))
   config, _, _ = checkpointing.load_params(out)
   assert (config.data.dataset, config.data.image_size, config.model.dropout) == ("lsun_bedroom", 256, 0.0)
   assert tuple(config.model.attn_resolutions) == (128,) and tuple(config.model.ch_mult) == (1, 2)
@@ -700,17 +707,17 @@ def test_mismatch_messages_give_the_config_overrides(tiny_folder, tf_vars, tmp_p
       "--config.diffusion.loss_type=hybrid"
     ),
   ):
-    convert._run("tf2jax", _flags(config=config, checkpoint=prefix, out=str(tmp_path / "a")))
+    convert_cli._run("tf2jax", _flags(config=config, checkpoint=prefix, out=str(tmp_path / "a")))
 
   config = _load_config("tiny", model_var_type="learned_range", loss_type="hybrid")
-  fixed = dict(convert._flatten(params))
+  fixed = dict(convert_common.flatten(params))
   fixed[("conv_out", "kernel")] = fixed[("conv_out", "kernel")][..., :1]
   fixed[("conv_out", "bias")] = fixed[("conv_out", "bias")][:1]
   with pytest.raises(
     convert.ConversionError,
     match=re.escape("pass --config.diffusion.model_var_type=fixedlarge --config.diffusion.loss_type=mse"),
   ):
-    convert.validate_params(convert._unflatten(fixed), config)
+    convert.validate_params(convert_common.unflatten(fixed), config)
 
 
 @pytest.mark.torch
@@ -718,13 +725,13 @@ def test_cli_diffusers2jax_without_config_reads_the_scheduler(tiny_folder, tmp_p
   from diffusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
 
   out = tmp_path / "plain"
-  convert._run("diffusers2jax", _flags(folder=str(tiny_folder), out=str(out)))
+  convert_cli._run("diffusers2jax", _flags(folder=str(tiny_folder), out=str(out)))
   config, params, _ = checkpointing.load_params(out)
   assert (config.diffusion.model_var_type, config.diffusion.loss_type) == ("learned_range", "hybrid")
   assert (config.data.image_size, config.data.channels, tuple(config.model.attn_resolutions)) == (8, 1, (4,))
   _assert_trees_equal(params, convert.diffusers_to_params(tiny_folder)[0])
   with pytest.raises(convert.ConversionError, match="sample_size is 8"):
-    convert._run("diffusers2jax", _flags(folder=str(tiny_folder), image_size=16, out=str(tmp_path / "x")))
+    convert_cli._run("diffusers2jax", _flags(folder=str(tiny_folder), image_size=16, out=str(tmp_path / "x")))
 
   pipeline = tmp_path / "pipeline"
   shutil.copytree(tiny_folder, pipeline / "unet")
@@ -735,13 +742,13 @@ def test_cli_diffusers2jax_without_config_reads_the_scheduler(tiny_folder, tmp_p
     json.dumps({"_class_name": "DDPMScheduler", "variance_type": "learned", "prediction_type": "epsilon"})
   )
   with pytest.raises(convert.ConversionError, match=r"variance_type='learned'(.|\n)*variance itself"):
-    convert._run("diffusers2jax", _flags(folder=str(pipeline), out=str(tmp_path / "x")))
+    convert_cli._run("diffusers2jax", _flags(folder=str(pipeline), out=str(tmp_path / "x")))
   scheduler.write_text(json.dumps({"variance_type": "fixed_small"}))
   with pytest.raises(convert.ConversionError, match="2 x 1 output channels.*fixed variance 'fixedsmall'"):
-    convert._run("diffusers2jax", _flags(folder=str(pipeline), out=str(tmp_path / "x")))
+    convert_cli._run("diffusers2jax", _flags(folder=str(pipeline), out=str(tmp_path / "x")))
   scheduler.write_text(json.dumps({"variance_type": "learned_range", "prediction_type": "v_prediction"}))
   out = tmp_path / "from_pipeline"
-  convert._run("diffusers2jax", _flags(folder=str(pipeline), preset="celebahq", out=str(out)))
+  convert_cli._run("diffusers2jax", _flags(folder=str(pipeline), preset="celebahq", out=str(out)))
   config, _, _ = checkpointing.load_params(out)
   assert (config.diffusion.model_var_type, config.diffusion.model_mean_type) == ("learned_range", "v")
   assert (config.data.dataset, config.data.image_size, config.model.dropout) == ("celeb_a_hq", 8, 0.0)
@@ -777,7 +784,7 @@ def test_cli_user_error_is_one_line_without_traceback(tf_vars, tmp_path):
   assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr
   assert "--config.diffusion.loss_type=hybrid" in errors[0] and "kl" in errors[0], errors[0]
   assert not (tmp_path / "out").exists()
-  assert issubclass(convert.ConversionError, convert.errors.UserError)
+  assert issubclass(convert.ConversionError, errors_lib.UserError)
 
 
 # ----------------------------------------------------------------------------
@@ -809,7 +816,7 @@ def test_conditional_export_matches_diffusers_and_imports_back(tmp_path):
   config = _load_config("tiny", **LEARNED)
   config.model.num_classes = 3
   params = _random_params(config, seed=7)
-  assert convert._flatten(params)[("class_embed", "embedding")].shape == (4, 128)  # 3 classes + the null class
+  assert convert_common.flatten(params)[("class_embed", "embedding")].shape == (4, 128)  # 3 classes + the null class
   assert convert.infer_architecture(params)["num_classes"] == 3
   folder = convert.params_to_diffusers(params, config, tmp_path / "unet")
   assert json.loads((folder / "config.json").read_text())["num_class_embeds"] == 4
@@ -827,7 +834,7 @@ def test_conditional_export_matches_diffusers_and_imports_back(tmp_path):
   _assert_trees_equal(back, params)
   convert.check_config_matches(config, overrides)
   out = tmp_path / "ours"
-  convert._run("diffusers2jax", _flags(folder=str(folder), out=str(out)))  # config built from the folder
+  convert_cli._run("diffusers2jax", _flags(folder=str(folder), out=str(out)))  # config built from the folder
   saved, loaded, _ = checkpointing.load_params(out)
   assert saved.model.num_classes == 3
   _assert_trees_equal(loaded, params)

@@ -1,4 +1,4 @@
-"""Tests of diffusion_jax.diffusion against float64 NumPy written from DDPM_FACTS §1-2.
+"""Tests of diffusion_jax.diffusion against float64 NumPy written from the paper's equations and reference code.
 
 The reference (`_Ref`) is written here from the formulas, never from values the
 code under test produces. The code keeps its tables in float32 (as the original
@@ -41,7 +41,7 @@ def _linear_betas(T=1000):
 
 
 class _Ref:
-  """GaussianDiffusion's math in float64 NumPy, from DDPM_FACTS (no code under test)."""
+  """GaussianDiffusion's math in float64 NumPy, from the paper's equations (no code under test)."""
 
   def __init__(self, betas, mean_type="eps", var_type="fixedlarge", loss_type="mse", hybrid_lambda=0.001):
     b = np.asarray(betas, np.float64)
@@ -225,7 +225,7 @@ def _j(x, dtype=jnp.float32):
 # Tables.
 # ----------------------------------------------------------------------------
 
-# DDPM_FACTS §1, linear, T = 1000: t, β, ᾱ, β̃, log β̃ (clipped), log σ² fixedlarge, coef1, coef2.
+# The reference code's tables, linear, T = 1000: t, β, ᾱ, β̃, log β̃ (clipped), log σ² fixedlarge, coef1, coef2.
 FACTS_TABLE = np.array(
   [
     [0, 1e-4, 0.9999, 0.0, -9.816725135, -9.816725135, 1.0000000000001, 0.0],
@@ -417,7 +417,7 @@ def test_fixedlarge_log_variance_quirk_at_t0():
   d, _ = _setup("eps", "fixedlarge")
   x0, _ = _data()
   out = d.p_mean_variance(_j(x0), _j(x0), _j(TS, jnp.int32))
-  # t = 0: variance β_0 = 1e-4 but log-variance log β̃_1 (DDPM_FACTS §1 table), not log β_0 = -9.2103.
+  # t = 0: variance β_0 = 1e-4 but log-variance log β̃_1 (the reference code's table), not log β_0 = -9.2103.
   np.testing.assert_allclose(out["variance"][0], 1e-4, rtol=1e-6)
   np.testing.assert_allclose(out["log_variance"][0], -9.816725135, rtol=1e-6)
   # t = 1: log β_1.

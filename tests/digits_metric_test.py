@@ -9,12 +9,11 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import write_model_workdir
 
 from configs import tiny
-from diffusion_jax import checkpointing
 from diffusion_jax import input_pipeline
 from diffusion_jax import metric_writer
-from diffusion_jax import runtime
 from diffusion_jax.evaluation import digits_metric as dm
 from diffusion_jax.evaluation import evaluate as eval_lib
 from diffusion_jax.evaluation import evaluators
@@ -169,15 +168,7 @@ def test_classifier_score_and_confidence_closed_forms():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  """A tiny digits workdir whose (EMA) parameters are random but give a non-trivial output."""
-  cfg = tiny.get_config()
-  network, _ = runtime.build(cfg)
-  params = runtime.init_params(network, jax.random.PRNGKey(0), (8, 8, 1))
-  rs = np.random.RandomState(0)
-  params = jax.tree.map(lambda x: np.asarray(x) + 0.05 * rs.standard_normal(x.shape).astype(np.float32), params)
-  path = tmp_path_factory.mktemp("digits_eval_workdir")
-  checkpointing.save_model_checkpoint(path, config=cfg, params=params, ema_params=params, step=STEP)
-  return path
+  return write_model_workdir(tmp_path_factory.mktemp("digits_eval_workdir"), step=STEP)
 
 
 def test_eval_hook_scores_digits_without_inception(workdir, monkeypatch, n_devices):

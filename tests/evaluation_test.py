@@ -9,11 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
+from conftest import write_model_workdir
 
 from configs import tiny
-from diffusion_jax import checkpointing
 from diffusion_jax import input_pipeline
-from diffusion_jax import runtime
 from diffusion_jax import schedules
 from diffusion_jax.evaluation import bpd as bpd_lib
 from diffusion_jax.evaluation import evaluate as eval_lib
@@ -31,15 +30,7 @@ def _config():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  """A tiny workdir at step 7 whose (EMA) parameters are random but give a non-trivial output."""
-  cfg = tiny.get_config()
-  model = runtime.build_network(cfg)
-  params = runtime.init_params(model, jax.random.PRNGKey(0), (8, 8, 1))
-  rs = np.random.RandomState(0)
-  params = jax.tree.map(lambda x: np.asarray(x) + 0.05 * rs.standard_normal(x.shape).astype(np.float32), params)
-  path = tmp_path_factory.mktemp("eval_workdir")
-  checkpointing.save_model_checkpoint(path, config=cfg, params=params, ema_params=params, step=STEP)
-  return path
+  return write_model_workdir(tmp_path_factory.mktemp("eval_workdir"), step=STEP)
 
 
 @pytest.fixture(scope="module")

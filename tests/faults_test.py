@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO_ROOT
 from conftest import cli_env
 from conftest import cli_train_command
+from conftest import tiny_config
 
 from diffusion_jax import checkpointing
 from diffusion_jax import errors
@@ -22,11 +23,7 @@ OVERRIDES = {"num_train_steps": NUM_STEPS, "checkpoint_every": 4, "log_every": 4
 
 
 def _config():
-  from configs import tiny  # noqa: PLC0415 - configs/ is a folder of files, not a package
-
-  config = tiny.get_config()
-  config.training.update(OVERRIDES)
-  return config
+  return tiny_config(**OVERRIDES)
 
 
 def _command(workdir):

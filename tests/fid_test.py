@@ -10,6 +10,8 @@ networks' outputs on one batch of two images.
 import collections
 import os
 import pickle
+import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,8 @@ from jax.sharding import PartitionSpec
 
 from diffusion_jax.evaluation import fid
 from diffusion_jax.evaluation import inception
+from diffusion_jax.evaluation import inception_weights
+from diffusion_jax.evaluation import torch_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +47,7 @@ def pth_path(torch_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def params(pth_path):
-  return inception.load_params(pth_path)
+  return inception_weights.load_params(pth_path)
 
 
 # ----------------------------------------------------------------------------
@@ -177,7 +181,7 @@ def test_safe_reader_roundtrip(tmp_path, zip_format):
   )
   path = tmp_path / "sd.pth"
   torch.save(sd, path, _use_new_zipfile_serialization=zip_format)
-  loaded = inception.load_torch_checkpoint(path)
+  loaded = torch_checkpoint.load_torch_checkpoint(path)
   assert isinstance(loaded, collections.OrderedDict) and list(loaded) == list(sd)
   for k, v in sd.items():
     expected = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
@@ -206,8 +210,8 @@ def test_safe_reader_refuses_other_globals(tmp_path, fmt):
     path.write_bytes(pickle.dumps({"weight": [0.0, 0.0], "payload": _Evil(marker)}))
   else:
     torch.save(obj, path, _use_new_zipfile_serialization=fmt == "zip")
-  with pytest.raises(inception.UnsafeCheckpointError, match=r"global '(posix|os)\.system'"):
-    inception.load_torch_checkpoint(path)
+  with pytest.raises(torch_checkpoint.UnsafeCheckpointError, match=r"global '(posix|os)\.system'"):
+    torch_checkpoint.load_torch_checkpoint(path)
   assert not marker.exists()
 
 
@@ -228,10 +232,10 @@ def test_state_dict_conversion_and_rejection(torch_model, params):
   bad["fc.weight"] = np.zeros((1000, 2048), np.float32)
   bad["fc.bias"] = np.zeros((1000,), np.float32)
   with pytest.raises(ValueError, match=r"not the FID Inception.*AuxLogits.*fc/kernel"):
-    inception.params_from_state_dict(bad)
+    inception_weights.params_from_state_dict(bad)
   missing = {k: v for k, v in sd.items() if not k.startswith("Mixed_7c.")}
   with pytest.raises(ValueError, match="missing Mixed_7c"):
-    inception.params_from_state_dict(missing)
+    inception_weights.params_from_state_dict(missing)
 
 
 @pytest.mark.torch
@@ -239,20 +243,53 @@ def test_npz_roundtrip_and_cache(tmp_path, params, pth_path, monkeypatch):
   cache = tmp_path / "cache"
   monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
   with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth"):
-    inception.load_params(cache_dir=cache, download=False)
+    inception_weights.load_params(cache_dir=cache, download=False)
 
   # A .pth under the official name whose checksum does not match is refused.
   cache.mkdir()
-  (cache / inception.FID_WEIGHTS_FILENAME).write_bytes(pth_path.read_bytes())
+  (cache / inception_weights.FID_WEIGHTS_FILENAME).write_bytes(pth_path.read_bytes())
   with pytest.raises(ValueError, match="does not start with 6726825d"):
-    inception.load_params(cache_dir=cache, download=False)
-  inception.verify_checksum(pth_path, inception.sha256_of(pth_path)[:8])
+    inception_weights.load_params(cache_dir=cache, download=False)
+  inception_weights.verify_checksum(pth_path, inception_weights.sha256_of(pth_path)[:8])
 
   # The converted .npz is what a cache hit reads.
-  inception.save_params_npz(params, cache / inception.FID_WEIGHTS_NPZ_FILENAME)
-  reloaded = inception.load_params(cache_dir=cache, download=False)
+  inception_weights.save_params_npz(params, cache / inception_weights.FID_WEIGHTS_NPZ_FILENAME)
+  reloaded = inception_weights.load_params(cache_dir=cache, download=False)
   jax.tree.map(np.testing.assert_array_equal, reloaded, params)
-  jax.tree.map(np.testing.assert_array_equal, inception.load_params(cache / inception.FID_WEIGHTS_NPZ_FILENAME), params)
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    inception_weights.load_params(cache / inception_weights.FID_WEIGHTS_NPZ_FILENAME),
+    params,
+  )
+
+
+def test_cache_dir_is_the_runtime_one_with_a_deprecated_alias(tmp_path, monkeypatch):
+  """Without cache_dir the weights are looked for in runtime.default_cache_dir(): $DIFFUSION_JAX_CACHE_DIR, else
+  the deprecated $DIFFUSION_JAX_CACHE (one FutureWarning naming the new variable), else the XDG default."""
+  from diffusion_jax import runtime  # noqa: PLC0415
+
+  monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+  monkeypatch.setenv("DIFFUSION_JAX_CACHE", str(tmp_path / "old"))
+  monkeypatch.setenv("DIFFUSION_JAX_CACHE_DIR", str(tmp_path / "new"))
+  with pytest.raises(
+    FileNotFoundError, match=re.escape(str(tmp_path / "new" / inception_weights.FID_WEIGHTS_FILENAME))
+  ):
+    inception_weights.load_params(download=False)
+
+  monkeypatch.delenv("DIFFUSION_JAX_CACHE_DIR")
+  runtime._warn_deprecated_cache_env.cache_clear()
+  with pytest.warns(FutureWarning, match=r"\$DIFFUSION_JAX_CACHE is deprecated; set \$DIFFUSION_JAX_CACHE_DIR"):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "old"))):
+      inception_weights.load_params(download=False)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # once per process
+    assert runtime.default_cache_dir() == str(tmp_path / "old")
+
+  monkeypatch.delenv("DIFFUSION_JAX_CACHE")
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert runtime.default_cache_dir() == str(tmp_path / "xdg" / "diffusion_jax")
+  monkeypatch.setenv("DIFFUSION_JAX_CACHE_DIR", "0")  # turns the compilation cache off; the weights keep the default
+  assert runtime.default_cache_dir() == str(tmp_path / "xdg" / "diffusion_jax")
 
 
 # ----------------------------------------------------------------------------
@@ -384,9 +421,9 @@ def test_weights_that_are_not_a_torch_checkpoint_are_named(tmp_path):
   bad = tmp_path / "weights.pth"
   bad.write_text('{"not": "a checkpoint"}')
   with pytest.raises(errors.UserError, match=r"weights\.pth is not a PyTorch checkpoint of the FID Inception weights"):
-    inception.load_params(bad)
+    inception_weights.load_params(bad)
   with pytest.raises(errors.UserError, match=r"missing\.pth do not exist"):
-    inception.load_params(tmp_path / "missing.pth")
+    inception_weights.load_params(tmp_path / "missing.pth")
 
 
 def test_offline_download_says_where_to_put_the_weights(tmp_path, monkeypatch):
@@ -405,7 +442,7 @@ def test_offline_download_says_where_to_put_the_weights(tmp_path, monkeypatch):
     match=r"(?s)Could not download the FID Inception weights.*"
     r"copy it to .*pt_inception-2015-12-05-6726825d\.pth.*inception_weights",
   ):
-    inception.load_params(cache_dir=tmp_path / "cache")
+    inception_weights.load_params(cache_dir=tmp_path / "cache")
   assert not list((tmp_path / "cache").glob("*.part"))  # no half-written file left behind
 
 

@@ -1,4 +1,4 @@
-"""The package's floors: a module imports only from its own floor or below (README "Code layout")."""
+"""The package's floors: a module imports only from its own floor or below (docs/code_layout.md)."""
 
 import ast
 import pathlib
@@ -26,7 +26,7 @@ def _floor(module: str) -> int:
     for name in names:
       if module == name or module.startswith(name + "."):
         return level
-  raise AssertionError(f"diffusion_jax.{module} is on no floor; add it to FLOORS and to the README's table.")
+  raise AssertionError(f"diffusion_jax.{module} is on no floor; add it to FLOORS and to docs/code_layout.md's table.")
 
 
 def _modules():

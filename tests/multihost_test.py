@@ -9,19 +9,17 @@ checkpoint and exiting with status 75.
 """
 
 import fcntl
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import CACHE_DIR
-from conftest import REPO_ROOT
+from conftest import cli_train_command
+from conftest import start_cli
+from conftest import tiny_config
 
 from diffusion_jax import checkpointing
 from diffusion_jax import train
@@ -36,33 +34,13 @@ def _free_port() -> int:
 
 
 def _start(workdir, process_id, port, log_path, num_classes=0, **training):
-  env = dict(
-    os.environ,
-    JAX_PLATFORMS="cpu",
-    XLA_FLAGS="--xla_force_host_platform_device_count=2",
-    JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR / "jax"),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-  )
-  command = [
-    sys.executable,
-    "-m",
-    "diffusion_jax.main",
-    "--config=configs/tiny.py",
-    f"--workdir={workdir}",
+  command = cli_train_command(workdir, dict(dict(log_every=1), **training)) + [
     f"--coordinator_address=127.0.0.1:{port}",
     "--num_processes=2",
     f"--process_id={process_id}",
-    *(f"--config.training.{k}={v}" for k, v in dict(dict(log_every=1), **training).items()),
     f"--config.model.num_classes={num_classes}",
   ]
-  with open(log_path, "w") as log:
-    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _steps(workdir):
-  directory = workdir / checkpointing.CHECKPOINT_DIR
-  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+  return start_cli(command, log_path, devices=2)
 
 
 @pytest.fixture
@@ -109,7 +87,7 @@ def test_two_processes_train_like_one_and_stop_together_on_sigterm(
   stops = [re.findall(r"Stopping at step (\d+) \(preemption notice", t) for t in texts]
   assert stops[0] and stops[0] == stops[1], stops
   step = int(stops[0][0])
-  assert _steps(workdir) == [step] and step < 100
+  assert checkpointing.checkpoint_steps(workdir) == [step] and step < 100
   data = workdir / checkpointing.CHECKPOINT_DIR / str(step) / checkpointing.DATA_ITEM
   assert sorted(p.name for p in data.glob("process_*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
   # Only process 0 reports progress and writes TensorBoard events.
@@ -121,21 +99,13 @@ def test_two_processes_train_like_one_and_stop_together_on_sigterm(
   # the biases of up_0/block_1's conv2 and nin_shortcut: they feed norm_out, whose 32 groups are single channels
   # here (ch=32), so their gradient is zero but for rounding and their values (|x| < 2e-6) are rounding noise.
   # Measured on jax 0.12 after 7 steps: max |difference| 1.9e-6 there, at most 2.1e-7 in every other leaf.
-  config = _tiny_config(num_train_steps=step, checkpoint_every=1000)
+  config = tiny_config(num_train_steps=step, checkpoint_every=1000)
   config.model.num_classes = num_classes
   single = jax.device_get(train.train_and_evaluate(config, str(tmp_path / "single")).state)
   for use_ema, expected in ((False, single.params), (True, single.ema_params)):
     _, params, loaded_step = checkpointing.load_params(workdir, use_ema=use_ema, step=step)
     assert loaded_step == step
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-6), params, expected)
-
-
-def _tiny_config(**training):
-  from configs import tiny  # noqa: PLC0415 - configs/ is a folder of files, not a package
-
-  config = tiny.get_config()
-  config.training.update(training)
-  return config
 
 
 LOST_STEPS = 12
@@ -157,7 +127,7 @@ def test_a_lost_process_ends_the_other_with_one_message_and_a_restart_resumes_ex
   procs = [_start(workdir, i, port, logs[i], **training) for i in range(2)]
   try:
     deadline = time.monotonic() + 300
-    while not _steps(workdir):
+    while not checkpointing.checkpoint_steps(workdir):
       assert all(p.poll() is None for p in procs), [log.read_text()[-3000:] for log in logs]
       assert time.monotonic() < deadline, "timed out waiting for the first checkpoint"
       time.sleep(0.05)
@@ -175,7 +145,7 @@ def test_a_lost_process_ends_the_other_with_one_message_and_a_restart_resumes_ex
     assert forbidden not in text, text[-3000:]
   error_lines = [line for line in text.splitlines() if line.startswith("error: ")]
   assert len(error_lines) == 1 and "Process 1 of 2 of this run stopped responding" in error_lines[0], text[-3000:]
-  newest = _steps(workdir)[-1]
+  newest = checkpointing.checkpoint_steps(workdir)[-1]
   assert f"The newest complete checkpoint, of step {newest}, is intact." in error_lines[0], error_lines[0]
   assert "==== Training stopped: process 1 of 2 was lost" in text and "resume:" in text, text[-3000:]
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import CACHE_DIR
 from conftest import REPO_ROOT
+from conftest import tiny_config
 
 from diffusion_jax import checkpointing
 from diffusion_jax import config_base
@@ -24,12 +25,6 @@ from diffusion_jax.evaluation import digits_metric
 from diffusion_jax.evaluation import evaluators
 
 BIG = 1_000_000
-
-
-def tiny_config():
-  from configs import tiny  # noqa: PLC0415 - configs/ is a folder of files, not a package
-
-  return tiny.get_config()
 
 
 def _budget_config(seconds=2.0):

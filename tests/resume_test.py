@@ -24,6 +24,8 @@ import pytest
 from conftest import REPO_ROOT
 from conftest import cli_env
 from conftest import cli_train_command
+from conftest import start_cli
+from conftest import tiny_config
 
 from diffusion_jax import checkpointing
 from diffusion_jax import train
@@ -32,14 +34,8 @@ NUM_STEPS = 16
 EXIT_PREEMPTED = 75  # diffusion_jax.main.EXIT_PREEMPTED (importing main would define its absl flags here)
 
 
-def tiny_config(**training):
-  from configs import tiny  # noqa: PLC0415 - configs/ is a folder of files, not a package
-
-  config = tiny.get_config()
-  config.training.num_train_steps = NUM_STEPS
-  config.training.checkpoint_every = 4
-  config.training.update(training)
-  return config
+def _config(**training):
+  return tiny_config(**{"num_train_steps": NUM_STEPS, "checkpoint_every": 4, **training})
 
 
 def _command(workdir, **training):
@@ -51,10 +47,7 @@ def _env():
 
 
 def _start(workdir, log_path, **training):
-  with open(log_path, "w") as log:
-    return subprocess.Popen(
-      _command(workdir, **training), cwd=REPO_ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT
-    )
+  return start_cli(_command(workdir, **training), log_path)
 
 
 def _wait_for(predicate, proc, what, timeout=240):
@@ -66,11 +59,6 @@ def _wait_for(predicate, proc, what, timeout=240):
       proc.kill()
       raise AssertionError(f"Timed out waiting for {what}.")
     time.sleep(0.05)
-
-
-def _steps(workdir):
-  directory = pathlib.Path(workdir) / checkpointing.CHECKPOINT_DIR
-  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
 
 
 def _host(tree):
@@ -86,7 +74,7 @@ def _assert_same(state, reference):
 def reference(tmp_path_factory):
   """An uninterrupted run of NUM_STEPS steps (the checkpoints of steps 12 and 16 are kept)."""
   workdir = tmp_path_factory.mktemp("reference")
-  state = train.train_and_evaluate(tiny_config(), str(workdir)).state
+  state = train.train_and_evaluate(_config(), str(workdir)).state
   return dict(workdir=workdir, params=_host(state.params), ema_params=_host(state.ema_params))
 
 
@@ -96,17 +84,17 @@ def test_kill9_at_a_random_moment_then_resume_is_exact(reference, tmp_path, capl
   print(f"kill -9 {delay:.2f} s after the first checkpoint (seed {seed})")
   proc = _start(tmp_path, tmp_path / "run.log", checkpoint_every=1)
   try:
-    _wait_for(lambda: _steps(tmp_path), proc, "the first checkpoint")
+    _wait_for(lambda: checkpointing.checkpoint_steps(tmp_path), proc, "the first checkpoint")
     time.sleep(delay)  # mid-step or mid-save: any moment must do
     assert proc.poll() is None, "the run finished before it could be killed"
   finally:
     proc.kill()
     proc.wait()
-  killed_at = _steps(tmp_path)
+  killed_at = checkpointing.checkpoint_steps(tmp_path)
   assert killed_at and killed_at[-1] < NUM_STEPS
 
   caplog.set_level(logging.INFO)
-  state = train.train_and_evaluate(tiny_config(checkpoint_every=1000), str(tmp_path)).state
+  state = train.train_and_evaluate(_config(checkpoint_every=1000), str(tmp_path)).state
   assert f"Resumed from the checkpoint of step {killed_at[-1]}" in caplog.text
   assert int(state.step) == NUM_STEPS
   _assert_same(state, reference)
@@ -130,11 +118,11 @@ def test_sigterm_checkpoints_the_current_step_and_exits_75(reference, tmp_path, 
   assert stopped, log[-3000:]
   step = int(stopped.group(1))
   assert 2 <= step < NUM_STEPS
-  assert _steps(tmp_path) == [step]  # no periodic checkpoint: this one was written on SIGTERM
+  assert checkpointing.checkpoint_steps(tmp_path) == [step]  # no periodic checkpoint: this one was written on SIGTERM
   assert f"Run the same command again to continue. Exit status {EXIT_PREEMPTED}" in log
 
   caplog.set_level(logging.INFO)
-  state = train.train_and_evaluate(tiny_config(checkpoint_every=1000), str(tmp_path)).state
+  state = train.train_and_evaluate(_config(checkpoint_every=1000), str(tmp_path)).state
   assert f"Resumed from the checkpoint of step {step}" in caplog.text
   _assert_same(state, reference)
 
@@ -150,7 +138,7 @@ def _damage(path: pathlib.Path, how: str) -> None:
 
 def _damage_latest(workdir, how):
   """Damages the largest array data file of the newest checkpoint (step 16)."""
-  assert _steps(workdir) == [12, 16]
+  assert checkpointing.checkpoint_steps(workdir) == [12, 16]
   state_dir = workdir / "checkpoints" / "16" / "state"
   data_files = [p for p in state_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
   damaged = max(data_files, key=lambda p: p.stat().st_size)
@@ -167,7 +155,7 @@ def test_corrupt_latest_checkpoint_is_reported_and_training_resumes_from_the_pre
   _damage_latest(workdir, "flip_one_bit")
 
   caplog.set_level(logging.INFO)
-  state = train.train_and_evaluate(tiny_config(), str(workdir)).state
+  state = train.train_and_evaluate(_config(), str(workdir)).state
   assert re.search(_SKIPPED, caplog.text), caplog.text
   # On jax 0.10.2 the flipped bit is read without complaint and only the checksums catch it. On jax 0.12 the
   # storage layer once reported the same damage itself ("Error reading ..."), the checkpoint skipped just the
@@ -176,7 +164,7 @@ def test_corrupt_latest_checkpoint_is_reported_and_training_resumes_from_the_pre
   assert by_checksum or (jax.__version__ != "0.10.2" and 'Error reading "' in caplog.text), caplog.text
   assert "Resumed from the checkpoint of step 12" in caplog.text
   assert (workdir / checkpointing.CORRUPT_DIR / "16").is_dir()  # kept for inspection, out of the way
-  assert _steps(workdir) == [12, 16]  # step 16 written again
+  assert checkpointing.checkpoint_steps(workdir) == [12, 16]  # step 16 written again
   _assert_same(state, reference)
 
 
@@ -288,14 +276,14 @@ def no_training(monkeypatch):
 def test_read_only_workdir_fails_before_compiling(tmp_path, no_training):
   with _unwritable_dir(tmp_path) as directory:
     with pytest.raises(PermissionError, match=r"The workdir \S+ is not writable .*choose a writable --workdir"):
-      train.train_and_evaluate(tiny_config(), str(directory / "run"))
+      train.train_and_evaluate(_config(), str(directory / "run"))
 
 
 def test_full_disk_fails_before_compiling(tmp_path, monkeypatch, no_training):
   usage = collections.namedtuple("usage", "total used free")
   monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 4096, 4096))
   with pytest.raises(OSError, match=r"Not enough free space for the workdir .*: 4\.0 KiB free, but two checkpoints"):
-    train.train_and_evaluate(tiny_config(), str(tmp_path / "run"))
+    train.train_and_evaluate(_config(), str(tmp_path / "run"))
   assert not list((tmp_path / "run").iterdir())  # the probe file is gone, nothing else was written
 
 

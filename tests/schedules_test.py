@@ -1,4 +1,4 @@
-"""Tests of diffusion_jax.schedules against float64 NumPy written from DDPM_FACTS §1."""
+"""Tests of diffusion_jax.schedules against float64 NumPy written from the reference code's schedules."""
 
 import math
 
@@ -11,7 +11,7 @@ ALL_NAMES = ("linear", "quad", "const", "jsd", "warmup10", "warmup50", "cosine")
 
 
 def _reference_betas(name, beta_start, beta_end, T):
-  """The schedules of DDPM_FACTS §1, written independently, elementwise in float64."""
+  """The reference code's schedules, written independently, elementwise in float64."""
   if name == "linear":
     return (
       np.array([beta_start + (beta_end - beta_start) * i / (T - 1) for i in range(T)])
@@ -54,7 +54,7 @@ def test_schedule_matches_formula(name, num_timesteps):
 
 def test_linear_is_the_ddpm_setting():
   betas = schedules.get_beta_schedule("linear", beta_start=1e-4, beta_end=0.02, num_timesteps=1000)
-  # DDPM_FACTS §1 reference values (0-based t).
+  # Reference values of the reference code's schedules (0-based t).
   np.testing.assert_allclose(betas[[0, 1, 499, 999]], [1e-4, 1.1991992e-4, 0.01004004, 0.02], rtol=1e-7)
   # The defaults are the DDPM setting.
   np.testing.assert_array_equal(schedules.get_beta_schedule("linear"), betas)

@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from conftest import tiny_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -20,12 +21,6 @@ from diffusion_jax import train
 from diffusion_jax import train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def tiny_config():
-  from configs import tiny  # noqa: PLC0415 - configs/ is a folder of files, not a package
-
-  return tiny.get_config()
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests of the DDPM U-Net (diffusion_jax.models.unet) against DDPM_FACTS §3.
+"""Tests of the DDPM U-Net (diffusion_jax.models.unet) against the paper's Appendix B and its reference code.
 
 Full-size networks are only traced (`jax.eval_shape`, no compilation); anything
 that runs uses a tiny U-Net (ch = 32, ch_mult = (1, 2), 8×8 images). Layer
@@ -30,7 +30,7 @@ def _flat(tree):
 
 
 def _expected_param_shapes(ch, out_ch, ch_mult, num_res_blocks, attn_resolutions, size, in_ch=3):
-  """The parameter tree that DDPM_FACTS §3 describes (TF scope names), path -> shape."""
+  """The parameter tree of the reference code's TF scopes, path -> shape."""
   p = {}
 
   def dense(name, i, o):
@@ -144,7 +144,7 @@ def test_cifar_names():
     assert tuple(params[path].shape) == shape, path
   for absent in ("down_3/downsample/conv/kernel", "up_0/upsample/conv/kernel", "down_0/attn_0/q/kernel"):
     assert absent not in params
-  # Six attention blocks: down_1 ×2 at 16², mid, up_1 ×3 (DDPM_FACTS §3).
+  # Six attention blocks: down_1 ×2 at 16², mid, up_1 ×3 (the reference code's CIFAR-10 network).
   attn = sorted({p.rsplit("/", 2)[0] for p in params if p.endswith("/q/kernel")})
   assert attn == ["down_1/attn_0", "down_1/attn_1", "mid/attn_1", "up_1/attn_0", "up_1/attn_1", "up_1/attn_2"]
   assert {p.rsplit("/", 1)[1] for p in params} == {"kernel", "bias", "scale"}
@@ -202,7 +202,7 @@ def test_timestep_embedding(dim):
   t = np.array([0, 1, 2, 17, 500, 999])
   got = unet.get_timestep_embedding(jnp.asarray(t, jnp.int32), dim)
   assert got.shape == (len(t), dim) and got.dtype == jnp.float32
-  # float32 arguments t·f carry ~999·6e-8 ≈ 6e-5 absolute error (DDPM_FACTS: ~7e-5 at t = 999).
+  # float32 arguments t·f carry ~999·6e-8 ≈ 6e-5 absolute error (~7e-5 at t = 999).
   np.testing.assert_allclose(got, _np_timestep_embedding(t, dim), rtol=0, atol=2e-4)
   # The low-t rows are exact enough to tell sin-first from cos-first and half from half−1.
   np.testing.assert_allclose(got[:4], _np_timestep_embedding(t[:4], dim), rtol=0, atol=1e-6)

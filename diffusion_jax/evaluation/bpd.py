@@ -1,9 +1,9 @@
 """Bits/dim over a data split and the paper's rate–distortion curves (§4.3, Figure 5, Table 4).
 
 `compute_bpd` runs `GaussianDiffusion.calc_bpd_loop` over a whole eval split,
-data-parallel over every device of every process, with the paper's protocol
-by default (DDPM_FACTS §5): EMA parameters, x_0 clipping in the bound terms,
-one noise draw per term, and the last partial global batch dropped (9,984 of
+data-parallel over every device of every process, with the protocol of the
+paper's NLL (Table 1) by default: EMA parameters, x_0 clipping in the bound
+terms, one noise draw per term, and the last partial global batch dropped (9,984 of
 CIFAR-10's 10,000 test images at batch 256). With `drop_remainder=False` the
 last batch is padded and the padding masked out, so every image counts once.
 Averages are masked sums over images divided by the number of images (not

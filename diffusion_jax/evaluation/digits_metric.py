@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
 import pathlib
 from typing import Any
@@ -46,6 +47,7 @@ from flax import traverse_util
 
 from diffusion_jax import errors
 from diffusion_jax import input_pipeline
+from diffusion_jax import runtime
 from diffusion_jax.evaluation import fid as fid_lib
 
 WEIGHTS_PATH = pathlib.Path(__file__).resolve().parent.parent / "data" / "digit_classifier.npz"
@@ -110,10 +112,9 @@ def save_params(params, path: str | os.PathLike) -> pathlib.Path:
   flat = {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "wb") as f:
-    np.savez(f, **flat)
-  os.replace(tmp, path)
+  buf = io.BytesIO()
+  np.savez(buf, **flat)
+  runtime.atomic_write(path, buf.getvalue())
   return path
 
 

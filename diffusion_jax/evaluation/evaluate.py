@@ -45,6 +45,7 @@ from diffusion_jax import runtime
 from diffusion_jax.evaluation import digits_metric
 from diffusion_jax.evaluation import fid as fid_lib
 from diffusion_jax.evaluation import inception
+from diffusion_jax.evaluation import inception_weights as inception_weights_lib
 from diffusion_jax.evaluation import sample_export
 
 EVAL_DIR = "eval"
@@ -145,7 +146,7 @@ def inception_weights(config: ml_collections.ConfigDict) -> tuple[Any, str]:
     )
     return inception.init_params(jax.random.PRNGKey(_RANDOM_INCEPTION_SEED)), RANDOM_INCEPTION_LABEL
   path = config.eval.inception_weights or None
-  return inception.load_params(path), REAL_INCEPTION_LABEL
+  return inception_weights_lib.load_params(path), REAL_INCEPTION_LABEL
 
 
 def check_batch_size(config: ml_collections.ConfigDict, mesh: Mesh) -> int:

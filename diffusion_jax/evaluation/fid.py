@@ -78,7 +78,7 @@ def make_inception_fn(
   """A jitted FID Inception feature extractor.
 
   Args:
-    params: the Inception parameters (`inception.load_params()`).
+    params: the Inception parameters (`inception_weights.load_params()`).
     mesh: if given, the parameters are replicated over it and the batch is
       sharded along `batch_axis` (inputs and outputs `P(batch_axis)`; the
       batch size must divide evenly). Without a mesh, the function follows
