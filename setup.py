@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
   "tensorboardX>=2.6.5",
   "safetensors>=0.8.0",
   "etils[epath]>=1.15.0",
+  "diffrax>=0.7.2",  # the probability-flow ODE likelihood (evaluation/likelihood.py)
 ]
 
 # Everything the tests need except PyTorch and diffusers (tests marked `torch` compare with them).

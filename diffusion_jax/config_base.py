@@ -1,6 +1,6 @@
 """The config schema and its defaults, shared by every file in configs/.
 
-The defaults are the paper's CIFAR-10 setting (DDPM_FACTS §3-4); a file in
+The defaults are the paper's CIFAR-10 setting (Ho et al. 2020, §4 and Appendix B); a file in
 `configs/` starts from `get_base_config()` and changes what differs. Configs are
 `ml_collections.ConfigDict`s with the sub-dicts data, model, diffusion, optim,
 training, sampling and eval.
@@ -130,6 +130,21 @@ def get_base_config() -> ml_collections.ConfigDict:
   evals.rate_distortion = eval_entry("rate_distortion")  # the rate–distortion curve of the same computation
   evals.fid = eval_entry("fid")  # FID and Inception Score (dataset=digits: the digit-classifier metric)
   evals.digits = eval_entry("digits", num_samples=500, sampler=sampler_section("ddim", num_steps=100))
+  # Bits/dim of data.eval_split through the probability-flow ODE (evaluation/likelihood.py): diffrax's solver
+  # (tsit5 | dopri5) with these tolerances, the trace estimator (rademacher | gaussian | exact) with num_probes
+  # probes, uniform dequantisation; max_examples 0 = the whole split; t_start: where the data sits in continuous
+  # time (timestep units); step_to_knots: end steps at every timestep (at least T steps; exact for short schedules).
+  evals.ode_bpd = eval_entry(
+    "ode_bpd",
+    rtol=1e-5,
+    atol=1e-5,
+    solver="tsit5",
+    estimator="rademacher",
+    num_probes=1,
+    max_examples=0,
+    t_start=1e-3,
+    step_to_knots=False,
+  )
 
   return config
 
@@ -142,9 +157,12 @@ def sampler_section(sampler: str = "", *, num_steps: int = 0, eta: float = 0.0) 
 
 
 def eval_entry(
-  kind: str, *, every: int = 0, at_end: bool = False, num_samples: int = 0, sampler=None
+  kind: str, *, every: int = 0, at_end: bool = False, num_samples: int = 0, sampler=None, **extras
 ) -> ml_collections.ConfigDict:
-  """One entry of `config.evals`: its kind, when it runs in training, its sample count and sampler."""
+  """One entry of `config.evals`: its kind, when it runs in training, its sample count and sampler.
+
+  `extras` are the kind's own settings (e.g. the ODE tolerances of `ode_bpd`), added to the common fields.
+  """
   return ml_collections.ConfigDict(
     dict(
       kind=kind,
@@ -152,6 +170,7 @@ def eval_entry(
       at_end=at_end,
       num_samples=num_samples,
       sampling=sampler_section() if sampler is None else sampler,
+      **extras,
     )
   )
 
@@ -212,7 +231,7 @@ def _merged(default: dict, given: dict) -> dict:
 
 
 def get_256_config(dataset: str, *, num_train_steps: int, random_flip: bool) -> ml_collections.ConfigDict:
-  """The paper's 256² setting (CelebA-HQ and LSUN): DDPM_FACTS §3-4."""
+  """The paper's 256² setting (CelebA-HQ and LSUN): §4 and Appendix B."""
   config = get_base_config()
   config.data.dataset = dataset
   config.data.image_size = 256

@@ -30,6 +30,7 @@ from diffusion_jax import errors
 from diffusion_jax import images as images_lib
 from diffusion_jax import runtime
 from diffusion_jax import samplers
+from diffusion_jax import workdirs
 from diffusion_jax.models import unet
 
 
@@ -105,7 +106,7 @@ def load_model(path: str | os.PathLike, *, use_ema: bool = True, step: int | Non
   names = None
   if int(config.model.get("num_classes", 0) or 0):
     workdir, _ = checkpointing._find_workdir(epath.Path(path))  # pylint: disable=protected-access
-    names = checkpointing.read_class_names(workdir)
+    names = workdirs.read_class_names(workdir)
   return model_from_config(config, params, step=step, use_ema=use_ema, class_names=names)
 
 
@@ -356,7 +357,7 @@ def generate_set(
   batch_size = min(runtime.pad_to_multiple(batch_size, size), runtime.pad_to_multiple(num_samples, size))
   starts = range(0, num_samples, batch_size)
   out = []
-  for start in progress_bar(starts, len(starts), progress, f"sampling ({spec.folder_name})"):
+  for start in runtime.progress_bar(starts, len(starts), progress, f"sampling ({spec.folder_name})"):
     idx = np.arange(start, min(start + batch_size, num_samples))
     out.append(
       generate(
@@ -372,12 +373,3 @@ def generate_set(
       )["samples"]
     )
   return images_lib.to_uint8(np.concatenate(out))
-
-
-def progress_bar(iterable, total, enabled, desc):
-  """A tqdm bar over `iterable` on process 0 when `enabled`."""
-  if not enabled or jax.process_index() != 0:
-    return iterable
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
-  return tqdm(iterable, total=total, desc=desc, unit="batch")

@@ -242,10 +242,10 @@ def _train(config, workdir: str) -> None:
 
 def _disk_full(error: BaseException, workdir: str, intact: str) -> errors.NoSpaceError:
   """One message for a write that failed for lack of space: what failed, the free space, what is intact, what next."""
-  from diffusion_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import workdirs  # pylint: disable=g-import-not-at-top
 
-  free = checkpointing.free_bytes(workdir)
-  room = f" ({checkpointing.format_bytes(free)} free)" if free is not None else ""
+  free = workdirs.free_bytes(workdir)
+  room = f" ({workdirs.format_bytes(free)} free)" if free is not None else ""
   detail = errors.message(error) if isinstance(error, errors.NoSpaceError) else compat.short_error(error)
   return errors.NoSpaceError(
     errno.ENOSPC,

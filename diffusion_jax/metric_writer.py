@@ -14,9 +14,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from diffusion_jax import checkpointing
 from diffusion_jax import compat
 from diffusion_jax import errors
+from diffusion_jax import workdirs
 
 TENSORBOARD_DIR = "tensorboard"
 _ROOM = 1 << 20  # free bytes required before a write: event files grow by a few KiB per write
@@ -50,7 +50,7 @@ class MetricWriter:
 
   def _check_room(self, what: str) -> None:
     """A full disk stops the work here, before tensorboardX's writer thread would fail on it."""
-    checkpointing.check_free_space(self.logdir, _ROOM, what)
+    workdirs.check_free_space(self.logdir, _ROOM, what)
 
   def _flush(self, what: str) -> None:
     try:

@@ -310,6 +310,15 @@ def bind(fn: ModelFn, params: Any) -> jax.tree_util.Partial:
 # ----------------------------------------------------------------------------
 
 
+def progress_bar(iterable, total: int, enabled: bool, desc: str):
+  """A tqdm bar over `iterable` (`total` items of `desc`, counted in batches) on process 0 when `enabled`."""
+  if not enabled or jax.process_index() != 0:
+    return iterable
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
+  return tqdm(iterable, total=total, desc=desc, unit="batch")
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> epath.Path:
   """Writes `data` to `path` through a temporary file and a rename, so readers see all or nothing."""
   path = epath.Path(path)

@@ -214,9 +214,7 @@ def interpolate_fn(
   if model.num_classes:
     n = int(np.shape(lambdas)[0])
     cond = (
-      np.full((n,), model.network.null_label, np.int32)
-      if label is None
-      else inference.resolve_labels(model, label, n)
+      np.full((n,), model.network.null_label, np.int32) if label is None else inference.resolve_labels(model, label, n)
     )
     guidance = dict(cond=jnp.asarray(cond), guidance_scale=scale, null_label=model.network.null_label)
   elif label is not None:
@@ -237,6 +235,219 @@ def interpolate_fn(
     **guidance,
   )
   return images_lib.to_uint8(out)
+
+
+# ----------------------------------------------------------------------------
+# Editing: SDEdit, DDIM inversion, inpainting (samplers.edit, samplers.invert, samplers.inpaint).
+# ----------------------------------------------------------------------------
+
+
+def _float_images(model: LoadedModel, images, name: str = "images") -> np.ndarray:
+  """[N, H, W, C] float32 in [-1, 1] from uint8 images (floats in [-1, 1] pass through) of the model's shape."""
+  x = np.asarray(images)
+  if x.ndim != 4 or x.shape[1:] != model.image_shape or x.shape[0] < 1:
+    raise errors.UserError(f"{name} has shape {x.shape}; the model takes [N, *{model.image_shape}] batches.")
+  return x.astype(np.float32) / 127.5 - 1.0 if x.dtype == np.uint8 else x.astype(np.float32)
+
+
+def _guidance(model: LoadedModel, labels, n: int, guidance_scale) -> dict:
+  """cond/guidance_scale/null_label for n images: `labels` (one or n), None = the null class (unconditional)."""
+  scale = inference.check_guidance(model, guidance_scale)
+  if not model.num_classes:
+    if labels is not None:
+      inference.resolve_labels(model, labels, n)  # raises: labels for an unconditional model
+    return {}
+  null = model.network.null_label
+  cond = np.full((n,), null, np.int32) if labels is None else inference.resolve_labels(model, labels, n)
+  return dict(cond=jnp.asarray(cond), guidance_scale=scale, null_label=null)
+
+
+def _bound_model_fn(model: LoadedModel):
+  return runtime.bind(runtime.model_fn(model.network), model.params)
+
+
+def edit_fn(
+  model: LoadedModel,
+  images,
+  strength: float,
+  rng: jax.Array,
+  *,
+  sampler: str | samplers.SamplerSpec = "ancestral",
+  num_steps: int | None = None,
+  eta: float = 0.0,
+  clip_denoised: bool = True,
+  labels=None,
+  guidance_scale: float = 1.0,
+  **settings,
+) -> np.ndarray:
+  """Image-to-image (SDEdit, Meng et al. 2022): noises the images part of the way and samples back.
+
+  `strength` s ∈ (0, 1] picks t = max(round(s·T), 1) − 1; image i is diffused to t as
+  q_sample(x_0, t, normal(fold_in(fold_in(rng, i), 0))) (the noise `sample_fn` would start image i from)
+  and denoised from t by the sampler with `samplers.denoise`, on its grid for `num_steps` restricted to
+  timesteps below t (so a smaller strength runs fewer steps). Small strengths return nearly the input;
+  s = 1 nearly ignores it. One batch, on one device.
+
+  Args:
+    model: from `load_model`.
+    images: uint8 [N, H, W, C] of the model's image shape (or floats in [-1, 1]).
+    strength: in (0, 1].
+    rng: a `jax.random.PRNGKey`.
+    sampler, num_steps, eta, clip_denoised, guidance_scale, **settings: as in `sample_fn`.
+    labels: conditional models: one class (int or name) or one per image; None uses the null class.
+
+  Returns:
+    uint8 [N, H, W, C].
+  """
+  spec = _spec(model, sampler, num_steps, eta, settings)
+  x0 = _float_images(model, images)
+  t = samplers.strength_to_timestep(strength, model.diffusion.num_timesteps)
+  out = samplers.edit(
+    model.diffusion,
+    _bound_model_fn(model),
+    rng,
+    jnp.arange(x0.shape[0], dtype=jnp.int32),
+    jnp.asarray(x0),
+    t=t,
+    sampler=spec,
+    clip_denoised=clip_denoised,
+    **_guidance(model, labels, x0.shape[0], guidance_scale),
+  )
+  return images_lib.to_uint8(out["samples"])
+
+
+def encode_fn(
+  model: LoadedModel,
+  images,
+  *,
+  sampler: str | samplers.SamplerSpec = "ddim",
+  num_steps: int | None = None,
+  clip_denoised: bool = False,
+  labels=None,
+  guidance_scale: float = 1.0,
+  **settings,
+) -> np.ndarray:
+  """DDIM inversion: the latents x_T from which deterministic DDIM regenerates the images (approximately).
+
+  Runs the DDIM ODE upwards on the grid of `sampler` ("ddim", η = 0) for `num_steps` (`samplers.invert`;
+  the network is evaluated at the current point, so the round trip is approximate and closer with more
+  steps). `decode_fn` with the same settings maps the latents back to images; on the default `even`
+  grid the latents are at timestep T − 1, the start of `sample_fn`'s chain.
+
+  Args:
+    model: from `load_model`.
+    images: uint8 [N, H, W, C] of the model's image shape (or floats in [-1, 1]).
+    sampler, num_steps, **settings: a `ddim` spec or the name "ddim" with its settings (as in `sample_fn`).
+    clip_denoised: clip x_0 predictions (off: clipping is not invertible).
+    labels, guidance_scale: as in `edit_fn`.
+
+  Returns:
+    float32 [N, H, W, C] latents.
+  """
+  spec = _spec(model, sampler, num_steps, None, settings)
+  x0 = _float_images(model, images)
+  out = samplers.invert(
+    model.diffusion,
+    _bound_model_fn(model),
+    jnp.asarray(x0),
+    spec,
+    clip_denoised=clip_denoised,
+    **_guidance(model, labels, x0.shape[0], guidance_scale),
+  )
+  return np.asarray(out["latents"])
+
+
+def decode_fn(
+  model: LoadedModel,
+  latents,
+  *,
+  sampler: str | samplers.SamplerSpec = "ddim",
+  num_steps: int | None = None,
+  clip_denoised: bool = False,
+  labels=None,
+  guidance_scale: float = 1.0,
+  **settings,
+) -> np.ndarray:
+  """uint8 images from `encode_fn` latents: deterministic DDIM from the top of the same grid down to 0.
+
+  Arguments as in `encode_fn` (pass the same sampler settings); latents: float [N, H, W, C].
+  """
+  spec = _spec(model, sampler, num_steps, None, settings)
+  if spec.name != "ddim" or spec.eta != 0:
+    raise errors.UserError(f"decode_fn needs the ddim sampler with eta=0, got {spec.name!r} with eta={spec.eta}.")
+  x = np.asarray(latents, np.float32)
+  if x.ndim != 4 or x.shape[1:] != model.image_shape:
+    raise errors.UserError(f"latents has shape {x.shape}; the model takes [N, *{model.image_shape}] batches.")
+  out = samplers.denoise(
+    model.diffusion,
+    _bound_model_fn(model),
+    jax.random.PRNGKey(0),  # unused: η = 0 draws no noise
+    jnp.arange(x.shape[0], dtype=jnp.int32),
+    jnp.asarray(x),
+    t=int(samplers.inversion.inversion_grid(spec)[-1]),
+    sampler=spec,
+    clip_denoised=clip_denoised,
+    **_guidance(model, labels, x.shape[0], guidance_scale),
+  )
+  return images_lib.to_uint8(out["samples"])
+
+
+def inpaint_fn(
+  model: LoadedModel,
+  images,
+  masks,
+  rng: jax.Array,
+  *,
+  sampler: str | samplers.SamplerSpec = "ancestral",
+  num_steps: int | None = None,
+  eta: float = 0.0,
+  clip_denoised: bool = True,
+  labels=None,
+  guidance_scale: float = 1.0,
+  **settings,
+) -> np.ndarray:
+  """Inpainting with any sampler: fills the pixels where masks == 0, keeping those where masks == 1.
+
+  Image i is sampled as `sample_fn` samples image i (x_T and step noise from (rng, i)), with the known
+  pixels replaced before every network call by the forward process of the input at that call's noise
+  level (`samplers.inpaint`; noise from a separate stream of the same key). The known pixels of the
+  result are the input's exactly. One batch, on one device.
+
+  Args:
+    model: from `load_model`.
+    images: uint8 [N, H, W, C] of the model's image shape (or floats in [-1, 1]).
+    masks: [N, H, W] or [N, H, W, 1] (or [N, H, W, C]) of 0/1 (or bool): 1 = keep.
+    rng: a `jax.random.PRNGKey`.
+    sampler, num_steps, eta, clip_denoised, guidance_scale, **settings: as in `sample_fn`.
+    labels: as in `edit_fn`.
+
+  Returns:
+    uint8 [N, H, W, C].
+  """
+  spec = _spec(model, sampler, num_steps, eta, settings)
+  x0 = _float_images(model, images)
+  m = np.asarray(masks)
+  if m.ndim == 3:
+    m = m[..., None]
+  if m.ndim != 4 or m.shape[:3] != x0.shape[:3] or m.shape[3] not in (1, x0.shape[3]):
+    raise errors.UserError(f"masks has shape {np.shape(masks)}; expected [N, H, W] or [N, H, W, 1] for {x0.shape}.")
+  if not np.all((m == 0) | (m == 1)):
+    raise errors.UserError("masks must hold 0 (fill) and 1 (keep) only.")
+  out = samplers.inpaint(
+    model.diffusion,
+    _bound_model_fn(model),
+    rng,
+    jnp.arange(x0.shape[0], dtype=jnp.int32),
+    jnp.asarray(x0),
+    jnp.asarray(m.astype(bool)),
+    sampler=spec,
+    clip_denoised=clip_denoised,
+    **_guidance(model, labels, x0.shape[0], guidance_scale),
+  )
+  known = np.broadcast_to(m.astype(bool), x0.shape)
+  given = np.asarray(images)
+  original = given if given.dtype == np.uint8 else images_lib.to_uint8(x0)
+  return np.where(known, original, images_lib.to_uint8(out["samples"]))
 
 
 def save_image_grid(

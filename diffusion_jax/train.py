@@ -44,6 +44,7 @@ from diffusion_jax import optimizer as optimizer_lib
 from diffusion_jax import runtime
 from diffusion_jax import samplers
 from diffusion_jax import train_step as train_step_lib
+from diffusion_jax import workdirs
 from diffusion_jax.evaluation import evaluators as evaluators_lib
 
 TrainState = train_step_lib.TrainState
@@ -469,10 +470,10 @@ class _Run:
     )
     abstract = jax.eval_shape(create, init_rng)
     self.checkpoint_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
-    checkpointing.check_workdir(workdir, checkpoint_bytes=self.checkpoint_bytes)
-    checkpointing.write_config(workdir, config)
+    workdirs.check_workdir(workdir, checkpoint_bytes=self.checkpoint_bytes)
+    workdirs.write_config(workdir, config)
     if self.network.num_classes:
-      checkpointing.write_class_names(workdir, input_pipeline.class_names(config.data))
+      workdirs.write_class_names(workdir, input_pipeline.class_names(config.data))
     self.mesh = runtime.make_mesh(config)
     self.train_iter = runtime.prefetch(
       input_pipeline.create_train_iterator(config, seed=tc.seed), self.mesh, size=max(1, tc.get("prefetch", 2))
@@ -717,12 +718,12 @@ def _check_room(workdir, checkpoint_bytes: int, step: int) -> None:
   its part of the checkpoint.
   """
   needed = checkpoint_bytes + _CHECKPOINT_ROOM
-  free = checkpointing.free_bytes(workdir)
+  free = workdirs.free_bytes(workdir)
   short = free is not None and free < needed
   if jax.process_count() > 1:
     short = bool(np.any(multihost_utils.process_allgather(np.asarray(short))))
   if short:
-    checkpointing.check_free_space(workdir, needed, f"the checkpoint of step {step}")
+    workdirs.check_free_space(workdir, needed, f"the checkpoint of step {step}")
     raise errors.NoSpaceError(
       errno.ENOSPC, f"Another process has no room for its part of the checkpoint of step {step}.", str(workdir)
     )

@@ -226,6 +226,7 @@ def test_guided_output_equals_the_formula_for_every_parametrisation(mean_type, v
 @pytest.fixture(scope="module")
 def cond_workdir(tmp_path_factory):
   from diffusion_jax import checkpointing  # noqa: PLC0415
+  from diffusion_jax import workdirs  # noqa: PLC0415
 
   config = tiny_config(10)
   net = runtime.build_network(config)
@@ -235,7 +236,7 @@ def cond_workdir(tmp_path_factory):
   params = jax.tree.unflatten(treedef, [np.asarray(jax.random.normal(k, v.shape) * 0.2) for k, v in zip(keys, leaves)])
   path = tmp_path_factory.mktemp("cond_model")
   checkpointing.save_model_checkpoint(path, config=config, params=params, ema_params=params, step=4)
-  checkpointing.write_class_names(path, [f"digit{i}" for i in range(10)])
+  workdirs.write_class_names(path, [f"digit{i}" for i in range(10)])
   return path
 
 
@@ -284,13 +285,13 @@ def test_unconditional_models_refuse_labels_and_guidance(tmp_path):
 def test_mode_sample_writes_one_row_per_class_and_stores_labels(cond_workdir, tmp_path):
   import shutil  # noqa: PLC0415
 
-  from diffusion_jax import checkpointing  # noqa: PLC0415
   from diffusion_jax import sampling  # noqa: PLC0415
+  from diffusion_jax import workdirs  # noqa: PLC0415
   from diffusion_jax.evaluation import sample_export  # noqa: PLC0415
 
   run = tmp_path / "run"
   shutil.copytree(cond_workdir, run)
-  config = checkpointing.read_config(run)
+  config = workdirs.read_config(run)
   config.sampling.sampler, config.sampling.num_steps = "ddim", 3
   config.sampling.num_samples, config.sampling.batch_size, config.sampling.guidance_scale = 20, 8, 2.0
   out = sampling.sample_to_workdir(config, run)

@@ -4,7 +4,7 @@ Equivalence is checked against the other implementation's forward pass
 (diffusers in PyTorch), never by converting our own output back. TF1
 checkpoints are written here with `tf.compat.v1.train.Saver` under the
 original variable names, mapped from a diffusers model by a table written
-independently of the converter (DDPM_FACTS §7).
+independently of the converter (diffusers' UNet2DModel naming).
 """
 
 import functools
@@ -42,7 +42,7 @@ from diffusion_jax.models import unet  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# The DDPM architecture in diffusers' terms (DDPM_FACTS §7).
+# The DDPM architecture in diffusers' terms (UNet2DModel with DDPM's blocks).
 DDPM_FIELDS = dict(
   act_fn="silu",
   attention_head_dim=None,

@@ -17,6 +17,7 @@ from conftest import tiny_config
 from diffusion_jax import checkpointing
 from diffusion_jax import errors
 from diffusion_jax import train
+from diffusion_jax import workdirs
 
 NUM_STEPS = 16
 OVERRIDES = {"num_train_steps": NUM_STEPS, "checkpoint_every": 4, "log_every": 4, "keep_checkpoints": 2}
@@ -58,7 +59,7 @@ def small_disk(tmp_path):
 def _fill(path: pathlib.Path, leave: int) -> pathlib.Path:
   """Writes a file that leaves `leave` bytes free on the file system of `path`."""
   filler = path / "filler"
-  size = checkpointing.free_bytes(path) - leave
+  size = workdirs.free_bytes(path) - leave
   with open(filler, "wb") as f:
     f.truncate(0)
     f.write(b"\0" * size)

@@ -13,7 +13,7 @@ FLOORS = [
   ("network", ["models"]),
   ("runtime", ["runtime", "compat", "images", "config_base"]),
   ("data", ["input_pipeline"]),
-  ("state", ["optimizer", "train_step", "checkpointing", "metric_writer"]),
+  ("state", ["optimizer", "train_step", "workdirs", "checkpointing", "metric_writer"]),
   ("inference", ["inference"]),
   ("evaluation", ["evaluation"]),
   ("loop", ["train"]),

@@ -21,6 +21,7 @@ from diffusion_jax import runtime
 from diffusion_jax import samplers
 from diffusion_jax import train
 from diffusion_jax import train_step
+from diffusion_jax import workdirs
 from diffusion_jax.evaluation import digits_metric
 from diffusion_jax.evaluation import evaluators
 
@@ -198,7 +199,7 @@ def test_configs_of_earlier_versions_are_read_in_the_new_schema(tmp_path, caplog
   )
   (tmp_path / "config.json").write_text(json.dumps(cfg))
   caplog.set_level(logging.WARNING)
-  config = checkpointing.read_config(tmp_path)
+  config = workdirs.read_config(tmp_path)
   assert "training.final_eval -> evals.digits.at_end" in caplog.text
   assert "final_eval" not in config.training and "grid_sampler" not in config.training
   assert config.evals.digits.at_end and config.evals.digits.num_samples == 6

@@ -29,6 +29,7 @@ from conftest import tiny_config
 
 from diffusion_jax import checkpointing
 from diffusion_jax import train
+from diffusion_jax import workdirs
 
 NUM_STEPS = 16
 EXIT_PREEMPTED = 75  # diffusion_jax.main.EXIT_PREEMPTED (importing main would define its absl flags here)
@@ -281,7 +282,7 @@ def test_read_only_workdir_fails_before_compiling(tmp_path, no_training):
 
 def test_full_disk_fails_before_compiling(tmp_path, monkeypatch, no_training):
   usage = collections.namedtuple("usage", "total used free")
-  monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 4096, 4096))
+  monkeypatch.setattr(workdirs.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 4096, 4096))
   with pytest.raises(OSError, match=r"Not enough free space for the workdir .*: 4\.0 KiB free, but two checkpoints"):
     train.train_and_evaluate(_config(), str(tmp_path / "run"))
   assert not list((tmp_path / "run").iterdir())  # the probe file is gone, nothing else was written

@@ -12,6 +12,7 @@ from diffusion_jax import config_base
 from diffusion_jax import runtime
 from diffusion_jax import samplers
 from diffusion_jax import sampling
+from diffusion_jax import workdirs
 from diffusion_jax.evaluation import sample_export
 
 
@@ -136,7 +137,7 @@ def test_sample_to_workdir_writes_grid_progressive_and_chunks(workdir, tmp_path)
 
   run = tmp_path / "run"
   shutil.copytree(workdir, run)
-  cfg = checkpointing.read_config(run)
+  cfg = workdirs.read_config(run)
   cfg.sampling.sampler = "ddim"
   cfg.sampling.num_steps = 5
   cfg.sampling.num_samples = 6
@@ -236,7 +237,7 @@ def test_sample_to_workdir_names_folders_by_sampler_settings(workdir, tmp_path):
 
   run = tmp_path / "run"
   shutil.copytree(workdir, run)
-  cfg = checkpointing.read_config(run)
+  cfg = workdirs.read_config(run)
   cfg.sampling.sampler, cfg.sampling.num_steps, cfg.sampling.sigma_schedule = "dpmpp2m", 5, "karras"
   cfg.sampling.num_samples, cfg.sampling.batch_size = 4, 4
   out = sampling.sample_to_workdir(cfg, run)

@@ -19,6 +19,7 @@ from diffusion_jax import optimizer
 from diffusion_jax import runtime
 from diffusion_jax import train
 from diffusion_jax import train_step
+from diffusion_jax import workdirs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -329,9 +330,9 @@ def test_configs_of_older_versions_resume_when_new_fields_take_their_defaults():
   cfg = tiny_config()
   saved = cfg.to_dict()
   del saved["optim"]["ema_warmup"], saved["model"]["num_classes"]
-  assert checkpointing.incompatible_fields(saved, cfg.to_dict()) == []
+  assert workdirs.incompatible_fields(saved, cfg.to_dict()) == []
   cfg.optim.ema_warmup = True
-  assert checkpointing.incompatible_fields(saved, cfg.to_dict()) == ["optim.ema_warmup"]
+  assert workdirs.incompatible_fields(saved, cfg.to_dict()) == ["optim.ema_warmup"]
 
 
 def test_ema_warmup_follows_diffusers_decay_schedule():

@@ -85,14 +85,6 @@ def _bpd_sums_fn(model_def: unet.UNet, mesh: Mesh, clip_denoised: bool, conditio
   return jax.jit(fn, in_shardings=in_shardings, out_shardings=replicated)
 
 
-def _progress(iterable, total: int, enabled: bool, desc: str):
-  if not enabled or jax.process_index() != 0:
-    return iterable
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
-  return tqdm(iterable, total=total, desc=desc, unit="batch")
-
-
 def compute_bpd(
   model: Any,
   config: ml_collections.ConfigDict,
@@ -184,7 +176,7 @@ def compute_bpd(
 
   pending = None
   desc = f"bits/dim on {config.data.dataset}:{split}"
-  for index, batch in enumerate(_progress(iterator, iterator.num_batches, progress, desc)):
+  for index, batch in enumerate(runtime.progress_bar(iterator, iterator.num_batches, progress, desc)):
     arrays = runtime.global_array((batch["image"], batch["mask"]) + ((batch["label"],) if conditional else ()), mesh)
     out = fn(params, diffusion, *arrays[:2], jax.random.fold_in(rng, index), *arrays[2:])
     if pending is not None:

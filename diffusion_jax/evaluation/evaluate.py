@@ -19,7 +19,6 @@ The evaluations themselves (`--mode=eval`, and during training) are `evaluators`
 from __future__ import annotations
 
 import datetime
-import io
 import json
 import os
 import re
@@ -42,6 +41,7 @@ from diffusion_jax import images as images_lib
 from diffusion_jax import inference
 from diffusion_jax import input_pipeline
 from diffusion_jax import runtime
+from diffusion_jax import workdirs
 from diffusion_jax.evaluation import digits_metric
 from diffusion_jax.evaluation import fid as fid_lib
 from diffusion_jax.evaluation import inception
@@ -112,9 +112,7 @@ def check_fid_config(config: ml_collections.ConfigDict) -> None:
 def _check_model_config(saved: ml_collections.ConfigDict, requested: ml_collections.ConfigDict, workdir) -> None:
   diff = [
     k
-    for k in checkpointing.incompatible_fields(
-      checkpointing.config_to_dict(saved), checkpointing.config_to_dict(requested)
-    )
+    for k in workdirs.incompatible_fields(workdirs.config_to_dict(saved), workdirs.config_to_dict(requested))
     if k.startswith(_MODEL_FIELDS) and k not in _IGNORED_MODEL_FIELDS
   ]
   if diff:
@@ -159,10 +157,6 @@ def check_batch_size(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
   return batch_size
 
 
-def _progress(iterable, total: int, desc: str):
-  return inference.progress_bar(iterable, total, True, desc)
-
-
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
@@ -181,7 +175,7 @@ def _data_statistics(config: ml_collections.ConfigDict, inception_fn, mesh: Mesh
   )
   sharded = runtime.batch_sharding(mesh)
   stats = fid_lib.ActivationStatistics()
-  for index, batch in enumerate(_progress(iterator, iterator.num_batches, f"Inception on {split}")):
+  for index, batch in enumerate(runtime.progress_bar(iterator, iterator.num_batches, True, f"Inception on {split}")):
     images = jax.make_array_from_process_local_data(sharded, images_lib.to_uint8(batch["image"]))
     pool, _ = inception_fn(images)
     # Global batch k holds examples k·B … in order; only the last one has padding, at its end.
@@ -193,13 +187,10 @@ def _data_statistics(config: ml_collections.ConfigDict, inception_fn, mesh: Mesh
 
 
 def _save_statistics(path: epath.Path, stats: fid_lib.ActivationStatistics, info: dict[str, Any]) -> None:
-  """Writes mu/sigma (.npz, TTUR format) and a `<name>.json` describing them; never overwrites."""
+  """Writes mu/sigma (`fid.save_statistics`) and a `<name>.json` describing them; never overwrites."""
   if path.exists():
     raise errors.ExistingFileError(f"{path} exists; refusing to overwrite it.")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  buf = io.BytesIO()
-  np.savez(buf, mu=stats.mu, sigma=stats.sigma)
-  runtime.atomic_write(path, buf.getvalue())
+  fid_lib.save_statistics(path, stats.mu, stats.sigma)
   runtime.atomic_write(path.parent / (path.name[: -len(".npz")] + ".json"), json.dumps(info, indent=2) + "\n")
 
 
@@ -309,7 +300,9 @@ def inception_figures(
   stats = fid_lib.ActivationStatistics()
   logits = []
   num_batches = -(-int(num_samples) // batch_size)
-  for images, n in _progress(_sample_batches(paths, batch_size, int(num_samples)), num_batches, "Inception on samples"):
+  for images, n in runtime.progress_bar(
+    _sample_batches(paths, batch_size, int(num_samples)), num_batches, True, "Inception on samples"
+  ):
     global_images = jax.make_array_from_callback(images.shape, sharded, lambda index, x=images: x[index])
     pool, lg = inception_fn(global_images)
     stats.update(runtime.to_host(pool)[:n])

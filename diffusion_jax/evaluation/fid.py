@@ -18,9 +18,9 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
-import pathlib
 from collections.abc import Callable
 from collections.abc import Iterable
 from typing import Any
@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
@@ -301,12 +302,11 @@ def save_statistics(path: str | os.PathLike, mu, sigma) -> None:
   mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
   if mu.ndim != 1 or sigma.shape != mu.shape * 2:
     raise errors.UserError(f"mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}.")
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "wb") as f:
-    np.savez(f, mu=mu, sigma=sigma)
-  os.replace(tmp, path)
+  buf = io.BytesIO()
+  np.savez(buf, mu=mu, sigma=sigma)
+  runtime.atomic_write(path, buf.getvalue())
 
 
 def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

@@ -68,7 +68,7 @@ def write_sample_chunks(
       out_dir,
       len(todo),
     )
-  for a, b, path in inference.progress_bar(todo, len(todo), progress, "sample chunks"):
+  for a, b, path in runtime.progress_bar(todo, len(todo), progress, "sample chunks"):
     chunk_labels = None if all_labels is None else all_labels[a:b]
     images = images_lib.to_uint8(
       inference.generate(

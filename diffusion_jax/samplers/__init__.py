@@ -46,6 +46,11 @@ diffusion's tables as concrete values (except DDIM's): close over the
 diffusion rather than passing it as a traced argument of an outer `jax.jit`.
 
 Classifier-free guidance: `cond`, `guidance_scale`, `null_label` (see `driver`).
+
+Editing: `edit` (SDEdit: an image diffused to timestep t and denoised; see
+`editing`), `inpaint` (the unknown pixels sampled, the known ones replaced by
+the forward process at every call, in the driver; see `driver`) and `invert`
+(DDIM inversion of images into latents that `denoise` decodes; see `inversion`).
 """
 
 from __future__ import annotations
@@ -63,17 +68,21 @@ from diffusion_jax.samplers import ancestral  # noqa: F401
 from diffusion_jax.samplers import ddim  # noqa: F401
 from diffusion_jax.samplers import dpmpp  # noqa: F401
 from diffusion_jax.samplers import driver  # noqa: F401
+from diffusion_jax.samplers import editing  # noqa: F401
 from diffusion_jax.samplers import euler  # noqa: F401
 from diffusion_jax.samplers import grids  # noqa: F401
 from diffusion_jax.samplers import heun  # noqa: F401
+from diffusion_jax.samplers import inversion  # noqa: F401
 from diffusion_jax.samplers import registry  # noqa: F401
 from diffusion_jax.samplers.base import Plan  # noqa: F401
 from diffusion_jax.samplers.base import Sampler  # noqa: F401
 from diffusion_jax.samplers.base import StepContext  # noqa: F401
+from diffusion_jax.samplers.editing import strength_to_timestep  # noqa: F401
 from diffusion_jax.samplers.grids import SIGMA_SCHEDULES  # noqa: F401
 from diffusion_jax.samplers.grids import TIMESTEP_SPACINGS  # noqa: F401
 from diffusion_jax.samplers.grids import respace  # noqa: F401
 from diffusion_jax.samplers.grids import space_timesteps  # noqa: F401
+from diffusion_jax.samplers.inversion import invert  # noqa: F401
 from diffusion_jax.samplers.registry import SamplerSpec  # noqa: F401
 from diffusion_jax.samplers.registry import register  # noqa: F401
 from diffusion_jax.samplers.registry import resolve  # noqa: F401
@@ -206,6 +215,7 @@ def _chain(
   cond,
   guidance_scale,
   null_label,
+  known=None,
 ):
   registry.check_mean_type(spec, diffusion.model_mean_type)
   plan = spec.sampler.plan(diffusion, spec, start)
@@ -224,6 +234,7 @@ def _chain(
     cond=cond,
     guidance_scale=guidance_scale,
     null_label=null_label,
+    known=known,
   )
 
 
@@ -462,3 +473,137 @@ def interpolate(
     guidance_scale=guidance_scale,
     null_label=null_label,
   )["samples"]
+
+
+def edit(
+  diffusion: GaussianDiffusion,
+  model_fn: ModelFn,
+  rng,
+  indices,
+  x0,
+  *,
+  t: int,
+  sampler: SamplerSpec | str = "ancestral",
+  eta=None,
+  clip_denoised: bool = True,
+  progressive_every: int = 0,
+  cond=None,
+  guidance_scale=1.0,
+  null_label: int | None = None,
+) -> dict[str, Array]:
+  """SDEdit (Meng et al. 2022): diffuses images x0 to timestep t and runs the reverse process from there.
+
+  x_t = `editing.q_sample_indexed(diffusion, rng, indices, x0, t)` (q_sample with the noise scheme's x_T
+  noise of each example), then `denoise(..., x_t, t=t)` with the same rng and indices. Small t keeps the
+  image, t = T − 1 nearly forgets it; `editing.strength_to_timestep` maps a strength in (0, 1] to t.
+
+  Args:
+    x0: [B, ...] float images in [-1, 1].
+    t: the Python integer timestep to diffuse to, in [0, T).
+    diffusion, model_fn, rng, indices, sampler, eta, clip_denoised, progressive_every, cond, guidance_scale,
+      null_label: as in `sample`.
+
+  Returns:
+    dict as in `sample`.
+  """
+  t = _check_t(t, diffusion.num_timesteps)
+  if jnp.ndim(x0) < 2 or not jnp.issubdtype(jnp.result_type(x0), jnp.floating):
+    raise errors.UserError(
+      f"x0 must be a batched float array [B, ...] in [-1, 1], got shape {jnp.shape(x0)}, dtype {jnp.result_type(x0)}."
+    )
+  _check_indices(indices, jnp.shape(x0)[0])
+  x_t = editing.q_sample_indexed(diffusion, rng, jnp.asarray(indices), jnp.asarray(x0), t)
+  return denoise(
+    diffusion,
+    model_fn,
+    rng,
+    indices,
+    x_t,
+    t=t,
+    sampler=sampler,
+    eta=eta,
+    clip_denoised=clip_denoised,
+    progressive_every=progressive_every,
+    cond=cond,
+    guidance_scale=guidance_scale,
+    null_label=null_label,
+  )
+
+
+def inpaint(
+  diffusion: GaussianDiffusion,
+  model_fn: ModelFn,
+  rng,
+  indices,
+  x0,
+  mask,
+  *,
+  sampler: SamplerSpec | str = "ancestral",
+  eta=None,
+  clip_denoised: bool = True,
+  progressive_every: int = 0,
+  cond=None,
+  guidance_scale=1.0,
+  null_label: int | None = None,
+) -> dict[str, Array]:
+  """Inpainting with any sampler: samples the unknown pixels, keeping the known ones (`driver`'s docstring).
+
+  The chain starts from x_T ~ N(0, I) as in `sample` (same rng and indices give the same x_T and step
+  noise). Before every network call the known pixels of the current point are replaced by the forward
+  process of x0 at that call's noise level, q_sample(x0, t, z) with z from the separate noise stream
+  fold_in(key_b, `driver.KNOWN_STREAM`) keyed by t + 1; the known pixels of the result are x0's exactly.
+
+  Args:
+    x0: [B, ...] float images in [-1, 1] (only the known pixels are read).
+    mask: 1 (or True) = known, 0 = to sample; x0's shape, or missing trailing axes of size 1 (e.g.
+      [B, H, W] or [B, H, W, 1] for [B, H, W, C] images), broadcast over channels.
+    diffusion, model_fn, rng, indices, sampler, eta, clip_denoised, progressive_every, cond, guidance_scale,
+      null_label: as in `sample` (`trajectory` then holds the network inputs, known pixels included).
+
+  Returns:
+    dict as in `sample`.
+  """
+  spec, eta = _spec_and_eta(diffusion, sampler, eta)
+  _check_flags(clip_denoised, progressive_every)
+  if jnp.ndim(x0) < 2 or not jnp.issubdtype(jnp.result_type(x0), jnp.floating):
+    raise errors.UserError(
+      f"x0 must be a batched float array [B, ...] in [-1, 1], got shape {jnp.shape(x0)}, dtype {jnp.result_type(x0)}."
+    )
+  shape = tuple(int(s) for s in jnp.shape(x0))
+  mask_shape = tuple(jnp.shape(mask))
+  mask_shape = mask_shape + (1,) * (len(shape) - len(mask_shape))
+  if (
+    len(mask_shape) != len(shape)
+    or any(m not in (1, s) for m, s in zip(mask_shape, shape))
+    or mask_shape[0] != shape[0]
+  ):
+    raise errors.UserError(
+      f"mask must have the images' shape {shape} or broadcast to it over channels (e.g. [B, H, W]), "
+      f"got shape {jnp.shape(mask)}."
+    )
+  values = _maybe_concrete(mask)
+  if values is not None and not np.all((values == 0) | (values == 1)):
+    raise errors.UserError("mask must hold 0 (sample) and 1 (keep) only.")
+  _check_indices(indices, shape[0])
+  _check_guidance(cond, guidance_scale, null_label, shape[0])
+  known = dict(
+    x0=jnp.asarray(x0, jnp.float32),
+    mask=jnp.broadcast_to(jnp.reshape(jnp.asarray(mask) != 0, mask_shape), shape),
+  )
+  return _chain(
+    diffusion,
+    model_fn,
+    rng,
+    indices,
+    None,
+    spec,
+    eta,
+    start=None,
+    shape=shape,
+    clip_denoised=bool(clip_denoised),
+    progressive_every=int(progressive_every),
+    cond=cond,
+    guidance_scale=guidance_scale,
+    null_label=null_label,
+    known=known,
+  )

@@ -11,6 +11,11 @@ A sampler is a frozen (hashable) object with
   * `init(x, coef) -> carry`: the initial carry from x_T (or the given x_t),
     with `coef` the coefficients of the first call;
   * `model_input(carry, coef) -> x_t`: the point the network is evaluated at;
+  * `with_input(carry, x_t, coef) -> carry`: the carry with its current point
+    replaced by x_t (the inverse of `model_input`; inpainting writes the known
+    pixels through it), and `signal_noise(diffusion, coef, t) -> (α, σ)`: the
+    noise level of that point, x_t = α·x_0 + σ·ε. The defaults are for a carry
+    that is x_t itself at an integer timestep t (the diffusion's √ᾱ_t, √(1 − ᾱ_t));
   * `step(carry, model_output, t, t_next, ctx) -> (carry, pred_xstart)`: one
     network call's update; `pred_xstart` is the x_0 prediction shown in progressive pictures;
   * `output(carry) -> samples`.
@@ -29,6 +34,7 @@ from typing import Any
 from typing import Callable
 from typing import NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -126,6 +132,12 @@ class Sampler:
 
   def model_input(self, carry, coef):
     return carry
+
+  def with_input(self, carry, x, coef):
+    return x
+
+  def signal_noise(self, diffusion, coef, t):
+    return jnp.take(diffusion.sqrt_alphas_cumprod, t), jnp.take(diffusion.sqrt_one_minus_alphas_cumprod, t)
 
   def step(self, carry, model_output, t, t_next, ctx: StepContext):
     raise NotImplementedError

@@ -151,6 +151,12 @@ class DPMSolverPP(Sampler):
   def model_input(self, carry, coef):
     return carry[0]
 
+  def with_input(self, carry, x, coef):
+    return (x,) + tuple(carry[1:])
+
+  def signal_noise(self, diffusion, coef, t):
+    return coef["alpha"], coef["sigma"]
+
   def step(self, carry, model_output, t, t_next, ctx):
     x, m1, m2 = carry
     c = ctx.coef

@@ -17,6 +17,21 @@ s = 1 is the conditional model and s = 0 the unconditional one. Learned-variance
 models are guided on their mean channels; the variance channels are the
 conditional pass's. The other common convention, ε̂ = (1 + w)·ε(x, c) − w·ε(x, ∅)
 (Ho & Salimans' w), is s = 1 + w.
+
+Inpainting (`known`: the image x_0 and a mask, True = keep). Before each
+network call the known pixels of the sampler's current point are replaced by a
+draw of the forward process at that call's noise level,
+
+  x_t[known] = α·x_0 + σ·z,   (α, σ) = `Sampler.signal_noise` of the call (√ᾱ_t, √(1 − ᾱ_t) at an integer t),
+  z[b]       = normal(fold_in(fold_in(key_b, KNOWN_STREAM), t + 1), shape[1:]),
+
+(t + 1 is the call's `noise_step`, floored for fractional t), written into
+the carry with `Sampler.with_input`. So the known region the network sees at
+timestep t has exactly the marginal q(x_t | x_0) of that timestep, with noise
+independent of the step noise (a separate stream of key_b), and every sampler
+and guidance setting get the same treatment. After the last step the known
+pixels of the output are x_0 itself. Without `known` the compiled chain is
+the one of plain sampling.
 """
 
 from __future__ import annotations
@@ -30,6 +45,9 @@ import numpy as np
 from diffusion_jax.samplers.base import Plan
 from diffusion_jax.samplers.base import Sampler
 from diffusion_jax.samplers.base import StepContext
+
+# fold_in(key_b, KNOWN_STREAM) keys the forward-process noise of the known pixels (inpainting).
+KNOWN_STREAM = 0x696E7061
 
 
 def per_example_normal(keys, step, shape):
@@ -110,6 +128,7 @@ def _run(
   eta,
   cond,
   guidance_scale,
+  known=None,
   *,
   sampler: Sampler,
   spec,
@@ -121,8 +140,10 @@ def _run(
   guided,
   null_label,
 ):
-  """The scanned chain over the plan's calls `xs`, from x_t (or x_T ~ N(0, I) if None)."""
+  """The scanned chain over the plan's calls `xs`, from x_t (or x_T ~ N(0, I) if None); `known`: inpainting."""
   keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, indices)
+  if known is not None:
+    known_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, KNOWN_STREAM)
   if x_t is None:
     x_t = per_example_normal(keys, 0, shape[1:])
   x_t = x_t.astype(jnp.float32)
@@ -136,6 +157,11 @@ def _run(
     state, bufs = carry
     coef = row["coef"]
     x_in = sampler.model_input(state, coef)
+    if known is not None:
+      alpha, sigma = sampler.signal_noise(diffusion, coef, row["t"])
+      z = per_example_normal(known_keys, row["noise_step"], x_in.shape[1:])
+      x_in = jnp.where(known["mask"], alpha * known["x0"] + sigma * z, x_in)
+      state = sampler.with_input(state, x_in, coef)
     t_vec = jnp.full((batch,), row["t"], dtype=row["t"].dtype)
     model_output = guided_model_output(
       model_fn, x_in, t_vec, cond, guidance_scale, guided=guided, null_label=null_label, channels=channels
@@ -169,7 +195,10 @@ def _run(
   else:
     bufs = ()
   (state, bufs), _ = jax.lax.scan(body, (state, bufs), xs)
-  result = dict(samples=sampler.output(state))
+  samples = sampler.output(state)
+  if known is not None:
+    samples = jnp.where(known["mask"], known["x0"], samples)
+  result = dict(samples=samples)
   if progressive_every:
     result["pred_xstart"], result["trajectory"] = bufs
   return result
@@ -208,8 +237,13 @@ def run(
   cond=None,
   guidance_scale=1.0,
   null_label=None,
+  known=None,
 ):
-  """Runs `spec.sampler` over `plan`; see `samplers.sample` for the arguments and the result."""
+  """Runs `spec.sampler` over `plan`; see `samplers.sample` for the arguments and the result.
+
+  `known`: None, or dict(x0=[B, ...] float32 images, mask=[B, ...] bool, True = keep) for inpainting (module
+  docstring).
+  """
   slot, write, num_slots = progressive_slots(plan.record, progressive_every)
   xs = dict(
     t=jnp.asarray(plan.t),
@@ -231,6 +265,7 @@ def run(
     eta,
     cond,
     jnp.asarray(guidance_scale, jnp.float32) if guided else None,
+    known,
     sampler=spec.sampler,
     spec=_static_spec(spec),
     static=plan.static,

@@ -87,6 +87,12 @@ class Euler(Sampler):
   def model_input(self, carry, coef):
     return carry / coef["scale"]
 
+  def with_input(self, carry, x, coef):
+    return x * coef["scale"]
+
+  def signal_noise(self, diffusion, coef, t):
+    return coef["alpha"], coef["sigma_vp"]
+
   def step(self, carry, model_output, t, t_next, ctx):
     x = carry
     c = ctx.coef

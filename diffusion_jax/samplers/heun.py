@@ -61,6 +61,12 @@ class Heun(Sampler):
   def model_input(self, carry, coef):
     return carry[0] / coef["scale"]
 
+  def with_input(self, carry, x, coef):
+    return (x * coef["scale"],) + tuple(carry[1:])
+
+  def signal_noise(self, diffusion, coef, t):
+    return coef["alpha"], coef["sigma_vp"]
+
   def step(self, carry, model_output, t, t_next, ctx):
     x, x_start, d_first = carry
     c = ctx.coef

@@ -1,0 +1,140 @@
+"""DDIM inversion: the deterministic DDIM ODE run from an image x_0 up to the top of the grid.
+
+On the ascending DDIM grid s_0 < s_1 < ... < s_{n−1} of a `ddim` spec (the
+timesteps that `sample`/`denoise` with the same spec visit, descending), step
+i goes from the current point x (x_0 for i = 0, else x_{s_{i−1}}) to
+x_{s_i}:
+
+  ε̂ = ε(x, e_i),  x̂_0 = the x_0 prediction at (x, e_i) (x itself for i = 0),
+  x_{s_i} = √ᾱ_{s_i}·x̂_0 + √(1 − ᾱ_{s_i})·ε̂,
+
+with the network evaluated at the CURRENT point and its own timestep e_i =
+s_{i−1}; the first step, from x_0 (ᾱ = 1, no timestep of its own), evaluates
+it at x_0 with timestep s_0. ε̂ is recomputed from the (optionally clipped)
+x̂_0, as in the `ddim` sampler. This is DDIM's step (η = 0) with the roles of
+the two timesteps swapped: where x̂_0 does not depend on x (a point-mass data
+distribution and its exact ε-model), step i inverts the forward step from
+s_i to s_{i−1} exactly. In general the forward step evaluates the network at
+x_{s_i} and the inverse at x_{s_{i−1}}, so decoding the latent x_{s_{n−1}}
+with `denoise(..., t=s_{n−1})` (or `sample` from it, the same chain on the
+`even` grid, whose top is T − 1) gives the image back only approximately,
+more closely with more steps. n network calls for n steps.
+
+Grids: the forward `ddim` chain on the `even` and `leading` spacings visits
+exactly these timesteps; on `trailing` and `linspace` its steps go to
+t − T // n, which need not be grid timesteps (see `ddim`), so the inverse is
+of the grid, not of that chain. x̂_0 clipping is off by default: clipping is
+not invertible.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax import errors
+from diffusion_jax.samplers import driver
+from diffusion_jax.samplers import grids
+from diffusion_jax.samplers import registry
+
+
+def inversion_grid(spec) -> np.ndarray:
+  """[n] int32 ascending timesteps s_0 < ... < s_{n−1}: the `ddim` grid of `spec`, in inversion order."""
+  grid = grids.timestep_grid(spec.timestep_spacing, spec.num_timesteps, spec.num_steps, family="ddim")
+  return np.ascontiguousarray(grid[::-1]).astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("clip_denoised", "guided", "null_label", "channels", "trajectory"))
+def _invert(
+  diffusion, model_fn, x0, xs, cond, guidance_scale, *, clip_denoised, guided, null_label, channels, trajectory
+):
+  """The scanned inversion over rows xs = dict(t_eval, t_next, first), from x0."""
+  batch = x0.shape[0]
+
+  def body(x, row):
+    t_vec = jnp.full((batch,), row["t_eval"], jnp.int32)
+    out = driver.guided_model_output(
+      model_fn, x, t_vec, cond, guidance_scale, guided=guided, null_label=null_label, channels=channels
+    )
+    pred_xstart = driver.predict_xstart(diffusion, clip_denoised, out, x, t_vec)
+    eps = diffusion.predict_eps_from_xstart(x, t_vec, pred_xstart)
+    x_hat = jnp.where(row["first"], x, pred_xstart)
+    a_next = jnp.take(diffusion.alphas_cumprod, row["t_next"])
+    x_next = jnp.sqrt(a_next) * x_hat + jnp.sqrt(1.0 - a_next) * eps
+    return x_next, (x_next if trajectory else None)
+
+  x, traj = jax.lax.scan(body, x0.astype(jnp.float32), xs)
+  result = dict(latents=x)
+  if trajectory:
+    result["trajectory"] = jnp.moveaxis(traj, 0, 1)
+  return result
+
+
+def invert(
+  diffusion,
+  model_fn,
+  x0,
+  spec,
+  *,
+  clip_denoised: bool = False,
+  trajectory: bool = False,
+  cond=None,
+  guidance_scale=1.0,
+  null_label: int | None = None,
+) -> dict:
+  """Encodes images x0 into DDIM latents by running the DDIM ODE upwards (module docstring).
+
+  Args:
+    diffusion: the diffusion the model was trained with (concrete tables).
+    model_fn: model_fn(x_t, t) -> model output, as in `samplers.sample` (model_fn(x_t, t, cond) with labels).
+    x0: [B, ...] float images in [-1, 1].
+    spec: a `ddim` SamplerSpec with η = 0 (or the name "ddim"); its grid is the inversion's.
+    clip_denoised: clip x̂_0 to [-1, 1] (off by default: clipping is not invertible).
+    trajectory: also return every point x_{s_0}, ..., x_{s_{n−1}}.
+    cond, guidance_scale, null_label: classifier-free guidance, as in `samplers.sample`.
+
+  Returns:
+    dict with `latents` [B, ...] float32, the point at timestep `t`; `t`, the Python int s_{n−1} to pass to
+    `denoise(..., t=t)` with the same spec to decode; with `trajectory`, `trajectory` [B, n, ...], x at s_0..s_{n−1}.
+
+  Raises:
+    UserError: a spec that is not `ddim` with η = 0, or bad arguments.
+  """
+  from diffusion_jax import samplers  # pylint: disable=g-import-not-at-top (the package imports this module)
+
+  spec = registry.resolve(spec, num_timesteps=diffusion.num_timesteps)
+  registry.check_mean_type(spec, diffusion.model_mean_type)
+  if spec.name != "ddim" or spec.eta != 0:
+    raise errors.UserError(
+      f"DDIM inversion needs the deterministic ddim sampler (eta=0), got {spec.name!r} with eta={spec.eta}."
+    )
+  samplers._check_flags(clip_denoised, 0)  # pylint: disable=protected-access
+  if jnp.ndim(x0) < 2 or not jnp.issubdtype(jnp.result_type(x0), jnp.floating):
+    raise errors.UserError(
+      f"x0 must be a batched float array [B, ...] in [-1, 1], got shape {jnp.shape(x0)}, dtype {jnp.result_type(x0)}."
+    )
+  samplers._check_guidance(cond, guidance_scale, null_label, jnp.shape(x0)[0])  # pylint: disable=protected-access
+  steps = inversion_grid(spec)
+  xs = dict(
+    t_eval=jnp.asarray(np.concatenate([steps[:1], steps[:-1]]), jnp.int32),
+    t_next=jnp.asarray(steps, jnp.int32),
+    first=jnp.asarray(np.arange(steps.size) == 0),
+  )
+  guided = cond is not None and not (isinstance(guidance_scale, (int, float)) and guidance_scale == 1)
+  result = _invert(
+    diffusion,
+    samplers._as_partial(model_fn),  # pylint: disable=protected-access
+    x0,
+    xs,
+    cond,
+    jnp.asarray(guidance_scale, jnp.float32) if guided else None,
+    clip_denoised=bool(clip_denoised),
+    guided=guided,
+    null_label=None if null_label is None else int(null_label),
+    channels=int(jnp.shape(x0)[-1]),
+    trajectory=bool(trajectory),
+  )
+  return dict(result, t=int(steps[-1]))
