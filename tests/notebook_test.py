@@ -30,7 +30,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
   assert not [o for o in outputs if o.output_type == "error"]
   pictures = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
-  assert len(pictures) == 4  # ancestral, DDIM, progressive, interpolation
+  assert len(pictures) == 7  # ancestral, DDIM, progressive, interpolation, inpainting, SDEdit, inversion
   text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
   assert "(16, 8, 8, 1) uint8" in text
   assert (tmp_path / "ddim_samples.png").exists()
