@@ -26,7 +26,7 @@ from diffusion_jax import cli
 from diffusion_jax import compat
 from diffusion_jax import errors
 
-MODES = ("train", "sample", "eval", "fid_stats")
+MODES = ("train", "sample", "eval", "fid_stats", "inpaint")
 # Exit status of a training run stopped by SIGTERM/SIGINT or a preemption notice once the checkpoint of its
 # last step is written: EX_TEMPFAIL, "try again later". Schedulers that restart failed jobs (Kubernetes,
 # a retry loop) then continue the run; a finished run exits with 0.
@@ -35,6 +35,9 @@ EXIT_PREEMPTED = 75
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run: checkpoints, logs, samples, eval results.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do with the workdir.")
+_INPUTS = flags.DEFINE_string(
+  "inputs", None, "--mode=inpaint: a folder of images X.png and masks X_mask.png (white = keep, black = fill)."
+)
 _COORDINATOR = flags.DEFINE_string(
   "coordinator_address",
   None,
@@ -297,6 +300,14 @@ def _main(argv):
     from diffusion_jax.evaluation import evaluators  # pylint: disable=g-import-not-at-top
 
     _finished_work_is_kept(lambda: evaluators.evaluate(config, _WORKDIR.value), _WORKDIR.value, "results")
+  elif _MODE.value == "inpaint":
+    if not _INPUTS.value:
+      raise app.UsageError("--mode=inpaint needs --inputs=DIR, a folder of images X.png and masks X_mask.png.")
+    from diffusion_jax import sampling  # pylint: disable=g-import-not-at-top
+
+    _finished_work_is_kept(
+      lambda: sampling.inpaint_folder(config, _WORKDIR.value, _INPUTS.value), _WORKDIR.value, "inpainted images"
+    )
   else:
     from diffusion_jax.evaluation import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
 

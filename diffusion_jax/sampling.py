@@ -575,3 +575,98 @@ def sample_to_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathL
       save_image_grid(rows.reshape((-1,) + rows.shape[2:]), prog_path, ncols=k, scale=scale_px)
     logging.info("Wrote %d samples, %s and %s to %s.", sc.num_samples, grid_path.name, prog_path.name, out_dir)
   return out_dir
+
+
+# ----------------------------------------------------------------------------
+# --mode=inpaint: a folder of images and masks in, a folder and a grid out.
+# ----------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+MASK_SUFFIX = "_mask"
+
+
+def _read_inpaint_inputs(folder: epath.Path, model: LoadedModel):
+  """(names, uint8 images [N, H, W, C], 0/1 masks [N, H, W]) of `folder`: each image X with its mask X_mask.png."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  if not folder.is_dir():
+    raise errors.MissingFileError(f"--inputs={folder} is not a folder of images and masks.")
+  files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+  images_in = [p for p in files if not p.stem.endswith(MASK_SUFFIX)]
+  if not images_in:
+    raise errors.UserError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}) to inpaint.")
+  h, w, c = model.image_shape
+  names, images, masks = [], [], []
+  for path in images_in:
+    mask_path = next((p for p in files if p.stem == path.stem + MASK_SUFFIX), None)
+    if mask_path is None:
+      raise errors.MissingFileError(
+        f"{path.name} has no mask: add {path.stem}{MASK_SUFFIX}.png (white = keep, black = fill) to {folder}."
+      )
+    with path.open("rb") as f:
+      image = np.asarray(Image.open(f).convert("L" if c == 1 else "RGB"))
+    with mask_path.open("rb") as f:
+      mask = np.asarray(Image.open(f).convert("L"))
+    image = image[..., None] if image.ndim == 2 else image
+    if image.shape != (h, w, c) or mask.shape != (h, w):
+      raise errors.UserError(
+        f"{path.name} is {image.shape[1]}×{image.shape[0]} and its mask {mask.shape[1]}×{mask.shape[0]}; this "
+        f"model inpaints {w}×{h} images: resize both first."
+      )
+    names.append(path.stem)
+    images.append(image)
+    masks.append((mask >= 128).astype(np.uint8))
+  return names, np.stack(images), np.stack(masks)
+
+
+def inpaint_folder(config: ml_collections.ConfigDict, workdir: str | os.PathLike, inputs: str | os.PathLike):
+  """--mode=inpaint: fills the black part of each image's mask with the workdir's newest model.
+
+  `inputs` holds images X.png (the model's size) and masks X_mask.png (white = keep, black = fill). The
+  sampler is `config.sampling`'s; image i is sampled from (config.eval.seed, i) in batches of
+  `config.sampling.batch_size`. Writes `workdir/inpaint/<inputs folder>_step_<step>_<sampler settings>[_n]/`:
+  X.png for each image and grid.png (one row per image: the input with the fill region black, the result).
+  Earlier results are never overwritten: a new run gets the next free `_n`.
+
+  Returns:
+    The output folder.
+  """
+  sc = config.sampling
+  model = load_model(workdir, use_ema=sc.use_ema)
+  spec = samplers.SamplerSpec.from_config(sc, num_timesteps=model.diffusion.num_timesteps)
+  names, images, masks = _read_inpaint_inputs(epath.Path(inputs), model)
+  base = epath.Path(workdir) / "inpaint" / f"{epath.Path(inputs).name}_step_{model.step}_{spec.folder_name}"
+  out_dir, n = base, 0
+  while out_dir.exists():
+    n += 1
+    out_dir = base.parent / f"{base.name}_{n}"
+  rng = jax.random.PRNGKey(config.eval.seed)
+  batch = max(1, int(sc.batch_size))
+  logging.info(
+    "Inpainting %d images of %s with step %d (%s) into %s.", len(names), inputs, model.step, spec.folder_name, out_dir
+  )
+  filled = np.concatenate(
+    [
+      inpaint_fn(
+        model,
+        images[i : i + batch],
+        masks[i : i + batch],
+        jax.random.fold_in(rng, i),
+        sampler=spec,
+        clip_denoised=sc.clip_denoised,
+        guidance_scale=float(sc.get("guidance_scale", 1.0)),
+      )
+      for i in range(0, len(names), batch)
+    ]
+  )
+  if jax.process_index() == 0:
+    out_dir.mkdir(parents=True, exist_ok=False)
+    for name, image in zip(names, filled):
+      images_lib.save_image(image, out_dir / f"{name}.png")
+    blanked = images * masks[..., None]
+    scale = max(1, 64 // model.image_shape[0])
+    save_image_grid(
+      np.stack([blanked, filled], axis=1).reshape((-1,) + filled.shape[1:]), out_dir / "grid.png", ncols=2, scale=scale
+    )
+    logging.info("Wrote %d inpainted images and grid.png to %s.", len(names), out_dir)
+  return out_dir

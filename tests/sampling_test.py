@@ -251,3 +251,42 @@ def test_sample_to_workdir_names_folders_by_sampler_settings(workdir, tmp_path):
   cfg.sampling.labels = "3"
   with pytest.raises(ValueError, match="applies to class-conditional models"):
     sampling.sample_to_workdir(cfg, run)
+
+
+def test_inpaint_folder_fills_the_masked_part_and_keeps_earlier_results(workdir, tmp_path):
+  from PIL import Image  # noqa: PLC0415
+
+  inputs = tmp_path / "digits_in"
+  inputs.mkdir()
+  rng = np.random.default_rng(0)
+  originals = {}
+  for name in ("a", "b", "c"):
+    image = rng.integers(0, 256, (8, 8), np.uint8)
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:4] = 255  # keep the upper half
+    Image.fromarray(image).save(inputs / f"{name}.png")
+    Image.fromarray(mask).save(inputs / f"{name}_mask.png")
+    originals[name] = image
+  run = tmp_path / "run"
+  import shutil  # noqa: PLC0415
+
+  shutil.copytree(workdir, run)
+  cfg = workdirs.read_config(run)
+  cfg.sampling.sampler, cfg.sampling.num_steps, cfg.sampling.batch_size = "ddim", 4, 2
+  out = sampling.inpaint_folder(cfg, run, inputs)
+  assert out.name == "digits_in_step_3_ddim_4steps_eta0"
+  assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "c.png", "grid.png"]
+  for name, image in originals.items():
+    got = np.asarray(Image.open(out / f"{name}.png"))
+    np.testing.assert_array_equal(got[:4], image[:4])  # the known half is the input's exactly
+    assert not np.array_equal(got[4:], image[4:])
+  again = sampling.inpaint_folder(cfg, run, inputs)  # a second run never overwrites the first
+  assert again.name == out.name + "_1"
+  np.testing.assert_array_equal(np.asarray(Image.open(again / "a.png")), np.asarray(Image.open(out / "a.png")))
+
+  (inputs / "c_mask.png").unlink()
+  with pytest.raises(FileNotFoundError, match="c.png has no mask: add c_mask.png"):
+    sampling.inpaint_folder(cfg, run, inputs)
+  Image.fromarray(np.zeros((16, 16), np.uint8)).save(inputs / "c_mask.png")
+  with pytest.raises(ValueError, match="this model inpaints 8×8 images"):
+    sampling.inpaint_folder(cfg, run, inputs)
