@@ -174,9 +174,15 @@ def interpolate_fn(
   clip_denoised: bool = True,
   label=None,
   guidance_scale: float = 1.0,
+  method: str = "paper",
   **settings,
 ) -> np.ndarray:
   """Interpolates between two images in latent space (the paper's §4.4, Figure 8).
+
+  `method="slerp"` instead inverts both images with deterministic DDIM (`encode_fn`, on the `sampler`'s
+  `num_steps`, "ddim" by default there), interpolates the latents spherically,
+  slerp(z1, z2; λ) = sin((1−λ)θ)/sin θ · z1 + sin(λθ)/sin θ · z2 with cos θ = ⟨z1, z2⟩/(|z1||z2|), and decodes
+  each with `decode_fn`: rows 0 and −1 are then the images' DDIM round trips.
 
   Both images are diffused to step t, their latents mixed as (1−λ)x_t + λx'_t
   and the mixture denoised back to an image. The parameters are an argument of
@@ -198,8 +204,14 @@ def interpolate_fn(
   Returns:
     uint8 [len(lambdas), H, W, C].
   """
-  spec = _spec(model, sampler, num_steps, eta, settings)
+  if method not in ("paper", "slerp"):
+    raise errors.UserError(f"method={method!r}: use 'paper' (mix the diffused images at t) or 'slerp'.")
   lambdas = np.linspace(0.0, 1.0, 11) if lambdas is None else np.asarray(lambdas, np.float32)
+  if method == "slerp":
+    if t is not None or same_noise or eta:
+      raise errors.UserError("method='slerp' takes no t, same_noise or eta: it inverts both images with DDIM.")
+    return _slerp_interpolation(model, x1, x2, lambdas, sampler, num_steps, label, guidance_scale, settings)
+  spec = _spec(model, sampler, num_steps, eta, settings)
   t = model.diffusion.num_timesteps // 2 if t is None else int(t)
 
   def prep(x, name):
@@ -670,3 +682,26 @@ def inpaint_folder(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     )
     logging.info("Wrote %d inpainted images and grid.png to %s.", len(names), out_dir)
   return out_dir
+
+
+def slerp(z1: np.ndarray, z2: np.ndarray, lam: float) -> np.ndarray:
+  """Spherical interpolation between two arrays (flattened angle); linear where they are parallel."""
+  a, b = np.asarray(z1, np.float64).ravel(), np.asarray(z2, np.float64).ravel()
+  cos = float(np.clip(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)), -1.0, 1.0))
+  theta = float(np.arccos(cos))
+  if theta < 1e-6:
+    out = (1.0 - lam) * a + lam * b
+  else:
+    out = (np.sin((1.0 - lam) * theta) * a + np.sin(lam * theta) * b) / np.sin(theta)
+  return out.reshape(np.shape(z1)).astype(np.float32)
+
+
+def _slerp_interpolation(model, x1, x2, lambdas, sampler, num_steps, label, guidance_scale, settings):
+  sampler = "ddim" if sampler == "ancestral" else sampler  # the default of interpolate_fn: DDIM inverts
+  both = np.stack([np.asarray(x1), np.asarray(x2)])
+  labels = None if label is None else [label, label]
+  kw = dict(sampler=sampler, num_steps=num_steps, labels=labels, guidance_scale=guidance_scale, **settings)
+  z1, z2 = encode_fn(model, both, **kw)
+  latents = np.stack([slerp(z1, z2, float(lam)) for lam in np.asarray(lambdas).reshape(-1)])
+  kw["labels"] = None if label is None else [label] * len(latents)
+  return decode_fn(model, latents, **kw)
