@@ -416,9 +416,16 @@ def inpaint_fn(
   clip_denoised: bool = True,
   labels=None,
   guidance_scale: float = 1.0,
+  resample: int = 1,
+  jump_length: int = 10,
   **settings,
 ) -> np.ndarray:
   """Inpainting with any sampler: fills the pixels where masks == 0, keeping those where masks == 1.
+
+  `resample` > 1 adds RePaint's resampling (`samplers.repaint`, Lugmayr et al. 2022) to the ancestral sampler
+  over all T steps: every `jump_length` steps the chain goes back up `jump_length` steps and redoes them, for
+  `resample` passes in all (RePaint: 10 and 10), multiplying the network calls accordingly. Unconditional
+  models only.
 
   Image i is sampled as `sample_fn` samples image i (x_T and step noise from (rng, i)), with the known
   pixels replaced before every network call by the forward process of the input at that call's noise
@@ -445,6 +452,29 @@ def inpaint_fn(
     raise errors.UserError(f"masks has shape {np.shape(masks)}; expected [N, H, W] or [N, H, W, 1] for {x0.shape}.")
   if not np.all((m == 0) | (m == 1)):
     raise errors.UserError("masks must hold 0 (fill) and 1 (keep) only.")
+  if resample != 1:
+    if spec.name != "ancestral" or spec.num_steps != model.diffusion.num_timesteps or model.num_classes:
+      raise errors.UserError(
+        "resample > 1 (RePaint) runs the ancestral sampler over all T steps of an unconditional model: use "
+        f"sampler='ancestral' with num_steps=None (got {spec.folder_name}"
+        + (", a conditional model" if model.num_classes else "")
+        + ")."
+      )
+    out = samplers.repaint.repaint(
+      model.diffusion,
+      _bound_model_fn(model),
+      rng,
+      jnp.arange(x0.shape[0], dtype=jnp.int32),
+      jnp.asarray(x0),
+      jnp.asarray(m.astype(bool)),
+      jump_length=jump_length,
+      jump_n_sample=resample,
+      clip_denoised=clip_denoised,
+    )
+    known = np.broadcast_to(m.astype(bool), x0.shape)
+    given = np.asarray(images)
+    original = given if given.dtype == np.uint8 else images_lib.to_uint8(x0)
+    return np.where(known, original, images_lib.to_uint8(out["samples"]))
   out = samplers.inpaint(
     model.diffusion,
     _bound_model_fn(model),

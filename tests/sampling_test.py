@@ -313,3 +313,16 @@ def test_slerp_interpolation_between_inverted_images(workdir):
     sampling.interpolate_fn(model, x1, x2, jax.random.PRNGKey(0), method="slerp", t=5)
   with pytest.raises(ValueError, match="method='lerp'"):
     sampling.interpolate_fn(model, x1, x2, jax.random.PRNGKey(0), method="lerp")
+
+
+def test_inpaint_fn_with_repaint_resampling(workdir):
+  model = sampling.load_model(workdir)
+  images = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 1), np.uint8)
+  masks = np.zeros((2, 8, 8), np.uint8)
+  masks[:, :, :4] = 1  # keep the left half
+  out = sampling.inpaint_fn(model, images, masks, jax.random.PRNGKey(0), resample=2, jump_length=5)
+  np.testing.assert_array_equal(out[:, :, :4], images[:, :, :4])
+  plain = sampling.inpaint_fn(model, images, masks, jax.random.PRNGKey(0))
+  assert not np.array_equal(out, plain)  # the resampled passes change the filled half
+  with pytest.raises(ValueError, match="resample > 1 \\(RePaint\\) runs the ancestral sampler over all T steps"):
+    sampling.inpaint_fn(model, images, masks, jax.random.PRNGKey(0), sampler="ddim", num_steps=5, resample=2)

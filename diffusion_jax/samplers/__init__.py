@@ -74,6 +74,7 @@ from diffusion_jax.samplers import grids  # noqa: F401
 from diffusion_jax.samplers import heun  # noqa: F401
 from diffusion_jax.samplers import inversion  # noqa: F401
 from diffusion_jax.samplers import registry  # noqa: F401
+from diffusion_jax.samplers import repaint  # noqa: F401
 from diffusion_jax.samplers.base import Plan  # noqa: F401
 from diffusion_jax.samplers.base import Sampler  # noqa: F401
 from diffusion_jax.samplers.base import StepContext  # noqa: F401

@@ -1,0 +1,168 @@
+"""RePaint's resampling (Lugmayr et al. 2022) for the ancestral sampler: inpainting that goes back up and redoes.
+
+Plain inpainting (`samplers.inpaint`) replaces the known pixels before each
+network call; the unknown pixels then see the known ones only through one
+reverse step each. RePaint harmonises them by jumping back up the chain: after
+every `jump_length` reverse steps (at timesteps that are multiples of
+`jump_length`), the chain is diffused forward again by `jump_length` steps with
+q(x_{t+1} | x_t) = N(√(1 − β_{t+1})·x_t, β_{t+1}·I) and those steps are
+redone, `jump_n_sample − 1` times. The time sequence is RePaint's
+`get_schedule_jump` in 0-based timesteps (`schedule`), run as one `lax.scan`:
+a row is either a reverse step at timestep t (one network call, the known
+pixels replaced by q_sample(x0, t, z) first, as in `driver`) or a forward step
+t → t + 1 (no network call). The resamplings multiply the network calls:
+`schedule` returns their count.
+
+Noise. Example b's key is key_b = fold_in(rng, indices[b]); x_T is
+normal(fold_in(key_b, 0)) as in `samplers.sample`. The v-th visit (v = 0, 1,
+…) of timestep t draws its step noise from fold_in(key_b, t + 1) for v = 0
+(the noise of plain ancestral sampling) and from a separate stream for
+v > 0 (fold_in(base, RESAMPLE_STREAM + v) of the step's and of the known
+pixels' own base keys, `driver.KNOWN_STREAM` for the latter); a forward step
+draws from its own stream. With `jump_n_sample = 1` the chain is
+exactly `samplers.inpaint` with the ancestral sampler over all T steps.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax import errors
+from diffusion_jax.samplers import driver
+
+RESAMPLE_STREAM = 0x72657361  # fold_in(base, RESAMPLE_STREAM + v): noise of the v-th revisit (v ≥ 1)
+FORWARD_STREAM = 0x666F7277  # fold_in(key_b, FORWARD_STREAM): noise of the forward (back-up) steps
+
+
+def schedule(num_timesteps: int, jump_length: int, jump_n_sample: int) -> tuple[np.ndarray, np.ndarray, int]:
+  """RePaint's time sequence in 0-based timesteps: (t [N] int32, up [N] bool, network calls).
+
+  Row i is a reverse step at timestep t[i] (up False: x_t → x_{t−1}, one network call) or a forward step
+  t[i] → t[i] + 1 (up True). The chain starts at T − 1 and its last row is the reverse step at 0.
+  """
+  for name, value in (("jump_length", jump_length), ("jump_n_sample", jump_n_sample)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise errors.UserError(f"{name} must be an integer >= 1, got {value!r}.")
+  if jump_length >= num_timesteps:
+    raise errors.UserError(f"jump_length={jump_length} must be below T={num_timesteps}.")
+  # RePaint's get_schedule_jump over 1-based times T..0; a reverse step leaves time s for s − 1, i.e. it runs at
+  # our 0-based timestep s − 1.
+  jumps = {j: jump_n_sample - 1 for j in range(0, num_timesteps - jump_length, jump_length)}
+  s, times = num_timesteps, [num_timesteps]
+  while s >= 1:
+    s -= 1
+    times.append(s)
+    if jumps.get(s, 0) > 0:
+      jumps[s] -= 1
+      for _ in range(jump_length):
+        s += 1
+        times.append(s)
+  ts, up = [], []
+  for a, b in zip(times[:-1], times[1:]):
+    if b < a:
+      ts.append(a - 1)  # reverse step at 0-based timestep a − 1
+      up.append(False)
+    else:
+      ts.append(b - 2)  # forward step from 0-based timestep b − 2 to b − 1
+      up.append(True)
+  ts, up = np.asarray(ts, np.int32), np.asarray(up, bool)
+  return ts, up, int(np.sum(~up))
+
+
+def _visits(ts: np.ndarray, up: np.ndarray) -> np.ndarray:
+  """[N] how many times each row's timestep was visited before by a row of the same kind."""
+  seen: dict = {}
+  out = np.zeros(ts.shape, np.int32)
+  for i, (t, u) in enumerate(zip(ts.tolist(), up.tolist())):
+    out[i] = seen.get((t, u), 0)
+    seen[(t, u)] = out[i] + 1
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("clip_denoised",))
+def _run(diffusion, model_fn, rng, indices, x0, mask, rows, *, clip_denoised):
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, indices)
+  known_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, driver.KNOWN_STREAM)
+  forward_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, FORWARD_STREAM)
+  shape = x0.shape
+  x0 = x0.astype(jnp.float32)
+  x = driver.per_example_normal(keys, 0, shape[1:])
+
+  def stream(base, visit):
+    """The keys of the v-th visit: `base` for v = 0, else a stream of `base` (so step and known noise differ)."""
+    again = jax.vmap(jax.random.fold_in, in_axes=(0, None))(base, RESAMPLE_STREAM + visit)
+    return jax.tree.map(lambda a, b: jnp.where(visit == 0, a, b), base, again)
+
+  def reverse(x, row):
+    t, visit = row["t"], row["visit"]
+    t_vec = jnp.full((shape[0],), t, jnp.int32)
+    known_noise = driver.per_example_normal(stream(known_keys, visit), t + 1, shape[1:])
+    known = diffusion.q_sample(x0, t_vec, known_noise)
+    x_in = jnp.where(mask, known, x)
+    noise = driver.per_example_normal(stream(keys, visit), t + 1, shape[1:])
+    return diffusion.p_sample(model_fn(x_in, t_vec), x_in, t_vec, noise, clip_denoised=clip_denoised)["sample"]
+
+  def forward(x, row):
+    t_next = row["t"] + 1
+    beta = diffusion.betas[t_next]
+    noise = driver.per_example_normal(forward_keys, row["index"], shape[1:])
+    return jnp.sqrt(1.0 - beta) * x + jnp.sqrt(beta) * noise
+
+  def body(x, row):
+    return jax.lax.cond(row["up"], forward, reverse, x, row), None
+
+  x, _ = jax.lax.scan(body, x, rows)
+  return jnp.where(mask, x0, x)
+
+
+def repaint(
+  diffusion,
+  model_fn,
+  rng,
+  indices,
+  x0,
+  mask,
+  *,
+  jump_length: int = 10,
+  jump_n_sample: int = 10,
+  clip_denoised: bool = True,
+) -> dict:
+  """Inpaints with the ancestral sampler and RePaint's resampling (module docstring).
+
+  Args:
+    diffusion: the diffusion the model was trained with.
+    model_fn: model_fn(x_t, t) -> model output (a `jax.tree_util.Partial` avoids recompiling for new params).
+    rng, indices: as in `samplers.sample` (the noise of example b depends on (rng, indices[b]) only).
+    x0: [B, ...] float images in [-1, 1] (only the known pixels are read).
+    mask: 1 = known, 0 = to sample; x0's shape or missing trailing axes of size 1, broadcast.
+    jump_length: reverse steps between jumps back up, and the length of each jump (RePaint: 10).
+    jump_n_sample: passes over each stretch (1 = no resampling; RePaint: 10).
+    clip_denoised: clip the x_0 predictions (the paper's sampler).
+
+  Returns:
+    dict(samples [B, ...] with the known pixels x0's exactly, network_calls per image).
+  """
+  x0 = jnp.asarray(x0)
+  if x0.ndim < 2 or not jnp.issubdtype(x0.dtype, jnp.floating):
+    raise errors.UserError(f"x0 must be a batched float array [B, ...] in [-1, 1], got {x0.shape} {x0.dtype}.")
+  mask = jnp.asarray(mask).astype(bool)
+  while mask.ndim < x0.ndim:
+    mask = mask[..., None]
+  if mask.shape[0] != x0.shape[0] or any(m not in (1, s) for m, s in zip(mask.shape[1:], x0.shape[1:])):
+    raise errors.UserError(f"mask has shape {mask.shape}; expected x0's {x0.shape} or [B, H, W] / [B, H, W, 1].")
+  mask = jnp.broadcast_to(mask, x0.shape)
+  ts, up, calls = schedule(diffusion.num_timesteps, jump_length, jump_n_sample)
+  rows = dict(
+    t=jnp.asarray(ts),
+    up=jnp.asarray(up),
+    visit=jnp.asarray(_visits(ts, up)),
+    index=jnp.arange(len(ts), dtype=jnp.int32),
+  )
+  if not isinstance(model_fn, jax.tree_util.Partial):
+    model_fn = jax.tree_util.Partial(model_fn)
+  samples = _run(diffusion, model_fn, rng, jnp.asarray(indices), x0, mask, rows, clip_denoised=bool(clip_denoised))
+  return dict(samples=samples, network_calls=calls)
