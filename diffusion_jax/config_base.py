@@ -10,6 +10,18 @@ from __future__ import annotations
 
 import ml_collections
 
+# The settings of an `ode_bpd` evaluation (evaluation/likelihood.py), and their defaults.
+ODE_BPD_DEFAULTS = dict(
+  rtol=1e-5,
+  atol=1e-5,
+  solver="tsit5",
+  estimator="rademacher",
+  num_probes=1,
+  max_examples=0,
+  t_start=1e-3,
+  step_to_knots=False,
+)
+
 
 def get_base_config() -> ml_collections.ConfigDict:
   """The full schema with DDPM's CIFAR-10 values."""
@@ -134,17 +146,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # (tsit5 | dopri5) with these tolerances, the trace estimator (rademacher | gaussian | exact) with num_probes
   # probes, uniform dequantisation; max_examples 0 = the whole split; t_start: where the data sits in continuous
   # time (timestep units); step_to_knots: end steps at every timestep (at least T steps; exact for short schedules).
-  evals.ode_bpd = eval_entry(
-    "ode_bpd",
-    rtol=1e-5,
-    atol=1e-5,
-    solver="tsit5",
-    estimator="rademacher",
-    num_probes=1,
-    max_examples=0,
-    t_start=1e-3,
-    step_to_knots=False,
-  )
+  evals.ode_bpd = eval_entry("ode_bpd", **ODE_BPD_DEFAULTS)
 
   return config
 

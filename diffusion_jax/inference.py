@@ -49,7 +49,10 @@ class LoadedModel:
   step: int
   use_ema: bool
   class_names: tuple[str, ...] | None = None
-  cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+  cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # params on each mesh
+  # Compiled samplers (`sampler_fn`): they depend on the network and diffusion, not on the parameters, so
+  # models of new parameters of the same network may share this dict (the training loop's evaluations do).
+  compiled: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -77,15 +80,25 @@ class LoadedModel:
 
 
 def model_from_config(
-  config: ml_collections.ConfigDict, params, *, step: int = 0, use_ema: bool = True, class_names=None
+  config: ml_collections.ConfigDict, params, *, step: int = 0, use_ema: bool = True, class_names=None, compiled=None
 ) -> LoadedModel:
-  """A `LoadedModel` of `params` in the network and diffusion that `config` describes."""
+  """A `LoadedModel` of `params` in the network and diffusion that `config` describes.
+
+  `compiled`: a dict of compiled samplers to share with other models of the same config (`LoadedModel.compiled`).
+  """
   network, diffusion = runtime.build(config)
   names = None if class_names is None else tuple(str(n) for n in class_names)
   if names is not None and len(names) != network.num_classes:
     raise errors.UserError(f"{len(names)} class names given for a model with model.num_classes={network.num_classes}.")
   return LoadedModel(
-    config=config, params=params, network=network, diffusion=diffusion, step=step, use_ema=use_ema, class_names=names
+    config=config,
+    params=params,
+    network=network,
+    diffusion=diffusion,
+    step=step,
+    use_ema=use_ema,
+    class_names=names,
+    compiled={} if compiled is None else compiled,
   )
 
 
@@ -274,10 +287,10 @@ def sampler_fn(
   progressive_every: int,
   guided: bool = False,
 ):
-  """The compiled sampler for these settings, cached on the model object."""
+  """The compiled sampler for these settings, cached in `model.compiled`."""
   key = (id(mesh), spec, clip_denoised, progressive_every, guided)
-  if key not in model.cache:
-    model.cache[key] = make_sharded_sampler(
+  if key not in model.compiled:
+    model.compiled[key] = make_sharded_sampler(
       model.diffusion,
       runtime.inference_fn(model.network),
       mesh,
@@ -288,7 +301,7 @@ def sampler_fn(
       guided=guided,
       null_label=model.network.null_label if guided else None,
     )
-  return model.cache[key]
+  return model.compiled[key]
 
 
 def generate(

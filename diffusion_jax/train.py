@@ -498,6 +498,7 @@ class _Run:
     self.pending = None  # (step, metrics) of a log step whose metrics are fetched after the next dispatch
     self._clock = (time.time(), self.start_step)
     self._grid_fn = None
+    self._compiled = {}  # the evaluations' compiled samplers (inference.LoadedModel.compiled)
 
   def _restore_or_init(self, abstract, init_rng):
     """(start step, state, whether a checkpoint was found): the newest readable checkpoint, else a new state."""
@@ -643,7 +644,8 @@ class _Run:
 
   def evaluate(self, step, state, names, *, at_end: bool = False) -> dict:
     """Runs the named evaluations on the EMA parameters of `state` (`evaluators.run_all`)."""
-    model = inference.model_from_config(self.config, state.ema_params, step=step)
+    # One set of compiled samplers for every evaluation of the run: the parameters are arguments.
+    model = inference.model_from_config(self.config, state.ema_params, step=step, compiled=self._compiled)
     chosen = [e for e in self.evaluators if e.name in names]
     writer = None if at_end else self.writer  # at the end the loop's writer is closed
     results, _ = evaluators_lib.run_all(

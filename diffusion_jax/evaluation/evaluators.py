@@ -37,6 +37,7 @@ The kinds:
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import datetime
 import json
@@ -189,6 +190,17 @@ def draw_samples(model: inference.LoadedModel, config, workdir, entry) -> tuple[
 # ----------------------------------------------------------------------------
 
 
+def _check_eval_split(evaluator, what: str) -> None:
+  """Evaluations of the data need `config.data.eval_split`."""
+  config = evaluator.config
+  if not config.data.eval_split:
+    raise errors.UserError(
+      f"No eval split for dataset {config.data.dataset!r} (config.data.eval_split is empty), so {what} cannot "
+      f"be computed: set --config.data.eval_split=<split> or leave {evaluator.name!r} out of config.eval.metrics "
+      "(e.g. --config.eval.metrics=fid)."
+    )
+
+
 def _check_samples(evaluator) -> None:
   """The sampler settings and the sample count of an evaluation of samples, checked before anything runs."""
   sampler_spec(evaluator.config, evaluator.entry)
@@ -200,7 +212,7 @@ def _check_samples(evaluator) -> None:
     )
 
 
-class Evaluator:
+class Evaluator(abc.ABC):
   """One entry of `config.evals`: `run(model, mesh=, memo=)` evaluates a loaded model and returns a `Result`."""
 
   kind = ""
@@ -214,8 +226,9 @@ class Evaluator:
   def check(self) -> None:
     """Raises UserError for settings that cannot work, before anything runs."""
 
+  @abc.abstractmethod
   def run(self, model: inference.LoadedModel, *, mesh: Mesh, memo: dict) -> Result:
-    raise NotImplementedError
+    """Evaluates `model`; `memo` is shared by the evaluators of one evaluation (bpd and rate_distortion)."""
 
 
 class BpdEvaluator(Evaluator):
@@ -237,12 +250,7 @@ class BpdEvaluator(Evaluator):
   )
 
   def check(self):
-    if not self.config.data.eval_split:
-      raise errors.UserError(
-        f"No eval split for dataset {self.config.data.dataset!r} (config.data.eval_split is empty), so "
-        f"bits/dim cannot be computed: set --config.data.eval_split=<split> or leave {self.name!r} out of "
-        "config.eval.metrics (e.g. --config.eval.metrics=fid)."
-      )
+    _check_eval_split(self, "bits/dim")
 
   def compute(self, model, mesh, memo) -> tuple[dict[str, Any], float]:
     """compute_bpd's result for this model (once per model and step: rate_distortion shares it)."""
@@ -428,12 +436,7 @@ class OdeBpdEvaluator(Evaluator):
     return {k: type(v)(self.entry.get(k, v)) for k, v in likelihood.DEFAULTS.items()}
 
   def check(self):
-    if not self.config.data.eval_split:
-      raise errors.UserError(
-        f"No eval split for dataset {self.config.data.dataset!r} (config.data.eval_split is empty), so "
-        f"the ODE bits/dim cannot be computed: set --config.data.eval_split=<split> or leave {self.name!r} out of "
-        "config.eval.metrics."
-      )
+    _check_eval_split(self, "the ODE bits/dim")
     likelihood.check_mean_type(self.config.diffusion.model_mean_type)
     o = self.options()
     if o["solver"] not in likelihood.SOLVERS:

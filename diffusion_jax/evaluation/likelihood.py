@@ -62,6 +62,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from diffusion_jax import config_base
 from diffusion_jax import errors
 from diffusion_jax import inference
 from diffusion_jax import input_pipeline
@@ -74,17 +75,8 @@ ESTIMATORS = ("rademacher", "gaussian", "exact")
 MEAN_TYPES = ("eps", "xstart", "v")
 # Each step of the two FSAL 7-stage solvers evaluates 6 new stages; the first stage of the solve is one more.
 _STAGES_PER_STEP = 6
-# The defaults of an `ode_bpd` entry of config.evals (config_base holds the same values for the default entry).
-DEFAULTS = dict(
-  rtol=1e-5,
-  atol=1e-5,
-  solver="tsit5",
-  estimator="rademacher",
-  num_probes=1,
-  max_examples=0,
-  t_start=1e-3,
-  step_to_knots=False,
-)
+# The defaults of an `ode_bpd` entry of config.evals.
+DEFAULTS = config_base.ODE_BPD_DEFAULTS
 # log2(256 / 2): the 8-bit bin width 2/256 on the [-1, 1] scale, in bits.
 DEQUANTIZATION_BITS = 7.0
 

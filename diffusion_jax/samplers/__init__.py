@@ -244,6 +244,43 @@ def _chain(
 # ----------------------------------------------------------------------------
 
 
+def _from_noise(
+  diffusion,
+  model_fn,
+  rng,
+  indices,
+  shape,
+  spec,
+  eta,
+  clip_denoised,
+  progressive_every,
+  cond,
+  guidance_scale,
+  null_label,
+  known=None,
+):
+  """The chain from x_T ~ N(0, I) for `sample` and `inpaint`, after their own checks."""
+  _check_indices(indices, shape[0])
+  _check_guidance(cond, guidance_scale, null_label, shape[0])
+  return _chain(
+    diffusion,
+    model_fn,
+    rng,
+    indices,
+    None,
+    spec,
+    eta,
+    start=None,
+    shape=shape,
+    clip_denoised=bool(clip_denoised),
+    progressive_every=int(progressive_every),
+    cond=cond,
+    guidance_scale=guidance_scale,
+    null_label=null_label,
+    known=known,
+  )
+
+
 def sample(
   diffusion: GaussianDiffusion,
   model_fn: ModelFn,
@@ -303,23 +340,19 @@ def sample(
   shape = tuple(int(s) for s in shape)
   if len(shape) < 2:
     raise errors.UserError(f"shape must be the full batched shape [B, ...] (e.g. [B, H, W, C]), got {shape}.")
-  _check_indices(indices, shape[0])
-  _check_guidance(cond, guidance_scale, null_label, shape[0])
-  return _chain(
+  return _from_noise(
     diffusion,
     model_fn,
     rng,
     indices,
-    None,
+    shape,
     spec,
     eta,
-    start=None,
-    shape=shape,
-    clip_denoised=bool(clip_denoised),
-    progressive_every=int(progressive_every),
-    cond=cond,
-    guidance_scale=guidance_scale,
-    null_label=null_label,
+    clip_denoised,
+    progressive_every,
+    cond,
+    guidance_scale,
+    null_label,
   )
 
 
@@ -585,26 +618,22 @@ def inpaint(
   values = _maybe_concrete(mask)
   if values is not None and not np.all((values == 0) | (values == 1)):
     raise errors.UserError("mask must hold 0 (sample) and 1 (keep) only.")
-  _check_indices(indices, shape[0])
-  _check_guidance(cond, guidance_scale, null_label, shape[0])
   known = dict(
     x0=jnp.asarray(x0, jnp.float32),
     mask=jnp.broadcast_to(jnp.reshape(jnp.asarray(mask) != 0, mask_shape), shape),
   )
-  return _chain(
+  return _from_noise(
     diffusion,
     model_fn,
     rng,
     indices,
-    None,
+    shape,
     spec,
     eta,
-    start=None,
-    shape=shape,
-    clip_denoised=bool(clip_denoised),
-    progressive_every=int(progressive_every),
-    cond=cond,
-    guidance_scale=guidance_scale,
-    null_label=null_label,
+    clip_denoised,
+    progressive_every,
+    cond,
+    guidance_scale,
+    null_label,
     known=known,
   )
