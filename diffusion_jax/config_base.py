@@ -119,6 +119,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   sampling.use_ema = True  # sample with the EMA parameters
   sampling.labels = ""  # conditional models: class labels or names, comma-separated ('' = one row per class)
   sampling.guidance_scale = 1.0  # classifier-free guidance s: eps(x, null) + s * (eps(x, c) - eps(x, null)); 1 = none
+  sampling.resample = 1  # --mode=inpaint, ancestral: RePaint's passes over each stretch (1 = none; RePaint: 10)
+  sampling.jump_length = 10  # --mode=inpaint with resample > 1: RePaint's jump length
 
   config.eval = eval_config = ml_collections.ConfigDict()
   eval_config.metrics = ("bpd", "rate_distortion")  # --mode=eval runs these entries of config.evals

@@ -418,14 +418,16 @@ def inpaint_fn(
   guidance_scale: float = 1.0,
   resample: int = 1,
   jump_length: int = 10,
+  resample_range: tuple[int, int] | None = None,
   **settings,
 ) -> np.ndarray:
   """Inpainting with any sampler: fills the pixels where masks == 0, keeping those where masks == 1.
 
-  `resample` > 1 adds RePaint's resampling (`samplers.repaint`, Lugmayr et al. 2022) to the ancestral sampler
-  over all T steps: every `jump_length` steps the chain goes back up `jump_length` steps and redoes them, for
-  `resample` passes in all (RePaint: 10 and 10), multiplying the network calls accordingly. Unconditional
-  models only.
+  `resample` > 1 adds RePaint's resampling (`samplers.repaint`, Lugmayr et al. 2022) to the ancestral sampler,
+  on all T steps or respaced (`num_steps`; RePaint: 250 of 1000): every `jump_length` steps the chain goes back
+  up `jump_length` steps and redoes them, for `resample` passes in all (RePaint: 10 and 10), multiplying the
+  network calls accordingly (`samplers.repaint.schedule` counts them). `resample_range=(lo, hi)` resamples
+  only the stretches at timesteps lo <= t < hi. Unconditional models only.
 
   Image i is sampled as `sample_fn` samples image i (x_T and step noise from (rng, i)), with the known
   pixels replaced before every network call by the forward process of the input at that call's noise
@@ -452,13 +454,11 @@ def inpaint_fn(
     raise errors.UserError(f"masks has shape {np.shape(masks)}; expected [N, H, W] or [N, H, W, 1] for {x0.shape}.")
   if not np.all((m == 0) | (m == 1)):
     raise errors.UserError("masks must hold 0 (fill) and 1 (keep) only.")
-  if resample != 1:
-    if spec.name != "ancestral" or spec.num_steps != model.diffusion.num_timesteps or model.num_classes:
+  if resample != 1 or resample_range is not None:
+    if spec.name != "ancestral" or model.num_classes:
       raise errors.UserError(
-        "resample > 1 (RePaint) runs the ancestral sampler over all T steps of an unconditional model: use "
-        f"sampler='ancestral' with num_steps=None (got {spec.folder_name}"
-        + (", a conditional model" if model.num_classes else "")
-        + ")."
+        "resample > 1 (RePaint) runs the ancestral sampler of an unconditional model: use "
+        f"sampler='ancestral' (got {spec.folder_name}" + (", a conditional model" if model.num_classes else "") + ")."
       )
     out = samplers.repaint.repaint(
       model.diffusion,
@@ -467,8 +467,10 @@ def inpaint_fn(
       jnp.arange(x0.shape[0], dtype=jnp.int32),
       jnp.asarray(x0),
       jnp.asarray(m.astype(bool)),
+      timesteps=samplers.ancestral.chain_timesteps(spec, None),
       jump_length=jump_length,
       jump_n_sample=resample,
+      resample_range=resample_range,
       clip_denoised=clip_denoised,
     )
     known = np.broadcast_to(m.astype(bool), x0.shape)
@@ -665,7 +667,8 @@ def inpaint_folder(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   """--mode=inpaint: fills the black part of each image's mask with the workdir's newest model.
 
   `inputs` holds images X.png (the model's size) and masks X_mask.png (white = keep, black = fill). The
-  sampler is `config.sampling`'s; image i is sampled from (config.eval.seed, i) in batches of
+  sampler is `config.sampling`'s (with RePaint's resampling for `sampling.resample` > 1 and
+  `sampling.jump_length`); image i is sampled from (config.eval.seed, i) in batches of
   `config.sampling.batch_size`. Writes `workdir/inpaint/<inputs folder>_step_<step>_<sampler settings>[_n]/`:
   X.png for each image and grid.png (one row per image: the input with the fill region black, the result).
   Earlier results are never overwritten: a new run gets the next free `_n`.
@@ -676,8 +679,10 @@ def inpaint_folder(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   sc = config.sampling
   model = load_model(workdir, use_ema=sc.use_ema)
   spec = samplers.SamplerSpec.from_config(sc, num_timesteps=model.diffusion.num_timesteps)
+  resample, jump_length = int(sc.get("resample", 1)), int(sc.get("jump_length", 10))
+  settings = spec.folder_name + (f"_resample{resample}_jump{jump_length}" if resample != 1 else "")
   names, images, masks = _read_inpaint_inputs(epath.Path(inputs), model)
-  base = epath.Path(workdir) / "inpaint" / f"{epath.Path(inputs).name}_step_{model.step}_{spec.folder_name}"
+  base = epath.Path(workdir) / "inpaint" / f"{epath.Path(inputs).name}_step_{model.step}_{settings}"
   out_dir, n = base, 0
   while out_dir.exists():
     n += 1
@@ -685,7 +690,7 @@ def inpaint_folder(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   rng = jax.random.PRNGKey(config.eval.seed)
   batch = max(1, int(sc.batch_size))
   logging.info(
-    "Inpainting %d images of %s with step %d (%s) into %s.", len(names), inputs, model.step, spec.folder_name, out_dir
+    "Inpainting %d images of %s with step %d (%s) into %s.", len(names), inputs, model.step, settings, out_dir
   )
   filled = np.concatenate(
     [
@@ -697,6 +702,8 @@ def inpaint_folder(config: ml_collections.ConfigDict, workdir: str | os.PathLike
         sampler=spec,
         clip_denoised=sc.clip_denoised,
         guidance_scale=float(sc.get("guidance_scale", 1.0)),
+        resample=resample,
+        jump_length=jump_length,
       )
       for i in range(0, len(names), batch)
     ]

@@ -38,7 +38,7 @@ def test_the_time_sequence_is_repaints():
   assert ts.tolist() == want_t and up.tolist() == want_up
   assert calls == 10 == int(np.sum(~up))  # 6 steps and 2 redone stretches of 2
   assert repaint.schedule(6, 2, 1)[2] == 6  # no resampling: T calls
-  with pytest.raises(ValueError, match="jump_length=10 must be below T=10"):
+  with pytest.raises(ValueError, match="jump_length=10 must be below the chain.s 10 steps"):
     repaint.schedule(10, 10, 2)
   with pytest.raises(ValueError, match="jump_n_sample must be an integer >= 1"):
     repaint.schedule(10, 2, 0)
@@ -83,3 +83,82 @@ def test_revisits_draw_fresh_noise_for_the_step_and_for_the_known_pixels():
   for i in range(len(draws)):
     for j in range(i):
       assert not np.allclose(draws[i], draws[j]), (i, j)
+
+
+def test_a_window_limits_the_jumps():
+  # T=10, jumps of 2: stretches at positions 0, 2, 4, 6; each redone once more with jump_n_sample=2.
+  assert repaint.schedule(10, 2, 2)[2] == 18
+  assert repaint.schedule(10, 2, 2, allowed=lambda j: j < 4)[2] == 14
+  out = repaint.repaint(
+    DIFFUSION, MODEL_FN, RNG, INDICES, X0, MASK, jump_length=2, jump_n_sample=2, resample_range=(4, 10)
+  )
+  assert out["network_calls"] == 14  # the stretches at 4-5 and 6-7
+  # A window no stretch fits in: no resampling, plain RePaint without jumps.
+  none = repaint.repaint(
+    DIFFUSION, MODEL_FN, RNG, INDICES, X0, MASK, jump_length=3, jump_n_sample=4, resample_range=(0, 2)
+  )
+  plain = repaint.repaint(DIFFUSION, MODEL_FN, RNG, INDICES, X0, MASK, jump_length=3, jump_n_sample=1)
+  assert none["network_calls"] == T
+  np.testing.assert_array_equal(none["samples"], plain["samples"])
+  for bad in ((5, 5), (-1, 4), (0, 11), (0.5, 3), "ab", (1, 2, 3)):
+    with pytest.raises(ValueError, match="resample_range must be two integer timesteps"):
+      repaint.repaint(DIFFUSION, MODEL_FN, RNG, INDICES, X0, MASK, jump_length=2, resample_range=bad)
+
+
+def test_on_a_respaced_chain_without_resampling_it_is_respaced_ancestral_inpainting():
+  spec = samplers.resolve("ancestral", num_timesteps=T, num_steps=4)
+  steps = samplers.ancestral.chain_timesteps(spec, None)
+  assert steps.size == 4 and steps[-1] < T
+  out = repaint.repaint(DIFFUSION, MODEL_FN, RNG, INDICES, X0, MASK, timesteps=steps, jump_length=2, jump_n_sample=1)
+  want = samplers.inpaint(DIFFUSION, MODEL_FN, RNG, INDICES, X0, MASK, sampler=spec)["samples"]
+  np.testing.assert_allclose(out["samples"], want, rtol=1e-6, atol=1e-6)
+  assert out["network_calls"] == 4
+
+
+def test_every_network_call_sees_the_known_pixels_at_the_forward_marginal_of_its_timestep():
+  # Record every network input: the timesteps follow RePaint's sequence on the respaced chain, and the known
+  # pixels are q_sample(x0, s, z) with z from the visit's stream (the first visit: the driver's KNOWN_STREAM key
+  # at s + 1; a revisit: its RESAMPLE_STREAM + v stream).
+  calls = []
+
+  def record(x, t):
+    calls.append((np.asarray(x), np.asarray(t)))
+
+  def model_fn(x, t):
+    jax.debug.callback(record, x, t, ordered=True)
+    return MODEL_FN(x, t)
+
+  steps = np.array([0, 2, 3, 5, 7, 9], np.int32)
+  out = repaint.repaint(DIFFUSION, model_fn, RNG, INDICES, X0, MASK, timesteps=steps, jump_length=2, jump_n_sample=3)
+  jax.effects_barrier()
+  ts, up, n = repaint.schedule(steps.size, 2, 3)
+  assert len(calls) == n == out["network_calls"]
+  assert [int(t[0]) for _, t in calls] == steps[ts[~up]].tolist()
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(RNG, INDICES)
+  known_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, samplers.driver.KNOWN_STREAM)
+  visits = repaint._visits(ts, up)[~up]
+  known = np.broadcast_to(MASK[..., None], SHAPE)
+  assert visits.max() == 2
+  for (x, t), v in zip(calls, visits):
+    base = (
+      known_keys
+      if v == 0
+      else jax.vmap(jax.random.fold_in, in_axes=(0, None))(known_keys, repaint.RESAMPLE_STREAM + int(v))
+    )
+    z = samplers.driver.per_example_normal(base, int(t[0]) + 1, SHAPE[1:])
+    want = np.asarray(DIFFUSION.q_sample(X0, jnp.asarray(t), z))
+    np.testing.assert_allclose(x[known], want[known], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(out["samples"])[known], np.asarray(X0)[known])
+
+
+def test_the_forward_steps_of_a_respaced_chain_go_from_one_marginal_to_the_next():
+  # A forward step from s_i to s_{i+1} multiplies by √(1 − β') and adds variance β', β' = 1 − ᾱ_{s_{i+1}}/ᾱ_{s_i}:
+  # applied to q(x_{s_i} | x0) it gives q(x_{s_{i+1}} | x0) exactly (mean √ᾱ_{s_{i+1}}·x0, variance 1 − ᾱ_{s_{i+1}}).
+  steps = np.array([0, 2, 3, 5, 7, 9], np.int32)
+  loop = samplers.respace(DIFFUSION, steps)
+  abar = np.cumprod(1.0 - np.asarray(DIFFUSION.betas, np.float64))
+  for i in range(steps.size - 1):
+    b = float(loop.betas[i + 1])
+    a0, a1 = abar[steps[i]], abar[steps[i + 1]]
+    np.testing.assert_allclose(np.sqrt(1 - b) * np.sqrt(a0), np.sqrt(a1), rtol=1e-6)
+    np.testing.assert_allclose((1 - b) * (1 - a0) + b, 1 - a1, rtol=1e-6)

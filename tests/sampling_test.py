@@ -283,6 +283,11 @@ def test_inpaint_folder_fills_the_masked_part_and_keeps_earlier_results(workdir,
   again = sampling.inpaint_folder(cfg, run, inputs)  # a second run never overwrites the first
   assert again.name == out.name + "_1"
   np.testing.assert_array_equal(np.asarray(Image.open(again / "a.png")), np.asarray(Image.open(out / "a.png")))
+  cfg.sampling.sampler, cfg.sampling.resample, cfg.sampling.jump_length = "ancestral", 2, 2  # RePaint
+  repainted = sampling.inpaint_folder(cfg, run, inputs)
+  assert repainted.name == "digits_in_step_3_ancestral_4steps_resample2_jump2"
+  got = np.asarray(Image.open(repainted / "a.png"))
+  np.testing.assert_array_equal(got[:4], originals["a"][:4])
 
   (inputs / "c_mask.png").unlink()
   with pytest.raises(FileNotFoundError, match="c.png has no mask: add c_mask.png"):
@@ -324,5 +329,12 @@ def test_inpaint_fn_with_repaint_resampling(workdir):
   np.testing.assert_array_equal(out[:, :, :4], images[:, :, :4])
   plain = sampling.inpaint_fn(model, images, masks, jax.random.PRNGKey(0))
   assert not np.array_equal(out, plain)  # the resampled passes change the filled half
-  with pytest.raises(ValueError, match="resample > 1 \\(RePaint\\) runs the ancestral sampler over all T steps"):
+  with pytest.raises(ValueError, match="resample > 1 \\(RePaint\\) runs the ancestral sampler of an unconditional"):
     sampling.inpaint_fn(model, images, masks, jax.random.PRNGKey(0), sampler="ddim", num_steps=5, resample=2)
+  # Respaced (RePaint's own setting: fewer steps than T), resampling only at the low-noise end.
+  kw = dict(num_steps=5, resample=3, jump_length=2)
+  respaced = sampling.inpaint_fn(model, images, masks, jax.random.PRNGKey(0), **kw)
+  np.testing.assert_array_equal(respaced[:, :, :4], images[:, :, :4])
+  windowed = sampling.inpaint_fn(model, images, masks, jax.random.PRNGKey(0), resample_range=(0, 5), **kw)
+  np.testing.assert_array_equal(windowed[:, :, :4], images[:, :, :4])
+  assert not np.array_equal(windowed, respaced)

@@ -28,7 +28,7 @@ from diffusion_jax.samplers.base import noise_steps
 from diffusion_jax.samplers.base import timesteps_array
 
 
-def _xprev_to_respaced(diffusion, loop_diffusion, model_output, x_t, t, loop_t):
+def xprev_to_respaced(diffusion, loop_diffusion, model_output, x_t, t, loop_t):
   """Re-expresses an `xprev` output (one original step) as the posterior mean of the respaced step."""
   c = x_t.shape[-1]
   mean_out = model_output[..., :c].astype(jnp.float32)
@@ -81,7 +81,7 @@ class Ancestral(Sampler):
     loop_diffusion = ctx.tables
     loop_t = jnp.full((x.shape[0],), ctx.coef["loop_t"], dtype=jnp.int32)
     if respaced and ctx.diffusion.model_mean_type == "xprev":
-      model_output = _xprev_to_respaced(ctx.diffusion, loop_diffusion, model_output, x, ctx.t_vec, loop_t)
+      model_output = xprev_to_respaced(ctx.diffusion, loop_diffusion, model_output, x, ctx.t_vec, loop_t)
     out = loop_diffusion.p_sample(model_output, x, loop_t, ctx.noise, clip_denoised=ctx.clip_denoised)
     return out["sample"], out["pred_xstart"]
 

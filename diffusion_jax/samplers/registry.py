@@ -19,7 +19,16 @@ _REGISTRY: dict[str, Sampler] = {}
 # The settings of `resolve` besides the sampler's name.
 SETTINGS = ("num_steps", "eta", "timestep_spacing", "sigma_schedule", "order", "lower_order_final")
 # Fields of `config.sampling` that are not the sampler's settings (how many, in what batches, with what labels).
-NOT_SAMPLER_SETTINGS = ("clip_denoised", "batch_size", "num_samples", "use_ema", "labels", "guidance_scale")
+NOT_SAMPLER_SETTINGS = (
+  "clip_denoised",
+  "batch_size",
+  "num_samples",
+  "use_ema",
+  "labels",
+  "guidance_scale",
+  "resample",
+  "jump_length",
+)
 # Names that resolve to a registered sampler given an order: "dpmpp" with order=3 is "dpmpp3m".
 _ORDER_ALIASES: dict[str, str] = {}
 

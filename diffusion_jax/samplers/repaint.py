@@ -3,24 +3,32 @@
 Plain inpainting (`samplers.inpaint`) replaces the known pixels before each
 network call; the unknown pixels then see the known ones only through one
 reverse step each. RePaint harmonises them by jumping back up the chain: after
-every `jump_length` reverse steps (at timesteps that are multiples of
+every `jump_length` reverse steps (at chain positions that are multiples of
 `jump_length`), the chain is diffused forward again by `jump_length` steps with
-q(x_{t+1} | x_t) = N(√(1 − β_{t+1})·x_t, β_{t+1}·I) and those steps are
-redone, `jump_n_sample − 1` times. The time sequence is RePaint's
-`get_schedule_jump` in 0-based timesteps (`schedule`), run as one `lax.scan`:
-a row is either a reverse step at timestep t (one network call, the known
-pixels replaced by q_sample(x0, t, z) first, as in `driver`) or a forward step
-t → t + 1 (no network call). The resamplings multiply the network calls:
-`schedule` returns their count.
+q(x_{t'} | x_t) and those steps are redone, `jump_n_sample − 1` times. The time
+sequence is RePaint's `get_schedule_jump` in 0-based chain positions
+(`schedule`), run as one `lax.scan`: a row is either a reverse step at position
+i (one network call, the known pixels replaced by q_sample(x0, s_i, z) first,
+as in `driver`) or a forward step i → i + 1 (no network call).
+
+The chain is the ancestral sampler's: all T timesteps, or a respaced subset
+s_0 < … < s_{n−1} (RePaint itself runs a 1000-step model on 250 steps). On a
+respaced chain the reverse step is the respaced process's (`grids.respace`,
+the network called at the original s_i) and the forward step from s_i to
+s_{i+1} is q(x_{s_{i+1}} | x_{s_i}) = N(√(1 − β'_{i+1})·x, β'_{i+1}·I) with
+β'_{i+1} = 1 − ᾱ_{s_{i+1}}/ᾱ_{s_i}, so a forward step undoes exactly the
+marginal a reverse step removes. `resample_range` limits the jumps to a window
+of timesteps (RePaint's `start_resampling` is the window [0, start)), since
+every pass multiplies the network calls there: `schedule` returns their count.
 
 Noise. Example b's key is key_b = fold_in(rng, indices[b]); x_T is
 normal(fold_in(key_b, 0)) as in `samplers.sample`. The v-th visit (v = 0, 1,
-…) of timestep t draws its step noise from fold_in(key_b, t + 1) for v = 0
+…) of timestep s draws its step noise from fold_in(key_b, s + 1) for v = 0
 (the noise of plain ancestral sampling) and from a separate stream for
 v > 0 (fold_in(base, RESAMPLE_STREAM + v) of the step's and of the known
 pixels' own base keys, `driver.KNOWN_STREAM` for the latter); a forward step
 draws from its own stream. With `jump_n_sample = 1` the chain is
-exactly `samplers.inpaint` with the ancestral sampler over all T steps.
+exactly `samplers.inpaint` with the ancestral sampler on the same timesteps.
 """
 
 from __future__ import annotations
@@ -32,27 +40,35 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import errors
+from diffusion_jax.samplers import ancestral
 from diffusion_jax.samplers import driver
+from diffusion_jax.samplers import grids
 
 RESAMPLE_STREAM = 0x72657361  # fold_in(base, RESAMPLE_STREAM + v): noise of the v-th revisit (v ≥ 1)
 FORWARD_STREAM = 0x666F7277  # fold_in(key_b, FORWARD_STREAM): noise of the forward (back-up) steps
 
 
-def schedule(num_timesteps: int, jump_length: int, jump_n_sample: int) -> tuple[np.ndarray, np.ndarray, int]:
-  """RePaint's time sequence in 0-based timesteps: (t [N] int32, up [N] bool, network calls).
+def schedule(
+  num_steps: int, jump_length: int, jump_n_sample: int, *, allowed=None
+) -> tuple[np.ndarray, np.ndarray, int]:
+  """RePaint's time sequence over chain positions 0..n−1: (i [N] int32, up [N] bool, network calls).
 
-  Row i is a reverse step at timestep t[i] (up False: x_t → x_{t−1}, one network call) or a forward step
-  t[i] → t[i] + 1 (up True). The chain starts at T − 1 and its last row is the reverse step at 0.
+  Row k is a reverse step at position i[k] (up False: x_{s_i} → x_{s_{i−1}}, one network call) or a forward
+  step i[k] → i[k] + 1 (up True). The chain starts at n − 1 and its last row is the reverse step at 0.
+  `allowed(j) -> bool` (default: always) says whether the stretch of positions j..j + jump_length − 1 may be
+  redone; the jumps elsewhere are dropped (`resample_range`).
   """
   for name, value in (("jump_length", jump_length), ("jump_n_sample", jump_n_sample)):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
       raise errors.UserError(f"{name} must be an integer >= 1, got {value!r}.")
-  if jump_length >= num_timesteps:
-    raise errors.UserError(f"jump_length={jump_length} must be below T={num_timesteps}.")
-  # RePaint's get_schedule_jump over 1-based times T..0; a reverse step leaves time s for s − 1, i.e. it runs at
-  # our 0-based timestep s − 1.
-  jumps = {j: jump_n_sample - 1 for j in range(0, num_timesteps - jump_length, jump_length)}
-  s, times = num_timesteps, [num_timesteps]
+  if jump_length >= num_steps:
+    raise errors.UserError(f"jump_length={jump_length} must be below the chain's {num_steps} steps.")
+  # RePaint's get_schedule_jump over 1-based times n..0; a reverse step leaves time s for s − 1, i.e. it runs at
+  # our 0-based position s − 1.
+  jumps = {
+    j: jump_n_sample - 1 for j in range(0, num_steps - jump_length, jump_length) if allowed is None or allowed(j)
+  }
+  s, times = num_steps, [num_steps]
   while s >= 1:
     s -= 1
     times.append(s)
@@ -64,10 +80,10 @@ def schedule(num_timesteps: int, jump_length: int, jump_n_sample: int) -> tuple[
   ts, up = [], []
   for a, b in zip(times[:-1], times[1:]):
     if b < a:
-      ts.append(a - 1)  # reverse step at 0-based timestep a − 1
+      ts.append(a - 1)  # reverse step at 0-based position a − 1
       up.append(False)
     else:
-      ts.append(b - 2)  # forward step from 0-based timestep b − 2 to b − 1
+      ts.append(b - 2)  # forward step from 0-based position b − 2 to b − 1
       up.append(True)
   ts, up = np.asarray(ts, np.int32), np.asarray(up, bool)
   return ts, up, int(np.sum(~up))
@@ -83,8 +99,8 @@ def _visits(ts: np.ndarray, up: np.ndarray) -> np.ndarray:
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("clip_denoised",))
-def _run(diffusion, model_fn, rng, indices, x0, mask, rows, *, clip_denoised):
+@functools.partial(jax.jit, static_argnames=("clip_denoised", "respaced"))
+def _run(diffusion, loop_diffusion, model_fn, rng, indices, x0, mask, rows, *, clip_denoised, respaced):
   keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, indices)
   known_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, driver.KNOWN_STREAM)
   forward_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, FORWARD_STREAM)
@@ -99,16 +115,19 @@ def _run(diffusion, model_fn, rng, indices, x0, mask, rows, *, clip_denoised):
 
   def reverse(x, row):
     t, visit = row["t"], row["visit"]
-    t_vec = jnp.full((shape[0],), t, jnp.int32)
+    t_vec = jnp.full((shape[0],), t, jnp.int32)  # the original timestep s_i: the network's and the noise's
+    loop_t = jnp.full((shape[0],), row["i"], jnp.int32)  # the chain position i: the respaced tables'
     known_noise = driver.per_example_normal(stream(known_keys, visit), t + 1, shape[1:])
     known = diffusion.q_sample(x0, t_vec, known_noise)
     x_in = jnp.where(mask, known, x)
     noise = driver.per_example_normal(stream(keys, visit), t + 1, shape[1:])
-    return diffusion.p_sample(model_fn(x_in, t_vec), x_in, t_vec, noise, clip_denoised=clip_denoised)["sample"]
+    model_output = model_fn(x_in, t_vec)
+    if respaced and diffusion.model_mean_type == "xprev":
+      model_output = ancestral.xprev_to_respaced(diffusion, loop_diffusion, model_output, x_in, t_vec, loop_t)
+    return loop_diffusion.p_sample(model_output, x_in, loop_t, noise, clip_denoised=clip_denoised)["sample"]
 
   def forward(x, row):
-    t_next = row["t"] + 1
-    beta = diffusion.betas[t_next]
+    beta = loop_diffusion.betas[row["i"] + 1]  # 1 − ᾱ_{s_{i+1}}/ᾱ_{s_i}
     noise = driver.per_example_normal(forward_keys, row["index"], shape[1:])
     return jnp.sqrt(1.0 - beta) * x + jnp.sqrt(beta) * noise
 
@@ -127,8 +146,10 @@ def repaint(
   x0,
   mask,
   *,
+  timesteps=None,
   jump_length: int = 10,
   jump_n_sample: int = 10,
+  resample_range: tuple[int, int] | None = None,
   clip_denoised: bool = True,
 ) -> dict:
   """Inpaints with the ancestral sampler and RePaint's resampling (module docstring).
@@ -139,8 +160,11 @@ def repaint(
     rng, indices: as in `samplers.sample` (the noise of example b depends on (rng, indices[b]) only).
     x0: [B, ...] float images in [-1, 1] (only the known pixels are read).
     mask: 1 = known, 0 = to sample; x0's shape or missing trailing axes of size 1, broadcast.
+    timesteps: the chain, strictly increasing timesteps in [0, T) (the ancestral sampler's grid,
+      `ancestral.chain_timesteps`); None: all T.
     jump_length: reverse steps between jumps back up, and the length of each jump (RePaint: 10).
     jump_n_sample: passes over each stretch (1 = no resampling; RePaint: 10).
+    resample_range: (lo, hi): redo only the stretches whose timesteps all lie in lo <= t < hi; None: all.
     clip_denoised: clip the x_0 predictions (the paper's sampler).
 
   Returns:
@@ -155,14 +179,49 @@ def repaint(
   if mask.shape[0] != x0.shape[0] or any(m not in (1, s) for m, s in zip(mask.shape[1:], x0.shape[1:])):
     raise errors.UserError(f"mask has shape {mask.shape}; expected x0's {x0.shape} or [B, H, W] / [B, H, W, 1].")
   mask = jnp.broadcast_to(mask, x0.shape)
-  ts, up, calls = schedule(diffusion.num_timesteps, jump_length, jump_n_sample)
+  steps = np.arange(diffusion.num_timesteps, dtype=np.int32) if timesteps is None else np.asarray(timesteps)
+  steps = grids.check_timesteps(steps, diffusion.num_timesteps).astype(np.int32)
+  allowed = None
+  if resample_range is not None:
+    lo, hi = _check_range(resample_range, diffusion.num_timesteps)
+    allowed = lambda j: lo <= steps[j] and steps[j + jump_length - 1] < hi  # noqa: E731
+  ts, up, calls = schedule(steps.size, jump_length, jump_n_sample, allowed=allowed)
   rows = dict(
-    t=jnp.asarray(ts),
+    i=jnp.asarray(ts),
+    t=jnp.asarray(steps[ts]),
     up=jnp.asarray(up),
     visit=jnp.asarray(_visits(ts, up)),
     index=jnp.arange(len(ts), dtype=jnp.int32),
   )
+  respaced = steps.size != diffusion.num_timesteps
+  loop_diffusion = grids.respace(diffusion, steps) if respaced else diffusion
   if not isinstance(model_fn, jax.tree_util.Partial):
     model_fn = jax.tree_util.Partial(model_fn)
-  samples = _run(diffusion, model_fn, rng, jnp.asarray(indices), x0, mask, rows, clip_denoised=bool(clip_denoised))
+  samples = _run(
+    diffusion,
+    loop_diffusion,
+    model_fn,
+    rng,
+    jnp.asarray(indices),
+    x0,
+    mask,
+    rows,
+    clip_denoised=bool(clip_denoised),
+    respaced=respaced,
+  )
   return dict(samples=samples, network_calls=calls)
+
+
+def _check_range(resample_range, num_timesteps: int) -> tuple[int, int]:
+  """(lo, hi) integers with 0 <= lo < hi <= T, or a UserError."""
+  try:
+    lo, hi = (int(v) for v in resample_range)
+    ok = all(float(v) == int(v) for v in resample_range) and 0 <= lo < hi <= num_timesteps
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise errors.UserError(
+      f"resample_range must be two integer timesteps (lo, hi) with 0 <= lo < hi <= T={num_timesteps} "
+      f"(resampling where lo <= t < hi), got {resample_range!r}."
+    )
+  return lo, hi
