@@ -9,7 +9,10 @@ On the digits test split (297 images) and the shipped digit classifier (docs/dig
   results against the train split, the network calls per image and the wall time. Two reference rows: the
   unedited test digits, and the kept half with the other half black (no model);
 * SDEdit (`edit_fn`): label-keeping, the mean absolute pixel change and the digit metric against the strength;
-* DDIM inversion (`encode_fn` then `decode_fn`): the round-trip error against the number of steps.
+* DDIM inversion (`encode_fn` then `decode_fn`): the round-trip error against the number of steps;
+* likelihood (after `--mode=eval --config.eval.metrics=bpd,ode_bpd --config.eval.drop_remainder=False` on the
+  workdir): the ODE bits/dim against the variational bound from the two evaluators' JSON files, and a picture of
+  the test digits ordered by their ODE bits/dim (the per-image results of the `ode_bpd` evaluator).
 
 Prints Markdown tables; --json_out writes every figure; --pictures_dir writes the README pictures.
 
@@ -26,6 +29,7 @@ import jax
 import numpy as np
 from absl import app
 from absl import flags
+from etils import epath
 
 from diffusion_jax import cli
 from diffusion_jax import images as images_lib
@@ -185,6 +189,43 @@ def inversion(model, test, labels, results):
   return decoded
 
 
+def _field(result: dict, key: str):
+  """A figure or setting of an evaluator's JSON (evaluation/evaluators.py's schema)."""
+  for part in ("figures", "settings", "details"):
+    if key in result.get(part, {}):
+      return result[part][key]
+  raise KeyError(f"{key} is not in {result['name']}'s results")
+
+
+def likelihood(workdir, test, step, results):
+  """The ode_bpd and bpd evaluators' figures at `step`, and the test digits ordered by per-image ODE bits/dim."""
+  eval_dir = epath.Path(workdir) / "eval"
+  ode = json.loads((eval_dir / f"ode_bpd_step_{step:06d}.json").read_text())
+  bound = json.loads((eval_dir / f"bpd_step_{step:06d}.json").read_text())
+  folder = epath.Path(_field(ode, "out_dir"))
+  per_image = [np.load(p) for p in sorted(folder.glob("batch_*.npz"))]
+  bpd = np.concatenate([b["bpd"] for b in per_image])
+  index = np.concatenate([b["index"] for b in per_image])
+  results["likelihood"] = dict(ode_bpd=ode["figures"], bound=bound["figures"], ode_settings=ode["settings"])
+  header = ["", "bits/dim", "± (s.e.m. over images)", "images", "s"]
+  rows = [
+    ["probability-flow ODE (ode_bpd)", f"{ode['figures']['ode_bpd']:.3f}", f"{ode['figures']['ode_bpd_sem']:.3f}"]
+    + [_field(ode, "num_examples"), f"{sum(ode['seconds'].values()):.0f}"],
+    [
+      "variational bound (bpd)",
+      f"{bound['figures']['bpd']:.3f}",
+      f"{bound['figures'].get('bpd_sem', float('nan')):.3f}",
+    ]
+    + [bound["figures"].get("num_examples", ""), f"{sum(bound['seconds'].values()):.0f}"],
+  ]
+  _table(f"Bits/dim of the digits test split, step {step}", header, rows)
+  order = index[np.argsort(bpd)]
+  n = _PICTURE_COLUMNS
+  middle = len(order) // 2 - n // 2
+  print(f"ODE bits/dim per image: lowest {np.sort(bpd)[:n].round(2)}, highest {np.sort(bpd)[-n:].round(2)}")
+  return [test[order[:n]], test[order[middle : middle + n]], test[order[-n:]]]
+
+
 def _table(title, header, rows):
   print(f"\n### {title}\n")
   print("| " + " | ".join(header) + " |")
@@ -221,6 +262,10 @@ def main(argv):
       latent = images_lib.to_uint8(np.clip(decoded[steps[-1]][0][show] / 3.0, -1.0, 1.0))  # x_T / 3, clipped
       rows = [test[show], latent] + [decoded[s][1][show] for s in (steps[0], steps[-1])]
       _picture(f"{pictures}/editing_inversion.png", rows)
+  if "likelihood" in _PARTS.value:
+    rows = likelihood(_WORKDIR.value, test, int(model.step), results)
+    if pictures:
+      _picture(f"{pictures}/editing_likelihood.png", rows)
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
       json.dump(results, f, indent=1)

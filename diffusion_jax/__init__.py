@@ -23,6 +23,7 @@ _EXPORTS = {
   "encode_fn": "diffusion_jax.sampling",
   "decode_fn": "diffusion_jax.sampling",
   "inpaint_fn": "diffusion_jax.sampling",
+  "likelihood_fn": "diffusion_jax.sampling",
   "save_image_grid": "diffusion_jax.sampling",
   "LoadedModel": "diffusion_jax.sampling",
   "GaussianDiffusion": "diffusion_jax.diffusion",

@@ -204,3 +204,31 @@ def test_one_and_four_devices_agree_to_the_solver_tolerance(tiny, n_devices):
   # of an adaptive solve is a multiple of its local tolerance), not to float rounding.
   assert abs(runs[1]["nfe_mean"] - runs[0]["nfe_mean"]) <= 0.1 * runs[0]["nfe_mean"]
   np.testing.assert_allclose(runs[1]["ode_bpd"], runs[0]["ode_bpd"], rtol=1e-2)
+
+
+def test_likelihood_fn_is_the_evaluators_computation_on_a_batch(tiny):
+  config, workdir, model = tiny
+  from diffusion_jax import input_pipeline  # noqa: PLC0415
+  from diffusion_jax import sampling  # noqa: PLC0415
+
+  images = input_pipeline.load_digits(config.data.eval_split)[0][:4]
+  settings = dict(rtol=1e-3, atol=1e-3)
+  want = likelihood.compute_ode_bpd(
+    model,
+    config,
+    jax.random.PRNGKey(5),
+    mesh=runtime.make_mesh(devices=jax.devices()[:1]),
+    progress=False,
+    max_examples=4,
+    batch_size=4,
+    **settings,
+  )
+  # The evaluator's batch k draws from fold_in(rng, k); one batch of the same 4 images here.
+  got = sampling.likelihood_fn(model, images, jax.random.fold_in(jax.random.PRNGKey(5), 0), **settings)
+  assert got["bpd"].shape == (4,) and got["nfe"] > 6
+  np.testing.assert_allclose(got["bpd"].mean(), want["ode_bpd"], rtol=1e-6)
+  np.testing.assert_allclose(got["prior_bpd"].mean(), want["prior_bpd"], rtol=1e-5)
+  np.testing.assert_allclose(got["bpd"], got["prior_bpd"] + got["delta_bpd"] + 7.0, rtol=1e-6)
+  assert np.all(np.isnan(got["bpd_sem"]))  # one Rademacher probe: no standard error
+  with pytest.raises(ValueError, match="images must be uint8"):
+    sampling.likelihood_fn(model, images.astype(np.float32), jax.random.PRNGKey(0))

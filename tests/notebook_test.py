@@ -33,5 +33,6 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   assert len(pictures) == 7  # ancestral, DDIM, progressive, interpolation, inpainting, SDEdit, inversion
   text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
   assert "(16, 8, 8, 1) uint8" in text
+  assert "bits/dim per image:" in text and "network evaluations:" in text  # the likelihood cell
   assert (tmp_path / "ddim_samples.png").exists()
   assert os.path.getsize(tmp_path / "ddim_samples.png") > 0

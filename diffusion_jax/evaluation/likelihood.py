@@ -265,7 +265,7 @@ def ode_log_likelihood(
 
 
 @functools.lru_cache(maxsize=8)
-def _batch_fn(model_def: unet.UNet, mesh: Mesh, settings: tuple, conditional: bool):
+def batch_fn(model_def: unet.UNet, mesh: Mesh, settings: tuple, conditional: bool):
   """jit(params, diffusion, images [B, ...], rng[, labels [B]]) -> per-image results: one ODE system per batch."""
   options = dict(settings)
   apply = runtime.model_fn(model_def)
@@ -388,7 +388,7 @@ def compute_ode_bpd(
     ("t_start", float(t_start)),
     ("step_to_knots", bool(step_to_knots)),
   )
-  fn = _batch_fn(model.network, mesh, settings, conditional)
+  fn = batch_fn(model.network, mesh, settings, conditional)
   params = model.params_on(mesh)
   diffusion = runtime.put_replicated(model.diffusion, mesh)
 
