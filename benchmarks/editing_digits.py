@@ -213,10 +213,10 @@ def likelihood(workdir, test, step, results):
     + [_field(ode, "num_examples"), f"{sum(ode['seconds'].values()):.0f}"],
     [
       "variational bound (bpd)",
-      f"{bound['figures']['bpd']:.3f}",
-      f"{bound['figures'].get('bpd_sem', float('nan')):.3f}",
+      f"{bound['figures']['total_bpd']:.3f}",
+      f"{bound['figures']['total_bpd_sem']:.3f}",
     ]
-    + [bound["figures"].get("num_examples", ""), f"{sum(bound['seconds'].values()):.0f}"],
+    + [_field(bound, "num_examples"), f"{sum(bound['seconds'].values()):.0f}"],
   ]
   _table(f"Bits/dim of the digits test split, step {step}", header, rows)
   order = index[np.argsort(bpd)]
