@@ -344,15 +344,15 @@ def inversion_part(torch, diffusers, unet, test, labels, results):
   model = sampling.load_model(_WORKDIR.value)
   for grid in ("even", spacing):
     for steps in [int(v) for v in _INVERSION_STEPS.value]:
-      # This library: encode_fn/decode_fn on the `even` grid (the default) and on diffusers' grid, in the same
-      # process (compilation included).
+      # This library: encode_fn/decode_fn (network_t="target", the default) on the `even` grid (the default) and
+      # on diffusers' grid, in the same process (compilation included).
       kw = dict(num_steps=steps, timestep_spacing=grid)
       start = time.perf_counter()
       again = sampling.decode_fn(model, sampling.encode_fn(model, test, **kw), **kw)
       seconds = time.perf_counter() - start
       s = _round_trip(again, test, labels, steps=steps, network_calls=2 * steps, seconds=seconds)
       results[f"inversion/diffusion_jax/{grid}/{steps}"] = s
-      table.append(_inversion_row(f"diffusion_jax (current t, {grid})", s))
+      table.append(_inversion_row(f"diffusion_jax (target t, {grid})", s))
   for network_t in _INVERSION_T.value:
     if network_t not in ("target", "current"):
       raise app.UsageError(f"--inversion_network_t takes target and current, got {network_t!r}.")

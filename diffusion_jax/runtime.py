@@ -320,14 +320,14 @@ def progress_bar(iterable, total: int, enabled: bool, desc: str):
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> epath.Path:
-  """Writes `data` to `path` through a temporary file and a rename, so readers see all or nothing."""
+  """Writes `data` to `path` through a temporary file and a rename, so readers see all or nothing (replaces `path`)."""
   path = epath.Path(path)
   tmp = path.parent / (path.name + ".tmp")
   if isinstance(data, str):
     tmp.write_text(data)
   else:
     tmp.write_bytes(data)
-  tmp.rename(path)
+  tmp.replace(path)  # os.replace semantics: an existing file is replaced (callers decide whether it may be)
   return path
 
 

@@ -338,14 +338,16 @@ def encode_fn(
   clip_denoised: bool = False,
   labels=None,
   guidance_scale: float = 1.0,
+  network_t: str = "target",
   **settings,
 ) -> np.ndarray:
   """DDIM inversion: the latents x_T from which deterministic DDIM regenerates the images (approximately).
 
   Runs the DDIM ODE upwards on the grid of `sampler` ("ddim", η = 0) for `num_steps` (`samplers.invert`;
   the network is evaluated at the current point, so the round trip is approximate and closer with more
-  steps). `decode_fn` with the same settings maps the latents back to images; on the default `even`
-  grid the latents are at timestep T − 1, the start of `sample_fn`'s chain.
+  steps; `timestep_spacing="trailing"` is closer than the default `even` at few steps). `decode_fn` with the
+  same settings maps the latents back to images; on the `even` and `trailing` grids the latents are at
+  timestep T − 1, the start of `sample_fn`'s chain.
 
   Args:
     model: from `load_model`.
@@ -353,6 +355,8 @@ def encode_fn(
     sampler, num_steps, **settings: a `ddim` spec or the name "ddim" with its settings (as in `sample_fn`).
     clip_denoised: clip x_0 predictions (off: clipping is not invertible).
     labels, guidance_scale: as in `edit_fn`.
+    network_t: the network's timestep label in each inverse step: "target" (the timestep the step goes to,
+      as diffusers' DDIMInverseScheduler is called; the closer round trip) or "current" (the point's own).
 
   Returns:
     float32 [N, H, W, C] latents.
@@ -365,6 +369,7 @@ def encode_fn(
     jnp.asarray(x0),
     spec,
     clip_denoised=clip_denoised,
+    network_t=network_t,
     **_guidance(model, labels, x0.shape[0], guidance_scale),
   )
   return np.asarray(out["latents"])

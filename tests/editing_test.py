@@ -163,11 +163,11 @@ def gaussian_eps(diffusion, s2=0.25):
 
 
 def test_inversion_steps_invert_the_forward_ddim_steps_for_a_point_mass():
-  # With x̂_0 = μ whatever x, each inverse step is the exact inverse of the forward step between the same
-  # two grid timesteps: the forward chain from the latent retraces the inversion's points.
+  # With x̂_0 = μ whatever x, each inverse step with the network at the current timestep is the exact inverse of
+  # the forward step between the same two grid timesteps: the forward chain from the latent retraces the points.
   diffusion = GaussianDiffusion.create(np.linspace(1e-3, 0.05, 50))
   fn, s = point_mass_eps(diffusion), spec("ddim", num_timesteps=50, num_steps=6)
-  inv = samplers.invert(diffusion, fn, X0, s, trajectory=True)
+  inv = samplers.invert(diffusion, fn, X0, s, trajectory=True, network_t="current")
   grid = samplers.inversion.inversion_grid(s)
   assert inv["t"] == 49 and grid.tolist() == sorted(grid.tolist()) and grid[0] == 0
   fwd = samplers.denoise(
@@ -180,20 +180,46 @@ def test_inversion_steps_invert_the_forward_ddim_steps_for_a_point_mass():
   assert np.all(np.diff(dist) > 0)
 
 
-def test_inversion_round_trip_error_shrinks_with_more_steps():
+@pytest.mark.parametrize("network_t", ["target", "current"])
+def test_inversion_round_trip_error_shrinks_with_more_steps(network_t):
   diffusion = GaussianDiffusion.create(np.linspace(1e-4, 0.05, 200))
   fn = gaussian_eps(diffusion)
   x0 = MU + 0.5 * jax.random.normal(jax.random.PRNGKey(4), SHAPE)
   errs = []
   for n in (4, 16, 64):
     s = spec("ddim", num_timesteps=200, num_steps=n)
-    inv = samplers.invert(diffusion, fn, x0, s)
+    inv = samplers.invert(diffusion, fn, x0, s, network_t=network_t)
     back = samplers.denoise(diffusion, fn, RNG, INDICES, inv["latents"], t=inv["t"], sampler=s, clip_denoised=False)
     errs.append(float(jnp.max(jnp.abs(back["samples"] - x0))))
   assert errs[0] > errs[1] > errs[2] and errs[2] < 0.25 * errs[0], errs
 
 
+@pytest.mark.parametrize("spacing", ["even", "trailing"])
+def test_inversion_target_step_by_hand(spacing):
+  # Step i from x at s_{i−1} to s_i: ε̂ = ε(x, s_i) (the target's label), x̂_0 = (x − √(1 − ᾱ_{s_{i−1}}) ε̂)/√ᾱ_{s_{i−1}},
+  # x_{s_i} = √ᾱ_{s_i} x̂_0 + √(1 − ᾱ_{s_i}) ε̂; the first step from x_0 (ᾱ = 1) with ε̂ = ε(x_0, s_0).
+  diffusion = GaussianDiffusion.create(np.linspace(1e-4, 0.05, 100))
+  fn = gaussian_eps(diffusion)
+  s = spec("ddim", num_timesteps=100, num_steps=5, timestep_spacing=spacing)
+  inv = samplers.invert(diffusion, fn, X0, s, trajectory=True)
+  grid = samplers.inversion.inversion_grid(s)
+  abar = np.cumprod(1.0 - np.linspace(1e-4, 0.05, 100))
+  x, a_cur = np.asarray(X0, np.float64), 1.0
+  for i, t in enumerate(grid.tolist()):
+    eps = np.asarray(fn(jnp.asarray(x, jnp.float32), jnp.full((SHAPE[0],), t, jnp.int32)), np.float64)
+    x0_hat = (x - np.sqrt(1.0 - a_cur) * eps) / np.sqrt(a_cur)
+    x = np.sqrt(abar[t]) * x0_hat + np.sqrt(1.0 - abar[t]) * eps
+    a_cur = abar[t]
+    np.testing.assert_allclose(inv["trajectory"][:, i], x, rtol=1e-4, atol=1e-4, err_msg=f"step {i}")
+  # On the same grid the current-timestep convention is another map (only the first step is shared).
+  other = samplers.invert(diffusion, fn, X0, s, trajectory=True, network_t="current")["trajectory"]
+  np.testing.assert_allclose(other[:, 0], inv["trajectory"][:, 0], rtol=1e-6, atol=1e-6)
+  assert np.abs(np.asarray(other[:, -1]) - np.asarray(inv["trajectory"][:, -1])).max() > 1e-3
+
+
 def test_invert_errors():
+  with pytest.raises(ValueError, match="network_t must be one of target, current"):
+    samplers.invert(DIFFUSION, MODEL_FN, X0, spec("ddim"), network_t="next")
   with pytest.raises(ValueError, match="needs the deterministic ddim"):
     samplers.invert(DIFFUSION, MODEL_FN, X0, spec("ancestral"))
   with pytest.raises(ValueError, match="needs the deterministic ddim"):

@@ -104,6 +104,12 @@ def test_save_image_grid_never_overwrites(tmp_path):
   np.testing.assert_array_equal(grid[2:18, 2:18], images[0, :, :, 0].repeat(2, 0).repeat(2, 1))
   with pytest.raises(FileExistsError, match="refusing to overwrite"):
     sampling.save_image_grid(images, path)
+  # Asked to, it replaces the file (through a temporary file and a rename, as every write).
+  again = sampling.save_image_grid(images[::-1], path, scale=2, overwrite=True)
+  np.testing.assert_array_equal(
+    np.asarray(Image.open(again))[2:18, 2:18], images[-1, :, :, 0].repeat(2, 0).repeat(2, 1)
+  )
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png"]
 
 
 def test_chunked_export_resumes_without_gaps_or_duplicates(workdir, tmp_path):
