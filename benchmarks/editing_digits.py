@@ -48,6 +48,9 @@ _STRENGTHS = flags.DEFINE_list("strengths", ["0.05", "0.1", "0.2", "0.3", "0.4",
 _INVERSION_STEPS = flags.DEFINE_list(
   "inversion_steps", ["10", "20", "50", "100", "250", "1000"], "DDIM inversion steps."
 )
+_NETWORK_T = flags.DEFINE_enum(
+  "network_t", "target", ["target", "current"], "encode_fn's network_t (the network's timestep label)."
+)
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Write the results here as JSON.")
 _PICTURES = flags.DEFINE_string("pictures_dir", "", "Write the README pictures (editing_*.png) here.")
 _PICTURE_COLUMNS = 10  # test digits shown in each picture: the first of each class
@@ -162,7 +165,7 @@ def inversion(model, test, labels, results):
   table, decoded = [], {}
   for steps in [int(v) for v in _INVERSION_STEPS.value]:
     start = time.perf_counter()
-    latents = sampling.encode_fn(model, test, num_steps=steps)
+    latents = sampling.encode_fn(model, test, num_steps=steps, network_t=_NETWORK_T.value)
     again = sampling.decode_fn(model, latents, num_steps=steps)
     seconds = time.perf_counter() - start
     err = again.astype(np.float64) - test.astype(np.float64)
