@@ -26,12 +26,12 @@ from absl import logging
 from etils import epath
 
 from diffusion_jax import checkpointing
+from diffusion_jax import config_base
 from diffusion_jax import errors
 from diffusion_jax import images as images_lib
 from diffusion_jax import inference
 from diffusion_jax import runtime
 from diffusion_jax import samplers
-from diffusion_jax.evaluation import likelihood
 from diffusion_jax.evaluation import sample_export
 from diffusion_jax.inference import LoadedModel  # noqa: F401 (API)
 from diffusion_jax.inference import load_model  # noqa: F401 (API)
@@ -460,12 +460,15 @@ def inpaint_fn(
     raise errors.UserError(f"masks has shape {np.shape(masks)}; expected [N, H, W] or [N, H, W, 1] for {x0.shape}.")
   if not np.all((m == 0) | (m == 1)):
     raise errors.UserError("masks must hold 0 (fill) and 1 (keep) only.")
+  if isinstance(resample, bool) or not isinstance(resample, (int, np.integer)) or resample < 1:
+    raise errors.UserError(f"resample must be an integer >= 1 (1: no resampling; RePaint: 10), got {resample!r}.")
   if resample != 1 or resample_range is not None:
     if spec.name != "ancestral" or model.num_classes:
       raise errors.UserError(
-        "resample > 1 (RePaint) runs the ancestral sampler of an unconditional model: use "
+        "resample > 1 and resample_range (RePaint) run the ancestral sampler of an unconditional model: use "
         f"sampler='ancestral' (got {spec.folder_name}" + (", a conditional model" if model.num_classes else "") + ")."
       )
+    inference.resolve_labels(model, labels, x0.shape[0])  # raises for labels on an unconditional model
     out = samplers.repaint.repaint(
       model.diffusion,
       _bound_model_fn(model),
@@ -506,13 +509,13 @@ def likelihood_fn(
   rng: jax.Array,
   *,
   labels=None,
-  rtol: float = likelihood.DEFAULTS["rtol"],
-  atol: float = likelihood.DEFAULTS["atol"],
-  solver: str = likelihood.DEFAULTS["solver"],
-  estimator: str = likelihood.DEFAULTS["estimator"],
-  num_probes: int = likelihood.DEFAULTS["num_probes"],
-  t_start: float = likelihood.DEFAULTS["t_start"],
-  step_to_knots: bool = likelihood.DEFAULTS["step_to_knots"],
+  rtol: float = config_base.ODE_BPD_DEFAULTS["rtol"],
+  atol: float = config_base.ODE_BPD_DEFAULTS["atol"],
+  solver: str = config_base.ODE_BPD_DEFAULTS["solver"],
+  estimator: str = config_base.ODE_BPD_DEFAULTS["estimator"],
+  num_probes: int = config_base.ODE_BPD_DEFAULTS["num_probes"],
+  t_start: float = config_base.ODE_BPD_DEFAULTS["t_start"],
+  step_to_knots: bool = config_base.ODE_BPD_DEFAULTS["step_to_knots"],
 ) -> dict[str, np.ndarray]:
   """Bits/dim of each image through the probability-flow ODE: the `ode_bpd` evaluator's computation on a batch.
 
@@ -526,7 +529,8 @@ def likelihood_fn(
     model: from `load_model`; an eps, xstart or v model.
     images: uint8 [N, H, W, C] of the model's image shape.
     rng: a `jax.random.PRNGKey`.
-    labels: class-conditional models: one label or N (the conditional density); None for unconditional models.
+    labels: class-conditional models: one label or N (the conditional density; None: the null class, i.e.
+      the unconditional density the model learnt with label dropout); None for unconditional models.
     rtol, atol, solver, estimator, num_probes, t_start, step_to_knots: as in the `ode_bpd` evaluator
       (docs/editing.md).
 
@@ -536,6 +540,8 @@ def likelihood_fn(
     in bits/dim (NaN for one probe, 0 for `estimator="exact"`); `nfe` and `num_steps`, the network evaluations
     and solver steps of the batch.
   """
+  from diffusion_jax.evaluation import likelihood  # noqa: PLC0415 (diffrax: imported when first used)
+
   x = np.asarray(images)
   if x.dtype != np.uint8:
     raise errors.UserError(f"images must be uint8 (the 8-bit data the bits/dim are of), got {x.dtype}.")

@@ -33,7 +33,7 @@ def test_the_time_sequence_is_repaints():
   # at 0-based timestep s − 1; a forward step from time s goes to state s (0-based s − 1 → s).
   ts, up, calls = repaint.schedule(6, 2, 2)
   times = [6, 5, 4, 3, 2, 3, 4, 3, 2, 1, 0, 1, 2, 1, 0]
-  want_t = [a - 1 if b < a else a - 1 for a, b in zip(times[:-1], times[1:])]
+  want_t = [a - 1 for a in times[:-1]]  # a reverse step from a, and a forward step from a to a + 1: both at a − 1
   want_up = [b > a for a, b in zip(times[:-1], times[1:])]
   assert ts.tolist() == want_t and up.tolist() == want_up
   assert calls == 10 == int(np.sum(~up))  # 6 steps and 2 redone stretches of 2
@@ -93,13 +93,9 @@ def test_a_window_limits_the_jumps():
     DIFFUSION, MODEL_FN, RNG, INDICES, X0, MASK, jump_length=2, jump_n_sample=2, resample_range=(4, 10)
   )
   assert out["network_calls"] == 14  # the stretches at 4-5 and 6-7
-  # A window no stretch fits in: no resampling, plain RePaint without jumps.
-  none = repaint.repaint(
-    DIFFUSION, MODEL_FN, RNG, INDICES, X0, MASK, jump_length=3, jump_n_sample=4, resample_range=(0, 2)
-  )
-  plain = repaint.repaint(DIFFUSION, MODEL_FN, RNG, INDICES, X0, MASK, jump_length=3, jump_n_sample=1)
-  assert none["network_calls"] == T
-  np.testing.assert_array_equal(none["samples"], plain["samples"])
+  # A window no stretch fits in would resample nothing: an error that says so.
+  with pytest.raises(ValueError, match=r"resample_range=\(0, 2\) holds no stretch of 3 chain steps"):
+    repaint.repaint(DIFFUSION, MODEL_FN, RNG, INDICES, X0, MASK, jump_length=3, jump_n_sample=4, resample_range=(0, 2))
   for bad in ((5, 5), (-1, 4), (0, 11), (0.5, 3), "ab", (1, 2, 3)):
     with pytest.raises(ValueError, match="resample_range must be two integer timesteps"):
       repaint.repaint(DIFFUSION, MODEL_FN, RNG, INDICES, X0, MASK, jump_length=2, resample_range=bad)
@@ -152,13 +148,15 @@ def test_every_network_call_sees_the_known_pixels_at_the_forward_marginal_of_its
 
 
 def test_the_forward_steps_of_a_respaced_chain_go_from_one_marginal_to_the_next():
-  # A forward step from s_i to s_{i+1} multiplies by √(1 − β') and adds variance β', β' = 1 − ᾱ_{s_{i+1}}/ᾱ_{s_i}:
-  # applied to q(x_{s_i} | x0) it gives q(x_{s_{i+1}} | x0) exactly (mean √ᾱ_{s_{i+1}}·x0, variance 1 − ᾱ_{s_{i+1}}).
+  # The forward step the chain runs (repaint.forward_step) from position i to i + 1 on a respaced chain is
+  # √(1 − β')·x + √β'·z with β' = 1 − ᾱ_{s_{i+1}}/ᾱ_{s_i} (ᾱ from the original betas, in float64 here): applied to
+  # q(x_{s_i} | x0) it gives q(x_{s_{i+1}} | x0) exactly (mean √ᾱ_{s_{i+1}}·x0, variance 1 − ᾱ_{s_{i+1}}).
   steps = np.array([0, 2, 3, 5, 7, 9], np.int32)
   loop = samplers.respace(DIFFUSION, steps)
   abar = np.cumprod(1.0 - np.asarray(DIFFUSION.betas, np.float64))
+  x, z = np.asarray(X0, np.float64), np.asarray(jax.random.normal(jax.random.PRNGKey(7), SHAPE), np.float64)
   for i in range(steps.size - 1):
-    b = float(loop.betas[i + 1])
-    a0, a1 = abar[steps[i]], abar[steps[i + 1]]
-    np.testing.assert_allclose(np.sqrt(1 - b) * np.sqrt(a0), np.sqrt(a1), rtol=1e-6)
-    np.testing.assert_allclose((1 - b) * (1 - a0) + b, 1 - a1, rtol=1e-6)
+    ratio = abar[steps[i + 1]] / abar[steps[i]]
+    got = repaint.forward_step(loop, jnp.asarray(x, jnp.float32), i, jnp.asarray(z, jnp.float32))
+    np.testing.assert_allclose(got, np.sqrt(ratio) * x + np.sqrt(1.0 - ratio) * z, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ratio * (1 - abar[steps[i]]) + (1 - ratio), 1 - abar[steps[i + 1]], rtol=1e-12)

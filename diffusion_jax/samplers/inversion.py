@@ -11,8 +11,9 @@ x_{s_i}:
 with the network evaluated at the CURRENT point. Its timestep label e_i is
 `network_t`'s:
 
-* "target" (the default; diffusers' `DDIMInverseScheduler` as its inversion
-  pipelines call it): e_i = s_i, the timestep the step goes to, the one at
+* "target" (the default; for ε-models diffusers' `DDIMInverseScheduler` as
+  its inversion pipelines call it, which for x_0- and v-models instead keeps
+  the output's x̂_0): e_i = s_i, the timestep the step goes to, the one at
   which the forward (decoding) step from x_{s_i} evaluates the network. Only
   the point differs from the forward step's, so the round trip is exact to
   first order in the step; on the digits quickstart model its round-trip
@@ -31,8 +32,8 @@ grid, whose top is T − 1) gives the image back only approximately, more
 closely with more steps. n network calls for n steps.
 
 Grids: the forward `ddim` chain on the `even` and `leading` spacings visits
-exactly these timesteps, and on `trailing` and `linspace` when n divides T;
-otherwise its steps go to t − T // n, which need not be grid timesteps (see
+exactly these timesteps, and on `trailing` when n divides T; otherwise
+(and on `linspace`) its steps go to t − T // n, which need not be grid timesteps (see
 `ddim`), and the inverse is of the grid, not of that chain. At few steps
 `trailing` round-trips more closely than `even` (whose first step, from the
 image to s_0 = 0, is nearly the identity). x̂_0 clipping is off by default:

@@ -6,8 +6,9 @@ reverse step each. RePaint harmonises them by jumping back up the chain: after
 every `jump_length` reverse steps (at chain positions that are multiples of
 `jump_length`), the chain is diffused forward again by `jump_length` steps with
 q(x_{t'} | x_t) and those steps are redone, `jump_n_sample − 1` times. The time
-sequence is RePaint's `get_schedule_jump` in 0-based chain positions
-(`schedule`), run as one `lax.scan`: a row is either a reverse step at position
+sequence is RePaint's `get_schedule_jump` time list, stepped as diffusers'
+`RePaintScheduler` steps it (a reverse step leaves time s for s − 1), in
+0-based chain positions (`schedule`), run as one `lax.scan`: a row is either a reverse step at position
 i (one network call, the known pixels replaced by q_sample(x0, s_i, z) first,
 as in `driver`) or a forward step i → i + 1 (no network call).
 
@@ -18,7 +19,7 @@ the network called at the original s_i) and the forward step from s_i to
 s_{i+1} is q(x_{s_{i+1}} | x_{s_i}) = N(√(1 − β'_{i+1})·x, β'_{i+1}·I) with
 β'_{i+1} = 1 − ᾱ_{s_{i+1}}/ᾱ_{s_i}, so a forward step undoes exactly the
 marginal a reverse step removes. `resample_range` limits the jumps to a window
-of timesteps (RePaint's `start_resampling` is the window [0, start)), since
+of timesteps (as RePaint's `start_resampling` does in chain positions), since
 every pass multiplies the network calls there: `schedule` returns their count.
 
 Noise. Example b's key is key_b = fold_in(rng, indices[b]); x_T is
@@ -99,6 +100,12 @@ def _visits(ts: np.ndarray, up: np.ndarray) -> np.ndarray:
   return out
 
 
+def forward_step(loop_diffusion, x, i, noise):
+  """Chain position i → i + 1: a draw of q(x_{s_{i+1}} | x_{s_i}), variance β'_{i+1} = 1 − ᾱ_{s_{i+1}}/ᾱ_{s_i}."""
+  beta = loop_diffusion.betas[i + 1]
+  return jnp.sqrt(1.0 - beta) * x + jnp.sqrt(beta) * noise
+
+
 @functools.partial(jax.jit, static_argnames=("clip_denoised", "respaced"))
 def _run(diffusion, loop_diffusion, model_fn, rng, indices, x0, mask, rows, *, clip_denoised, respaced):
   keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, indices)
@@ -127,9 +134,7 @@ def _run(diffusion, loop_diffusion, model_fn, rng, indices, x0, mask, rows, *, c
     return loop_diffusion.p_sample(model_output, x_in, loop_t, noise, clip_denoised=clip_denoised)["sample"]
 
   def forward(x, row):
-    beta = loop_diffusion.betas[row["i"] + 1]  # 1 − ᾱ_{s_{i+1}}/ᾱ_{s_i}
-    noise = driver.per_example_normal(forward_keys, row["index"], shape[1:])
-    return jnp.sqrt(1.0 - beta) * x + jnp.sqrt(beta) * noise
+    return forward_step(loop_diffusion, x, row["i"], driver.per_example_normal(forward_keys, row["index"], shape[1:]))
 
   def body(x, row):
     return jax.lax.cond(row["up"], forward, reverse, x, row), None
@@ -186,6 +191,11 @@ def repaint(
     lo, hi = _check_range(resample_range, diffusion.num_timesteps)
     allowed = lambda j: lo <= steps[j] and steps[j + jump_length - 1] < hi  # noqa: E731
   ts, up, calls = schedule(steps.size, jump_length, jump_n_sample, allowed=allowed)
+  if resample_range is not None and jump_n_sample > 1 and calls == steps.size:
+    raise errors.UserError(
+      f"resample_range={tuple(resample_range)} holds no stretch of {jump_length} chain steps (timesteps "
+      f"{steps.tolist() if steps.size <= 12 else '…'}), so nothing would be resampled: widen it or shorten jump_length."
+    )
   rows = dict(
     i=jnp.asarray(ts),
     t=jnp.asarray(steps[ts]),
