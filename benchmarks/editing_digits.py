@@ -31,6 +31,7 @@ from absl import app
 from absl import flags
 from etils import epath
 
+from benchmarks import harness
 from diffusion_jax import cli
 from diffusion_jax import images as images_lib
 from diffusion_jax import input_pipeline
@@ -269,10 +270,7 @@ def main(argv):
     rows = likelihood(_WORKDIR.value, test, int(model.step), results)
     if pictures:
       _picture(f"{pictures}/editing_likelihood.png", rows)
-  if _JSON_OUT.value:
-    with open(_JSON_OUT.value, "w") as f:
-      json.dump(results, f, indent=1)
-    print(f"wrote {_JSON_OUT.value}")
+  harness.write_json(_JSON_OUT.value, results)
 
 
 if __name__ == "__main__":

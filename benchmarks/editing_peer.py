@@ -60,7 +60,6 @@ Smoke run:
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import tempfile
@@ -115,6 +114,10 @@ _INVERSION_T = flags.DEFINE_list(
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02
+# The quickstart's schedule (configs/digits.py: the paper's linear β over T = 1000) in diffusers' terms.
+SCHEDULE = dict(
+  num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=BETA_START, beta_end=BETA_END, beta_schedule="linear"
+)
 EQUIVALENCE_TIMESTEPS = (0, 10, 100, 500, 999)
 EQUIVALENCE_TOLERANCE = 1e-3
 
@@ -154,14 +157,7 @@ def _uint8(torch_images) -> np.ndarray:
 
 def repaint_run(torch, diffusers, unet, test, masks, *, steps, jump_length, jump_n_sample, eta, seed):
   """diffusers' RePaintPipeline.__call__ loop on one batch: (uint8 NHWC results before the paste, calls, seconds)."""
-  scheduler = diffusers.RePaintScheduler(
-    num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-    beta_start=BETA_START,
-    beta_end=BETA_END,
-    beta_schedule="linear",
-    eta=eta,
-    clip_sample=True,
-  )
+  scheduler = diffusers.RePaintScheduler(**SCHEDULE, eta=eta, clip_sample=True)
   original = torch.from_numpy(_nchw(test))
   mask = torch.from_numpy(masks[:, None].astype(np.float32))  # [N, 1, H, W], 1 = keep
   generator = torch.Generator().manual_seed(seed)
@@ -269,10 +265,7 @@ def repaint_part(torch, diffusers, unet, test, labels, reference, results):
 
 def _ddim_config(spacing: str) -> dict:
   return dict(
-    num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-    beta_start=BETA_START,
-    beta_end=BETA_END,
-    beta_schedule="linear",
+    **SCHEDULE,
     clip_sample=False,
     set_alpha_to_one=True,
     steps_offset=0,
@@ -437,10 +430,7 @@ def main(argv):
     repaint_part(torch, diffusers, unet, test, labels, reference, results)
   if "inversion" in _PARTS.value:
     inversion_part(torch, diffusers, unet, test, labels, results)
-  if _JSON_OUT.value:
-    with open(_JSON_OUT.value, "w") as f:
-      json.dump(results, f, indent=1)
-    print(f"wrote {_JSON_OUT.value}")
+  harness.write_json(_JSON_OUT.value, results)
 
 
 if __name__ == "__main__":

@@ -482,21 +482,18 @@ def inpaint_fn(
       resample_range=resample_range,
       clip_denoised=clip_denoised,
     )
-    known = np.broadcast_to(m.astype(bool), x0.shape)
-    given = np.asarray(images)
-    original = given if given.dtype == np.uint8 else images_lib.to_uint8(x0)
-    return np.where(known, original, images_lib.to_uint8(out["samples"]))
-  out = samplers.inpaint(
-    model.diffusion,
-    _bound_model_fn(model),
-    rng,
-    jnp.arange(x0.shape[0], dtype=jnp.int32),
-    jnp.asarray(x0),
-    jnp.asarray(m.astype(bool)),
-    sampler=spec,
-    clip_denoised=clip_denoised,
-    **_guidance(model, labels, x0.shape[0], guidance_scale),
-  )
+  else:
+    out = samplers.inpaint(
+      model.diffusion,
+      _bound_model_fn(model),
+      rng,
+      jnp.arange(x0.shape[0], dtype=jnp.int32),
+      jnp.asarray(x0),
+      jnp.asarray(m.astype(bool)),
+      sampler=spec,
+      clip_denoised=clip_denoised,
+      **_guidance(model, labels, x0.shape[0], guidance_scale),
+    )
   known = np.broadcast_to(m.astype(bool), x0.shape)
   given = np.asarray(images)
   original = given if given.dtype == np.uint8 else images_lib.to_uint8(x0)
@@ -547,15 +544,7 @@ def likelihood_fn(
     raise errors.UserError(f"images must be uint8 (the 8-bit data the bits/dim are of), got {x.dtype}.")
   x = _float_images(model, x)
   cond = _guidance(model, labels, x.shape[0], 1.0).get("cond")
-  settings = (
-    ("rtol", float(rtol)),
-    ("atol", float(atol)),
-    ("solver", str(solver)),
-    ("estimator", str(estimator)),
-    ("num_probes", int(num_probes)),
-    ("t_start", float(t_start)),
-    ("step_to_knots", bool(step_to_knots)),
-  )
+  settings = likelihood.solver_settings(rtol, atol, solver, estimator, num_probes, t_start, step_to_knots)
   mesh = runtime.make_mesh(devices=jax.local_devices()[:1])
   fn = likelihood.batch_fn(model.network, mesh, settings, cond is not None)
   diffusion = runtime.put_replicated(model.diffusion, mesh)

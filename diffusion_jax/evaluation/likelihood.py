@@ -264,6 +264,19 @@ def ode_log_likelihood(
 # ----------------------------------------------------------------------------
 
 
+def solver_settings(rtol, atol, solver, estimator, num_probes, t_start, step_to_knots) -> tuple:
+  """`ode_log_likelihood`'s options as the hashable, typed tuple `batch_fn` is cached on."""
+  return (
+    ("rtol", float(rtol)),
+    ("atol", float(atol)),
+    ("solver", str(solver)),
+    ("estimator", str(estimator)),
+    ("num_probes", int(num_probes)),
+    ("t_start", float(t_start)),
+    ("step_to_knots", bool(step_to_knots)),
+  )
+
+
 @functools.lru_cache(maxsize=8)
 def batch_fn(model_def: unet.UNet, mesh: Mesh, settings: tuple, conditional: bool):
   """jit(params, diffusion, images [B, ...], rng[, labels [B]]) -> per-image results: one ODE system per batch."""
@@ -379,15 +392,7 @@ def compute_ode_bpd(
     config, split=split, batch_size=batch_size, drop_remainder=False, max_examples=int(max_examples)
   )
   conditional = bool(model.num_classes)
-  settings = (
-    ("rtol", float(rtol)),
-    ("atol", float(atol)),
-    ("solver", str(solver)),
-    ("estimator", str(estimator)),
-    ("num_probes", int(num_probes)),
-    ("t_start", float(t_start)),
-    ("step_to_knots", bool(step_to_knots)),
-  )
+  settings = solver_settings(rtol, atol, solver, estimator, num_probes, t_start, step_to_knots)
   fn = batch_fn(model.network, mesh, settings, conditional)
   params = model.params_on(mesh)
   diffusion = runtime.put_replicated(model.diffusion, mesh)
