@@ -20,6 +20,8 @@ from diffusion_jax import xla_flags  # noqa: E402
 
 xla_flags.apply()  # the XLA:CPU options every command of the package starts with (cli.start)
 
+import contextlib  # noqa: E402
+import fcntl  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -49,9 +51,50 @@ def pytest_configure(config):
   config.addinivalue_line(
     "markers", "torch: needs PyTorch and diffusers (deselect with -m 'not torch' where they are not installed)"
   )
+  config.addinivalue_line(
+    "markers",
+    "alone: runs with the machine to itself: other test workers wait (between their tests) until it ends",
+  )
   for category in ("DeprecationWarning", "FutureWarning"):
     for module in WARNINGS_AS_ERRORS:
       config.addinivalue_line("filterwarnings", f"error::{category}:{module}")
+
+
+@contextlib.contextmanager
+def _flock(path: pathlib.Path, operation: int):
+  with open(path, "a") as f:
+    fcntl.flock(f, operation)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  """Every test shares the machine with the other pytest processes (`pytest -n N` workers), except those marked
+  `alone`.
+
+  A multi-process CPU run (tests/multihost_test.py) connects its processes'
+  devices with gloo; on an oversubscribed host (2 cores, another worker
+  training or compiling next to its 2 processes) those connections have been
+  seen to stall until the test's deadline. So an `alone` test takes the machine
+  exclusively: it waits for the tests running elsewhere to end, and no new one
+  starts until it is done. The turnstile gives a waiting `alone` test priority
+  over tests that arrive after it. The whole protocol is inside the lock: the
+  setup of the module and session fixtures a test is the first to use, and the
+  teardown of those it is the last to use.
+  """
+  CACHE_DIR.mkdir(parents=True, exist_ok=True)
+  turnstile, share = CACHE_DIR / "machine.turnstile", CACHE_DIR / "machine.lock"
+  if item.get_closest_marker("alone"):
+    with _flock(turnstile, fcntl.LOCK_EX), _flock(share, fcntl.LOCK_EX):
+      yield
+  else:
+    with _flock(turnstile, fcntl.LOCK_EX):
+      pass
+    with _flock(share, fcntl.LOCK_SH):
+      yield
 
 
 def cli_env(devices: int = _N_DEVICES) -> dict[str, str]:
