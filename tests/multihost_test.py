@@ -1,4 +1,4 @@
-"""Two processes on localhost (2 CPU devices each, gloo collectives) against one process with 4 devices.
+"""Two processes on localhost (one CPU device each, gloo collectives) against one process with 4 devices.
 
 One run covers the multi-process path end to end: `jax.distributed.initialize`
 from the command-line flags, one mesh over both processes' devices, per-process
@@ -6,6 +6,13 @@ input shards, checkpoints written by both processes, logs by process 0 only,
 and a SIGTERM sent to process 1 alone that stops both processes at the same
 step (JAX's preemption service), each writing its part of that step's
 checkpoint and exiting with status 75.
+
+Each process has one device. With two per process, XLA:CPU connects the
+process's own devices to each other through gloo as well, and that connection
+has been seen to hang (jax 0.10 and 0.12, 2 of about 10 runs on a loaded
+2-core host): process 0 never reaches its first step while process 1's devices
+report all their peers connected. One device per process leaves only
+cross-process connections.
 """
 
 import re
@@ -42,7 +49,7 @@ def _start(workdir, process_id, port, log_path, num_classes=0, **training):
     f"--process_id={process_id}",
     f"--config.model.num_classes={num_classes}",
   ]
-  return start_cli(command, log_path, devices=2)
+  return start_cli(command, log_path, devices=1)
 
 
 @pytest.mark.parametrize("num_classes", [0, 10])  # 10: class-conditional, labels in the batch, label dropout
@@ -82,17 +89,24 @@ def test_two_processes_train_like_one_and_stop_together_on_sigterm(tmp_path, num
   assert len(list((workdir / "tensorboard").iterdir())) == 1
 
   # The same steps on one process with 4 devices: the same parameters up to float32 rounding (the
-  # cross-process gradient sum adds in another order than the in-process one). The absolute tolerance covers
-  # the biases of up_0/block_1's conv2 and nin_shortcut: they feed norm_out, whose 32 groups are single channels
-  # here (ch=32), so their gradient is zero but for rounding and their values (|x| < 2e-6) are rounding noise.
-  # Measured on jax 0.12 after 7 steps: max |difference| 1.9e-6 there, at most 2.1e-7 in every other leaf.
+  # cross-process gradient sum over 2 devices adds in another order than the in-process one over 4). Two leaves
+  # are rounding noise, compared by size alone: the biases of up_0/block_1's conv2 and nin_shortcut feed
+  # norm_out, whose 32 groups are single channels here (ch=32), so their gradient is zero but for rounding;
+  # their values stay below 1e-5 and differ by up to 6e-6 between the runs. Every other leaf: rtol 1e-5.
   config = tiny_config(num_train_steps=step, checkpoint_every=1000)
   config.model.num_classes = num_classes
   single = jax.device_get(train.train_and_evaluate(config, str(tmp_path / "single")).state)
   for use_ema, expected in ((False, single.params), (True, single.ema_params)):
     _, params, loaded_step = checkpointing.load_params(workdir, use_ema=use_ema, step=step)
     assert loaded_step == step
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-6), params, expected)
+    jax.tree.map(_assert_equal_up_to_rounding, params, expected)
+
+
+def _assert_equal_up_to_rounding(got, want):
+  got, want = np.asarray(got), np.asarray(want)
+  if max(np.max(np.abs(got)), np.max(np.abs(want))) < 1e-5:  # rounding noise (see above)
+    return
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=5e-6)
 
 
 LOST_STEPS = 12
