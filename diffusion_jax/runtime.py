@@ -7,6 +7,10 @@ and evaluation goes through this module, so there is one of each:
   `DATA_AXIS` ('data'), devices grouped by process so that process p owns the
   contiguous rows [p·B/P, (p+1)·B/P) of every global batch. A config may name
   more axes later (`mesh.axes`); today only the data axis exists.
+* `topology_devices(slice_name, num_slices)`: the devices of a Cloud TPU slice
+  (`v5e-8`, `v4-32`, ...) that is not there, for compiling ahead of time on
+  any host with libtpu installed (`diffusion_jax.plan`); `make_mesh(devices=)`
+  lays them out as it lays out real ones.
 * `batch_sharding(mesh)` / `replicated(mesh)`: the two shardings in use.
 * `global_array(local, mesh)`: a process's contiguous part of a batch (any
   pytree of NumPy arrays) → global `jax.Array`s sharded over the data axis.
@@ -34,6 +38,7 @@ import collections
 import dataclasses
 import functools
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -85,6 +90,114 @@ def make_mesh(config: ml_collections.ConfigDict | None = None, devices=None) -> 
   del config  # One data axis today; a model axis would be read from the config here.
   devices = jax.devices() if devices is None else devices
   return _mesh(tuple(sorted(devices, key=lambda d: (d.process_index, d.id))))
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSlice:
+  """A Cloud TPU slice by its accelerator-type name, as libtpu's topology descriptions take it.
+
+  Attributes:
+    name: the Cloud TPU name, e.g. "v5e-8", "v3-8", "v4-32".
+    generation: v2, v3, v4, v5e, v5p or v6e.
+    topology: libtpu's topology name, e.g. "v5e:2x4", "v4:2x2x4".
+    chip_config: "megacore" where one JAX device spans a chip's two TensorCores (v4, v5p), else "default".
+    chips_per_host_bounds: the chips of one host along each axis (its product: chips per host).
+    chips: chips in the slice.
+    devices: JAX devices in the slice (one per core on v2/v3, one per chip elsewhere).
+    hosts: TPU VM hosts of the slice (JAX processes).
+  """
+
+  name: str
+  generation: str
+  topology: str
+  chip_config: str
+  chips_per_host_bounds: tuple[int, int, int]
+  chips: int
+  devices: int
+  hosts: int
+
+
+# Chips of a slice -> its shape: 2-D tori (v2, v3, v5e, v6e) and 3-D ones (v4, v5p), as Cloud TPU lays them out.
+_SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
+_SHAPES_2D.update({512: (16, 32), 1024: (32, 32)})
+_SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8)}
+_SHAPES_3D.update({256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16)})
+# The number in a Cloud TPU name counts TensorCores on v2, v3, v4 and v5p (two per chip) and chips on v5e and v6e.
+_CORES_PER_CHIP_IN_NAME = {"v2": 2, "v3": 2, "v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
+_TOPOLOGY_PREFIX = {"v2": "v2", "v3": "v3", "v4": "v4", "v5p": "v5p", "v5e": "v5e", "v6e": "v6e"}
+_NAME_ALIASES = {"v5litepod": "v5e", "v6litepod": "v6e"}
+
+
+def tpu_slice(name: str) -> TpuSlice:
+  """The slice named `name` as Cloud TPU names accelerator types: "v3-8", "v4-8", "v5e-8" (or "v5litepod-8"),
+  "v5p-8", "v6e-8", and multi-host ones ("v4-32", "v5e-16", ...)."""
+  match = re.fullmatch(r"\s*(v\d+[a-z]*|v5litepod|v6litepod)-(\d+)\s*", str(name).lower())
+  generation = match and _NAME_ALIASES.get(match.group(1), match.group(1))
+  if not match or generation not in _CORES_PER_CHIP_IN_NAME:
+    raise errors.UserError(
+      f"Unknown TPU slice {name!r}: name it as Cloud TPU does, <generation>-<size> with a generation among "
+      f"{', '.join(_CORES_PER_CHIP_IN_NAME)} (e.g. v3-8, v4-8, v5e-8, v5p-8, v6e-8, v4-32, v5e-16)."
+    )
+  size = int(match.group(2))
+  per_chip = _CORES_PER_CHIP_IN_NAME[generation]
+  chips = size // per_chip
+  three_d = generation in ("v4", "v5p")
+  shapes = _SHAPES_3D if three_d else _SHAPES_2D
+  if size % per_chip or chips not in shapes:
+    sizes = ", ".join(f"{generation}-{c * per_chip}" for c in sorted(shapes))
+    raise errors.UserError(f"There is no TPU slice {name!r}; the {generation} slices are {sizes}.")
+  shape = shapes[chips]
+  if three_d or generation in ("v2", "v3") or chips > 8:
+    host = (2, 2, 1) if chips >= 4 else (*shape[:2], 1) if len(shape) == 2 else shape
+  else:  # v5e and v6e: one host holds up to 8 chips (the -8 slices are single-host 2x4)
+    host = (*shape, 1)
+  hosts = chips // (host[0] * host[1] * host[2])
+  return TpuSlice(
+    name=f"{generation}-{size}",
+    generation=generation,
+    topology=f"{_TOPOLOGY_PREFIX[generation]}:{'x'.join(map(str, shape))}",
+    chip_config="megacore" if three_d else "default",
+    chips_per_host_bounds=host,
+    chips=chips,
+    devices=chips * (2 if generation in ("v2", "v3") else 1),
+    hosts=hosts,
+  )
+
+
+def libtpu_installed() -> bool:
+  """Whether libtpu (`jax[tpu]`) is installed; looks for the package without importing it."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  return importlib.util.find_spec("libtpu") is not None
+
+
+def topology_devices(slice_name: str, num_slices: int = 1) -> list[Any]:
+  """The devices of `num_slices` TPU slices named `slice_name`, for ahead-of-time compilation only.
+
+  libtpu describes the topology, so this works on any host where `jax[tpu]` is
+  installed, with or without a TPU; the devices can be laid out in a mesh
+  (`make_mesh(devices=...)`) and compiled for, never run on.
+
+  Raises:
+    MissingPackageError: libtpu is not installed.
+  """
+  spec = tpu_slice(slice_name)
+  if num_slices < 1:
+    raise errors.UserError(f"num_slices must be at least 1, got {num_slices}.")
+  if not libtpu_installed():
+    raise errors.MissingPackageError(
+      f'Compiling for a TPU needs libtpu, which is not installed here: pip install "jax[tpu]=={jax.__version__}".'
+    )
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
+  desc = topologies.get_topology_desc(
+    platform="tpu",
+    topology_name=spec.topology,
+    chip_config_name=spec.chip_config,
+    chips_per_host_bounds=spec.chips_per_host_bounds,
+    num_slices=num_slices,
+  )
+  return list(desc.devices)
 
 
 def grid_mesh(mesh: Mesh, rows: int, axes: tuple[str, str]) -> Mesh:

@@ -4,7 +4,9 @@
 #   WORKDIR=gs://my-bucket/ddpm_cifar10 ACCELERATOR_TYPE=v4-32 ZONE=us-central2-b \
 #     launch/tpu_vm.sh [all|create|setup|train|status|logs|stop|delete] [--config.FIELD=VALUE ...]
 #
-#   all (default)  create (or reuse) the TPU, set up every worker, start training
+#   all (default)  plan, create (or reuse) the TPU, set up every worker, start training
+#   plan           compile the run's programs for $ACCELERATOR_TYPE here, without a TPU (python -m diffusion_jax.plan):
+#                  stops before anything is created when a program does not fit its HBM (PREFLIGHT=0 skips it)
 #   create         create the TPU VM / pod slice, or reuse it; a preempted Spot TPU is deleted and re-created
 #   setup          copy this repository (its committed HEAD) to every worker and install it in a virtualenv
 #   train          start training on every worker in the background; logs in ~/diffusion_jax_logs/ per worker
@@ -34,6 +36,8 @@ JAX_SPEC="${JAX_SPEC:-jax[tpu]}"         # pin here, e.g. "jax[tpu]==0.10.2"
 REMOTE_DIR="diffusion_jax"               # on every worker, under the home directory
 VENV_DIR="diffusion_jax_venv"
 LOG_DIR="diffusion_jax_logs"
+PREFLIGHT="${PREFLIGHT:-1}"              # 0: skip the plan that `all` runs before it creates the TPU
+PYTHON="${PYTHON:-python3}"              # the local Python with diffusion_jax (and jax[tpu] for the plan)
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -51,6 +55,29 @@ tpu() {
 on_workers() {
   # Runs a shell command on every worker of the TPU, in parallel.
   tpu ssh "$TPU_NAME" --worker=all --command="$1"
+}
+
+plan() {
+  # The train step and the samplers the run schedules, compiled for the slice on this host (libtpu, no TPU).
+  if [[ "$PREFLIGHT" == 0 ]]; then
+    echo "Preflight skipped (PREFLIGHT=0)."
+    return
+  fi
+  if ! "$PYTHON" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("libtpu") is None)' 2>/dev/null; then
+    echo "Preflight skipped: libtpu is not installed for $PYTHON here (pip install \"jax[tpu]\" to check the" \
+      "run fits $ACCELERATOR_TYPE before creating it; PREFLIGHT=0 skips this line)."
+    return
+  fi
+  local overrides=()
+  for arg in "${train_args[@]}"; do
+    [[ "$arg" == --config.* ]] && overrides+=("$arg")
+  done
+  echo "Preflight: compiling $CONFIG for $ACCELERATOR_TYPE on this host (python -m diffusion_jax.plan)."
+  (cd "$REPO_ROOT" && "$PYTHON" -m diffusion_jax.plan --config="$CONFIG" --topology="$ACCELERATOR_TYPE" \
+    --programs=train,grid,eval "${overrides[@]}") || {
+    echo "Preflight failed: nothing was created. Change the config (above), or PREFLIGHT=0 to skip the check." >&2
+    exit 1
+  }
 }
 
 create() {
@@ -143,15 +170,16 @@ delete() {
 
 case "$action" in
   all)
+    plan
     create
     setup
     train
     ;;
-  create | setup | train | status | logs | stop | delete)
+  plan | create | setup | train | status | logs | stop | delete)
     "$action"
     ;;
   *)
-    echo "Unknown action '$action'; use all, create, setup, train, status, logs, stop or delete." >&2
+    echo "Unknown action '$action'; use all, plan, create, setup, train, status, logs, stop or delete." >&2
     exit 2
     ;;
 esac

@@ -52,6 +52,9 @@ def pytest_configure(config):
     "markers", "torch: needs PyTorch and diffusers (deselect with -m 'not torch' where they are not installed)"
   )
   config.addinivalue_line(
+    "markers", 'tpu: compiles for TPU slices with libtpu (jax[tpu]); CI\'s TPU leg runs them (README "Tests")'
+  )
+  config.addinivalue_line(
     "markers",
     "alone: runs with the machine to itself: other test workers wait (between their tests) until it ends",
   )

@@ -5,6 +5,7 @@ runs the command locally in that home, `scp` copies into it, `create` gives a fr
 disks). Training runs on the CPU against a local workdir, with the repository's committed HEAD as a worker gets it.
 """
 
+import importlib.util
 import os
 import pathlib
 import signal
@@ -250,3 +251,21 @@ def test_slurm_script_requeues_the_job_after_a_checkpointed_stop(tmp_path):
   assert "scontrol requeue 4242" in (fake / "calls.log").read_text()
   log = (workdir / "slurm_logs" / "ddpm-4242-node0.log").read_text()
   assert "Exit status 75." in log, log[-3000:]
+
+
+def test_tpu_vm_preflight_plan_is_skipped_without_libtpu_or_when_asked(tmp_path):
+  run = _launcher(tmp_path / "fake", tmp_path / "workdir")
+  out = run("plan")
+  assert out.returncode == 0, out.stderr
+  if importlib.util.find_spec("libtpu") is None:
+    assert "Preflight skipped: libtpu is not installed" in out.stdout
+  skipped = subprocess.run(
+    ["bash", str(REPO_ROOT / "launch" / "tpu_vm.sh"), "plan"],
+    cwd=REPO_ROOT,
+    env=dict(os.environ, PREFLIGHT="0"),
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
+  assert skipped.returncode == 0 and skipped.stdout.strip() == "Preflight skipped (PREFLIGHT=0)."
+  assert not (tmp_path / "fake" / "worker_0").exists()  # nothing was created

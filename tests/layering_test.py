@@ -17,7 +17,7 @@ FLOORS = [
   ("inference", ["inference"]),
   ("evaluation", ["evaluation"]),
   ("loop", ["train"]),
-  ("face", ["main", "cli", "sampling", "convert", "__init__"]),
+  ("face", ["main", "cli", "sampling", "convert", "plan", "__init__"]),
 ]
 
 

@@ -179,7 +179,7 @@ class DownLevel(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, h, temb, *, train: bool):
+  def __call__(self, h, temb, train: bool):  # train positional: nn.remat takes it as a static argument
     hs = []
     for j in range(self.num_res_blocks):
       h = ResnetBlock(self.out_ch, self.dropout, self.dtype, name=f"block_{j}")(h, temb, train=train)
@@ -216,7 +216,7 @@ class UpLevel(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, h, skips, temb, *, train: bool):
+  def __call__(self, h, skips, temb, train: bool):  # train positional: nn.remat takes it as a static argument
     for j in range(self.num_res_blocks + 1):
       h = jnp.concatenate([h, skips.pop()], axis=-1)
       h = ResnetBlock(self.out_ch, self.dropout, self.dtype, name=f"block_{j}")(h, temb, train=train)
