@@ -43,8 +43,10 @@ EXTRAS_REQUIRE = {
   "tf": ["tensorflow-cpu>=2.16"],
   # The rate-distortion chart of --mode=eval (its figures are in the JSON and TensorBoard without it).
   "plot": ["matplotlib>=3.8"],
-  # The tests that need no PyTorch: `python -m pytest -m "not torch" tests`.
+  # The tests that need no PyTorch: `python -m pytest -m "not torch and not tpu" tests`.
   "test-jax": TEST_JAX,
+  # The tests that compile for TPU slices (with `jax[tpu]` installed): `python -m pytest -m tpu tests/plan_test.py`.
+  "test-tpu": ["pytest>=8", "pytest-xdist>=3.5"],
   # The whole suite, with the parity tests against PyTorch and diffusers.
   "test": [*TEST_JAX, "torch>=2.4", "diffusers>=0.30"],
 }

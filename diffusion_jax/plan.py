@@ -633,7 +633,7 @@ class Plan:
     head = (
       "program",
       "batch (/device)",
-      "HBM args + temps + outs = total",
+      "HBM GiB: args + temps + outs + code = total",
       "FLOPs/trip",
       "bytes/trip",
       "roofline /trip",
@@ -650,7 +650,8 @@ class Plan:
         rows.append((p.program, batch, "DOES NOT FIT: " + need, "", "", "", "", compile_s))
         continue
       mem = (
-        f"{_gb(f.argument_bytes)} + {_gb(f.temp_bytes)} + {_gb(f.output_bytes - f.alias_bytes)} = "
+        f"{_gb(f.argument_bytes)} + {_gb(f.temp_bytes)} + {_gb(f.output_bytes - f.alias_bytes)} + "
+        f"{_gb(f.code_bytes)} = "
         f"{_gb(f.total_bytes)} ({100 * f.total_bytes / chip.device_hbm_bytes:.0f}%)"
       )
       lo, hi = p.trip_s
@@ -694,8 +695,8 @@ def _gib(n: float) -> str:
   return f"{n / GiB:.2f} GiB"
 
 
-def _gb(n: float) -> str:
-  return f"{n / 1e9:.2f}" if n >= 1e7 else f"{n / 1e9:.3f}"
+def _gb(n: float) -> str:  # GiB, without the unit (the column names it)
+  return f"{n / GiB:.2f}" if n >= 0.01 * GiB else f"{n / GiB:.3f}"
 
 
 def _ms(s: float) -> str:
