@@ -808,68 +808,91 @@ def _train_figures(config, mesh, slice_name, num_slices, batch: int, use_cache, 
 
 
 def largest_batch(
-  config,
-  mesh,
-  slice_name,
-  num_slices,
-  train: ProgramPlan,
-  *,
-  tolerance=0.125,
-  use_cache=True,
-  progress=None,
+  config, mesh, slice_name, num_slices, train: ProgramPlan, *, tolerance=0.125, use_cache=True, progress=None,
   **overrides,
 ) -> MaxBatch:
   """The largest global train batch (a multiple of the devices and of optim.clip_groups) that compiles within HBM.
 
-  Memory grows about linearly with the batch until the compiler starts rematerialising to fit: two compiles
-  give the line, the line a candidate, and compiles at the candidate and the next batch up confirm it; where
-  the line misleads, the batch doubles until one fails and the interval is bisected, until the batch that
-  fails is within `tolerance` (a fraction) of the one that fits, or one batch step (tolerance 0).
+  See `search_batch`; each candidate is compiled for the slice (with the config changed by `overrides`).
   """
   d = mesh.size
   groups = int(config.optim.clip_groups)
-  unit = d * groups // math.gcd(d, groups)
+
+  def figures_at(batch: int) -> Figures:
+    if batch == train.batch and not overrides:
+      return train.figures
+    return _train_figures(config, mesh, slice_name, num_slices, batch, use_cache, progress, **overrides)
+
+  return search_batch(
+    figures_at,
+    start=train.batch,
+    unit=d * groups // math.gcd(d, groups),
+    available=CHIPS[runtime_generation(slice_name)].device_hbm_bytes,
+    devices=d,
+    tolerance=tolerance,
+  )
+
+
+def search_batch(
+  figures_at: Callable[[int], Figures], *, start: int, unit: int, available: float, devices: int, tolerance: float
+) -> MaxBatch:
+  """The largest batch (a multiple of `unit`) for which `figures_at(batch)` fits, by as few calls as it can.
+
+  Memory grows about linearly with the batch until the compiler starts rematerialising to fit: two compiles
+  give the line, the line a candidate (at the compiler's HBM, once an out-of-memory has said it, else
+  `available`), and compiles at the candidate and the next batch up confirm it; where the line misleads, the
+  batch doubles until one fails and the interval is bisected, until the batch that fails is within `tolerance`
+  (a fraction) of the one that fits, or one `unit` (tolerance 0).
+  """
   record: list[tuple[int, bool, float]] = []
-  available = [CHIPS[runtime_generation(slice_name)].device_hbm_bytes]
+  capacity = [available]
 
   def fits(batch: int) -> tuple[bool, float]:
-    f = (
-      train.figures
-      if batch == train.batch and not overrides
-      else _train_figures(config, mesh, slice_name, num_slices, batch, use_cache, progress, **overrides)
-    )
+    f = figures_at(batch)
     used = f.total_bytes if f.fits else f.required_bytes
     if f.available_bytes:
-      available[0] = f.available_bytes  # the compiler's own figure, once an out-of-memory has told it
+      capacity[0] = f.available_bytes  # the compiler's own figure
     record.append((batch, f.fits, used))
     return f.fits, used
 
-  b0 = max(unit, train.batch // unit * unit)
+  b0 = max(unit, start // unit * unit)
   ok0, m0 = fits(b0)
   b1 = b0 * 2 if ok0 else max(unit, b0 // 2 // unit * unit)
   if b1 == b0:
     b1 = b0 + unit
-  ok1, m1 = fits(b1)
-  slope = (m1 - m0) / (b1 - b0) if b1 != b0 else 0.0
-  if slope > 0:
-    candidate = b0 + (available[0] - m0) / slope
-    candidate = max(unit, int(candidate // unit) * unit)
-  else:
-    candidate = max(b0, b1)
+  _, m1 = fits(b1)
+  slope = (m1 - m0) / (b1 - b0)
+
+  def on_the_line() -> int:
+    if slope <= 0:
+      return 2 * max(b0, b1)
+    return max(unit, int((b0 + (capacity[0] - m0) / slope) // unit) * unit)
+
   known = {b: ok for b, ok, _ in record}
   lo = max([b for b, ok in known.items() if ok], default=0)
   hi = min([b for b, ok in known.items() if not ok], default=None)
-  # Confirm: the line's batch fits and the next one up does not; where the line misleads, bisect.
-  tries = [candidate, candidate + unit]
-  for _ in range(8):
+  # Confirm: the line's batch fits and the next one up does not (the line is drawn again once an out-of-memory
+  # has told the compiler's HBM); where the line misleads, double, then bisect.
+  tries = [on_the_line()]
+  tries.append(tries[0] + unit)
+  for _ in range(24):
     if hi is not None and hi - lo <= max(unit, tolerance * lo):
       break
-    candidate = tries.pop(0) if tries else (lo * 2 if hi is None else (lo + hi) // 2 // unit * unit)
+    if tries:
+      candidate = tries.pop(0)
+    elif hi is None:
+      candidate = 2 * max(lo, unit)
+    else:
+      candidate = (lo + hi) // 2 // unit * unit
     if candidate <= lo or (hi is not None and candidate >= hi):
       continue
+    before = capacity[0]
     ok, _ = fits(candidate)
     lo, hi = (candidate, hi) if ok else (lo, candidate)
-  return MaxBatch("train", lo, hi, lo // d if lo else 0, record)
+    if capacity[0] != before:  # the compiler's HBM is known now: the line's batch again, and the next one
+      again = on_the_line()
+      tries = [again, again + unit]
+  return MaxBatch("train", lo, hi, lo // devices if lo else 0, record)
 
 
 def runtime_generation(slice_name: str) -> str:
