@@ -43,6 +43,7 @@ _MAX_BATCH = flags.DEFINE_bool("max_batch", False, "Also find the largest train 
 _TOLERANCE = flags.DEFINE_float("max_batch_tolerance", 0.125, "As the plan's --max_batch_tolerance.")
 _DTYPE = flags.DEFINE_string("dtype", "", "Override model.dtype (float32 | bfloat16); '' keeps the config's.")
 _REMAT = flags.DEFINE_bool("remat", None, "Override model.remat.")
+_ONLY_CACHED = flags.DEFINE_bool("only_cached", False, "Compile nothing: rows whose compiles are not cached say so.")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Append each plan as a JSON line to this file.")
 
 
@@ -80,7 +81,7 @@ def row(config_name: str, report) -> str:
     if m.smallest_failing:
       largest += f"; {m.smallest_failing} fails"
   paper = f"{train.paper.per_second:g} {train.paper.unit}" if train.paper else ""
-  compile_s = "" if train.cached else f"{f.compile_s:.0f}"
+  compile_s = f"{f.compile_s:.0f}"
   cells = [
     config_name,
     report.slice.name,
@@ -112,16 +113,21 @@ def main(argv):
   for slice_name in _SLICES.value:
     for name in _CONFIGS.value:
       t0 = time.perf_counter()
-      report = plan.plan(
-        _config(name),
-        slice_name,
-        programs=tuple(_PROGRAMS.value),
-        max_batch=_MAX_BATCH.value,
-        max_batch_tolerance=_TOLERANCE.value,
-        advise=False,
-        config_name=f"configs/{name}.py",
-        progress=logging.info,
-      )
+      try:
+        report = plan.plan(
+          _config(name),
+          slice_name,
+          programs=tuple(_PROGRAMS.value),
+          max_batch=_MAX_BATCH.value,
+          max_batch_tolerance=_TOLERANCE.value,
+          advise=False,
+          config_name=f"configs/{name}.py",
+          progress=logging.info,
+          only_cached=_ONLY_CACHED.value,
+        )
+      except plan.NotCached as e:
+        rows.append(f"| {name} | {slice_name} | not compiled yet ({e}) | | | | | | |")
+        continue
       logging.info("%s on %s: %.0f s", name, slice_name, time.perf_counter() - t0)
       if "train" in _PROGRAMS.value:
         rows.append(row(name, report))

@@ -47,6 +47,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -449,8 +450,12 @@ def slice_devices(slice_name: str, num_slices: int = 1):
     return tuple(runtime.topology_devices(slice_name, num_slices))
 
 
+class NotCached(Exception):
+  """`only_cached=True` and a program whose figures are not in the cache."""
+
+
 def compile_figures(
-  program: Program, slice_name: str, num_slices: int = 1, *, use_cache: bool = True
+  program: Program, slice_name: str, num_slices: int = 1, *, use_cache: bool = True, only_cached: bool = False
 ) -> tuple[Figures, bool]:
   """(figures, from the cache?) of `program` compiled for the slice; a program that does not fit gives fits=False."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -468,13 +473,18 @@ def compile_figures(
         return Figures(**json.load(f)), True
     except (OSError, ValueError, TypeError):
       pass  # a damaged entry: compile again
+  if only_cached:
+    raise NotCached(f"{program.name} for {slice_name} is not in the cache")
   t0 = time.perf_counter()
   # JAX's persistent compilation cache holds executables for the devices of this host: none for a TPU that is
   # not here (its figures are cached above instead).
   persistent = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
   try:
-    with _quiet_libtpu():
+    with _quiet_libtpu(), warnings.catch_warnings():
+      # Where the persistent cache was already in use when the plan began (a notebook, a test), JAX looks there
+      # anyway, and says it cannot read a TPU executable on this host: the figures' own cache covers it.
+      warnings.filterwarnings("ignore", message="Error (reading|writing) persistent compilation cache entry")
       compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
     message = str(e)
@@ -733,6 +743,7 @@ def plan(
   use_cache: bool = True,
   config_name: str = "the config",
   progress: Callable[[str], None] | None = None,
+  only_cached: bool = False,
 ) -> Plan:
   """Compiles the run's `programs` for `num_slices` TPU slices named `slice_name` (e.g. "v5e-8") and sizes them.
 
@@ -747,6 +758,7 @@ def plan(
     use_cache: reuse and keep compiled figures (plan/ in the package's cache directory).
     config_name: how the report names the config.
     progress: called with a line before and after each compile.
+    only_cached: compile nothing: raise `NotCached` for a program whose figures are not in the cache.
 
   Returns:
     The `Plan`; `plan.table()` is the report.
@@ -761,7 +773,9 @@ def plan(
   built = programs_of(config, mesh, programs)
   out = []
   for i, program in enumerate(built):
-    figures, cached = _compile(program, spec.name, num_slices, use_cache, progress, f"[{i + 1}/{len(built)}] ")
+    figures, cached = _compile(
+      program, spec.name, num_slices, use_cache, progress, f"[{i + 1}/{len(built)}] ", only_cached=only_cached
+    )
     paper = paper_figure(spec.name, program.name, int(config.data.image_size), program.batch, program.trips)
     out.append(
       ProgramPlan(
@@ -781,7 +795,15 @@ def plan(
   train = next((p for p in out if p.program == "train"), None)
   if train is not None and (max_batch or (advise and not train.figures.fits)):  # what fits, by compiling
     result.max_batch = largest_batch(
-      config, mesh, spec.name, num_slices, train, tolerance=max_batch_tolerance, use_cache=use_cache, progress=progress
+      config,
+      mesh,
+      spec.name,
+      num_slices,
+      train,
+      tolerance=max_batch_tolerance,
+      use_cache=use_cache,
+      progress=progress,
+      only_cached=only_cached,
     )
   for p in out:
     if not p.figures.fits:
@@ -791,9 +813,11 @@ def plan(
   return result
 
 
-def _compile(program: Program, slice_name, num_slices, use_cache, progress, prefix="") -> tuple[Figures, bool]:
+def _compile(
+  program: Program, slice_name, num_slices, use_cache, progress, prefix="", only_cached=False
+) -> tuple[Figures, bool]:
   _log(f"{prefix}{program.name}: compiling for {slice_name} (batch {program.batch}) ...", progress)
-  figures, cached = compile_figures(program, slice_name, num_slices, use_cache=use_cache)
+  figures, cached = compile_figures(program, slice_name, num_slices, use_cache=use_cache, only_cached=only_cached)
   verdict = "fits" if figures.fits else "does not fit"
   _log(
     f"{prefix}{program.name}: {'from the cache' if cached else f'compiled in {figures.compile_s:.0f} s'}, {verdict}.",
@@ -802,13 +826,25 @@ def _compile(program: Program, slice_name, num_slices, use_cache, progress, pref
   return figures, cached
 
 
-def _train_figures(config, mesh, slice_name, num_slices, batch: int, use_cache, progress, **overrides) -> Figures:
+def _train_figures(
+  config, mesh, slice_name, num_slices, batch: int, use_cache, progress, only_cached=False, **overrides
+) -> Figures:
   config = _with(config, training__batch_size=int(batch), **overrides)
-  return _compile(_train_program(config, mesh), slice_name, num_slices, use_cache, progress, "  ")[0]
+  program = _train_program(config, mesh)
+  return _compile(program, slice_name, num_slices, use_cache, progress, "  ", only_cached=only_cached)[0]
 
 
 def largest_batch(
-  config, mesh, slice_name, num_slices, train: ProgramPlan, *, tolerance=0.125, use_cache=True, progress=None,
+  config,
+  mesh,
+  slice_name,
+  num_slices,
+  train: ProgramPlan,
+  *,
+  tolerance=0.125,
+  use_cache=True,
+  progress=None,
+  only_cached=False,
   **overrides,
 ) -> MaxBatch:
   """The largest global train batch (a multiple of the devices and of optim.clip_groups) that compiles within HBM.
@@ -821,7 +857,9 @@ def largest_batch(
   def figures_at(batch: int) -> Figures:
     if batch == train.batch and not overrides:
       return train.figures
-    return _train_figures(config, mesh, slice_name, num_slices, batch, use_cache, progress, **overrides)
+    return _train_figures(
+      config, mesh, slice_name, num_slices, batch, use_cache, progress, only_cached=only_cached, **overrides
+    )
 
   return search_batch(
     figures_at,

@@ -379,9 +379,11 @@ def test_largest_batch_is_found_by_compiling(plan_cache):
   config = _config(
     "tiny", data__image_size=16, model__ch_mult=(1,), model__attn_resolutions=(), training__batch_size=64
   )
-  report = plan.plan(config, "v5e-4", programs=("train",), max_batch=True, max_batch_tolerance=0.25)
+  # Tolerance 1 (the failing batch within twice the fitting one) keeps it to a few compiles; the search itself is
+  # tested to one batch step above (test_batch_search_finds_the_largest_batch_that_fits).
+  report = plan.plan(config, "v5e-4", programs=("train",), max_batch=True, max_batch_tolerance=1.0)
   m = report.max_batch
-  assert m.largest_fitting > 64 and m.smallest_failing <= 1.25 * m.largest_fitting, m
+  assert m.largest_fitting > 64 and m.smallest_failing <= 2 * m.largest_fitting, m
   verdicts = {b: ok for b, ok, _ in m.compiles}
   assert verdicts[m.largest_fitting] and not verdicts[m.smallest_failing]
   assert f"Largest train batch that fits: {m.largest_fitting}" in report.table()
