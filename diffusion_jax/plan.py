@@ -610,7 +610,8 @@ class Plan:
   chip: Chip
   programs: list[ProgramPlan]
   max_batch: MaxBatch | None = None
-  advice: list[str] = dataclasses.field(default_factory=list)
+  advice: list[str] = dataclasses.field(default_factory=list)  # one message per program that does not fit
+  notes: list[str] = dataclasses.field(default_factory=list)  # what the figures suggest for a program that fits
 
   @property
   def fits(self) -> bool:
@@ -626,6 +627,7 @@ class Plan:
       "programs": [p.to_dict() for p in self.programs],
       "max_batch": dataclasses.asdict(self.max_batch) if self.max_batch else None,
       "advice": self.advice,
+      "notes": self.notes,
     }
 
   def table(self) -> str:
@@ -684,7 +686,7 @@ class Plan:
         f"Largest {m.program} batch that fits: {m.largest_fitting} ({m.per_device} per device, "
         f"{m.per_device * chip.devices_per_chip} per chip){fail}; found by compiling {len(m.compiles)} batch sizes."
       )
-    lines += self.advice
+    lines += self.advice + self.notes
     return "\n".join(lines)
 
 
@@ -804,6 +806,18 @@ def plan(
       use_cache=use_cache,
       progress=progress,
       only_cached=only_cached,
+    )
+  groups, d = int(config.optim.clip_groups), mesh.size
+  if (
+    train is not None
+    and groups > 1
+    and d > 1
+    and not (groups % d == 0 or (d % groups == 0 and not config.model.dropout))
+  ):
+    result.notes.append(
+      f"Note: optim.clip_groups={groups} on {d} devices{' with dropout' if config.model.dropout else ''} takes the "
+      "train step's global grouped form (train_step.grouped_clipped_gradients), which repeats the groups' work "
+      f"across the devices; a multiple of {d} (--config.optim.clip_groups={d}) or 1 keeps each device on its own rows."
     )
   for p in out:
     if not p.figures.fits:

@@ -412,3 +412,15 @@ def test_importing_the_package_does_not_touch_libtpu():
     [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=True
   )
   assert out.stdout.strip() == "False"
+
+
+@pytest.mark.tpu
+@requires_libtpu
+def test_clip_groups_that_repeat_work_are_pointed_out(plan_cache):
+  from diffusion_jax import plan  # noqa: PLC0415
+
+  # 2 groups on 4 devices with dropout: the global grouped form (train_step), which the figures show as more FLOPs.
+  report = plan.plan(_config("tiny", optim__clip_groups=2), "v5e-4", programs=("train",))
+  assert report.fits and not report.advice
+  assert report.notes and "--config.optim.clip_groups=4" in report.notes[0]
+  assert plan.plan(_config("tiny", optim__clip_groups=4), "v5e-4", programs=("train",)).notes == []
