@@ -253,7 +253,6 @@ requires_libtpu = pytest.mark.skipif(
   not runtime.libtpu_installed() and os.environ.get("DIFFUSION_JAX_REQUIRE_LIBTPU") != "1",
   reason="needs jax[tpu] (libtpu); CI's TPU leg runs these",
 )
-tpu = [pytest.mark.tpu, requires_libtpu]
 
 
 @pytest.fixture
