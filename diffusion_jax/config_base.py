@@ -87,7 +87,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   training.batch_size = 128  # global batch size over all devices and hosts
   training.num_train_steps = 800_000  # total optimizer steps
   training.log_every = 100  # steps between logged metrics
-  training.checkpoint_every = 5000  # steps between checkpoints (one is always written at the end)
+  training.checkpoint_every = 5000  # steps between checkpoints (one is always written at the end; 0: only there)
   training.sample_every = 20_000  # steps between sample grids (0 disables)
   training.num_grid_samples = 64  # images in a training-time sample grid
   training.grid = sampler_section("ddim", num_steps=100)  # the grid's sampler (num_steps above T are T)

@@ -272,9 +272,20 @@ def make_sharded_sampler(
       return conditional(params, rng, indices, cond, jnp.asarray(guidance_scale, jnp.float32))
     return conditional(params, rng, indices, cond)
 
-  # `lower` and `trace` as on a jitted function (ahead-of-time compilation; lowering for other platforms).
-  sharded_fn.lower = conditional.lower if guided else unconditional.lower
-  sharded_fn.trace = conditional.trace if guided else unconditional.trace
+  def ahead_of_time(method: str) -> Callable[..., Any]:
+    # `trace`/`lower` as on a jitted function (ahead-of-time compilation, lowering for other platforms), with
+    # the arguments of `sharded_fn`: the program a call with them would run.
+    def fn(params, rng, indices, cond=None, guidance_scale=1.0):
+      if cond is None:
+        return getattr(conditional if guided else unconditional, method)(params, rng, indices)
+      if guided:
+        return getattr(conditional, method)(params, rng, indices, cond, guidance_scale)
+      return getattr(conditional, method)(params, rng, indices, cond)
+
+    return fn
+
+  sharded_fn.lower = ahead_of_time("lower")
+  sharded_fn.trace = ahead_of_time("trace")
   sharded_fn.spec = spec
   return sharded_fn
 

@@ -227,7 +227,10 @@ def _train_program(config, mesh) -> Program:
   )
 
 
-def _sampler_program(config, mesh, name: str, section, batch: int, description: str) -> Program:
+def _sampler_program(
+  config, mesh, name: str, section, batch: int, description: str, *, clip_denoised: bool = True, guidance_scale=1.0
+) -> Program:
+  """The sampler a run compiles for `section`; a conditional network's with labels, guided when the scale is not 1."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
@@ -240,7 +243,17 @@ def _sampler_program(config, mesh, name: str, section, batch: int, description: 
   section = dict(section.to_dict() if hasattr(section, "to_dict") else section)
   section["num_steps"] = min(int(section.get("num_steps") or T), T)
   spec = samplers.SamplerSpec.from_config(section, num_timesteps=T)
-  fn = inference.make_sharded_sampler(diffusion, runtime.inference_fn(network), mesh, runtime.image_shape(config), spec)
+  guided = bool(network.num_classes) and float(guidance_scale) != 1.0
+  fn = inference.make_sharded_sampler(
+    diffusion,
+    runtime.inference_fn(network),
+    mesh,
+    runtime.image_shape(config),
+    spec,
+    clip_denoised=bool(clip_denoised),
+    guided=guided,
+    null_label=network.null_label if guided else None,
+  )
   n = runtime.pad_to_multiple(int(batch), mesh.size)
   replicated = runtime.replicated(mesh)
   params = jax.eval_shape(
@@ -253,6 +266,8 @@ def _sampler_program(config, mesh, name: str, section, batch: int, description: 
   )
   if network.num_classes:
     args += (jax.ShapeDtypeStruct((n,), jnp.int32, sharding=runtime.batch_sharding(mesh)),)
+  if guided:
+    args += (jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated),)
   steps = int(spec.num_steps or T)
   return Program(name, f"{description}: {spec.name}, {steps} steps", fn, args, n, steps, "sampler step")
 
@@ -299,7 +314,10 @@ def programs_of(config: ml_collections.ConfigDict, mesh, names: Sequence[str] = 
   out = []
   if "train" in names:
     out.append(_train_program(config, mesh))
-  tc = config.training
+  tc, sc = config.training, config.sampling
+  sampling_settings = dict(
+    clip_denoised=bool(sc.get("clip_denoised", True)), guidance_scale=float(sc.get("guidance_scale", 1.0))
+  )
   if "grid" in names and int(tc.get("sample_every", 0) or 0) > 0:
     out.append(_sampler_program(config, mesh, "grid", tc.grid, tc.num_grid_samples, "the training-time grid"))
   if "eval" in names:
@@ -308,13 +326,16 @@ def programs_of(config: ml_collections.ConfigDict, mesh, names: Sequence[str] = 
         continue
       if entry.kind in ("fid", "digits"):
         section = entry.sampling if entry.sampling.get("sampler") else config.sampling
+        # As evaluators.draw_samples runs it: chunks of config.sampling.batch_size, its clipping and guidance.
         out.append(
-          _sampler_program(config, mesh, f"eval:{name}", section, config.eval.batch_size, f"evaluation {name!r}")
+          _sampler_program(
+            config, mesh, f"eval:{name}", section, sc.batch_size, f"evaluation {name!r}", **sampling_settings
+          )
         )
       elif entry.kind in ("bpd", "rate_distortion") and "bpd" not in names:
         names = (*names, "bpd")
   if "sample" in names:
-    out.append(_sampler_program(config, mesh, "sample", config.sampling, config.sampling.batch_size, "--mode=sample"))
+    out.append(_sampler_program(config, mesh, "sample", sc, sc.batch_size, "--mode=sample", **sampling_settings))
   if "bpd" in names:
     out.append(_bpd_program(config, mesh))
   return out

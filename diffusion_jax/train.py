@@ -128,7 +128,7 @@ def step_actions(step: int, schedule: Schedule, *, stop: bool = False, out_of_ti
   at_end = tuple(name for name, _, end in schedule.evals if end) if done else ()
   return Actions(
     log=step % schedule.log_every == 0 or done,
-    checkpoint=step % schedule.checkpoint_every == 0 or finish is not None,
+    checkpoint=(bool(schedule.checkpoint_every) and step % schedule.checkpoint_every == 0) or finish is not None,
     grid=bool(schedule.sample_every) and (step % schedule.sample_every == 0 or done),
     evaluate=tuple(
       name

@@ -49,6 +49,12 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
       f"optim.clip_groups={groups} must be a positive divisor of training.batch_size={bs} "
       "(set --config.optim.clip_groups=1 to clip the whole batch's gradient)."
     )
+  tc = config.training
+  if int(tc.log_every) < 1:
+    raise errors.UserError(f"training.log_every must be at least 1 (steps between logged metrics), got {tc.log_every}.")
+  for name, zero in (("checkpoint_every", "only at the end"), ("sample_every", "no grids")):
+    if int(tc.get(name, 0) or 0) < 0:
+      raise errors.UserError(f"training.{name} must be 0 ({zero}) or a positive number of steps, got {tc[name]}.")
   if config.optim.ema_decay < 0 or config.optim.ema_decay >= 1:
     raise errors.UserError(f"optim.ema_decay must lie in [0, 1), got {config.optim.ema_decay}.")
   init = config.model.get("init", "ddpm")

@@ -76,3 +76,10 @@ def test_the_schedule_from_a_config():
 
   schedule = train.Schedule.from_config(config, [Entry("digits", config.evals.digits)])
   assert schedule == train.Schedule(40, 5, 20, 10, (("digits", 20, True),))
+
+
+def test_checkpoint_every_zero_checkpoints_only_at_the_end():
+  schedule = train.Schedule(num_steps=30, log_every=5, checkpoint_every=0)
+  assert not any(step_actions(step, schedule).checkpoint for step in range(1, 30))
+  assert step_actions(30, schedule).checkpoint
+  assert step_actions(7, schedule, stop=True).checkpoint  # a stop still saves its step

@@ -125,6 +125,21 @@ def analytic_forward_flops(model, image_size: int, channels: int, out_ch: int, *
   return flops + conv(res, c, out_ch)
 
 
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_every_program_of_a_conditional_config_lowers(guidance_scale):
+  # The run's samplers take labels (and, guided, the scale): the plan's programs must take what the run passes.
+  from diffusion_jax import plan  # noqa: PLC0415
+
+  config = _config("digits_cond", sampling__guidance_scale=guidance_scale)
+  programs = plan.programs_of(config, runtime.make_mesh())
+  by_name = {p.name: p for p in programs}
+  assert {"train", "grid", "sample", "bpd"} <= set(by_name), sorted(by_name)
+  assert len(by_name["sample"].args) == (5 if guidance_scale != 1.0 else 4)
+  assert len(by_name["grid"].args) == 4  # the training grid: one class per column, unguided
+  for program in programs:
+    assert "func.func public @main" in program.jitted.trace(*program.args).lower().as_text(), program.name
+
+
 def _train_step_compiled(config, mesh):
   from diffusion_jax import plan  # noqa: PLC0415
 

@@ -239,6 +239,17 @@ def test_batch_not_divisible_by_devices_is_a_clear_error(config):
     train_step.validate_config(cfg, num_devices=4)
 
 
+@pytest.mark.parametrize(
+  "key,value,match",
+  [("log_every", 0, "log_every must be at least 1"), ("checkpoint_every", -1, r"0 \(only at the end\)")],
+)
+def test_bad_intervals_are_clear_errors(key, value, match):
+  cfg = tiny_config()
+  cfg.training[key] = value
+  with pytest.raises(ValueError, match=match):
+    train_step.validate_config(cfg, num_devices=1)
+
+
 def _train(cfg, workdir):
   return jax.device_get(train.train_and_evaluate(cfg, str(workdir)).state)
 
