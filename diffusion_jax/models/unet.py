@@ -81,32 +81,8 @@ def get_timestep_embedding(timesteps, embedding_dim: int):
   return emb
 
 
-class GroupNormSwish(nn.GroupNorm):
-  """GroupNorm, then swish: one module, whose parameters are GroupNorm's under its own name."""
-
-  def __call__(self, x):  # pylint: disable=arguments-differ
-    return nn.swish(super().__call__(x))
-
-
-def _half(dtype) -> bool:
-  return jnp.dtype(dtype) != jnp.float32
-
-
-def _norm(name: str, dtype, *, swish: bool = False):
-  """GroupNorm(32, ε=1e-6) named `name`, followed by swish when `swish`.
-
-  Its statistics are float32 whatever `dtype` is (flax's GroupNorm reduces in at
-  least float32), and so is the normalisation `(x − mean)·rsqrt(var + ε)·scale +
-  offset` before its cast to `dtype`. In float32 that is the whole story. In a
-  half-precision dtype, keeping those float32 intermediates for the backward pass
-  would double the bytes of every normalised activation, so the layer is
-  rematerialised (`nn.remat`): the backward pass keeps only the half-precision
-  input and recomputes the statistics and the normalisation from it.
-  """
-  cls = GroupNormSwish if swish else nn.GroupNorm
-  if _half(dtype):
-    cls = nn.remat(cls)
-  return cls(num_groups=GROUPS, epsilon=NORM_EPS, dtype=dtype, name=name)
+def _norm(name: str, dtype) -> nn.GroupNorm:
+  return nn.GroupNorm(num_groups=GROUPS, epsilon=NORM_EPS, dtype=dtype, name=name)
 
 
 def _conv(features: int, name: str, dtype, *, scale: float = 1.0, stride: int = 1) -> nn.Conv:
@@ -139,9 +115,9 @@ class ResnetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, temb, *, train: bool):
-    h = _conv(self.out_ch, "conv1", self.dtype)(_norm("norm1", self.dtype, swish=True)(x))
+    h = _conv(self.out_ch, "conv1", self.dtype)(nn.swish(_norm("norm1", self.dtype)(x)))
     h = h + _dense(self.out_ch, "temb_proj", self.dtype)(nn.swish(temb))[:, None, None, :]
-    h = _norm("norm2", self.dtype, swish=True)(h)
+    h = nn.swish(_norm("norm2", self.dtype)(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = _conv(self.out_ch, "conv2", self.dtype, scale=0.0)(h)
     if x.shape[-1] != self.out_ch:
@@ -374,7 +350,7 @@ class UNet(nn.Module):
       h = level(h, skips, temb, train) if self.remat else level(h, skips, temb, train=train)
     assert not hs
 
-    h = _norm("norm_out", self.dtype, swish=True)(h)
+    h = nn.swish(_norm("norm_out", self.dtype)(h))
     h = _conv(self.out_ch, "conv_out", self.dtype, scale=0.0)(h)
     return h.astype(jnp.float32)
 
