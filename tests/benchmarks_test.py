@@ -198,3 +198,42 @@ def test_soak_prints_readings_growth_and_the_checkpoints_left(tmp_path, repo_roo
   assert [line.split(":")[0] for line in readings] == ["step    100", "step    200", "step    300"], proc.stdout
   assert "growth per 1,000 steps over steps 200-300: resident memory" in proc.stdout, proc.stdout
   assert "checkpoints on disk: [200, 300] (training.keep_checkpoints=2)" in proc.stdout, proc.stdout
+
+
+_HLO = """HloModule step
+
+%body (p: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
+  %p = (s32[], f32[8,16]{1,0}) parameter(0)
+  %w = f32[8,16]{1,0} get-tuple-element(%p), index=1
+  %add.9 = f32[8,16]{1,0} add(%w, %w)
+}
+
+ENTRY %main (a: f32[8,16], b: bf16[2,8,8,16]) -> f32[8,16] {
+  %a = f32[8,16]{1,0} parameter(0)
+  %b = bf16[2,8,8,16]{3,2,1,0} parameter(1)
+  %fusion.1 = bf16[2,8,8,16]{3,2,1,0:T(8,128)(2,1)S(1)} fusion(%b), kind=kLoop, calls=%f
+  %fusion.2 = bf16[2,8,8,16]{3,2,1,0:T(8,128)(2,1)} fusion(%fusion.1), kind=kLoop, calls=%f
+  %copy-start.1 = (f32[8,16]{1,0}, f32[8,16]{1,0:S(1)}, u32[]{:S(2)}) copy-start(%a)
+  %copy-done.1 = f32[8,16]{1,0:S(1)} copy-done(%copy-start.1)
+  %multiply_add_fusion.3 = f32[8,16]{1,0} fusion(%copy-done.1, %a), kind=kLoop, calls=%g
+  %while.4 = (s32[], f32[8,16]{1,0}) while(%t), condition=%cond, body=%body
+}
+"""
+
+
+def test_hlo_traffic_counts_hbm_bytes_only():
+  from benchmarks import hlo_traffic  # noqa: PLC0415
+
+  comps = hlo_traffic.computations(_HLO)
+  assert set(comps) == {"body", "ENTRY"}
+  assert hlo_traffic.loop_bodies(comps["ENTRY"]) == ["body"]
+  t = hlo_traffic.traffic(comps["ENTRY"], {(8, 16)})
+  activation = 2 * 8 * 8 * 16 * 2  # one bf16 [2, 8, 8, 16] array
+  weight = 8 * 16 * 4  # one f32 [8, 16] parameter
+  # fusion.1 reads b from HBM and writes VMEM (not counted); fusion.2 reads VMEM and writes HBM.
+  assert t["by_class"][("activations", "bf16")] == 2 * activation
+  # The prefetch moves the parameter once; the update reads the prefetched copy (VMEM) and a, and writes its output.
+  assert t["by_class"][("weights", "f32")] == weight + 2 * weight
+  assert t["by_kind"]["optimizer/EMA update fusion"] == 2 * weight
+  body = hlo_traffic.traffic(comps["body"], {(8, 16)})
+  assert body["by_class"][("weights", "f32")] == 3 * weight  # add: two reads, one write
