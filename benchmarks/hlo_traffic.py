@@ -25,10 +25,8 @@ Needs `jax[tpu]` (libtpu) to compile; `--hlo` reads a saved program instead (`--
 
 from __future__ import annotations
 
-import collections
 import json
 import math
-import re
 import time
 
 from absl import app
@@ -42,101 +40,6 @@ _SAVE_HLO = flags.DEFINE_string("save_hlo", "", "Write the compiled program's op
 _PROGRAM = flags.DEFINE_string("program", "train", "The plan's program: train, sample, grid or bpd.")
 _TOP = flags.DEFINE_integer("top", 12, "Instructions listed, the largest first.")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Write the figures here as JSON.")
-
-_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
-_SHAPE = re.compile(r"\b(f64|s64|u64|f32|s32|u32|bf16|f16|s16|u16|s8|u8|pred)\[([0-9,]*)\](\{[^}]*\})?")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([\w\-]+)\((.*)$")
-_FREE = {
-  "parameter",
-  "constant",
-  "get-tuple-element",
-  "tuple",
-  "bitcast",
-  "after-all",
-  "partition-id",
-  "replica-id",
-  "while",
-  "call",
-  "conditional",
-}
-
-
-def _tensors(text: str) -> list[tuple[str, tuple[int, ...], bool]]:
-  """(dtype, shape, on chip) of each array in an HLO shape; on chip: a layout in memory space 1 (`S(1)`, VMEM)."""
-  return [
-    (dt, tuple(int(d) for d in dims.split(",") if d), "S(1)" in layout) for dt, dims, layout in _SHAPE.findall(text)
-  ]
-
-
-def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-  return math.prod(shape) * _BYTES.get(dtype, 1)
-
-
-def _is_parameter_shaped(shape: tuple[int, ...], param_shapes: set[tuple[int, ...]]) -> bool:
-  """Shaped like a parameter, or like a slice of one along its leading axis (XLA's async prefetches)."""
-  if shape in param_shapes:
-    return True
-  return any(len(p) == len(shape) and p[1:] == shape[1:] and shape[0] <= p[0] for p in param_shapes if p)
-
-
-def computations(hlo: str) -> dict[str, list[str]]:
-  """The module's computations: name -> instruction lines ("ENTRY" for the entry computation)."""
-  out: dict[str, list[str]] = {}
-  current = None
-  for line in hlo.splitlines():
-    if line and not line.startswith((" ", "}")) and line.rstrip().endswith("{"):
-      current = "ENTRY" if line.startswith("ENTRY") else line.split()[0].lstrip("%")
-      out[current] = []
-    elif line.startswith("}"):
-      current = None
-    elif current is not None:
-      out[current].append(line)
-  return out
-
-
-def loop_bodies(lines: list[str]) -> list[str]:
-  """The body computations of the while loops among `lines`."""
-  return [m.group(1) for line in lines for m in [re.search(r"body=%?([\w.\-]+)", line)] if m]
-
-
-def traffic(lines: list[str], param_shapes: set[tuple[int, ...]]) -> dict:
-  """Bytes of a computation's instructions by class, dtype and kind; and the largest instructions."""
-  outputs: dict[str, list] = {}
-  by_class: collections.Counter = collections.Counter()
-  by_kind: collections.Counter = collections.Counter()
-  largest = []
-  for line in lines:
-    m = _INSTRUCTION.match(line)
-    if not m:
-      continue
-    name, shape_text, op, rest = m.groups()
-    out = _tensors(shape_text)
-    moved = op in ("copy-start", "slice-start")
-    if moved and len(out) >= 2:
-      # ((source), destination, context): the destination is what crosses between HBM and the chip's memory.
-      out = [(out[1][0], out[1][1], False)]
-    outputs[name] = out
-    if op in _FREE or op.endswith("-done"):
-      continue
-    operands = [a.strip().lstrip("%") for a in rest.split(")", 1)[0].split(",") if a.strip()]
-    read = [] if moved else [t for a in operands for t in outputs.get(a, [])]
-    kind = op
-    if op == "fusion":
-      kind = "convolution fusion" if "convolution" in line or "conv" in name else "fusion"
-      if name.startswith("multiply_add_fusion"):
-        kind = "optimizer/EMA update fusion"
-    total = 0
-    for dtype, shape, on_chip in out + read:
-      if on_chip:  # read or written in the chip's own memory, not HBM
-        continue
-      n = _nbytes(dtype, shape)
-      cls = "weights" if _is_parameter_shaped(shape, param_shapes) else "activations"
-      by_class[(cls, dtype)] += n
-      total += n
-    by_kind[kind] += total
-    largest.append((total, name, shape_text[:90]))
-  largest.sort(reverse=True)
-  return dict(by_class=by_class, by_kind=by_kind, largest=largest)
 
 
 def main(argv):
@@ -175,15 +78,16 @@ def main(argv):
   )
   param_shapes = {tuple(p.shape) for p in jax.tree.leaves(params)}
   param_bytes = sum(math.prod(p.shape) * 4 for p in jax.tree.leaves(params))
-  comps = computations(hlo)
+  comps = plan.hlo_computations(hlo)
   parts = [("the program (outside its loops)", comps["ENTRY"])]
-  parts += [(f"one trip of the loop {name}", comps[name]) for name in loop_bodies(comps["ENTRY"]) if name in comps]
+  loops = [name for name in plan.hlo_loop_bodies(comps["ENTRY"]) if name in comps]
+  parts += [(f"one trip of the loop {name}", comps[name]) for name in loops]
   if xla_bytes is not None:
     print(f"XLA's cost analysis: {xla_bytes:.4g} bytes accessed (a loop body counted once)")
   print(f"The float32 parameters are {param_bytes / 1e6:.0f} MB; 'passes' below are bytes / that.")
   results = {}
   for title, lines in parts:
-    t = traffic(lines, param_shapes)
+    t = plan.hlo_traffic(lines, param_shapes)
     total = sum(t["by_class"].values())
     if not total:
       continue

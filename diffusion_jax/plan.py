@@ -35,6 +35,7 @@ From a notebook:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -358,7 +359,8 @@ class Figures:
   temp_bytes: float = 0.0
   code_bytes: float = 0.0
   flops: float = 0.0
-  bytes_accessed: float = 0.0
+  bytes_accessed: float = 0.0  # XLA's cost analysis: every fused operation's operands and outputs, on-chip included
+  hbm_bytes: float = 0.0  # read from the optimized program: HBM traffic only (0: an entry cached before it existed)
   required_bytes: float = 0.0  # a program that does not fit: what the compiler said it needs
   available_bytes: float = 0.0  # ... and what it has
   error: str = ""
@@ -367,6 +369,116 @@ class Figures:
   def total_bytes(self) -> float:
     """HBM in use while the program runs: arguments, temporaries, outputs not aliased to an argument, code."""
     return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes + self.code_bytes
+
+
+_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
+_SHAPE = re.compile(r"\b(f64|s64|u64|f32|s32|u32|bf16|f16|s16|u16|s8|u8|pred)\[([0-9,]*)\](\{[^}]*\})?")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([\w\-]+)\((.*)$")
+_FREE = {
+  "parameter",
+  "constant",
+  "get-tuple-element",
+  "tuple",
+  "bitcast",
+  "after-all",
+  "partition-id",
+  "replica-id",
+  "while",
+  "call",
+  "conditional",
+}
+
+
+def _tensors(text: str) -> list[tuple[str, tuple[int, ...], bool]]:
+  """(dtype, shape, on chip) of each array in an HLO shape; on chip: a layout in memory space 1 (`S(1)`, VMEM)."""
+  return [
+    (dt, tuple(int(d) for d in dims.split(",") if d), "S(1)" in layout) for dt, dims, layout in _SHAPE.findall(text)
+  ]
+
+
+def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+  return math.prod(shape) * _BYTES.get(dtype, 1)
+
+
+def _is_parameter_shaped(shape: tuple[int, ...], param_shapes: set[tuple[int, ...]]) -> bool:
+  """Shaped like a parameter, or like a slice of one along its leading axis (XLA's async prefetches)."""
+  if shape in param_shapes:
+    return True
+  return any(len(p) == len(shape) and p[1:] == shape[1:] and shape[0] <= p[0] for p in param_shapes if p)
+
+
+def hlo_computations(hlo: str) -> dict[str, list[str]]:
+  """The module's computations: name -> instruction lines ("ENTRY" for the entry computation)."""
+  out: dict[str, list[str]] = {}
+  current = None
+  for line in hlo.splitlines():
+    if line and not line.startswith((" ", "}")) and line.rstrip().endswith("{"):
+      current = "ENTRY" if line.startswith("ENTRY") else line.split()[0].lstrip("%")
+      out[current] = []
+    elif line.startswith("}"):
+      current = None
+    elif current is not None:
+      out[current].append(line)
+  return out
+
+
+def hlo_loop_bodies(lines: list[str]) -> list[str]:
+  """The body computations of the while loops among `lines`."""
+  return [m.group(1) for line in lines for m in [re.search(r"body=%?([\w.\-]+)", line)] if m]
+
+
+def hlo_traffic(lines: list[str], param_shapes: set[tuple[int, ...]] = frozenset()) -> dict:
+  """HBM bytes of an optimized HLO computation's instructions (operands + outputs; an async copy or slice counts its
+  destination once; arrays in memory space 1, on the chip, not at all) by (class, dtype), by kind of instruction,
+  and the largest instructions. Class: "weights" for arrays shaped like one of `param_shapes` (or a leading-axis
+  slice of one), "activations" for the rest."""
+  outputs: dict[str, list] = {}
+  by_class: collections.Counter = collections.Counter()
+  by_kind: collections.Counter = collections.Counter()
+  largest = []
+  for line in lines:
+    m = _INSTRUCTION.match(line)
+    if not m:
+      continue
+    name, shape_text, op, rest = m.groups()
+    out = _tensors(shape_text)
+    moved = op in ("copy-start", "slice-start")
+    if moved and len(out) >= 2:
+      # ((source), destination, context): the destination is what crosses between HBM and the chip's memory.
+      out = [(out[1][0], out[1][1], False)]
+    outputs[name] = out
+    if op in _FREE or op.endswith("-done"):
+      continue
+    operands = [a.strip().lstrip("%") for a in rest.split(")", 1)[0].split(",") if a.strip()]
+    read = [] if moved else [t for a in operands for t in outputs.get(a, [])]
+    kind = op
+    if op == "fusion":
+      kind = "convolution fusion" if "convolution" in line or "conv" in name else "fusion"
+      if name.startswith("multiply_add_fusion"):
+        kind = "optimizer/EMA update fusion"
+    total = 0
+    for dtype, shape, on_chip in out + read:
+      if on_chip:  # read or written in the chip's own memory, not HBM
+        continue
+      n = _nbytes(dtype, shape)
+      cls = "weights" if _is_parameter_shaped(shape, param_shapes) else "activations"
+      by_class[(cls, dtype)] += n
+      total += n
+    by_kind[kind] += total
+    largest.append((total, name, shape_text[:90]))
+  largest.sort(reverse=True)
+  return dict(by_class=by_class, by_kind=by_kind, largest=largest)
+
+
+def hbm_bytes(hlo: str) -> float:
+  """The HBM traffic of an optimized HLO module: its entry computation and each loop body once (XLA's convention for
+  `bytes accessed`), arrays that live in the chip's own memory apart. Unlike XLA's `bytes accessed`, which counts
+  every fused operation's operands and outputs wherever they live, this is what crosses to and from HBM."""
+  comps = hlo_computations(hlo)
+  if "ENTRY" not in comps:
+    return 0.0
+  parts = [comps["ENTRY"]] + [comps[n] for n in hlo_loop_bodies(comps["ENTRY"]) if n in comps]
+  return float(sum(sum(hlo_traffic(lines)["by_class"].values()) for lines in parts))
 
 
 _OOM = re.compile(
@@ -532,6 +644,7 @@ def compile_figures(
       code_bytes=float(memory.generated_code_size_in_bytes),
       flops=flops,
       bytes_accessed=bytes_accessed,
+      hbm_bytes=hbm_bytes(compiled.as_text()),
     )
   finally:
     jax.config.update("jax_enable_compilation_cache", persistent)
@@ -606,6 +719,7 @@ class ProgramPlan:
         call_s=list(self.call_s),
         images_per_s=list(self.images_per_s),
         flops_per_byte=f.flops / f.bytes_accessed if f.bytes_accessed else None,
+        flops_per_hbm_byte=f.flops / f.hbm_bytes if f.hbm_bytes else None,
       )
     if self.paper:
       out["paper"] = dataclasses.asdict(self.paper)
@@ -661,6 +775,8 @@ class Plan:
       f"{chip.device_peak_flops / 1e12:.1f} TFLOP/s bf16, {chip.device_hbm_bandwidth / 1e9:.0f} GB/s "
       f"({chip.source}).",
       "Estimates from the compiled programs (XLA's cost model and memory analysis, per device), not measurements.",
+      "Bytes: XLA's count (every fused operation's operands and outputs, on-chip memory included; the roofline's) "
+      "and the HBM traffic read from the program (arrays the compiler keeps on the chip apart).",
       "",
     ]
     head = (
@@ -668,7 +784,7 @@ class Plan:
       "batch (/device)",
       "HBM GiB: args + temps + outs + code = total",
       "FLOPs/trip",
-      "bytes/trip",
+      "bytes/trip: XLA | HBM",
       "roofline /trip",
       "rate (roofline)",
       "compile",
@@ -690,7 +806,8 @@ class Plan:
       lo, hi = p.trip_s
       trip = f"{_ms(lo)}–{_ms(hi)}"
       rate = _rate_text(p) + ("" if p.program == "train" else f" ({p.trips} {p.unit}s)")
-      rows.append((p.program, batch, mem, f"{f.flops:.3g}", f"{f.bytes_accessed:.3g}", trip, rate, compile_s))
+      hbm = f"{f.hbm_bytes:.3g}" if f.hbm_bytes else "–"
+      rows.append((p.program, batch, mem, f"{f.flops:.3g}", f"{f.bytes_accessed:.3g} | {hbm}", trip, rate, compile_s))
     lines += _format_rows(rows)
     for p in self.programs:
       if p.paper is not None and p.figures.fits:

@@ -222,12 +222,12 @@ ENTRY %main (a: f32[8,16], b: bf16[2,8,8,16]) -> f32[8,16] {
 
 
 def test_hlo_traffic_counts_hbm_bytes_only():
-  from benchmarks import hlo_traffic  # noqa: PLC0415
+  from diffusion_jax import plan  # noqa: PLC0415
 
-  comps = hlo_traffic.computations(_HLO)
+  comps = plan.hlo_computations(_HLO)
   assert set(comps) == {"body", "ENTRY"}
-  assert hlo_traffic.loop_bodies(comps["ENTRY"]) == ["body"]
-  t = hlo_traffic.traffic(comps["ENTRY"], {(8, 16)})
+  assert plan.hlo_loop_bodies(comps["ENTRY"]) == ["body"]
+  t = plan.hlo_traffic(comps["ENTRY"], {(8, 16)})
   activation = 2 * 8 * 8 * 16 * 2  # one bf16 [2, 8, 8, 16] array
   weight = 8 * 16 * 4  # one f32 [8, 16] parameter
   # fusion.1 reads b from HBM and writes VMEM (not counted); fusion.2 reads VMEM and writes HBM.
@@ -235,5 +235,7 @@ def test_hlo_traffic_counts_hbm_bytes_only():
   # The prefetch moves the parameter once; the update reads the prefetched copy (VMEM) and a, and writes its output.
   assert t["by_class"][("weights", "f32")] == weight + 2 * weight
   assert t["by_kind"]["optimizer/EMA update fusion"] == 2 * weight
-  body = hlo_traffic.traffic(comps["body"], {(8, 16)})
+  body = plan.hlo_traffic(comps["body"], {(8, 16)})
   assert body["by_class"][("weights", "f32")] == 3 * weight  # add: two reads, one write
+  # The module's HBM bytes: the entry computation and the loop body once, whatever the classes.
+  assert plan.hbm_bytes(_HLO) == 2 * activation + 3 * weight + 3 * weight
