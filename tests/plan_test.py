@@ -297,8 +297,11 @@ def test_tiny_config_compiles_for_tpu(slice_name, plan_cache):
   # The state the step holds: parameters, their EMA and Adam's two moments, all float32.
   assert train.figures.argument_bytes >= 4 * param_bytes
   assert train.figures.total_bytes >= 4 * param_bytes
+  # The state crosses HBM at least twice a step: the parameters, both Adam moments and the EMA, read and written.
+  assert train.figures.hbm_bytes >= 8 * param_bytes
   for p in report.programs:
     assert p.figures.flops > 0 and p.figures.bytes_accessed > 0, p
+    assert 0 < p.figures.hbm_bytes, p
     lo, hi = p.trip_s
     assert 0 < lo <= hi
   # The train step's FLOPs as XLA's TPU cost model counts them: 3 forward passes per image, counted with or without
