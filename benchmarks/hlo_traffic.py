@@ -49,7 +49,7 @@ def main(argv):
   from diffusion_jax import runtime  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
-  xla_bytes = None
+  xla_bytes = flops = None
   if _HLO.value:
     with open(_HLO.value, encoding="utf-8") as f:
       hlo = f.read()
@@ -68,6 +68,7 @@ def main(argv):
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
     xla_bytes = float(analysis.get("bytes accessed", 0.0))
+    flops = float(analysis.get("flops", 0.0))
     hlo = compiled.as_text()
     if _SAVE_HLO.value:
       with open(_SAVE_HLO.value, "w", encoding="utf-8") as f:
@@ -83,7 +84,7 @@ def main(argv):
   loops = [name for name in plan.hlo_loop_bodies(comps["ENTRY"]) if name in comps]
   parts += [(f"one trip of the loop {name}", comps[name]) for name in loops]
   if xla_bytes is not None:
-    print(f"XLA's cost analysis: {xla_bytes:.4g} bytes accessed (a loop body counted once)")
+    print(f"XLA's cost analysis: {flops:.4g} FLOPs, {xla_bytes:.4g} bytes accessed (a loop body counted once)")
   print(f"The float32 parameters are {param_bytes / 1e6:.0f} MB; 'passes' below are bytes / that.")
   results = {}
   for title, lines in parts:
@@ -106,6 +107,7 @@ def main(argv):
       json.dump(
         dict(
           xla_bytes_accessed=xla_bytes,
+          xla_flops=flops,
           parameter_bytes=param_bytes,
           parts={
             title: dict(
