@@ -13,7 +13,8 @@ the difference of the means against the spread of the float32 seeds, and the tra
 logged step (mean over seeds); writes the loss curves as a PNG with `--plot`.
 
 Sampling: the float32-trained model of the first seed, sampled with its float32 parameters by the float32 network
-and by the bfloat16 network (same parameters, same rng), with DPM-Solver++(2M) at 20 steps and ancestral at 1000:
+and by the bfloat16 network (same parameters, same rng), with DPM-Solver++(2M) at 20 steps (`--num_samples`) and
+ancestral at 1000 (200 samples: 1000 steps of a batch take minutes on a CPU):
 the sample-level difference (RMS and max in [-1, 1] units; the fraction of pixels whose 8-bit value differs) and the
 digit metric of each.
 
@@ -54,7 +55,11 @@ _EVAL_SEEDS = flags.DEFINE_list("eval_seeds", ["0"], "Sampling seeds of each fin
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "model.dtype values to compare.")
 _STEPS = flags.DEFINE_integer("steps", 4000, "Training steps of every run (the quickstart's num_train_steps).")
 _NUM = flags.DEFINE_integer("num_samples", 1000, "Images per digit-metric evaluation.")
-_SAMPLING = flags.DEFINE_list("sampling", ["dpmpp2m:20", "ancestral:1000"], "sampler:steps of the sampling part.")
+_SAMPLING = flags.DEFINE_list(
+  "sampling",
+  ["dpmpp2m:20", "ancestral:1000:200"],
+  "sampler:steps[:samples] of the sampling part (samples: --num_samples).",
+)
 _SKIP_TRAIN = flags.DEFINE_bool("skip_training", False, "Only the sampling part (on ROOT/float32_seed<first>).")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Write the results here as JSON.")
 _PLOT = flags.DEFINE_string("plot", "", "Write the loss curves here (PNG; needs matplotlib).")
@@ -197,13 +202,13 @@ def training_part(reference) -> dict:
   return dict(runs=runs, summary=summary, loss_steps=steps, loss_curves=curve)
 
 
-def float_samples(model, spec, rng, batch_size: int = 500) -> np.ndarray:
-  """Samples 0..num_samples−1 as float32 in [-1, 1] (before the 8-bit quantisation)."""
+def float_samples(model, spec, rng, count: int, batch_size: int = 500) -> np.ndarray:
+  """Samples 0..count−1 as float32 in [-1, 1] (before the 8-bit quantisation)."""
   mesh = runtime.make_mesh()
-  batch_size = runtime.pad_to_multiple(min(batch_size, _NUM.value), runtime.data_size(mesh))
+  batch_size = runtime.pad_to_multiple(min(batch_size, count), runtime.data_size(mesh))
   out = []
-  for start in range(0, _NUM.value, batch_size):
-    idx = np.arange(start, min(start + batch_size, _NUM.value))
+  for start in range(0, count, batch_size):
+    idx = np.arange(start, min(start + batch_size, count))
     out.append(np.asarray(inference.generate(model, idx, rng, spec, batch_size=batch_size, mesh=mesh)["samples"]))
   return np.concatenate(out).astype(np.float32)
 
@@ -217,15 +222,17 @@ def sampling_part(reference) -> dict:
   T = model32.diffusion.num_timesteps
   rows, out = [], []
   for item in _SAMPLING.value:
-    name, steps = item.split(":")
+    name, steps, *count = item.split(":")
+    count = int(count[0]) if count else _NUM.value
     spec = samplers.resolve(name, num_timesteps=T, num_steps=min(int(steps), T))
     rng = jax.random.PRNGKey(int(_EVAL_SEEDS.value[0]))
-    x32, x16 = (float_samples(m, spec, rng) for m in (model32, model16))
+    x32, x16 = (float_samples(m, spec, rng, count) for m in (model32, model16))
     u32, u16 = images_lib.to_uint8(x32), images_lib.to_uint8(x16)
     m32 = digits_metric.compute_digit_metrics(u32, reference)
     m16 = digits_metric.compute_digit_metrics(u16, reference)
     entry = dict(
       sampler=item,
+      num_samples=count,
       rms=float(np.sqrt(np.mean((x16 - x32) ** 2))),
       max=float(np.max(np.abs(x16 - x32))),
       pixels_differing=float(np.mean(u16 != u32)),
