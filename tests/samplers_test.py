@@ -271,11 +271,11 @@ def test_no_recompilation_for_new_values():
   diffusion = make_diffusion()
   kw = dict(sampler=spec("ddim", num_steps=4, eta=0.3))
   samplers.sample(diffusion, model_fn, RNG, INDICES, SHAPE, **kw)
-  size = samplers._run._cache_size()
+  size = samplers.driver._run._cache_size()
   new_model = jax.tree_util.Partial(_apply, {"a": jnp.float32(0.7), "b": jnp.float32(0.2)})
   samplers.sample(diffusion, new_model, jax.random.PRNGKey(3), INDICES + 4, SHAPE, **(kw | dict(eta=0.9)))
   samplers.sample(make_diffusion(betas=BETAS * 0.5), model_fn, RNG, INDICES, SHAPE, **kw)
-  assert samplers._run._cache_size() == size
+  assert samplers.driver._run._cache_size() == size
 
 
 def test_validation():

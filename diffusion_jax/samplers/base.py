@@ -24,7 +24,8 @@ The driver (`driver.run`) scans over the plan's calls: it evaluates the network
 (with classifier-free guidance), draws the step noise of the package's noise
 scheme, predicts x_0 with or without clipping (`StepContext.predict_xstart`)
 and fills the progressive buffers. A new sampler is one module that defines
-such an object and passes it to `registry.register`.
+such an object and passes it to `registry.register`, plus its line in the
+imports of `samplers/__init__.py` (importing the module registers it).
 """
 
 from __future__ import annotations

@@ -5,18 +5,7 @@ guidance), the per-sample noise of the package's noise scheme, x_0 prediction
 and clipping (`StepContext.predict_xstart`), and the progressive buffers. The
 sampler (`base.Sampler`) owns its grid, carry and update.
 
-Classifier-free guidance (Ho & Salimans 2022). With labels `cond` [B] the model
-is called as model_fn(x_t, t, cond); with guidance scale s != 1 the conditional
-and the null-label passes run as ONE call on the batch concatenated with itself
-(labels cond and `null_label`), and the output is
-
-  out = out(x, ∅) + s·(out(x, c) − out(x, ∅)),
-
-linear in whatever the network predicts (ε, x_0, v or the x_{t−1} mean), so
-s = 1 is the conditional model and s = 0 the unconditional one. Learned-variance
-models are guided on their mean channels; the variance channels are the
-conditional pass's. The other common convention, ε̂ = (1 + w)·ε(x, c) − w·ε(x, ∅)
-(Ho & Salimans' w), is s = 1 + w.
+Classifier-free guidance: `request.Guidance.model_output` (the network call of every chain).
 
 Inpainting (`known`: the image x_0 and a mask, True = keep). Before each
 network call the known pixels of the sampler's current point are replaced by a
@@ -45,6 +34,7 @@ import numpy as np
 from diffusion_jax.samplers.base import Plan
 from diffusion_jax.samplers.base import Sampler
 from diffusion_jax.samplers.base import StepContext
+from diffusion_jax.samplers.request import Request
 
 # fold_in(key_b, KNOWN_STREAM) keys the forward-process noise of the known pixels (inpainting).
 KNOWN_STREAM = 0x696E7061
@@ -85,24 +75,6 @@ def predict_xstart(diffusion, clip_denoised, model_output, x_t, t_vec, *, alpha=
   return jnp.clip(x0, -1.0, 1.0) if clip_denoised else x0
 
 
-def guided_model_output(model_fn, x_t, t_vec, cond, guidance_scale, *, guided, null_label, channels):
-  """The network output at (x_t, t) with classifier-free guidance (module docstring)."""
-  if cond is None:
-    return model_fn(x_t, t_vec)
-  if not guided:
-    return model_fn(x_t, t_vec, cond)
-  batch = x_t.shape[0]
-  null = jnp.full_like(cond, null_label)
-  out = model_fn(jnp.concatenate([x_t, x_t]), jnp.concatenate([t_vec, t_vec]), jnp.concatenate([cond, null]))
-  out = out.astype(jnp.float32)
-  out_c, out_u = out[:batch], out[batch:]
-  s = jnp.asarray(guidance_scale, jnp.float32)
-  mean = out_u[..., :channels] + s * (out_c[..., :channels] - out_u[..., :channels])
-  if out.shape[-1] == channels:
-    return mean
-  return jnp.concatenate([mean, out_c[..., channels:]], axis=-1)
-
-
 @functools.partial(
   jax.jit,
   static_argnames=(
@@ -113,8 +85,6 @@ def guided_model_output(model_fn, x_t, t_vec, cond, guidance_scale, *, guided, n
     "clip_denoised",
     "progressive_every",
     "num_slots",
-    "guided",
-    "null_label",
   ),
 )
 def _run(
@@ -126,8 +96,7 @@ def _run(
   x_t,
   xs,
   eta,
-  cond,
-  guidance_scale,
+  guidance,
   known=None,
   *,
   sampler: Sampler,
@@ -137,8 +106,6 @@ def _run(
   clip_denoised,
   progressive_every,
   num_slots,
-  guided,
-  null_label,
 ):
   """The scanned chain over the plan's calls `xs`, from x_t (or x_T ~ N(0, I) if None); `known`: inpainting."""
   keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, indices)
@@ -163,9 +130,7 @@ def _run(
       x_in = jnp.where(known["mask"], alpha * known["x0"] + sigma * z, x_in)
       state = sampler.with_input(state, x_in, coef)
     t_vec = jnp.full((batch,), row["t"], dtype=row["t"].dtype)
-    model_output = guided_model_output(
-      model_fn, x_in, t_vec, cond, guidance_scale, guided=guided, null_label=null_label, channels=channels
-    )
+    model_output = guidance.model_output(model_fn, x_in, t_vec, channels)
     noise = per_example_normal(keys, row["noise_step"], x_in.shape[1:]) if stochastic else None
     ctx = StepContext(
       diffusion=diffusion,
@@ -221,39 +186,21 @@ def progressive_slots(record: np.ndarray, every: int):
   return slot, write, num_slots
 
 
-def run(
-  diffusion,
-  model_fn,
-  rng,
-  indices,
-  x_t,
-  spec,
-  plan: Plan,
-  *,
-  shape,
-  eta,
-  clip_denoised,
-  progressive_every,
-  cond=None,
-  guidance_scale=1.0,
-  null_label=None,
-  known=None,
-):
-  """Runs `spec.sampler` over `plan`; see `samplers.sample` for the arguments and the result.
+def run(diffusion, model_fn, rng, indices, x_t, request: Request, plan: Plan, *, shape, known=None):
+  """Runs `request.spec.sampler` over `plan`; see `chains.sample` for the arguments and the result.
 
   `known`: None, or dict(x0=[B, ...] float32 images, mask=[B, ...] bool, True = keep) for inpainting (module
   docstring).
   """
-  slot, write, num_slots = progressive_slots(plan.record, progressive_every)
+  slot, write, num_slots = progressive_slots(plan.record, request.progressive_every)
   xs = dict(
     t=jnp.asarray(plan.t),
     t_next=jnp.asarray(plan.t_next),
     noise_step=jnp.asarray(plan.noise_step, jnp.int32),
     coef={k: jnp.asarray(v) for k, v in plan.coef.items()},
   )
-  if progressive_every:
+  if request.progressive_every:
     xs["slot"], xs["write"] = jnp.asarray(slot), jnp.asarray(write)
-  guided = cond is not None and not (isinstance(guidance_scale, (int, float)) and guidance_scale == 1)
   return _run(
     diffusion,
     plan.tables,
@@ -262,19 +209,16 @@ def run(
     indices,
     x_t,
     xs,
-    eta,
-    cond,
-    jnp.asarray(guidance_scale, jnp.float32) if guided else None,
+    request.eta,
+    request.guidance,
     known,
-    sampler=spec.sampler,
-    spec=_static_spec(spec),
+    sampler=request.spec.sampler,
+    spec=_static_spec(request.spec),
     static=plan.static,
     shape=shape,
-    clip_denoised=bool(clip_denoised),
-    progressive_every=int(progressive_every),
+    clip_denoised=request.clip_denoised,
+    progressive_every=request.progressive_every,
     num_slots=num_slots,
-    guided=guided,
-    null_label=None if null_label is None else int(null_label),
   )
 
 

@@ -49,9 +49,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import errors
+from diffusion_jax.samplers import checks
 from diffusion_jax.samplers import driver
 from diffusion_jax.samplers import grids
-from diffusion_jax.samplers import registry
 
 
 def inversion_grid(spec) -> np.ndarray:
@@ -63,32 +63,14 @@ def inversion_grid(spec) -> np.ndarray:
 NETWORK_T = ("target", "current")
 
 
-@functools.partial(
-  jax.jit, static_argnames=("clip_denoised", "guided", "null_label", "channels", "trajectory", "network_t")
-)
-def _invert(
-  diffusion,
-  model_fn,
-  x0,
-  xs,
-  cond,
-  guidance_scale,
-  *,
-  clip_denoised,
-  guided,
-  null_label,
-  channels,
-  trajectory,
-  network_t,
-):
+@functools.partial(jax.jit, static_argnames=("clip_denoised", "channels", "trajectory", "network_t"))
+def _invert(diffusion, model_fn, x0, xs, guidance, *, clip_denoised, channels, trajectory, network_t):
   """The scanned inversion over rows xs = dict(t_eval, t_cur, t_next, first), from x0."""
   batch = x0.shape[0]
 
   def body(x, row):
     t_vec = jnp.full((batch,), row["t_eval"], jnp.int32)
-    out = driver.guided_model_output(
-      model_fn, x, t_vec, cond, guidance_scale, guided=guided, null_label=null_label, channels=channels
-    )
+    out = guidance.model_output(model_fn, x, t_vec, channels)
     if network_t == "current":
       pred_xstart = driver.predict_xstart(diffusion, clip_denoised, out, x, t_vec)
       eps = diffusion.predict_eps_from_xstart(x, t_vec, pred_xstart)
@@ -144,20 +126,14 @@ def invert(
   Raises:
     UserError: a spec that is not `ddim` with η = 0, or bad arguments.
   """
-  from diffusion_jax import samplers  # pylint: disable=g-import-not-at-top (the package imports this module)
-
-  spec = registry.resolve(spec, num_timesteps=diffusion.num_timesteps)
-  registry.check_mean_type(spec, diffusion.model_mean_type)
+  spec, _ = checks.spec_and_eta(diffusion, spec, None)
   if spec.name != "ddim" or spec.eta != 0:
     raise errors.UserError(
       f"DDIM inversion needs the deterministic ddim sampler (eta=0), got {spec.name!r} with eta={spec.eta}."
     )
-  samplers._check_flags(clip_denoised, 0)  # pylint: disable=protected-access
-  if jnp.ndim(x0) < 2 or not jnp.issubdtype(jnp.result_type(x0), jnp.floating):
-    raise errors.UserError(
-      f"x0 must be a batched float array [B, ...] in [-1, 1], got shape {jnp.shape(x0)}, dtype {jnp.result_type(x0)}."
-    )
-  samplers._check_guidance(cond, guidance_scale, null_label, jnp.shape(x0)[0])  # pylint: disable=protected-access
+  clip_denoised, _ = checks.flags(clip_denoised, 0)
+  checks.batched_float(x0, "x0")
+  guidance = checks.guidance(cond, guidance_scale, null_label, jnp.shape(x0)[0])
   if network_t not in NETWORK_T:
     raise errors.UserError(f"network_t must be one of {', '.join(NETWORK_T)}, got {network_t!r}.")
   steps = inversion_grid(spec)
@@ -168,17 +144,13 @@ def invert(
     t_next=jnp.asarray(steps, jnp.int32),
     first=jnp.asarray(np.arange(steps.size) == 0),
   )
-  guided = cond is not None and not (isinstance(guidance_scale, (int, float)) and guidance_scale == 1)
   result = _invert(
     diffusion,
-    samplers._as_partial(model_fn),  # pylint: disable=protected-access
+    checks.as_partial(model_fn),
     x0,
     xs,
-    cond,
-    jnp.asarray(guidance_scale, jnp.float32) if guided else None,
-    clip_denoised=bool(clip_denoised),
-    guided=guided,
-    null_label=None if null_label is None else int(null_label),
+    guidance,
+    clip_denoised=clip_denoised,
     channels=int(jnp.shape(x0)[-1]),
     trajectory=bool(trajectory),
     network_t=network_t,

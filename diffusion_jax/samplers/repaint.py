@@ -42,6 +42,7 @@ import numpy as np
 
 from diffusion_jax import errors
 from diffusion_jax.samplers import ancestral
+from diffusion_jax.samplers import checks
 from diffusion_jax.samplers import driver
 from diffusion_jax.samplers import grids
 
@@ -107,7 +108,7 @@ def forward_step(loop_diffusion, x, i, noise):
 
 
 @functools.partial(jax.jit, static_argnames=("clip_denoised", "respaced"))
-def _run(diffusion, loop_diffusion, model_fn, rng, indices, x0, mask, rows, *, clip_denoised, respaced):
+def _run(diffusion, loop_diffusion, model_fn, rng, indices, x0, mask, rows, guidance, *, clip_denoised, respaced):
   keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, indices)
   known_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, driver.KNOWN_STREAM)
   forward_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, FORWARD_STREAM)
@@ -128,7 +129,7 @@ def _run(diffusion, loop_diffusion, model_fn, rng, indices, x0, mask, rows, *, c
     known = diffusion.q_sample(x0, t_vec, known_noise)
     x_in = jnp.where(mask, known, x)
     noise = driver.per_example_normal(stream(keys, visit), t + 1, shape[1:])
-    model_output = model_fn(x_in, t_vec)
+    model_output = guidance.model_output(model_fn, x_in, t_vec, shape[-1])
     if respaced and diffusion.model_mean_type == "xprev":
       model_output = ancestral.xprev_to_respaced(diffusion, loop_diffusion, model_output, x_in, t_vec, loop_t)
     return loop_diffusion.p_sample(model_output, x_in, loop_t, noise, clip_denoised=clip_denoised)["sample"]
@@ -156,6 +157,9 @@ def repaint(
   jump_n_sample: int = 10,
   resample_range: tuple[int, int] | None = None,
   clip_denoised: bool = True,
+  cond=None,
+  guidance_scale=1.0,
+  null_label: int | None = None,
 ) -> dict:
   """Inpaints with the ancestral sampler and RePaint's resampling (module docstring).
 
@@ -171,22 +175,24 @@ def repaint(
     jump_n_sample: passes over each stretch (1 = no resampling; RePaint: 10).
     resample_range: (lo, hi): redo only the stretches whose timesteps all lie in lo <= t < hi; None: all.
     clip_denoised: clip the x_0 predictions (the paper's sampler).
+    cond, guidance_scale, null_label: classifier-free guidance, as in `samplers.sample`.
 
   Returns:
     dict(samples [B, ...] with the known pixels x0's exactly, network_calls per image).
   """
+  checks.batched_float(x0, "x0")
   x0 = jnp.asarray(x0)
-  if x0.ndim < 2 or not jnp.issubdtype(x0.dtype, jnp.floating):
-    raise errors.UserError(f"x0 must be a batched float array [B, ...] in [-1, 1], got {x0.shape} {x0.dtype}.")
-  mask = jnp.asarray(mask).astype(bool)
-  while mask.ndim < x0.ndim:
-    mask = mask[..., None]
-  if mask.shape[0] != x0.shape[0] or any(m not in (1, s) for m, s in zip(mask.shape[1:], x0.shape[1:])):
-    raise errors.UserError(f"mask has shape {mask.shape}; expected x0's {x0.shape} or [B, H, W] / [B, H, W, 1].")
-  mask = jnp.broadcast_to(mask, x0.shape)
+  mask = checks.mask(mask, x0.shape)
+  clip_denoised, _ = checks.flags(clip_denoised, 0)
+  guidance = checks.guidance(cond, guidance_scale, null_label, x0.shape[0])
   steps = np.arange(diffusion.num_timesteps, dtype=np.int32) if timesteps is None else np.asarray(timesteps)
   steps = grids.check_timesteps(steps, diffusion.num_timesteps).astype(np.int32)
   allowed = None
+  if resample_range is not None and jump_n_sample == 1:
+    raise errors.UserError(
+      f"resample_range={resample_range!r} limits RePaint's resampling, and jump_n_sample=1 (resample=1) does none: "
+      "pass jump_n_sample (resample) > 1, or leave resample_range=None."
+    )
   if resample_range is not None:
     lo, hi = _check_range(resample_range, diffusion.num_timesteps)
     allowed = lambda j: lo <= steps[j] and steps[j + jump_length - 1] < hi  # noqa: E731
@@ -205,18 +211,18 @@ def repaint(
   )
   respaced = steps.size != diffusion.num_timesteps
   loop_diffusion = grids.respace(diffusion, steps) if respaced else diffusion
-  if not isinstance(model_fn, jax.tree_util.Partial):
-    model_fn = jax.tree_util.Partial(model_fn)
+  checks.indices(indices, x0.shape[0])
   samples = _run(
     diffusion,
     loop_diffusion,
-    model_fn,
+    checks.as_partial(model_fn),
     rng,
     jnp.asarray(indices),
     x0,
     mask,
     rows,
-    clip_denoised=bool(clip_denoised),
+    guidance,
+    clip_denoised=clip_denoised,
     respaced=respaced,
   )
   return dict(samples=samples, network_calls=calls)
