@@ -315,6 +315,24 @@ def sampler_fn(
   return model.compiled[key]
 
 
+def padded_size(n: int, mesh: Mesh, batch_size: int | None = None) -> int:
+  """The rows of a sharded batch of n examples: `batch_size` (default n), at least n, rounded up to a multiple of
+  the mesh's data size."""
+  batch_size = n if batch_size is None else max(int(batch_size), n)
+  return runtime.pad_to_multiple(batch_size, runtime.data_size(mesh))
+
+
+def _labels_of(model: LoadedModel, indices: np.ndarray, labels) -> np.ndarray | None:
+  """[n] int32 labels of a conditional model (None: index mod K); None for an unconditional one."""
+  if model.num_classes:
+    if labels is None:  # sample i is of class i mod K
+      labels = np.asarray(indices) % model.num_classes
+    return np.asarray(labels, np.int32)
+  if labels is not None:
+    resolve_labels(model, labels, len(indices))  # raises: labels for an unconditional model
+  return None
+
+
 def generate(
   model: LoadedModel,
   indices: np.ndarray,
@@ -340,20 +358,16 @@ def generate(
   mesh = runtime.make_mesh() if mesh is None else mesh
   scale = check_guidance(model, guidance_scale)
   n = len(indices)
-  batch_size = n if batch_size is None else max(int(batch_size), n)
-  padded = runtime.pad_to_multiple(batch_size, runtime.data_size(mesh))
+  padded = padded_size(n, mesh, batch_size)
   pad = int(np.max(indices)) + 1 + np.arange(padded - n, dtype=np.int32)
   idx = np.concatenate([np.asarray(indices, np.int32), pad])
   sharding = runtime.batch_sharding(mesh)
   args = (model.params_on(mesh), rng, jax.device_put(idx, sharding))
   kwargs = {}
-  if model.num_classes:
-    if labels is None:  # sample i is of class i mod K
-      labels = np.asarray(indices) % model.num_classes
-    cond = np.concatenate([np.asarray(labels, np.int32), np.zeros((padded - n,), np.int32)])
+  cond = _labels_of(model, indices, labels)
+  if cond is not None:
+    cond = np.concatenate([cond, np.zeros((padded - n,), np.int32)])
     kwargs = dict(cond=jax.device_put(cond, sharding), guidance_scale=scale)
-  elif labels is not None:
-    resolve_labels(model, labels, n)  # raises: labels for an unconditional model
   fn = sampler_fn(model, mesh, spec, bool(clip_denoised), int(progressive_every), guided=scale != 1.0)
   out = fn(*args, **kwargs)
   return {k: v[:n] for k, v in runtime.to_host(out).items()}
@@ -370,12 +384,13 @@ def generate_set(
   guidance_scale=1.0,
   batch_size: int | None = None,
   progress: bool = False,
+  mesh: Mesh | None = None,
 ) -> np.ndarray:
   """uint8 [num_samples, H, W, C]: samples 0..num_samples−1 in batches of `batch_size` (default:
   config.sampling.batch_size), every batch padded to the same size; sample i depends only on (rng, i, its
-  label). `labels` as in `resolve_labels`."""
+  label). `labels` as in `resolve_labels`; `mesh`: default all devices."""
   all_labels = resolve_labels(model, labels, int(num_samples))
-  mesh = runtime.make_mesh()
+  mesh = runtime.make_mesh() if mesh is None else mesh
   size = runtime.data_size(mesh)
   batch_size = int(batch_size or model.config.sampling.batch_size)
   batch_size = min(runtime.pad_to_multiple(batch_size, size), runtime.pad_to_multiple(num_samples, size))
@@ -397,3 +412,194 @@ def generate_set(
       )["samples"]
     )
   return images_lib.to_uint8(np.concatenate(out))
+
+
+# ----------------------------------------------------------------------------
+# Every other chain on the mesh: denoising (SDEdit, decoding, interpolation), inpainting (every sampler and
+# RePaint), DDIM inversion. One door: `run_on_mesh`.
+# ----------------------------------------------------------------------------
+
+
+def pad_rows(x: np.ndarray, padded: int) -> np.ndarray:
+  """x [n, ...] with its last row repeated up to `padded` rows (rows whose results are dropped)."""
+  x = np.asarray(x)
+  if x.shape[0] == padded:
+    return x
+  return np.concatenate([x, np.repeat(x[-1:], padded - x.shape[0], axis=0)])
+
+
+def run_on_mesh(
+  model: LoadedModel,
+  key: tuple,
+  fn: Callable[..., dict[str, jax.Array]],
+  batched: Sequence[np.ndarray],
+  replicated: Sequence[Any] = (),
+  *,
+  mesh: Mesh | None = None,
+  batch_size: int | None = None,
+) -> dict[str, np.ndarray]:
+  """fn(params, *replicated, *batched) jitted over the mesh; its outputs [n, ...] on the host.
+
+  The `batched` arrays ([n, ...] each) are padded to `padded_size(n, mesh, batch_size)` rows (the last row
+  repeated; those rows' results are dropped) and sharded over the data axis; the parameters and `replicated`
+  are held whole on every device. `fn` returns a dict of batch-first arrays. The compiled program is cached in
+  `model.compiled` under (`key`, the mesh): `key` names everything `fn` closes over.
+  """
+  mesh = runtime.make_mesh() if mesh is None else mesh
+  n = int(np.shape(batched[0])[0])
+  padded = padded_size(n, mesh, batch_size)
+  cache_key = ("chain", id(mesh), key, len(replicated), len(batched))
+  if cache_key not in model.compiled:
+    whole, split = runtime.replicated(mesh), runtime.batch_sharding(mesh)
+    model.compiled[cache_key] = jax.jit(
+      fn, in_shardings=(whole,) * (1 + len(replicated)) + (split,) * len(batched), out_shardings=split
+    )
+  sharding = runtime.batch_sharding(mesh)
+  rows = [jax.device_put(pad_rows(x, padded), sharding) for x in batched]
+  out = model.compiled[cache_key](model.params_on(mesh), *replicated, *rows)
+  return {k: v[:n] for k, v in runtime.to_host(out).items()}
+
+
+def _guidance_inputs(model: LoadedModel, labels: np.ndarray | None, guidance_scale) -> tuple[list, list, bool]:
+  """([cond] or [], [scale] or [], guided): the batched labels and replicated scale of a chain's call."""
+  scale = check_guidance(model, guidance_scale)
+  if labels is None:
+    return [], [], False
+  guided = scale != 1.0
+  return [np.asarray(labels, np.int32)], ([np.float32(scale)] if guided else []), guided
+
+
+def _guidance_kwargs(model: LoadedModel, guided: bool, scale_and_cond: tuple) -> dict:
+  """The samplers' cond/guidance_scale/null_label of a chain's traced (scale, cond) arguments."""
+  if not scale_and_cond:
+    return {}
+  if guided:
+    scale, cond = scale_and_cond
+    return dict(cond=cond, guidance_scale=scale, null_label=model.network.null_label)
+  (cond,) = scale_and_cond
+  return dict(cond=cond)
+
+
+def denoise(
+  model: LoadedModel,
+  x: np.ndarray,
+  rng,
+  spec: samplers.SamplerSpec,
+  *,
+  t: int,
+  indices: np.ndarray,
+  edit: bool = False,
+  clip_denoised: bool = True,
+  labels: np.ndarray | None = None,
+  guidance_scale=1.0,
+  mesh: Mesh | None = None,
+) -> np.ndarray:
+  """[n, ...] images from latents x [n, ...] at timestep t (`samplers.denoise`), or from images x diffused to t
+  first (`edit`: SDEdit, `samplers.edit`), sharded over the mesh; example i depends on (rng, indices[i]) only.
+
+  `labels`: [n] int32 (conditional models; the null class for the unconditional density), None otherwise.
+  """
+  cond, scale, guided = _guidance_inputs(model, labels, guidance_scale)
+  chain = samplers.edit if edit else samplers.denoise
+  model_fn = runtime.inference_fn(model.network)
+  diffusion = model.diffusion
+
+  def fn(params, rng, *args):
+    indices, x = args[len(scale) :][:2]
+    extra = args[: len(scale)] + args[len(scale) + 2 :]
+    return chain(
+      diffusion,
+      jax.tree_util.Partial(model_fn, params),
+      rng,
+      indices,
+      x,
+      t=t,
+      sampler=spec,
+      clip_denoised=clip_denoised,
+      **_guidance_kwargs(model, guided, extra),
+    )
+
+  key = ("edit" if edit else "denoise", spec, int(t), bool(clip_denoised), bool(cond), guided)
+  batched = [np.asarray(indices, np.int32), np.asarray(x, np.float32)] + cond
+  return run_on_mesh(model, key, fn, batched, [rng] + scale, mesh=mesh)["samples"]
+
+
+def inpaint(
+  model: LoadedModel,
+  x0: np.ndarray,
+  mask: np.ndarray,
+  rng,
+  spec: samplers.SamplerSpec,
+  *,
+  indices: np.ndarray,
+  clip_denoised: bool = True,
+  labels: np.ndarray | None = None,
+  guidance_scale=1.0,
+  repaint: dict | None = None,
+  mesh: Mesh | None = None,
+) -> np.ndarray:
+  """[n, ...] images inpainted where mask [n, ...] (bool, True = keep) is False (`samplers.inpaint`), or with
+  RePaint's resampling (`repaint`: dict(timesteps, jump_length, jump_n_sample, resample_range) of
+  `samplers.repaint.repaint`), sharded over the mesh; example i depends on (rng, indices[i]) only."""
+  cond, scale, guided = _guidance_inputs(model, labels, guidance_scale)
+  model_fn = runtime.inference_fn(model.network)
+  diffusion = model.diffusion
+  options = None if repaint is None else tuple(sorted((k, _hashable(v)) for k, v in repaint.items()))
+
+  def fn(params, rng, *args):
+    indices, x0, mask = args[len(scale) :][:3]
+    extra = args[: len(scale)] + args[len(scale) + 3 :]
+    bound = jax.tree_util.Partial(model_fn, params)
+    guidance = _guidance_kwargs(model, guided, extra)
+    if repaint is None:
+      return samplers.inpaint(
+        diffusion, bound, rng, indices, x0, mask, sampler=spec, clip_denoised=clip_denoised, **guidance
+      )
+    out = samplers.repaint.repaint(
+      diffusion, bound, rng, indices, x0, mask, clip_denoised=clip_denoised, **repaint, **guidance
+    )
+    return dict(samples=out["samples"])
+
+  key = ("inpaint", spec, options, bool(clip_denoised), bool(cond), guided)
+  batched = [np.asarray(indices, np.int32), np.asarray(x0, np.float32), np.asarray(mask, bool)] + cond
+  return run_on_mesh(model, key, fn, batched, [rng] + scale, mesh=mesh)["samples"]
+
+
+def invert(
+  model: LoadedModel,
+  x0: np.ndarray,
+  spec: samplers.SamplerSpec,
+  *,
+  clip_denoised: bool = False,
+  network_t: str = "target",
+  labels: np.ndarray | None = None,
+  guidance_scale=1.0,
+  mesh: Mesh | None = None,
+) -> np.ndarray:
+  """[n, ...] DDIM latents of images x0 [n, ...] (`samplers.invert`), sharded over the mesh."""
+  cond, scale, guided = _guidance_inputs(model, labels, guidance_scale)
+  model_fn = runtime.inference_fn(model.network)
+  diffusion = model.diffusion
+
+  def fn(params, *args):
+    (x0,) = args[len(scale) :][:1]
+    extra = args[: len(scale)] + args[len(scale) + 1 :]
+    out = samplers.invert(
+      diffusion,
+      jax.tree_util.Partial(model_fn, params),
+      x0,
+      spec,
+      clip_denoised=clip_denoised,
+      network_t=network_t,
+      **_guidance_kwargs(model, guided, extra),
+    )
+    return dict(latents=out["latents"])
+
+  key = ("invert", spec, bool(clip_denoised), network_t, bool(cond), guided)
+  return run_on_mesh(model, key, fn, [np.asarray(x0, np.float32)] + cond, scale, mesh=mesh)["latents"]
+
+
+def _hashable(v):
+  if isinstance(v, (list, tuple, np.ndarray)):
+    return tuple(_hashable(x) for x in np.asarray(v).tolist()) if np.ndim(v) else v.item()
+  return v

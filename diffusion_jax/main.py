@@ -293,9 +293,9 @@ def _main(argv):
   if _MODE.value == "train":
     _train(config, _WORKDIR.value)
   elif _MODE.value == "sample":
-    from diffusion_jax import sampling  # pylint: disable=g-import-not-at-top
+    from diffusion_jax import commands  # pylint: disable=g-import-not-at-top
 
-    _finished_work_is_kept(lambda: sampling.sample_to_workdir(config, _WORKDIR.value), _WORKDIR.value, "sample chunks")
+    _finished_work_is_kept(lambda: commands.sample_to_workdir(config, _WORKDIR.value), _WORKDIR.value, "sample chunks")
   elif _MODE.value == "eval":
     from diffusion_jax.evaluation import evaluators  # pylint: disable=g-import-not-at-top
 
@@ -303,10 +303,10 @@ def _main(argv):
   elif _MODE.value == "inpaint":
     if not _INPUTS.value:
       raise app.UsageError("--mode=inpaint needs --inputs=DIR, a folder of images X.png and masks X_mask.png.")
-    from diffusion_jax import sampling  # pylint: disable=g-import-not-at-top
+    from diffusion_jax import commands  # pylint: disable=g-import-not-at-top
 
     _finished_work_is_kept(
-      lambda: sampling.inpaint_folder(config, _WORKDIR.value, _INPUTS.value), _WORKDIR.value, "inpainted images"
+      lambda: commands.inpaint_folder(config, _WORKDIR.value, _INPUTS.value), _WORKDIR.value, "inpainted images"
     )
   else:
     from diffusion_jax.evaluation import evaluate as eval_lib  # pylint: disable=g-import-not-at-top

@@ -24,6 +24,7 @@ from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import errors
 from diffusion_jax import optimizer as optimizer_lib
 from diffusion_jax import runtime
+from diffusion_jax.conditioning import ClassLabels
 from diffusion_jax.models import unet
 
 
@@ -75,14 +76,6 @@ def create_train_state(config, network: unet.UNet, rng, params=None, ema_params=
   # A strongly typed int32 step, as a restored checkpoint has it: a fresh and a resumed run then compile the
   # same program, so a restart finds the fresh run's step in the persistent compilation cache.
   return state.replace(step=jnp.zeros((), jnp.int32))
-
-
-def drop_labels(rng: jax.Array, labels: jax.Array, rate: float, null_label: int) -> jax.Array:
-  """Each label replaced by `null_label` with probability `rate`, independently (classifier-free guidance)."""
-  labels = labels.astype(jnp.int32)
-  if rate <= 0:
-    return labels
-  return jnp.where(jax.random.bernoulli(rng, rate, labels.shape), null_label, labels)
 
 
 def grouped_clipped_gradients(grad_fn, params, batch, rngs, max_norm: float):
@@ -225,7 +218,7 @@ def train_step(
   noise = jax.random.normal(noise_rng, x.shape, jnp.float32)
   cond = batch.get("label") if network.num_classes else None
   if cond is not None:
-    cond = drop_labels(jax.random.fold_in(step_rng, 3), cond, label_dropout, network.null_label)
+    cond = ClassLabels(cond, network.null_label).drop(jax.random.fold_in(step_rng, 3), label_dropout).value
 
   def loss_fn(params, x, t, noise, dropout_rng, cond=None):
     def model_fn(x_t, t_):

@@ -12,6 +12,7 @@ from PIL import Image
 from diffusion_jax import input_pipeline
 from diffusion_jax import runtime
 from diffusion_jax import train_step
+from diffusion_jax.conditioning import ClassLabels
 
 
 def tiny_config(num_classes=0):
@@ -76,12 +77,13 @@ def test_conditional_network_uses_labels_and_none_means_the_null_class():
 
 def test_drop_labels_replaces_labels_at_the_given_rate():
   labels = jnp.zeros((40_000,), jnp.int32) + 3
-  out = np.asarray(train_step.drop_labels(jax.random.PRNGKey(0), labels, 0.1, 10))
+  out = np.asarray(ClassLabels(labels, 10).drop(jax.random.PRNGKey(0), 0.1).value)
   assert set(np.unique(out)) == {3, 10}
   frac = np.mean(out == 10)
   sigma = np.sqrt(0.1 * 0.9 / labels.size)
   assert abs(frac - 0.1) < 4 * sigma, frac
-  np.testing.assert_array_equal(train_step.drop_labels(jax.random.PRNGKey(0), labels, 0.0, 10), labels)
+  np.testing.assert_array_equal(ClassLabels(labels, 10).drop(jax.random.PRNGKey(0), 0.0).value, labels)
+  np.testing.assert_array_equal(ClassLabels(labels, 10).null_like().value, np.full(labels.shape, 10))
 
 
 def test_train_step_with_full_label_dropout_trains_the_null_class():

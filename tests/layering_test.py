@@ -9,7 +9,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "diffusion_jax"
 
 # Floors bottom up; a module is matched by its dotted name (prefix match for packages).
 FLOORS = [
-  ("math", ["errors", "xla_flags", "schedules", "diffusion", "samplers"]),
+  ("math", ["errors", "xla_flags", "schedules", "diffusion", "conditioning", "samplers"]),
   ("network", ["models"]),
   ("runtime", ["runtime", "compat", "images", "config_base"]),
   ("data", ["input_pipeline"]),
@@ -17,7 +17,7 @@ FLOORS = [
   ("inference", ["inference"]),
   ("evaluation", ["evaluation"]),
   ("loop", ["train"]),
-  ("face", ["main", "cli", "sampling", "convert", "plan", "__init__"]),
+  ("face", ["main", "cli", "api", "commands", "sampling", "convert", "plan", "__init__"]),
 ]
 
 

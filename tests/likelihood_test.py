@@ -224,7 +224,8 @@ def test_likelihood_fn_is_the_evaluators_computation_on_a_batch(tiny):
     **settings,
   )
   # The evaluator's batch k draws from fold_in(rng, k); one batch of the same 4 images here.
-  got = sampling.likelihood_fn(model, images, jax.random.fold_in(jax.random.PRNGKey(5), 0), **settings)
+  one = runtime.make_mesh(devices=jax.devices()[:1])
+  got = sampling.likelihood_fn(model, images, jax.random.fold_in(jax.random.PRNGKey(5), 0), mesh=one, **settings)
   assert got["bpd"].shape == (4,) and got["nfe"] > 6
   np.testing.assert_allclose(got["bpd"].mean(), want["ode_bpd"], rtol=1e-6)
   np.testing.assert_allclose(got["prior_bpd"].mean(), want["prior_bpd"], rtol=1e-5)
