@@ -16,7 +16,7 @@ FLOORS = [
   ("state", ["optimizer", "train_step", "workdirs", "checkpointing", "metric_writer"]),
   ("inference", ["inference"]),
   ("evaluation", ["evaluation"]),
-  ("loop", ["train"]),
+  ("loop", ["faults", "train"]),
   ("face", ["main", "cli", "sampling", "convert", "plan", "__init__"]),
 ]
 
