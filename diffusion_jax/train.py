@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from diffusion_jax import checkpointing
 from diffusion_jax import compat
 from diffusion_jax import config_base
+from diffusion_jax import data_sources
 from diffusion_jax import errors
 from diffusion_jax import faults
 from diffusion_jax import images as images_lib
@@ -237,7 +238,7 @@ class _Run:
     workdirs.check_workdir(workdir, checkpoint_bytes=self.checkpoint_bytes)
     workdirs.write_config(workdir, config)
     if self.network.num_classes:
-      workdirs.write_class_names(workdir, input_pipeline.class_names(config.data))
+      workdirs.write_class_names(workdir, data_sources.class_names(config.data))
     self.mesh = runtime.make_mesh(config)
     self.train_iter = runtime.prefetch(
       input_pipeline.create_train_iterator(config, seed=tc.seed), self.mesh, size=max(1, tc.get("prefetch", 2))

@@ -12,7 +12,7 @@ FLOORS = [
   ("math", ["errors", "xla_flags", "schedules", "diffusion", "samplers"]),
   ("network", ["models"]),
   ("runtime", ["runtime", "compat", "images", "config_base"]),
-  ("data", ["input_pipeline"]),
+  ("data", ["data_sources", "input_pipeline"]),
   ("state", ["optimizer", "train_step", "workdirs", "checkpointing", "metric_writer"]),
   ("inference", ["inference"]),
   ("evaluation", ["evaluation"]),
