@@ -72,7 +72,7 @@ def _detect_cluster() -> str | None:
 
 def _jax_heartbeat_timeout_s() -> int:
   """JAX's own timeout for a dead task: twice the run's training.peer_timeout_s (at least JAX's default, 100 s), so
-  the training run's watch (train.PeerWatch) ends the survivors with a message before JAX aborts them."""
+  the training run's watch (faults.PeerWatch) ends the survivors with a message before JAX aborts them."""
   peer = float(_CONFIG.value.training.get("peer_timeout_s", 0.0) or 0.0) or 300.0  # the largest platform default
   return int(max(100, 2 * peer))
 
@@ -193,12 +193,13 @@ class RunSummary:
 
 
 def _train(config, workdir: str) -> None:
+  from diffusion_jax import faults  # pylint: disable=g-import-not-at-top
   from diffusion_jax import train  # pylint: disable=g-import-not-at-top
 
   num_steps = config.training.num_train_steps
   summary = RunSummary(workdir, num_steps)
   try:
-    with train.PeerWatch(workdir, train.peer_timeout_s(config), summary=summary) as watch:
+    with faults.PeerWatch(workdir, faults.peer_timeout_s(config), summary=summary) as watch:
       try:
         result = train.train_and_evaluate(config, workdir, summary=summary)
       except Exception as e:

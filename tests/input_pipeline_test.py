@@ -1,4 +1,5 @@
-"""Tests for diffusion_jax.input_pipeline: sources, sharding, determinism, resume, eval coverage."""
+"""Tests for diffusion_jax.input_pipeline and its sources (diffusion_jax.data_sources): sources, sharding, determinism,
+resume, eval coverage."""
 
 import logging
 import pathlib

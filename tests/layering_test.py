@@ -12,11 +12,11 @@ FLOORS = [
   ("math", ["errors", "xla_flags", "schedules", "diffusion", "conditioning", "samplers"]),
   ("network", ["models"]),
   ("runtime", ["runtime", "compat", "images", "config_base"]),
-  ("data", ["input_pipeline"]),
+  ("data", ["data_sources", "input_pipeline"]),
   ("state", ["optimizer", "train_step", "workdirs", "checkpointing", "metric_writer"]),
   ("inference", ["inference"]),
   ("evaluation", ["evaluation"]),
-  ("loop", ["train"]),
+  ("loop", ["faults", "train"]),
   ("face", ["main", "cli", "api", "commands", "sampling", "convert", "plan", "__init__"]),
 ]
 

@@ -45,8 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from diffusion_jax import data_sources
 from diffusion_jax import errors
-from diffusion_jax import input_pipeline
 from diffusion_jax import runtime
 from diffusion_jax.evaluation import fid as fid_lib
 
@@ -343,7 +343,7 @@ def memorisation(samples, reference) -> tuple[float, float]:
 
 def reference_images(split: str = "train") -> np.ndarray:
   """The digits images of `split` (uint8 [N, 8, 8, 1]), the default reference."""
-  return input_pipeline.load_digits(split)[0]
+  return data_sources.load_digits(split)[0]
 
 
 def compute_digit_metrics(samples_uint8, reference_uint8=None, *, k: int = DEFAULT_K, params=None) -> dict[str, Any]:

@@ -55,9 +55,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from diffusion_jax import config_base
+from diffusion_jax import data_sources
 from diffusion_jax import errors
 from diffusion_jax import inference
-from diffusion_jax import input_pipeline
 from diffusion_jax import metric_writer
 from diffusion_jax import runtime
 from diffusion_jax import samplers
@@ -378,7 +378,7 @@ class DigitsEvaluator(Evaluator):
     if len(images) != provenance["num_samples"]:
       raise RuntimeError(f"The sample chunks hold {len(images)} images, expected {provenance['num_samples']}.")
     split = evaluate_lib.fid_split(self.config)
-    reference, reference_labels = input_pipeline.load_digits(split)
+    reference, reference_labels = data_sources.load_digits(split)
     result = dict(digits_metric.compute_digit_metrics(images, reference))
     if model.num_classes:
       result.update(evaluate_lib.conditional_digit_metrics(images, labels, reference, np.asarray(reference_labels)))
