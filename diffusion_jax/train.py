@@ -20,7 +20,6 @@ import time
 from collections.abc import Mapping
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -262,7 +261,6 @@ class _Run:
     self.budget = faults.TimeBudget(tc.get("time_budget_s", 0.0))
     self.pending = None  # (step, metrics) of a log step whose metrics are fetched after the next dispatch
     self._clock = (time.time(), self.start_step)
-    self._grid_fn = None
     self._compiled = {}  # the evaluations' compiled samplers (inference.LoadedModel.compiled)
 
   def _restore_or_init(self, abstract, init_rng):
@@ -387,23 +385,17 @@ class _Run:
   def write_grid(self, step, state) -> None:
     """Samples a grid with the EMA parameters (training.grid's sampler) and writes it as PNG and to TensorBoard."""
     tc, T = self.config.training, self.diffusion.num_timesteps
-    image_shape = runtime.image_shape(self.config)
-    n = runtime.pad_to_multiple(tc.num_grid_samples, runtime.data_size(self.mesh))
-    if self._grid_fn is None:  # one compilation per run, not one per grid
-      section = dict(tc.grid.to_dict(), num_steps=min(tc.grid.get("num_steps") or T, T))
-      spec = samplers.SamplerSpec.from_config(section, num_timesteps=T)
-      self._grid_fn = inference.make_sharded_sampler(
-        self.diffusion, runtime.inference_fn(self.network), self.mesh, image_shape, spec
-      )
-    sharding = runtime.batch_sharding(self.mesh)
-    indices = jax.device_put(jnp.arange(n, dtype=jnp.int32), sharding)
+    section = dict(tc.grid.to_dict(), num_steps=min(tc.grid.get("num_steps") or T, T))
+    spec = samplers.SamplerSpec.from_config(section, num_timesteps=T)
+    # The compiled sampler is shared by every grid of the run: the parameters are its argument.
+    model = inference.model_from_config(self.config, state.ema_params, step=step, compiled=self._compiled)
     # Conditional models: sample i is of class i mod K, so each grid column is one class.
-    k = self.network.num_classes
-    cond = jax.device_put(jnp.arange(n, dtype=jnp.int32) % k, sharding) if k else None
-    samples = runtime.to_host(self._grid_fn(state.ema_params, self.sample_rng, indices, cond)["samples"])
+    indices = np.arange(tc.num_grid_samples)
+    samples = inference.generate(model, indices, self.sample_rng, spec, mesh=self.mesh)["samples"]
     if jax.process_index() == 0:
       scale = max(1, 64 // self.config.data.image_size)
-      grid = images_lib.make_grid(images_lib.to_uint8(samples[: tc.num_grid_samples]), scale=scale, ncols=k or None)
+      k = self.network.num_classes
+      grid = images_lib.make_grid(images_lib.to_uint8(samples), scale=scale, ncols=k or None)
       images_lib.save_image(grid, self.workdir / "samples" / f"grid_step_{step:08d}.png", overwrite=True)
       self.writer.image(step, "samples", grid)
 
