@@ -373,3 +373,13 @@ def test_relative_links_resolve(path):
     elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
       broken.append(f"{target}: no heading with that anchor")
   assert not broken, broken
+
+
+_INSTALL = re.compile(r"pip install[^\n]*")
+
+
+@pytest.mark.parametrize("path", DOC_FILES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_install_lines_hold_no_placeholders(path):
+  """A `pip install` line a reader copies must run as written: no `<org>`-style placeholder in it."""
+  bad = [line for line in _INSTALL.findall(path.read_text(encoding="utf-8")) if _PLACEHOLDER.search(line)]
+  assert not bad, bad
