@@ -1,4 +1,4 @@
-"""Tests of diffusion_jax.evaluation.{bpd,evaluate}: bits/dim over a split, rate–distortion, --mode=eval."""
+"""Tests of diffusion_jax.evaluation.{bpd,evaluators}: bits/dim over a split, rate–distortion, --mode=eval."""
 
 import json
 import math
@@ -15,8 +15,9 @@ from configs import tiny
 from diffusion_jax import input_pipeline
 from diffusion_jax import schedules
 from diffusion_jax.evaluation import bpd as bpd_lib
-from diffusion_jax.evaluation import evaluate as eval_lib
 from diffusion_jax.evaluation import evaluators
+from diffusion_jax.evaluation import fid_stats
+from diffusion_jax.evaluation import model_loading
 
 STEP = 7
 MAX_EXAMPLES = 12  # with eval batch 8: one full batch and a remainder of 4
@@ -35,7 +36,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(workdir):
-  return eval_lib.load_eval_model(_config(), workdir)
+  return model_loading.load_eval_model(_config(), workdir)
 
 
 # ----------------------------------------------------------------------------
@@ -283,7 +284,7 @@ def test_mode_eval_end_to_end(workdir, monkeypatch, repo_root, n_devices):
   cfg = _config()
   cfg.eval.random_inception, cfg.eval.fid_stats_max_examples = True, 8
   mtime = stats.stat().st_mtime_ns
-  assert eval_lib.compute_fid_stats(cfg, workdir) == stats and stats.stat().st_mtime_ns == mtime
+  assert fid_stats.compute_fid_stats(cfg, workdir) == stats and stats.stat().st_mtime_ns == mtime
 
   # A second evaluation appends new files and keeps the first ones unchanged.
   before = {name: (eval_dir / name).read_bytes() for name in first}
@@ -323,7 +324,7 @@ def test_eval_config_errors(workdir):
   cfg.eval.metrics = ("fid",)
   cfg.eval.fid_stats_path = str(workdir / "missing.npz")
   with pytest.raises(ValueError, match="(?s)does not exist.*--mode=fid_stats"):
-    eval_lib.check_fid_config(cfg)  # (dataset=digits is scored without Inception statistics: see below)
+    fid_stats.check_fid_config(cfg)  # (dataset=digits is scored without Inception statistics: see below)
   cfg.eval.random_inception = True
   with pytest.raises(ValueError, match="random_inception"):
     evaluators.evaluate(cfg, workdir)

@@ -44,6 +44,8 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -63,13 +65,81 @@ from diffusion_jax import runtime
 from diffusion_jax import samplers
 from diffusion_jax.evaluation import bpd as bpd_lib
 from diffusion_jax.evaluation import digits_metric
-from diffusion_jax.evaluation import evaluate as evaluate_lib
+from diffusion_jax.evaluation import fid as fid_lib
+from diffusion_jax.evaluation import fid_stats
 from diffusion_jax.evaluation import likelihood
+from diffusion_jax.evaluation import model_loading
 from diffusion_jax.evaluation import sample_export
 
+IS_SPLITS = 10
 KINDS = ("bpd", "rate_distortion", "fid", "digits", "ode_bpd")
 EVAL_DIR = "eval"
 DIGIT_SCALARS = (*digits_metric.FIGURES, "digits_class_accuracy")
+
+
+def _sample_batches(paths: Sequence[epath.Path], batch_size: int, num_samples: int) -> Iterator[tuple[np.ndarray, int]]:
+  """(uint8 [batch_size, H, W, C], number of real images) from the chunk files, streamed; the last is padded."""
+  buffer, held, seen = [], 0, 0
+  for path in paths:
+    buffer.append(sample_export.read_sample_chunks([path]))
+    held += len(buffer[-1])
+    while held >= batch_size:
+      images = np.concatenate(buffer)
+      buffer, held = [images[batch_size:]], held - batch_size
+      seen += batch_size
+      yield images[:batch_size], batch_size
+  if held:
+    images = np.concatenate(buffer)
+    pad = np.zeros((batch_size - held,) + images.shape[1:], images.dtype)
+    seen += held
+    yield np.concatenate([images, pad]), held
+  if seen != num_samples:
+    raise RuntimeError(f"The sample chunks hold {seen} images, expected {num_samples}.")
+
+
+def inception_figures(
+  config: ml_collections.ConfigDict, workdir, paths: Sequence[epath.Path], num_samples: int, mesh: Mesh
+) -> dict[str, Any]:
+  """FID against the reference statistics and the Inception Score of the samples in chunk files.
+
+  Returns:
+    `fid`, `inception_score`, `inception_score_std`, `is_splits`, `inception_weights` (a label; random weights
+    say so), `random_inception`, `reference_statistics` (path).
+  """
+  batch_size = model_loading.check_batch_size(config, mesh)
+  params, label = fid_stats.inception_weights(config)
+  inception_fn = fid_lib.make_inception_fn(params, mesh=mesh)
+  if config.eval.fid_stats_path:
+    ref_path = epath.Path(config.eval.fid_stats_path)
+  else:
+    ref_path = fid_stats.reference_statistics(config, workdir, inception_fn, label, mesh)
+  mu_ref, sigma_ref = fid_stats.load_statistics(ref_path)
+  sharded = runtime.batch_sharding(mesh)
+  stats = fid_lib.ActivationStatistics()
+  logits = []
+  num_batches = -(-int(num_samples) // batch_size)
+  for images, n in runtime.progress_bar(
+    _sample_batches(paths, batch_size, int(num_samples)), num_batches, True, "Inception on samples"
+  ):
+    global_images = jax.make_array_from_callback(images.shape, sharded, lambda index, x=images: x[index])
+    pool, lg = inception_fn(global_images)
+    stats.update(runtime.to_host(pool)[:n])
+    logits.append(runtime.to_host(lg)[:n])
+  logits = np.concatenate(logits)
+  fid_value = fid_lib.frechet_distance(stats.mu, stats.sigma, mu_ref, sigma_ref)
+  splits = min(IS_SPLITS, len(logits))
+  if splits < IS_SPLITS:
+    logging.warning("Inception Score over %d samples uses %d splits instead of %d.", len(logits), splits, IS_SPLITS)
+  is_mean, is_std = fid_lib.inception_score(logits, splits=splits)
+  return {
+    "fid": float(fid_value),
+    "inception_score": float(is_mean),
+    "inception_score_std": float(is_std),
+    "is_splits": splits,
+    "inception_weights": label,
+    "random_inception": label == fid_stats.RANDOM_INCEPTION_LABEL,
+    "reference_statistics": str(ref_path),
+  }
 
 
 @dataclasses.dataclass
@@ -317,18 +387,18 @@ class RateDistortionEvaluator(BpdEvaluator):
 
 
 class FidEvaluator(Evaluator):
-  """FID and Inception Score of samples against reference statistics (`evaluate.inception_figures`)."""
+  """FID and Inception Score of samples against reference statistics (`inception_figures`)."""
 
   kind = "fid"
 
   def check(self):
-    evaluate_lib.check_fid_config(self.config)
+    fid_stats.check_fid_config(self.config)
     _check_samples(self)
 
   def run(self, model, *, mesh, memo):
     paths, provenance, sampling_s = draw_samples(model, self.config, self.workdir, self.entry)
     start = time.time()
-    out = evaluate_lib.inception_figures(self.config, self.workdir, paths, provenance["num_samples"], mesh)
+    out = inception_figures(self.config, self.workdir, paths, provenance["num_samples"], mesh)
     tail = "_random_inception" if out["random_inception"] else ""
     figures = {k: out[k] for k in ("fid", "inception_score", "inception_score_std")}
     settings = {
@@ -345,7 +415,7 @@ class FidEvaluator(Evaluator):
       summary=(
         f"FID {out['fid']:.3f}, IS {out['inception_score']:.3f} ± {out['inception_score_std']:.3f} over "
         f"{provenance['num_samples']} samples ({provenance['sampler_settings']})"
-        + (f" [{evaluate_lib.RANDOM_INCEPTION_LABEL}]" if tail else "")
+        + (f" [{fid_stats.RANDOM_INCEPTION_LABEL}]" if tail else "")
       ),
     )
 
@@ -377,11 +447,11 @@ class DigitsEvaluator(Evaluator):
     images, labels = sample_export.read_sample_chunks(paths, with_labels=True)
     if len(images) != provenance["num_samples"]:
       raise RuntimeError(f"The sample chunks hold {len(images)} images, expected {provenance['num_samples']}.")
-    split = evaluate_lib.fid_split(self.config)
+    split = fid_stats.fid_split(self.config)
     reference, reference_labels = input_pipeline.load_digits(split)
     result = dict(digits_metric.compute_digit_metrics(images, reference))
     if model.num_classes:
-      result.update(evaluate_lib.conditional_digit_metrics(images, labels, reference, np.asarray(reference_labels)))
+      result.update(digits_metric.conditional_digit_metrics(images, labels, reference, np.asarray(reference_labels)))
     figures, details, _ = _split(result)
     settings = {
       **provenance,
@@ -497,12 +567,20 @@ _KINDS = {
 }
 
 
+def uses_digit_metric(config: ml_collections.ConfigDict) -> bool:
+  """Whether 'fid' is scored with `digits_metric` (dataset=digits) instead of Inception.
+
+  `config.eval.random_inception=True` asks for the Inception smoke test explicitly and keeps it.
+  """
+  return config.data.dataset == "digits" and not config.eval.get("random_inception", False)
+
+
 def make(name: str, entry, config: ml_collections.ConfigDict, workdir) -> Evaluator:
   """The evaluator of one `config.evals` entry (`fid` on the digits is the digit metric, see the module doc)."""
   kind = str(entry.get("kind", ""))
   if kind not in _KINDS:
     raise errors.UserError(f"config.evals.{name}.kind={kind!r} is not a kind of evaluation; choose from {KINDS}.")
-  if kind == "fid" and evaluate_lib.uses_digit_metric(config):
+  if kind == "fid" and uses_digit_metric(config):
     kind = "digits"
   return _KINDS[kind](name, entry, config, workdir)
 
@@ -633,8 +711,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
   config = config_base.upgrade(config)
   evaluators = from_config(config, workdir, names=eval_names(config))
   mesh = runtime.make_mesh()
-  evaluate_lib.check_batch_size(config, mesh)
-  model = evaluate_lib.load_eval_model(config, workdir)
+  model_loading.check_batch_size(config, mesh)
+  model = model_loading.load_eval_model(config, workdir)
   logging.info(
     "Evaluating %s at step %d (EMA parameters): %s.", workdir, model.step, ", ".join(e.name for e in evaluators)
   )
