@@ -507,22 +507,16 @@ class OdeBpdEvaluator(Evaluator):
 
   def check(self):
     _check_eval_split(self, "the ODE bits/dim")
-    likelihood.check_mean_type(self.config.diffusion.model_mean_type)
     o = self.options()
-    if o["solver"] not in likelihood.SOLVERS:
-      raise errors.UserError(
-        f"config.evals.{self.name}.solver={o['solver']!r}; choose from {', '.join(likelihood.SOLVERS)}."
+    try:
+      likelihood.solver_settings(**{k: v for k, v in o.items() if k != "max_examples"})
+      likelihood.check_model(
+        self.config.diffusion.model_mean_type, int(self.config.diffusion.num_timesteps), o["t_start"]
       )
-    if o["estimator"] not in likelihood.ESTIMATORS:
-      raise errors.UserError(
-        f"config.evals.{self.name}.estimator={o['estimator']!r}; choose from {', '.join(likelihood.ESTIMATORS)}."
-      )
-    if not (o["rtol"] > 0 and o["atol"] > 0 and o["num_probes"] >= 1 and o["max_examples"] >= 0):
-      raise errors.UserError(
-        f"config.evals.{self.name}: rtol and atol must be > 0, num_probes >= 1 and max_examples >= 0; got {o}."
-      )
-    if not 0 < o["t_start"] < int(self.config.diffusion.num_timesteps):
-      raise errors.UserError(f"config.evals.{self.name}.t_start={o['t_start']} must lie in (0, T).")
+      if o["max_examples"] < 0:
+        raise errors.UserError(f"max_examples must be >= 0, got {o['max_examples']}.")
+    except errors.UserError as e:
+      raise errors.UserError(f"config.evals.{self.name}: {e}") from e
 
   def out_dir(self, step: int) -> epath.Path:
     """`workdir/eval/<name>_<step>_<solver>_rtol<r>_atol<a>_<estimator><K>_t<τ0>[_knots]_b<B>_seed<s>[_max<N>]/`."""
