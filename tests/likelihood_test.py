@@ -206,6 +206,10 @@ def test_solver_settings_are_checked_in_one_place(tiny):
     evaluators.make("ode_bpd", cfg.evals.ode_bpd, cfg, workdir)
   with pytest.raises(errors.UserError, match=r"t_start must lie in \(0, T = 20\)"):
     likelihood.compute_ode_bpd(model, cfg, jax.random.PRNGKey(0), t_start=20.0)
+  # An entry's other fields are its constructor's arguments: a setting its kind does not take is refused.
+  cfg.evals.bpd.rtol = 1e-3
+  with pytest.raises(errors.UserError, match="config.evals.bpd sets rtol, which a bpd evaluation does not take"):
+    evaluators.make("bpd", cfg.evals.bpd, cfg, workdir)
 
 
 def test_one_and_four_devices_agree_to_the_solver_tolerance(tiny, n_devices):
