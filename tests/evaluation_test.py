@@ -2,6 +2,7 @@
 
 import json
 import math
+import pathlib
 import sys
 
 import jax
@@ -12,6 +13,7 @@ from absl import flags
 from conftest import write_model_workdir
 
 from configs import tiny
+from diffusion_jax import inference
 from diffusion_jax import input_pipeline
 from diffusion_jax import schedules
 from diffusion_jax.evaluation import bpd as bpd_lib
@@ -308,6 +310,20 @@ def test_result_paths_never_reuse_names(tmp_path):
   paths["fid.json"].write_text("{}")  # any existing member moves the whole set to the next counter
   again = evaluators.result_paths(tmp_path, 5, ["bpd.json", "fid.json"])
   assert again["bpd.json"].name == "bpd_step_000005_1.json" and again["fid.json"].name == "fid_step_000005_1.json"
+
+
+def test_evaluate_returns_the_records_it_wrote(tmp_path, monkeypatch):
+  workdir = write_model_workdir(tmp_path / "wd", step=STEP)
+  # A model labelled as raw (not EMA) parameters: a record made again for the return value, and not the one
+  # written, would say otherwise.
+  made = inference.model_from_config
+  monkeypatch.setattr(inference, "model_from_config", lambda *a, **k: made(*a, **{**k, "use_ema": False}))
+  cfg = _config()
+  cfg.eval.metrics = ("bpd", "rate_distortion")
+  out = evaluators.evaluate(cfg, workdir)
+  written = [json.loads(pathlib.Path(f).read_text()) for f in out["files"] if f.endswith(".json")]
+  assert {r["name"]: r for r in written} == out["results"]
+  assert sorted(out["results"]) == ["bpd", "rate_distortion"] and not out["results"]["bpd"]["use_ema"]
 
 
 def test_eval_config_errors(workdir):

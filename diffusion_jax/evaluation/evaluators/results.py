@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Any
 
 import jax
 from etils import epath
@@ -32,11 +33,20 @@ def result_paths(eval_dir: epath.Path, step: int, names) -> dict[str, epath.Path
     n += 1
 
 
-def write_results(results: dict[str, base.Result], *, workdir, step: int, use_ema: bool, writer=None) -> list[str]:
-  """Writes each result's JSON (and chart) under workdir/eval, its scalars to TensorBoard; returns the files.
+def write_results(
+  results: dict[str, base.Result], *, workdir, step: int, use_ema: bool, writer=None
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+  """Writes each result's JSON (and chart) under workdir/eval, its scalars to TensorBoard.
 
   JSON and charts are written by process 0; `writer` is an open `MetricWriter` (default: a new one).
+
+  Returns:
+    (name -> the record its JSON file holds, as read back from the text written; the files written).
   """
+  texts = {}
+  for name, result in results.items():
+    record = result.record(name, step=step, use_ema=use_ema, workdir=workdir)
+    texts[name] = json.dumps(record, indent=2, default=float, allow_nan=True) + "\n"
   files = []
   if jax.process_index() == 0 and results:
     eval_dir = epath.Path(workdir) / base.EVAL_DIR
@@ -46,9 +56,7 @@ def write_results(results: dict[str, base.Result], *, workdir, step: int, use_em
       names += [f"{name}.json"] + ([f"{name}.png"] if result.chart else [])
     paths = result_paths(eval_dir, step, names)
     for name, result in results.items():
-      record = result.record(name, step=step, use_ema=use_ema, workdir=workdir)
-      text = json.dumps(record, indent=2, default=float, allow_nan=True) + "\n"
-      files.append(str(runtime.atomic_write(paths[f"{name}.json"], text)))
+      files.append(str(runtime.atomic_write(paths[f"{name}.json"], texts[name])))
       if result.chart:
         result.chart(paths[f"{name}.png"], step)
         files.append(str(paths[f"{name}.png"]))
@@ -61,4 +69,4 @@ def write_results(results: dict[str, base.Result], *, workdir, step: int, use_em
         own.scalars(step, scalars)
     else:
       writer.scalars(step, scalars)
-  return files
+  return {name: json.loads(text) for name, text in texts.items()}, files

@@ -36,6 +36,18 @@ def results_of(evaluators, model: inference.LoadedModel, *, mesh: Mesh) -> dict[
   return results
 
 
+def _run_and_write(evaluators, model, *, workdir, mesh, writer, what):
+  results = results_of(evaluators, model, mesh=mesh)
+  records, files = results_lib.write_results(
+    results, workdir=workdir, step=model.step, use_ema=model.use_ema, writer=writer
+  )
+  ema = " (EMA)" if model.use_ema else ""
+  logging.info("%s step %d%s | %s.", what, model.step, ema, " | ".join(f"{n}: {r.summary}" for n, r in results.items()))
+  if files:
+    logging.info("Eval results written to %s.", ", ".join(files))
+  return results, records, files
+
+
 def run_all(
   evaluators, model: inference.LoadedModel, *, workdir, mesh: Mesh, writer=None, what: str = "eval"
 ) -> tuple[dict[str, base.Result], list[str]]:
@@ -44,12 +56,7 @@ def run_all(
   Returns:
     (name -> Result, the files written).
   """
-  results = results_of(evaluators, model, mesh=mesh)
-  files = results_lib.write_results(results, workdir=workdir, step=model.step, use_ema=model.use_ema, writer=writer)
-  ema = " (EMA)" if model.use_ema else ""
-  logging.info("%s step %d%s | %s.", what, model.step, ema, " | ".join(f"{n}: {r.summary}" for n, r in results.items()))
-  if files:
-    logging.info("Eval results written to %s.", ", ".join(files))
+  results, _, files = _run_and_write(evaluators, model, workdir=workdir, mesh=mesh, writer=writer, what=what)
   return results, files
 
 
@@ -62,7 +69,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     workdir: the training workdir (or a converted-weights directory).
 
   Returns:
-    dict with `step`, `files` (paths written, on process 0) and `results`: name -> the JSON record.
+    dict with `step`, `files` (paths written, on process 0) and `results`: name -> the record its JSON file holds.
 
   Raises:
     UserError: unknown entries or kinds, no eval split for bits/dim, a missing
@@ -76,6 +83,5 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
   logging.info(
     "Evaluating %s at step %d (EMA parameters): %s.", workdir, model.step, ", ".join(e.name for e in evaluators)
   )
-  results, files = run_all(evaluators, model, workdir=workdir, mesh=mesh)
-  records = {n: r.record(n, step=model.step, use_ema=True, workdir=workdir) for n, r in results.items()}
+  _, records, files = _run_and_write(evaluators, model, workdir=workdir, mesh=mesh, writer=None, what="eval")
   return {"step": int(model.step), "files": files, "results": records}
