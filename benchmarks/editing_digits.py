@@ -194,7 +194,7 @@ def inversion(model, test, labels, results):
 
 
 def _field(result: dict, key: str):
-  """A figure or setting of an evaluator's JSON (evaluation/evaluators.py's schema)."""
+  """A figure or setting of an evaluator's JSON (the schema of evaluation/evaluators/)."""
   for part in ("figures", "settings", "details"):
     if key in result.get(part, {}):
       return result[part][key]

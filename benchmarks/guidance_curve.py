@@ -24,7 +24,6 @@ from diffusion_jax import cli
 from diffusion_jax import input_pipeline
 from diffusion_jax import sampling
 from diffusion_jax.evaluation import digits_metric
-from diffusion_jax.evaluation import evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/digits_cond", "A trained class-conditional digits workdir.")
 _SCALES = flags.DEFINE_list("scales", ["1", "1.5", "2", "3", "5"], "Guidance scales s (1 = no guidance).")
@@ -62,7 +61,7 @@ def main(argv):
     )
     seconds = time.perf_counter() - t0
     metric = digits_metric.compute_digit_metrics(images, reference)
-    cond = evaluate.conditional_digit_metrics(images, labels, reference, np.asarray(reference_labels))
+    cond = digits_metric.conditional_digit_metrics(images, labels, reference, np.asarray(reference_labels))
     rows.append(dict(guidance_scale=scale, seconds=seconds, **metric, **cond))
     print(
       f"s={scale:g}: class accuracy {cond['digits_class_accuracy']:.3f}, FD {metric['digits_fd']:.2f}, "

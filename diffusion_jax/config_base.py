@@ -136,7 +136,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   eval_config.fid_stats_max_examples = 0  # images for the reference statistics (0 = the whole split)
   eval_config.random_inception = False  # smoke tests only: random Inception weights, FID/IS not comparable
 
-  # Evaluations by name (evaluation/evaluators.py): --mode=eval runs those eval.metrics names; training runs those
+  # Evaluations by name (evaluation/evaluators/): --mode=eval runs those eval.metrics names; training runs those
   # with every > 0 (every N steps) or at_end=True (when it finishes). Samples: num_samples (0 = eval.num_samples)
   # drawn with the entry's sampler (sampler '' = config.sampling's).
   config.evals = evals = ml_collections.ConfigDict()

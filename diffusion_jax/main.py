@@ -310,9 +310,9 @@ def _main(argv):
       lambda: commands.inpaint_folder(config, _WORKDIR.value, _INPUTS.value), _WORKDIR.value, "inpainted images"
     )
   else:
-    from diffusion_jax.evaluation import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+    from diffusion_jax.evaluation import fid_stats  # pylint: disable=g-import-not-at-top
 
-    eval_lib.compute_fid_stats(config, _WORKDIR.value)
+    fid_stats.compute_fid_stats(config, _WORKDIR.value)
 
 
 def main(argv):

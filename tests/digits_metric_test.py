@@ -15,8 +15,8 @@ from configs import tiny
 from diffusion_jax import input_pipeline
 from diffusion_jax import metric_writer
 from diffusion_jax.evaluation import digits_metric as dm
-from diffusion_jax.evaluation import evaluate as eval_lib
 from diffusion_jax.evaluation import evaluators
+from diffusion_jax.evaluation import fid_stats
 
 STEP = 5
 LOG_PATH = dm.WEIGHTS_PATH.with_name(dm.WEIGHTS_PATH.stem + "_log.txt")
@@ -175,7 +175,7 @@ def test_eval_hook_scores_digits_without_inception(workdir, monkeypatch, n_devic
   def no_inception(*args, **kwargs):
     raise AssertionError("Inception must not be used for dataset=digits")
 
-  monkeypatch.setattr(eval_lib, "inception_weights", no_inception)
+  monkeypatch.setattr(fid_stats, "inception_weights", no_inception)
   written = {}
   scalars = metric_writer.MetricWriter.scalars
   monkeypatch.setattr(
@@ -187,7 +187,7 @@ def test_eval_hook_scores_digits_without_inception(workdir, monkeypatch, n_devic
   cfg.eval.metrics = ("fid",)
   cfg.eval.num_samples = 12
   cfg.sampling.sampler, cfg.sampling.num_steps = "ddim", 3
-  assert eval_lib.uses_digit_metric(cfg)
+  assert evaluators.uses_digit_metric(cfg)
   out = evaluators.evaluate(cfg, workdir)
 
   step = f"step_{STEP:06d}"
@@ -218,7 +218,7 @@ def test_eval_hook_scores_digits_without_inception(workdir, monkeypatch, n_devic
 
   # Inception's smoke test can still be asked for explicitly.
   cfg.eval.random_inception = True
-  assert not eval_lib.uses_digit_metric(cfg)
+  assert not evaluators.uses_digit_metric(cfg)
   cfg.eval.random_inception = False
   cfg.data.image_size = 16
   with pytest.raises(ValueError, match="8×8×1"):

@@ -1,7 +1,8 @@
-"""Tests of diffusion_jax.evaluation.{bpd,evaluate}: bits/dim over a split, rate–distortion, --mode=eval."""
+"""Tests of diffusion_jax.evaluation.{bpd,evaluators}: bits/dim over a split, rate–distortion, --mode=eval."""
 
 import json
 import math
+import pathlib
 import sys
 
 import jax
@@ -12,11 +13,13 @@ from absl import flags
 from conftest import write_model_workdir
 
 from configs import tiny
+from diffusion_jax import inference
 from diffusion_jax import input_pipeline
 from diffusion_jax import schedules
 from diffusion_jax.evaluation import bpd as bpd_lib
-from diffusion_jax.evaluation import evaluate as eval_lib
 from diffusion_jax.evaluation import evaluators
+from diffusion_jax.evaluation import fid_stats
+from diffusion_jax.evaluation import model_loading
 
 STEP = 7
 MAX_EXAMPLES = 12  # with eval batch 8: one full batch and a remainder of 4
@@ -35,7 +38,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(workdir):
-  return eval_lib.load_eval_model(_config(), workdir)
+  return model_loading.load_eval_model(_config(), workdir)
 
 
 # ----------------------------------------------------------------------------
@@ -283,7 +286,7 @@ def test_mode_eval_end_to_end(workdir, monkeypatch, repo_root, n_devices):
   cfg = _config()
   cfg.eval.random_inception, cfg.eval.fid_stats_max_examples = True, 8
   mtime = stats.stat().st_mtime_ns
-  assert eval_lib.compute_fid_stats(cfg, workdir) == stats and stats.stat().st_mtime_ns == mtime
+  assert fid_stats.compute_fid_stats(cfg, workdir) == stats and stats.stat().st_mtime_ns == mtime
 
   # A second evaluation appends new files and keeps the first ones unchanged.
   before = {name: (eval_dir / name).read_bytes() for name in first}
@@ -309,6 +312,20 @@ def test_result_paths_never_reuse_names(tmp_path):
   assert again["bpd.json"].name == "bpd_step_000005_1.json" and again["fid.json"].name == "fid_step_000005_1.json"
 
 
+def test_evaluate_returns_the_records_it_wrote(tmp_path, monkeypatch):
+  workdir = write_model_workdir(tmp_path / "wd", step=STEP)
+  # A model labelled as raw (not EMA) parameters: a record made again for the return value, and not the one
+  # written, would say otherwise.
+  made = inference.model_from_config
+  monkeypatch.setattr(inference, "model_from_config", lambda *a, **k: made(*a, **{**k, "use_ema": False}))
+  cfg = _config()
+  cfg.eval.metrics = ("bpd", "rate_distortion")
+  out = evaluators.evaluate(cfg, workdir)
+  written = [json.loads(pathlib.Path(f).read_text()) for f in out["files"] if f.endswith(".json")]
+  assert {r["name"]: r for r in written} == out["results"]
+  assert sorted(out["results"]) == ["bpd", "rate_distortion"] and not out["results"]["bpd"]["use_ema"]
+
+
 def test_eval_config_errors(workdir):
   cfg = _config()
   cfg.eval.metrics = ("bpd,fid",)  # what --config.eval.metrics=bpd,fid gives
@@ -323,7 +340,7 @@ def test_eval_config_errors(workdir):
   cfg.eval.metrics = ("fid",)
   cfg.eval.fid_stats_path = str(workdir / "missing.npz")
   with pytest.raises(ValueError, match="(?s)does not exist.*--mode=fid_stats"):
-    eval_lib.check_fid_config(cfg)  # (dataset=digits is scored without Inception statistics: see below)
+    fid_stats.check_fid_config(cfg)  # (dataset=digits is scored without Inception statistics: see below)
   cfg.eval.random_inception = True
   with pytest.raises(ValueError, match="random_inception"):
     evaluators.evaluate(cfg, workdir)

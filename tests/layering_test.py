@@ -73,6 +73,53 @@ def test_evaluation_imports_nothing_from_the_face():
         assert _floor(imported) < len(FLOORS) - 1, (module, imported)
 
 
+# The evaluators (evaluation/evaluators/): the protocol and its machinery, one module per kind, and the running of
+# them. A kind module imports no other kind, except the one it is made from.
+EVALUATOR_PROTOCOL = ("base", "registry", "samples", "results")
+EVALUATOR_KINDS = {"bpd": (), "rate_distortion": ("bpd",), "fid": (), "digits": (), "ode_bpd": ()}
+EVALUATOR_RUNNER = "run"
+
+
+def _imported_names(path: pathlib.Path):
+  """Every `diffusion_jax` module or name that `path` imports, dotted, without the package prefix."""
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("diffusion_jax"):
+      base = node.module[len("diffusion_jax") :].lstrip(".")
+      for alias in node.names:
+        yield f"{base}.{alias.name}".lstrip(".")
+    elif isinstance(node, ast.Import):
+      for alias in node.names:
+        if alias.name.startswith("diffusion_jax."):
+          yield alias.name[len("diffusion_jax.") :]
+
+
+def test_evaluators_sit_on_top_of_the_metrics():
+  for module, path in _modules():
+    if module.startswith("evaluation.") and not module.startswith("evaluation.evaluators"):
+      for imported in _imported_names(path):
+        assert not imported.startswith("evaluation.evaluators"), f"{path.name}: a metric imports {imported}"
+
+
+def test_each_evaluator_kind_is_a_module_of_its_own():
+  prefix = "evaluation.evaluators."
+  for module, path in _modules():
+    if not module.startswith(prefix):
+      continue
+    name = module[len(prefix) :]
+    assert name in (*EVALUATOR_PROTOCOL, *EVALUATOR_KINDS, EVALUATOR_RUNNER), (
+      f"evaluators/{name}.py is new: add it to EVALUATOR_PROTOCOL, EVALUATOR_KINDS or EVALUATOR_RUNNER here and "
+      "to docs/code_layout.md."
+    )
+    kinds = {i[len(prefix) :].split(".")[0] for i in _imported_names(path) if i.startswith(prefix)} & set(
+      EVALUATOR_KINDS
+    )
+    if name in EVALUATOR_PROTOCOL:
+      assert not kinds, f"evaluators/{name}.py (the protocol) imports the kinds {kinds}"
+    elif name in EVALUATOR_KINDS:
+      assert kinds <= set(EVALUATOR_KINDS[name]), f"evaluators/{name}.py imports the kinds {kinds}"
+      assert "registry.register" in path.read_text(), f"evaluators/{name}.py registers no evaluator"
+
+
 def test_only_the_runtime_calls_apply_or_builds_meshes():
   for module, path in _modules():
     if (

@@ -189,6 +189,29 @@ def test_evaluator_end_to_end_and_resumable(tiny, monkeypatch):
   assert again["ode_bpd"].settings["resumed_batches"] == 2
 
 
+def test_solver_settings_are_checked_in_one_place(tiny):
+  config, workdir, model = tiny
+  with pytest.raises(errors.UserError, match="Unknown ODE solver 'rk4'; choose from tsit5, dopri5"):
+    likelihood.solver_settings(1e-3, 1e-3, "rk4", "rademacher", 1, 1e-3, False)
+  with pytest.raises(errors.UserError, match="num_probes >= 1"):
+    likelihood.ode_log_likelihood(
+      DIFFUSION, _eps_fn, jnp.zeros(SHAPE), jax.random.PRNGKey(0), rtol=1e-3, atol=1e-3, num_probes=0
+    )
+  cfg = config.copy_and_resolve_references()
+  cfg.evals.ode_bpd.estimator = "hutchinson"
+  with pytest.raises(errors.UserError, match="config.evals.ode_bpd: Unknown trace estimator 'hutchinson'"):
+    evaluators.make("ode_bpd", cfg.evals.ode_bpd, cfg, workdir)
+  cfg.evals.ode_bpd.update(estimator="rademacher", t_start=float(cfg.diffusion.num_timesteps))
+  with pytest.raises(errors.UserError, match=r"config.evals.ode_bpd: t_start must lie in \(0, T = 20\)"):
+    evaluators.make("ode_bpd", cfg.evals.ode_bpd, cfg, workdir)
+  with pytest.raises(errors.UserError, match=r"t_start must lie in \(0, T = 20\)"):
+    likelihood.compute_ode_bpd(model, cfg, jax.random.PRNGKey(0), t_start=20.0)
+  # An entry's other fields are its constructor's arguments: a setting its kind does not take is refused.
+  cfg.evals.bpd.rtol = 1e-3
+  with pytest.raises(errors.UserError, match="config.evals.bpd sets rtol, which a bpd evaluation does not take"):
+    evaluators.make("bpd", cfg.evals.bpd, cfg, workdir)
+
+
 def test_one_and_four_devices_agree_to_the_solver_tolerance(tiny, n_devices):
   config, workdir, model = tiny
   runs = [

@@ -22,6 +22,9 @@ penultimate features φ(x) [64] and class probabilities p(y|x) [10]:
   between reference images (copies of training images score 1).
 * `digits_class_histogram`: the number of samples predicted as each digit.
 
+For class-conditional samples, `conditional_digit_metrics` adds how often a sample is the digit it was drawn for
+(`class_accuracy`) and the Fréchet distance of each class.
+
 The reference is the digits train split unless given. `docs/digits_metric.md`
 lists the values of the held-out test split (the floor a perfect model would
 reach) with their noise.
@@ -413,3 +416,22 @@ def class_accuracy(samples, requested_labels, *, params=None) -> dict[str, Any]:
   per_class = {c: (float(correct[labels == c].mean()) if (labels == c).any() else None) for c in range(NUM_CLASSES)}
   counts = {c: int((labels == c).sum()) for c in range(NUM_CLASSES)}
   return {"overall": float(correct.mean()), "per_class": per_class, "counts": counts}
+
+
+def conditional_digit_metrics(
+  images: np.ndarray, labels: np.ndarray, reference: np.ndarray, reference_labels: np.ndarray
+) -> dict[str, Any]:
+  """Class accuracy (overall, per class) and the per-class Fréchet distance of class-conditional digit samples."""
+  acc = class_accuracy(images, labels)
+  fake_features, _ = classify(images)
+  real_features, _ = classify(reference)
+  per_class_fd = {}
+  for c in range(NUM_CLASSES):
+    fake, real = fake_features[labels == c], real_features[reference_labels == c]
+    per_class_fd[str(c)] = frechet_distance(fake, real) if len(fake) >= 2 and len(real) >= 2 else None
+  return {
+    "digits_class_accuracy": acc["overall"],
+    "digits_class_accuracy_per_class": {str(c): v for c, v in acc["per_class"].items()},
+    "digits_class_counts": {str(c): v for c, v in acc["counts"].items()},
+    "digits_fd_per_class": per_class_fd,
+  }

@@ -107,6 +107,18 @@ def check_mean_type(model_mean_type: str) -> None:
     )
 
 
+def check_model(model_mean_type: str, num_timesteps: int, t_start: float) -> None:
+  """The solver's settings against a model (`solver_settings` checks them alone): its mean type gives the noise at
+  any continuous time, and τ_0 = `t_start` lies in (0, T).
+
+  Raises:
+    UserError: an `xprev` model, or `t_start` outside (0, T).
+  """
+  check_mean_type(model_mean_type)
+  if not 0.0 < t_start < num_timesteps:
+    raise errors.UserError(f"t_start must lie in (0, T = {num_timesteps}), got {t_start}.")
+
+
 def drift(diffusion: GaussianDiffusion, model_fn, x, tau):
   """The probability-flow drift f(x, τ) = −½ β(τ) [x − ε̂ / √(1 − ᾱ(τ))] for a batch x at the scalar time τ.
 
@@ -162,12 +174,8 @@ def _probes(rng, x_shape, estimator: str, num_probes: int):
     d = math.prod(x_shape[1:])
     basis = jnp.eye(d, dtype=jnp.float32).reshape((d, 1) + tuple(x_shape[1:]))
     return jnp.broadcast_to(basis, (d,) + tuple(x_shape))
-  shape = (num_probes,) + tuple(x_shape)
-  if estimator == "rademacher":
-    return jax.random.rademacher(rng, shape, dtype=jnp.float32)
-  if estimator == "gaussian":
-    return jax.random.normal(rng, shape, dtype=jnp.float32)
-  raise errors.UserError(f"Unknown trace estimator {estimator!r}; choose from {', '.join(ESTIMATORS)}.")
+  draw = jax.random.rademacher if estimator == "rademacher" else jax.random.normal
+  return draw(rng, (num_probes,) + tuple(x_shape), dtype=jnp.float32)
 
 
 def ode_log_likelihood(
@@ -206,13 +214,13 @@ def ode_log_likelihood(
     dict of `logp`, `prior`, `delta_logp`, `delta_logp_sem` (the estimator's standard error per example: 0 for
     `exact`, NaN for one probe), each [B]; `x_T` [B, ...]; `nfe` (network evaluations, one per drift evaluation:
     1 + 6 per step), `num_steps` and `num_accepted_steps` (scalars, shared by the whole batch).
+
+  Raises:
+    UserError: settings that `solver_settings` or `check_model` refuse.
   """
-  check_mean_type(diffusion.model_mean_type)
-  if solver not in SOLVERS:
-    raise errors.UserError(f"Unknown ODE solver {solver!r}; choose from {', '.join(SOLVERS)}.")
+  solver_settings(rtol, atol, solver, estimator, num_probes, t_start, step_to_knots)
   T = diffusion.num_timesteps
-  if not 0.0 < t_start < T:
-    raise errors.UserError(f"t_start must lie in (0, T = {T}), got {t_start}.")
+  check_model(diffusion.model_mean_type, T, t_start)
   x = jnp.asarray(x, jnp.float32)
   probes = _probes(rng, x.shape, estimator, num_probes)
   axes = tuple(range(2, probes.ndim))
@@ -265,8 +273,15 @@ def ode_log_likelihood(
 
 
 def solver_settings(rtol, atol, solver, estimator, num_probes, t_start, step_to_knots) -> tuple:
-  """`ode_log_likelihood`'s options as the hashable, typed tuple `batch_fn` is cached on."""
-  return (
+  """`ode_log_likelihood`'s options, checked, as the hashable, typed tuple `batch_fn` is cached on.
+
+  The one check of the settings themselves, for every caller (`ode_log_likelihood`, `compute_ode_bpd`, the
+  `ode_bpd` evaluator, `sampling.likelihood_fn`); `check_model` checks them against a model.
+
+  Raises:
+    UserError: an unknown solver or trace estimator, rtol or atol not above 0, or fewer than one probe.
+  """
+  settings = (
     ("rtol", float(rtol)),
     ("atol", float(atol)),
     ("solver", str(solver)),
@@ -275,6 +290,17 @@ def solver_settings(rtol, atol, solver, estimator, num_probes, t_start, step_to_
     ("t_start", float(t_start)),
     ("step_to_knots", bool(step_to_knots)),
   )
+  o = dict(settings)
+  if o["solver"] not in SOLVERS:
+    raise errors.UserError(f"Unknown ODE solver {o['solver']!r}; choose from {', '.join(SOLVERS)}.")
+  if o["estimator"] not in ESTIMATORS:
+    raise errors.UserError(f"Unknown trace estimator {o['estimator']!r}; choose from {', '.join(ESTIMATORS)}.")
+  if not (o["rtol"] > 0 and o["atol"] > 0 and o["num_probes"] >= 1):
+    raise errors.UserError(
+      f"rtol and atol must be > 0 and num_probes >= 1; got rtol={o['rtol']:g}, atol={o['atol']:g}, "
+      f"num_probes={o['num_probes']}."
+    )
+  return settings
 
 
 @functools.lru_cache(maxsize=8)
@@ -370,11 +396,8 @@ def compute_ode_bpd(
   Raises:
     UserError: no eval split, an unsupported model or setting, or a batch size that does not fit the devices.
   """
-  check_mean_type(model.diffusion.model_mean_type)
-  if solver not in SOLVERS:
-    raise errors.UserError(f"Unknown ODE solver {solver!r}; choose from {', '.join(SOLVERS)}.")
-  if estimator not in ESTIMATORS:
-    raise errors.UserError(f"Unknown trace estimator {estimator!r}; choose from {', '.join(ESTIMATORS)}.")
+  settings = solver_settings(rtol, atol, solver, estimator, num_probes, t_start, step_to_knots)
+  check_model(model.diffusion.model_mean_type, model.diffusion.num_timesteps, t_start)
   split = config.data.eval_split if split is None else split
   batch_size = int(config.eval.batch_size if batch_size is None else batch_size)
   mesh = runtime.make_mesh() if mesh is None else mesh
@@ -392,7 +415,6 @@ def compute_ode_bpd(
     config, split=split, batch_size=batch_size, drop_remainder=False, max_examples=int(max_examples)
   )
   conditional = bool(model.num_classes)
-  settings = solver_settings(rtol, atol, solver, estimator, num_probes, t_start, step_to_knots)
   fn = batch_fn(model.network, mesh, settings, conditional)
   params = model.params_on(mesh)
   diffusion = runtime.put_replicated(model.diffusion, mesh)

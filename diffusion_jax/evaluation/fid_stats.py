@@ -1,11 +1,11 @@
-r"""FID's parts for the evaluators: config checks, Inception weights, reference statistics, `--mode=fid_stats`.
+r"""FID's reference statistics: their file, the config checks, the Inception weights, `--mode=fid_stats`.
 
 Reference statistics come from `config.eval.fid_stats_path` (an `.npz` with
 `mu` and `sigma`, e.g. TTUR's) or, when it is empty, from
 `workdir/eval/fid_stats_<dataset>_<split>.npz`, computed from
 `config.eval.fid_split` (default: the train split, as the paper) by
-`--mode=fid_stats` or on the first evaluation that needs it. Existing files
-are never overwritten.
+`--mode=fid_stats` or on the first evaluation that needs it
+(`reference_statistics`). Existing files are never overwritten.
 
 `config.eval.random_inception=True` swaps in randomly initialised Inception
 weights (a fixed seed) for smoke tests without the real weights: every output
@@ -13,7 +13,7 @@ says `"inception_weights": "random (smoke test, not comparable)"`, the
 TensorBoard tags end in `_random_inception`, and its reference statistics go
 to their own file (`fid_stats_<dataset>_<split>_random_inception.npz`).
 
-The evaluations themselves (`--mode=eval`, and during training) are `evaluators`.
+The FID and Inception Score of samples are the `fid` evaluator's (`evaluators/fid.py`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -35,28 +33,20 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from diffusion_jax import checkpointing
 from diffusion_jax import errors
 from diffusion_jax import images as images_lib
-from diffusion_jax import inference
 from diffusion_jax import input_pipeline
 from diffusion_jax import runtime
-from diffusion_jax import workdirs
-from diffusion_jax.evaluation import digits_metric
 from diffusion_jax.evaluation import fid as fid_lib
 from diffusion_jax.evaluation import inception
 from diffusion_jax.evaluation import inception_weights as inception_weights_lib
-from diffusion_jax.evaluation import sample_export
+from diffusion_jax.evaluation import model_loading
 
 EVAL_DIR = "eval"
 RANDOM_INCEPTION_LABEL = "random (smoke test, not comparable)"
 REAL_INCEPTION_LABEL = "pt_inception-2015-12-05 (FID Inception, TTUR/pytorch-fid)"
-IS_SPLITS = 10
 # Seed of the random Inception weights: fixed, so reference statistics and samples use the same network.
 _RANDOM_INCEPTION_SEED = 0
-# Config fields that must match the checkpoint's saved config for its parameters to mean the same model.
-_MODEL_FIELDS = ("model.", "diffusion.", "data.dataset", "data.image_size", "data.channels")
-_IGNORED_MODEL_FIELDS = ("model.dropout",)  # no effect at evaluation
 
 
 # ----------------------------------------------------------------------------
@@ -109,27 +99,6 @@ def check_fid_config(config: ml_collections.ConfigDict) -> None:
       )
 
 
-def _check_model_config(saved: ml_collections.ConfigDict, requested: ml_collections.ConfigDict, workdir) -> None:
-  diff = [
-    k
-    for k in workdirs.incompatible_fields(workdirs.config_to_dict(saved), workdirs.config_to_dict(requested))
-    if k.startswith(_MODEL_FIELDS) and k not in _IGNORED_MODEL_FIELDS
-  ]
-  if diff:
-    raise errors.UserError(
-      f"The config given for evaluation differs from the one {workdir} was trained with in "
-      f"{', '.join(diff)}: pass the run's own config (--config={epath.Path(workdir) / 'config.json'} "
-      "or the same configs/*.py file)."
-    )
-
-
-def load_eval_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> inference.LoadedModel:
-  """The newest checkpoint's EMA parameters in the model that `config` describes (checked against the saved one)."""
-  saved, params, step = checkpointing.load_params(workdir, use_ema=True)
-  _check_model_config(saved, config, workdir)
-  return inference.model_from_config(config, params, step=step, use_ema=True)
-
-
 # ----------------------------------------------------------------------------
 # Inception.
 # ----------------------------------------------------------------------------
@@ -147,25 +116,20 @@ def inception_weights(config: ml_collections.ConfigDict) -> tuple[Any, str]:
   return inception_weights_lib.load_params(path), REAL_INCEPTION_LABEL
 
 
-def check_batch_size(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
-  batch_size = int(config.eval.batch_size)
-  if batch_size < 1 or batch_size % mesh.size or batch_size % jax.process_count():
-    raise errors.UserError(
-      f"config.eval.batch_size={batch_size} must be a positive multiple of the number of devices "
-      f"({mesh.size}); set --config.eval.batch_size accordingly."
-    )
-  return batch_size
-
-
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
 
 
+# ----------------------------------------------------------------------------
+# The statistics of the reference split.
+# ----------------------------------------------------------------------------
+
+
 def _data_statistics(config: ml_collections.ConfigDict, inception_fn, mesh: Mesh) -> fid_lib.ActivationStatistics:
   """Pool3 statistics of the FID reference split (padding excluded)."""
   split = fid_split(config)
-  batch_size = check_batch_size(config, mesh)
+  batch_size = model_loading.check_batch_size(config, mesh)
   iterator = input_pipeline.create_eval_iterator(
     config,
     split=split,
@@ -194,12 +158,16 @@ def _save_statistics(path: epath.Path, stats: fid_lib.ActivationStatistics, info
   runtime.atomic_write(path.parent / (path.name[: -len(".npz")] + ".json"), json.dumps(info, indent=2) + "\n")
 
 
-def _load_statistics(path: epath.Path) -> tuple[np.ndarray, np.ndarray]:
+def load_statistics(path: epath.Path) -> tuple[np.ndarray, np.ndarray]:
+  """(mu [2048], sigma [2048, 2048]) of a statistics file."""
   with path.open("rb") as f:
     return fid_lib.load_statistics(f)
 
 
-def _write_fid_stats(config: ml_collections.ConfigDict, workdir, inception_fn, label: str, mesh: Mesh) -> epath.Path:
+def reference_statistics(
+  config: ml_collections.ConfigDict, workdir, inception_fn, label: str, mesh: Mesh
+) -> epath.Path:
+  """`default_fid_stats_path`, computed with `inception_fn` (weights labelled `label`) where it does not exist."""
   path = default_fid_stats_path(config, workdir)
   if path.exists():
     logging.info("FID reference statistics %s already exist; keeping them.", path)
@@ -245,112 +213,10 @@ def compute_fid_stats(config: ml_collections.ConfigDict, workdir: str | os.PathL
     next to a `.json` naming the dataset, split, count and weights).
   """
   mesh = runtime.make_mesh()
-  check_batch_size(config, mesh)
+  model_loading.check_batch_size(config, mesh)
   path = default_fid_stats_path(config, workdir)
   if path.exists():
     logging.info("FID reference statistics %s already exist; keeping them (delete the file to recompute).", path)
     return path
   params, label = inception_weights(config)
-  return _write_fid_stats(config, workdir, fid_lib.make_inception_fn(params, mesh=mesh), label, mesh)
-
-
-# ----------------------------------------------------------------------------
-# FID and IS of samples.
-# ----------------------------------------------------------------------------
-
-
-def _sample_batches(paths: Sequence[epath.Path], batch_size: int, num_samples: int) -> Iterator[tuple[np.ndarray, int]]:
-  """(uint8 [batch_size, H, W, C], number of real images) from the chunk files, streamed; the last is padded."""
-  buffer, held, seen = [], 0, 0
-  for path in paths:
-    buffer.append(sample_export.read_sample_chunks([path]))
-    held += len(buffer[-1])
-    while held >= batch_size:
-      images = np.concatenate(buffer)
-      buffer, held = [images[batch_size:]], held - batch_size
-      seen += batch_size
-      yield images[:batch_size], batch_size
-  if held:
-    images = np.concatenate(buffer)
-    pad = np.zeros((batch_size - held,) + images.shape[1:], images.dtype)
-    seen += held
-    yield np.concatenate([images, pad]), held
-  if seen != num_samples:
-    raise RuntimeError(f"The sample chunks hold {seen} images, expected {num_samples}.")
-
-
-def inception_figures(
-  config: ml_collections.ConfigDict, workdir, paths: Sequence[epath.Path], num_samples: int, mesh: Mesh
-) -> dict[str, Any]:
-  """FID against the reference statistics and the Inception Score of the samples in chunk files.
-
-  Returns:
-    `fid`, `inception_score`, `inception_score_std`, `is_splits`, `inception_weights` (a label; random weights
-    say so), `random_inception`, `reference_statistics` (path).
-  """
-  batch_size = check_batch_size(config, mesh)
-  params, label = inception_weights(config)
-  inception_fn = fid_lib.make_inception_fn(params, mesh=mesh)
-  if config.eval.fid_stats_path:
-    ref_path = epath.Path(config.eval.fid_stats_path)
-  else:
-    ref_path = _write_fid_stats(config, workdir, inception_fn, label, mesh)
-  mu_ref, sigma_ref = _load_statistics(ref_path)
-  sharded = runtime.batch_sharding(mesh)
-  stats = fid_lib.ActivationStatistics()
-  logits = []
-  num_batches = -(-int(num_samples) // batch_size)
-  for images, n in runtime.progress_bar(
-    _sample_batches(paths, batch_size, int(num_samples)), num_batches, True, "Inception on samples"
-  ):
-    global_images = jax.make_array_from_callback(images.shape, sharded, lambda index, x=images: x[index])
-    pool, lg = inception_fn(global_images)
-    stats.update(runtime.to_host(pool)[:n])
-    logits.append(runtime.to_host(lg)[:n])
-  logits = np.concatenate(logits)
-  fid_value = fid_lib.frechet_distance(stats.mu, stats.sigma, mu_ref, sigma_ref)
-  splits = min(IS_SPLITS, len(logits))
-  if splits < IS_SPLITS:
-    logging.warning("Inception Score over %d samples uses %d splits instead of %d.", len(logits), splits, IS_SPLITS)
-  is_mean, is_std = fid_lib.inception_score(logits, splits=splits)
-  return {
-    "fid": float(fid_value),
-    "inception_score": float(is_mean),
-    "inception_score_std": float(is_std),
-    "is_splits": splits,
-    "inception_weights": label,
-    "random_inception": label == RANDOM_INCEPTION_LABEL,
-    "reference_statistics": str(ref_path),
-  }
-
-
-# ----------------------------------------------------------------------------
-# The digit-classifier metric (dataset=digits).
-# ----------------------------------------------------------------------------
-
-
-def uses_digit_metric(config: ml_collections.ConfigDict) -> bool:
-  """Whether 'fid' is scored with `digits_metric` (dataset=digits) instead of Inception.
-
-  `config.eval.random_inception=True` asks for the Inception smoke test explicitly and keeps it.
-  """
-  return config.data.dataset == "digits" and not config.eval.get("random_inception", False)
-
-
-def conditional_digit_metrics(
-  images: np.ndarray, labels: np.ndarray, reference: np.ndarray, reference_labels: np.ndarray
-) -> dict[str, Any]:
-  """Class accuracy (overall, per class) and the per-class Fréchet distance of class-conditional digit samples."""
-  acc = digits_metric.class_accuracy(images, labels)
-  fake_features, _ = digits_metric.classify(images)
-  real_features, _ = digits_metric.classify(reference)
-  per_class_fd = {}
-  for c in range(digits_metric.NUM_CLASSES):
-    fake, real = fake_features[labels == c], real_features[reference_labels == c]
-    per_class_fd[str(c)] = digits_metric.frechet_distance(fake, real) if len(fake) >= 2 and len(real) >= 2 else None
-  return {
-    "digits_class_accuracy": acc["overall"],
-    "digits_class_accuracy_per_class": {str(c): v for c, v in acc["per_class"].items()},
-    "digits_class_counts": {str(c): v for c, v in acc["counts"].items()},
-    "digits_fd_per_class": per_class_fd,
-  }
+  return reference_statistics(config, workdir, fid_lib.make_inception_fn(params, mesh=mesh), label, mesh)
