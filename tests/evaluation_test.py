@@ -352,3 +352,18 @@ def test_eval_config_errors(workdir):
   cfg.model.ch = 64
   with pytest.raises(ValueError, match="model.ch"):
     evaluators.evaluate(cfg, workdir)
+
+
+def test_an_eval_batch_that_does_not_fit_the_processes_names_them(monkeypatch):
+  from diffusion_jax import runtime  # noqa: PLC0415
+  from diffusion_jax.evaluation import model_loading  # noqa: PLC0415
+
+  config = tiny.get_config()
+  mesh = runtime.make_mesh()  # 4 devices
+  config.eval.batch_size = 6
+  with pytest.raises(ValueError, match=r"multiple of the number of devices \(4\); set"):
+    model_loading.check_batch_size(config, mesh)
+  monkeypatch.setattr(jax, "process_count", lambda: 3)
+  config.eval.batch_size = 8  # a multiple of the 4 devices, not of 3 processes
+  with pytest.raises(ValueError, match=r"devices \(4\) and of processes \(3\), i\.e\. of 12.*e\.g\. 12"):
+    model_loading.check_batch_size(config, mesh)

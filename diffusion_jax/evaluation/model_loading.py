@@ -6,6 +6,7 @@ the parameters mean); `check_batch_size` checks `config.eval.batch_size` against
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -47,9 +48,14 @@ def load_eval_model(config: ml_collections.ConfigDict, workdir: str | os.PathLik
 def check_batch_size(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
   """`config.eval.batch_size`, a positive multiple of the devices of `mesh` and of the processes."""
   batch_size = int(config.eval.batch_size)
-  if batch_size < 1 or batch_size % mesh.size or batch_size % jax.process_count():
+  processes = jax.process_count()
+  if batch_size < 1 or batch_size % mesh.size or batch_size % processes:
+    unit = mesh.size * processes // math.gcd(mesh.size, processes)
+    of = f"the number of devices ({mesh.size})"
+    if processes > 1:
+      of = f"{of} and of processes ({processes}), i.e. of {unit}"
     raise errors.UserError(
-      f"config.eval.batch_size={batch_size} must be a positive multiple of the number of devices "
-      f"({mesh.size}); set --config.eval.batch_size accordingly."
+      f"config.eval.batch_size={batch_size} must be a positive multiple of {of}; set --config.eval.batch_size "
+      f"accordingly (e.g. {max(unit, batch_size // unit * unit)})."
     )
   return batch_size

@@ -11,8 +11,8 @@ import time
 import numpy as np
 from absl import logging
 
+from diffusion_jax import data_sources
 from diffusion_jax import errors
-from diffusion_jax import input_pipeline
 from diffusion_jax import runtime
 from diffusion_jax.evaluation import digits_metric
 from diffusion_jax.evaluation import fid_stats
@@ -54,7 +54,7 @@ class DigitsEvaluator(base.Evaluator):
     if len(images) != provenance["num_samples"]:
       raise RuntimeError(f"The sample chunks hold {len(images)} images, expected {provenance['num_samples']}.")
     split = fid_stats.fid_split(self.config)
-    reference, reference_labels = input_pipeline.load_digits(split)
+    reference, reference_labels = data_sources.load_digits(split)
     result = dict(digits_metric.compute_digit_metrics(images, reference))
     if model.num_classes:
       result.update(digits_metric.conditional_digit_metrics(images, labels, reference, np.asarray(reference_labels)))
