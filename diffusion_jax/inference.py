@@ -469,6 +469,13 @@ def _guidance_inputs(model: LoadedModel, labels: np.ndarray | None, guidance_sca
   return [np.asarray(labels, np.int32)], ([np.float32(scale)] if guided else []), guided
 
 
+def _chain_args(model: LoadedModel, guided: bool, num_scale: int, num_inputs: int, args: tuple) -> tuple:
+  """(the chain's `num_inputs` batched inputs, its guidance keywords) of a chain's traced arguments, which
+  `run_on_mesh` passes as (*scale, *inputs, *cond)."""
+  inputs = args[num_scale : num_scale + num_inputs]
+  return inputs, _guidance_kwargs(model, guided, args[:num_scale] + args[num_scale + num_inputs :])
+
+
 def _guidance_kwargs(model: LoadedModel, guided: bool, scale_and_cond: tuple) -> dict:
   """The samplers' cond/guidance_scale/null_label of a chain's traced (scale, cond) arguments."""
   if not scale_and_cond:
@@ -505,8 +512,7 @@ def denoise(
   diffusion = model.diffusion
 
   def fn(params, rng, *args):
-    indices, x = args[len(scale) :][:2]
-    extra = args[: len(scale)] + args[len(scale) + 2 :]
+    (indices, x), guidance = _chain_args(model, guided, len(scale), 2, args)
     return chain(
       diffusion,
       jax.tree_util.Partial(model_fn, params),
@@ -516,7 +522,7 @@ def denoise(
       t=t,
       sampler=spec,
       clip_denoised=clip_denoised,
-      **_guidance_kwargs(model, guided, extra),
+      **guidance,
     )
 
   key = ("edit" if edit else "denoise", spec, int(t), bool(clip_denoised), bool(cond), guided)
@@ -547,10 +553,8 @@ def inpaint(
   options = None if repaint is None else tuple(sorted((k, _hashable(v)) for k, v in repaint.items()))
 
   def fn(params, rng, *args):
-    indices, x0, mask = args[len(scale) :][:3]
-    extra = args[: len(scale)] + args[len(scale) + 3 :]
+    (indices, x0, mask), guidance = _chain_args(model, guided, len(scale), 3, args)
     bound = jax.tree_util.Partial(model_fn, params)
-    guidance = _guidance_kwargs(model, guided, extra)
     if repaint is None:
       return samplers.inpaint(
         diffusion, bound, rng, indices, x0, mask, sampler=spec, clip_denoised=clip_denoised, **guidance
@@ -582,8 +586,7 @@ def invert(
   diffusion = model.diffusion
 
   def fn(params, *args):
-    (x0,) = args[len(scale) :][:1]
-    extra = args[: len(scale)] + args[len(scale) + 1 :]
+    (x0,), guidance = _chain_args(model, guided, len(scale), 1, args)
     out = samplers.invert(
       diffusion,
       jax.tree_util.Partial(model_fn, params),
@@ -591,7 +594,7 @@ def invert(
       spec,
       clip_denoised=clip_denoised,
       network_t=network_t,
-      **_guidance_kwargs(model, guided, extra),
+      **guidance,
     )
     return dict(latents=out["latents"])
 
