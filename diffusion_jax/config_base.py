@@ -122,6 +122,24 @@ def get_base_config() -> ml_collections.ConfigDict:
   sampling.resample = 1  # --mode=inpaint, ancestral: RePaint's passes over each stretch (1 = none; RePaint: 10)
   sampling.jump_length = 10  # --mode=inpaint with resample > 1: RePaint's jump length
 
+  # --mode=distill (progressive distillation, Salimans & Ho 2022; docs/distillation.md): rounds that halve the
+  # teacher's deterministic DDIM steps, start_steps -> start_steps/2 -> ... -> num_steps, each a training run of a
+  # student (in workdir/distill/<n>steps) that starts from its teacher and learns to take two of its steps in one.
+  config.distill = distill = ml_collections.ConfigDict()
+  distill.num_steps = 4  # the last student's steps (a power-of-two fraction of start_steps)
+  distill.start_steps = 128  # the DDIM steps of the trained model that the first round halves (at most T)
+  distill.steps_per_round = 50_000  # optimizer steps of each round's student
+  distill.batch_size = 0  # global batch of the rounds (0 = training.batch_size)
+  distill.learning_rate = 1e-4  # Adam's rate, cosine-decayed to 0 over each round
+  distill.ema_decay = 0.999  # the students' EMA (its parameters are the next round's teacher and are sampled)
+  distill.parameterisation = "v"  # the students' output: v | xstart (an eps-predicting teacher is converted)
+  distill.weighting = "truncated_snr"  # max(SNR, 1) (the paper's) | snr_plus_one (the v error)
+  distill.clip_denoised = True  # clip the teacher's x0 predictions to [-1, 1], as its DDIM sampler does
+  # Set in each round's config by --mode=distill (a config naming a teacher trains a student):
+  distill.teacher = ""  # the teacher's workdir (its EMA parameters)
+  distill.teacher_steps = 0  # the teacher's steps; the student takes half as many
+  distill.student_steps = 0
+
   config.eval = eval_config = ml_collections.ConfigDict()
   eval_config.metrics = ("bpd", "rate_distortion")  # --mode=eval runs these entries of config.evals
   eval_config.num_samples = 50_000  # samples for FID/IS
@@ -216,6 +234,8 @@ def upgrade(config) -> ml_collections.ConfigDict:
   for name, entry in evals.items():
     if name not in base["evals"]:
       evals[name] = _merged(eval_entry(str(entry.get("kind", ""))).to_dict(), entry)
+  for section in ("distill",):  # sections this version added
+    data[section] = _merged(base[section], data.get(section, {}))
   if "training" in data:
     data["training"]["grid"] = _merged(base["training"]["grid"], data["training"].get("grid", {}))
   if moved:

@@ -26,7 +26,7 @@ from diffusion_jax import cli
 from diffusion_jax import compat
 from diffusion_jax import errors
 
-MODES = ("train", "sample", "eval", "fid_stats", "inpaint")
+MODES = ("train", "sample", "eval", "fid_stats", "inpaint", "distill")
 # Exit status of a training run stopped by SIGTERM/SIGINT or a preemption notice once the checkpoint of its
 # last step is written: EX_TEMPFAIL, "try again later". Schedulers that restart failed jobs (Kubernetes,
 # a retry loop) then continue the run; a finished run exits with 0.
@@ -133,6 +133,8 @@ class RunSummary:
   step: int | None = None
   loss: float | None = None
   evaluations: list[str] = dataclasses.field(default_factory=list)  # the end-of-training evaluations' summaries
+  resume_command: str | None = None  # default: this command without --mode
+  sample_command: str | None = None  # default: this command with --mode=sample
 
   def started(self, start_step: int) -> None:
     self.start_step = self.step = start_step
@@ -169,6 +171,8 @@ class RunSummary:
     evals = sorted(os.listdir(os.path.join(workdir, "eval"))) if os.path.isdir(os.path.join(workdir, "eval")) else []
     args = [a for a in sys.argv[1:] if not a.startswith("--mode")]
     command = "python -m diffusion_jax.main " + shlex.join(args)
+    resume = self.resume_command or command
+    sample = self.sample_command or f"{command} --mode=sample"
     return [
       f"==== {outcome}",
       f"  steps:        {steps}; wall time {wall_text}",
@@ -179,8 +183,8 @@ class RunSummary:
       f"  eval results: {os.path.join(workdir, 'eval')}"
       + (f" ({len(evals)} files)" if evals else " (none yet: add --mode=eval)"),
       *(f"  final eval:   {line}" for line in self.evaluations),
-      f"  resume:       {command}",
-      f"  sample:       {command} --mode=sample",
+      f"  resume:       {resume}",
+      f"  sample:       {sample}",
     ]
 
   def print(self, outcome: str, *, step: int | None = None) -> None:
@@ -192,12 +196,12 @@ class RunSummary:
       sys.stderr.flush()
 
 
-def _train(config, workdir: str) -> None:
+def _train(config, workdir: str, *, summary: RunSummary | None = None) -> RunSummary:
   from diffusion_jax import faults  # pylint: disable=g-import-not-at-top
   from diffusion_jax import train  # pylint: disable=g-import-not-at-top
 
   num_steps = config.training.num_train_steps
-  summary = RunSummary(workdir, num_steps)
+  summary = RunSummary(workdir, num_steps) if summary is None else summary
   try:
     with faults.PeerWatch(workdir, faults.peer_timeout_s(config), summary=summary) as watch:
       try:
@@ -242,6 +246,59 @@ def _train(config, workdir: str) -> None:
     else f"Training finished: {num_steps} steps."
   )
   summary.print(outcome, step=step)
+  return summary
+
+
+def _distill(config, workdir: str) -> None:
+  """--mode=distill: the rounds of `distill_rounds.plan`, each a training run (`_train`), then one table."""
+  from diffusion_jax import distill_rounds  # pylint: disable=g-import-not-at-top
+
+  rounds = distill_rounds.plan(config, workdir)
+  logging.info(
+    "Distilling %s in %d round(s): %s; students in %s.",
+    workdir,
+    len(rounds),
+    ", ".join(f"{r.teacher_steps} -> {r.student_steps}" for r in rounds),
+    os.path.join(workdir, distill_rounds.DISTILL_DIR),
+  )
+  resume = "python -m diffusion_jax.main " + shlex.join(sys.argv[1:])
+  kept = [a for a in sys.argv[1:] if not a.startswith(("--mode", "--workdir", "--config.distill", "--config.sampling"))]
+  rows = []
+  for r in rounds:
+    if distill_rounds.finished(r):
+      logging.info("%s: finished before, in %s; skipped.", r.name, r.workdir)
+      rows.append((r, "finished before", None, None))
+      continue
+    logging.info("==== %s (%d of %d): the student trains in %s.", r.name, r.index, len(rounds), r.workdir)
+    sample = "python -m diffusion_jax.main " + shlex.join(
+      kept
+      + [f"--workdir={r.workdir}", "--mode=sample", "--config.sampling.sampler=ddim"]
+      + [
+        f"--config.sampling.num_steps={r.student_steps}",
+        f"--config.sampling.timestep_spacing={distill_rounds.SPACING}",
+      ]
+    )
+    summary = RunSummary(
+      str(r.workdir), r.config.training.num_train_steps, resume_command=resume, sample_command=sample
+    )
+    t0 = time.time()
+    _train(r.config, str(r.workdir), summary=summary)
+    rows.append((r, f"{time.time() - t0:.0f} s", summary.loss, "; ".join(summary.evaluations)))
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if jax.process_index() == 0:
+    lines = [f"==== Distillation finished: {len(rounds)} round(s) of {rounds[0].config.training.num_train_steps} steps"]
+    for r, wall, loss, evals in rows:
+      loss_text = "" if loss is None else f", final loss {loss:.5f}"
+      lines.append(f"  {r.name}: {wall}{loss_text}; {r.workdir}" + (f"; {evals}" if evals else ""))
+    last = rounds[-1]
+    lines.append(
+      f"  sample the {last.student_steps}-step student: diffusion_jax.sample_fn(load_model({str(last.workdir)!r}), "
+      f"n, rng, sampler='ddim', num_steps={last.student_steps}, timestep_spacing={distill_rounds.SPACING!r})"
+    )
+    sys.stderr.flush()
+    sys.stderr.write("\n".join(lines) + "\n")
+    sys.stderr.flush()
 
 
 def _disk_full(error: BaseException, workdir: str, intact: str) -> errors.NoSpaceError:
@@ -293,6 +350,8 @@ def _main(argv):
   config = config_base.upgrade(_CONFIG.value)
   if _MODE.value == "train":
     _train(config, _WORKDIR.value)
+  elif _MODE.value == "distill":
+    _distill(config, _WORKDIR.value)
   elif _MODE.value == "sample":
     from diffusion_jax import commands  # pylint: disable=g-import-not-at-top
 

@@ -31,6 +31,7 @@ from diffusion_jax import checkpointing
 from diffusion_jax import compat
 from diffusion_jax import config_base
 from diffusion_jax import data_sources
+from diffusion_jax import distill_step
 from diffusion_jax import errors
 from diffusion_jax import faults
 from diffusion_jax import images as images_lib
@@ -234,6 +235,8 @@ class _Run:
     )
     abstract = jax.eval_shape(create, init_rng)
     self.checkpoint_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+    # A distillation round (the config names a teacher): the same loop, with the teacher's step and its start.
+    self.teacher = distill_step.load_teacher(config, abstract.params) if distill_step.is_distillation(config) else None
     workdirs.check_workdir(workdir, checkpoint_bytes=self.checkpoint_bytes)
     workdirs.write_config(workdir, config)
     if self.network.num_classes:
@@ -248,14 +251,19 @@ class _Run:
     if summary is not None:
       summary.started(self.start_step)
     state_sharding = jax.tree.map(lambda x: x.sharding, self.state)
-    self.step_fn = train_step_lib.jit_train_step(
-      self.mesh,
-      self.network,
-      self.diffusion,
-      config.optim,
-      state_sharding,
-      label_dropout=float(tc.get("label_dropout", 0.0)),
-    )
+    if self.teacher is not None:
+      self.step_fn = distill_step.jit_distill_step(
+        self.mesh, self.network, self.diffusion, self.teacher, config, state_sharding
+      )
+    else:
+      self.step_fn = train_step_lib.jit_train_step(
+        self.mesh,
+        self.network,
+        self.diffusion,
+        config.optim,
+        state_sharding,
+        label_dropout=float(tc.get("label_dropout", 0.0)),
+      )
     self.writer = metric_writer.MetricWriter(workdir)
     self.profiler = _Profiler(workdir, self.start_step + 1, tc.get("profile_steps", 0))
     self.budget = faults.TimeBudget(tc.get("time_budget_s", 0.0))
@@ -295,7 +303,13 @@ class _Run:
       checkpointing.set_aside(self.manager, [s for s in self.manager.all_steps() if s > start_step])
     else:
       start_step = 0
-      if tc.get("init_from"):
+      if self.teacher is not None:  # a student starts as its teacher (parameters and EMA)
+        teacher = self.teacher.params
+        state = train_step_lib.init_state_sharded(
+          config, self.network, self.mesh, init_rng, params=teacher, ema_params=teacher
+        )
+        logging.info("Student initialised from its teacher %s (step %d).", self.teacher.path, self.teacher.step)
+      elif tc.get("init_from"):
         _, params, src_step = checkpointing.load_params(tc.init_from, use_ema=False)
         _, ema, _ = checkpointing.load_params(tc.init_from, use_ema=True, step=src_step)
         state = train_step_lib.init_state_sharded(

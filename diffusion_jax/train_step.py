@@ -252,6 +252,11 @@ def train_step(
         group_grad_fn, state.params, arrays, rngs, optim_config.grad_clip
       )
 
+  return apply_update(state, grads, optim_config), step_metrics(state, losses, t, grad_norm, diffusion, optim_config)
+
+
+def apply_update(state: TrainState, grads, optim_config) -> TrainState:
+  """The optimizer step on `grads` and the EMA update of the new parameters."""
   new_state = state.apply_gradients(grads=grads)
   # tf.train.ExponentialMovingAverage as used by the paper: decay ~0 before the first step.
   decay = jnp.where(state.step < 1, 1e-10, optim_config.ema_decay)
@@ -261,18 +266,20 @@ def train_step(
     n = state.step.astype(jnp.float32)
     decay = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_state.params)
-  new_state = new_state.replace(ema_params=ema)
+  return new_state.replace(ema_params=ema)
 
+
+def step_metrics(state: TrainState, losses, t, grad_norm, diffusion, optim_config) -> dict[str, jax.Array]:
+  """loss, loss_q0..loss_q3 (mean loss by quarter of the timestep range), grad_norm, lr."""
   quarter = jnp.minimum(t * 4 // diffusion.num_timesteps, 3)
   onehot = jax.nn.one_hot(quarter, 4, dtype=jnp.float32)
   per_quarter = jnp.sum(onehot * losses[:, None], axis=0) / jnp.maximum(jnp.sum(onehot, axis=0), 1.0)
-  metrics = dict(
+  return dict(
     loss=jnp.mean(losses),
     grad_norm=grad_norm,
     lr=optimizer_lib.learning_rate_schedule(optim_config)(state.step),
     **{f"loss_q{i}": per_quarter[i] for i in range(4)},
   )
-  return new_state, metrics
 
 
 def jit_train_step(

@@ -9,15 +9,15 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "diffusion_jax"
 
 # Floors bottom up; a module is matched by its dotted name (prefix match for packages).
 FLOORS = [
-  ("math", ["errors", "xla_flags", "schedules", "diffusion", "conditioning", "samplers"]),
+  ("math", ["errors", "xla_flags", "schedules", "diffusion", "conditioning", "distillation", "samplers"]),
   ("network", ["models"]),
   ("runtime", ["runtime", "compat", "images", "config_base"]),
   ("data", ["data_sources", "input_pipeline"]),
-  ("state", ["optimizer", "train_step", "workdirs", "checkpointing", "metric_writer"]),
+  ("state", ["optimizer", "train_step", "distill_step", "workdirs", "checkpointing", "metric_writer"]),
   ("inference", ["inference"]),
   ("evaluation", ["evaluation"]),
   ("loop", ["faults", "train"]),
-  ("face", ["main", "cli", "api", "commands", "sampling", "convert", "plan", "__init__"]),
+  ("face", ["main", "cli", "api", "commands", "distill_rounds", "sampling", "convert", "plan", "__init__"]),
 ]
 
 

@@ -5,8 +5,8 @@
 with x̂_0 the (clipped) x_0 prediction, ε̂ recomputed from it, and ᾱ_{t'} = 1
 after the last step (diffusers' `set_alpha_to_one=True`).
 
-The next timestep t' follows the grid. On the `even` grid (the default) it is
-the next grid timestep. On diffusers' spacings it is t − T // n, as
+The next timestep t' follows the grid. On the `even` grid (the default) and the
+`nested` one (distilled students' grids) it is the next grid timestep. On diffusers' spacings it is t − T // n, as
 `DDIMScheduler.step` computes it; for `leading` that is the next grid
 timestep, for `trailing` and `linspace` it may not be (a convention of
 diffusers kept for parity). In `denoise`, the first step from the given t
@@ -44,7 +44,7 @@ class DDIM(Sampler):
 
   def plan(self, diffusion, spec, start):
     grid = grids.timestep_grid(spec.timestep_spacing, spec.num_timesteps, spec.num_steps, family="ddim")
-    if spec.timestep_spacing == "even":
+    if spec.timestep_spacing in ("even", "nested"):
       t = grids.truncate_grid(grid, start)
       t_next = np.append(t[1:], -1)
     else:

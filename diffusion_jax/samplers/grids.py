@@ -12,6 +12,10 @@ means, so each grid function takes the family of scheduler it reproduces:
   "k"        Euler/HeunDiscreteScheduler           linspace(0, T−1, n) (float32)      r·[0, n)
 
 and `trailing` is round(arange(T, 0, −T/n)) − 1 for all three (steps_offset = 0).
+
+`nested` is ⌈i·T/n⌉ − 1 for i = n … 1: it ends at T − 1, each step spans T/n timesteps (rounded up), and the
+grid of n steps is every other point of the grid of 2n steps for any T, so the grids of n, n/2, n/4, … nest
+(`check_nested`: the grids of progressive distillation's students). Where n divides T it is `trailing`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 from diffusion_jax import errors
 from diffusion_jax.diffusion import GaussianDiffusion
 
-TIMESTEP_SPACINGS = ("even", "leading", "trailing", "linspace")
+TIMESTEP_SPACINGS = ("even", "leading", "trailing", "linspace", "nested")
 SIGMA_SCHEDULES = ("uniform", "karras")
 KARRAS_RHO = 7.0
 
@@ -69,6 +73,33 @@ def space_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
   return ((2 * i * (num_timesteps - 1) + (n - 1)) // (2 * (n - 1))).astype(np.int32)
 
 
+def nested_grid(num_timesteps: int, num_steps: int) -> np.ndarray:
+  """The `nested` grid ⌈i·T/n⌉ − 1, i = n … 1, descending (int64; exact integer arithmetic)."""
+  T, n = int(num_timesteps), check_num_steps(num_timesteps, num_steps)
+  i = np.arange(n, 0, -1, dtype=np.int64)
+  return (i * T + n - 1) // n - 1
+
+
+def check_nested(num_timesteps: int, teacher_steps: int, student_steps: int) -> int:
+  """The number of teacher steps per student step, k = teacher/student, if the `nested` grids nest.
+
+  Student point j is teacher point k·j (both descending from T − 1), which holds exactly when k is a whole
+  number; `UserError` otherwise, naming grids that do nest.
+  """
+  T = int(num_timesteps)
+  teacher_steps = check_num_steps(T, teacher_steps)
+  student_steps = check_num_steps(T, student_steps)
+  if teacher_steps % student_steps or teacher_steps == student_steps:
+    below = [n for n in range(student_steps - 1, 0, -1) if teacher_steps % n == 0][:1]
+    raise errors.UserError(
+      f"A {student_steps}-step grid does not nest in the teacher's {teacher_steps}-step grid: the teacher's steps "
+      f"must be a multiple (2 or more) of the student's" + (f", e.g. {below[0]} student steps" if below else "") + "."
+    )
+  k = teacher_steps // student_steps
+  assert np.array_equal(nested_grid(T, teacher_steps)[::k], nested_grid(T, student_steps))
+  return k
+
+
 def timestep_grid(spacing: str, num_timesteps: int, num_steps: int, family: str = "ddim") -> np.ndarray:
   """The timesteps of a diffusers `timestep_spacing` (or `even`), in sampling order (descending).
 
@@ -89,6 +120,8 @@ def timestep_grid(spacing: str, num_timesteps: int, num_steps: int, family: str 
     grid = space_timesteps(T, n)[::-1].astype(np.float64)
   elif spacing == "trailing":
     grid = np.round(np.arange(T, 0, -T / n)) - 1.0
+  elif spacing == "nested":
+    grid = nested_grid(T, n).astype(np.float64)
   elif spacing == "linspace":
     if family == "dpm":
       grid = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
