@@ -51,6 +51,11 @@ def get_config():
   # The digit-classifier figures of the final EMA model, in runs/digits/eval/digits_step_*.json.
   config.evals.digits.update(at_end=True, num_samples=1000)
   config.evals.digits.sampling = config_base.sampler_section("dpmpp2m_sde", num_steps=20)
+  # --mode=distill: students of 64, 32, …, 1 steps from the DDIM sampler of 128 steps (docs/distillation.md).
+  config.distill.start_steps = 128
+  config.distill.num_steps = 1
+  config.distill.steps_per_round = 1500
+  config.distill.learning_rate = 3e-4
   config.sampling.sampler = "ddim"
   config.sampling.num_steps = 100
   config.sampling.batch_size = 256

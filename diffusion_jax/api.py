@@ -20,6 +20,7 @@ import os
 
 import jax
 import numpy as np
+from absl import logging
 from etils import epath
 
 from diffusion_jax import config_base
@@ -86,6 +87,19 @@ def _spec(model: LoadedModel, sampler, num_steps, eta, settings) -> samplers.Sam
   )
 
 
+def _check_student_grid(model: LoadedModel, spec: samplers.SamplerSpec) -> None:
+  """A distilled student (`--mode=distill`) sampled off the grid it was trained for gets one warning."""
+  n = int(model.config.get("distill", {}).get("student_steps", 0) or 0)
+  if n and (spec.name, spec.num_steps, spec.timestep_spacing, spec.eta) != ("ddim", n, "nested", 0.0):
+    logging.warning(
+      "This model is a %d-step distilled student: it was trained for sampler='ddim', num_steps=%d, "
+      "timestep_spacing='nested' (eta=0), and %s samples it off that grid.",
+      n,
+      n,
+      spec.folder_name,
+    )
+
+
 def sample_fn(
   model: LoadedModel,
   num_samples: int,
@@ -139,6 +153,7 @@ def sample_fn(
     raise errors.UserError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
   _check_rng(rng)
   spec = _spec(model, sampler, num_steps, eta, settings)
+  _check_student_grid(model, spec)
   return inference.generate_set(
     model,
     int(num_samples),

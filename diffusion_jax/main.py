@@ -32,7 +32,9 @@ MODES = ("train", "sample", "eval", "fid_stats", "inpaint", "distill")
 # a retry loop) then continue the run; a finished run exits with 0.
 EXIT_PREEMPTED = 75
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Path to a config file (configs/*.py), or a workdir's config.json.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run: checkpoints, logs, samples, eval results.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do with the workdir.")
 _INPUTS = flags.DEFINE_string(
@@ -262,7 +264,6 @@ def _distill(config, workdir: str) -> None:
     os.path.join(workdir, distill_rounds.DISTILL_DIR),
   )
   resume = "python -m diffusion_jax.main " + shlex.join(sys.argv[1:])
-  kept = [a for a in sys.argv[1:] if not a.startswith(("--mode", "--workdir", "--config.distill", "--config.sampling"))]
   rows = []
   for r in rounds:
     if distill_rounds.finished(r):
@@ -270,13 +271,9 @@ def _distill(config, workdir: str) -> None:
       rows.append((r, "finished before", None, None))
       continue
     logging.info("==== %s (%d of %d): the student trains in %s.", r.name, r.index, len(rounds), r.workdir)
+    # The student's own config samples it with its sampler (DDIM on its nested grid).
     sample = "python -m diffusion_jax.main " + shlex.join(
-      kept
-      + [f"--workdir={r.workdir}", "--mode=sample", "--config.sampling.sampler=ddim"]
-      + [
-        f"--config.sampling.num_steps={r.student_steps}",
-        f"--config.sampling.timestep_spacing={distill_rounds.SPACING}",
-      ]
+      [f"--config={r.workdir / 'config.json'}", f"--workdir={r.workdir}", "--mode=sample"]
     )
     summary = RunSummary(
       str(r.workdir), r.config.training.num_train_steps, resume_command=resume, sample_command=sample
@@ -380,5 +377,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from diffusion_jax import workdir_config  # pylint: disable=g-import-not-at-top
+
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  app.run(main, argv=workdir_config.rewrite_argv(sys.argv))

@@ -1,6 +1,7 @@
 """Progressive distillation: the nested grids, the target on an analytic teacher, a round that learns the known
 ideal student, data parallelism, exact resume of a round, and --mode=distill end to end."""
 
+import json
 import subprocess
 import sys
 
@@ -333,7 +334,7 @@ def _distill_command(workdir, *extra):
   ]
 
 
-def test_mode_distill_end_to_end_then_sample_fn_takes_the_students(teacher_workdir, tmp_path):
+def test_mode_distill_end_to_end_then_sample_fn_takes_the_students(teacher_workdir, tmp_path, caplog):
   import shutil
 
   workdir = tmp_path / "run"
@@ -363,7 +364,63 @@ def test_mode_distill_end_to_end_then_sample_fn_takes_the_students(teacher_workd
     student, 4, jax.random.PRNGKey(0), sampler="ddim", num_steps=1, timestep_spacing="nested", progress=False
   )
   assert images.shape == (4, 8, 8, 1) and images.dtype == np.uint8
-  # The student's own config samples with its grid: --mode=sample needs no sampler flags.
+  with caplog.at_level("WARNING"):
+    diffusion_jax.sample_fn(student, 1, jax.random.PRNGKey(0), sampler="ddim", num_steps=1, progress=False)
+  assert "1-step distilled student" in caplog.text and "ddim_1steps_eta0 samples it off that grid" in caplog.text
+  # The benchmark that puts the students beside the teacher's samplers runs on them.
+  bench = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "benchmarks.distill_quality",
+      f"--workdir={workdir}",
+      "--students=2,1",
+      "--num_samples=8",
+      "--batch_size=8",
+      f"--pictures={tmp_path / 'pic'}",
+      f"--json_out={tmp_path / 'quality.json'}",
+    ],
+    cwd=REPO_ROOT,
+    env=cli_env(2),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert bench.returncode == 0, bench.stderr[-3000:]
+  rows = json.loads((tmp_path / "quality.json").read_text())["rows"]
+  settings = [r["setting"] for r in rows]
+  assert settings[:4] == [
+    "student 2",
+    "teacher ddim_2steps_eta0_nested",
+    "teacher dpmpp2m_2steps",
+    "teacher dpmpp2m_sde_2steps",
+  ]
+  assert {r["calls"] for r in rows if r["setting"] == "student 1"} == {1} and rows[-1]["calls"] == 20  # ancestral, T
+  assert all(np.isfinite(r["digits_fd"]) for r in rows)
+  for name in ("pic_2steps.png", "pic_1steps.png", "pic_compare.png"):
+    assert (tmp_path / name).exists()
+  # The student's own config.json is a --config: --mode=sample samples it on its grid with no sampler flags.
+  one = workdir / "distill" / "1steps"
+  sample = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "diffusion_jax.main",
+      f"--config={one / 'config.json'}",
+      f"--workdir={one}",
+      "--mode=sample",
+      "--config.sampling.num_samples=4",
+    ],
+    cwd=REPO_ROOT,
+    env=cli_env(2),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert sample.returncode == 0, sample.stderr[-2000:]
+  assert (one / "samples" / "step_3_ddim_1steps_eta0_nested" / "grid.png").exists()
+  assert f"--config={one / 'config.json'} --workdir={one} --mode=sample" in proc.stderr  # the round's summary
+  # The student's own config samples with its grid.
   spec = diffusion_jax.samplers.SamplerSpec.from_config(student.config.sampling, num_timesteps=20)
   assert (spec.name, spec.num_steps, spec.timestep_spacing) == ("ddim", 1, "nested")
 

@@ -17,7 +17,10 @@ FLOORS = [
   ("inference", ["inference"]),
   ("evaluation", ["evaluation"]),
   ("loop", ["faults", "train"]),
-  ("face", ["main", "cli", "api", "commands", "distill_rounds", "sampling", "convert", "plan", "__init__"]),
+  (
+    "face",
+    ["main", "cli", "api", "commands", "distill_rounds", "workdir_config", "sampling", "convert", "plan", "__init__"],
+  ),
 ]
 
 
