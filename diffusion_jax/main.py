@@ -137,9 +137,21 @@ class RunSummary:
   evaluations: list[str] = dataclasses.field(default_factory=list)  # the end-of-training evaluations' summaries
   resume_command: str | None = None  # default: this command without --mode
   sample_command: str | None = None  # default: this command with --mode=sample
+  progress: str | None = None  # a progress bar over the steps with this label (process 0), or none
+  _bar: object = None
 
   def started(self, start_step: int) -> None:
     self.start_step = self.step = start_step
+    import jax  # pylint: disable=g-import-not-at-top
+
+    if self.progress and jax.process_index() == 0:
+      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
+      self._bar = tqdm(total=self.num_steps, initial=start_step, desc=self.progress, unit="step")
+
+  def stepped(self, step: int) -> None:
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
 
   def logged(self, step: int, metrics) -> None:
     self.step, self.loss = step, float(metrics["loss"])
@@ -192,6 +204,9 @@ class RunSummary:
   def print(self, outcome: str, *, step: int | None = None) -> None:
     import jax  # pylint: disable=g-import-not-at-top
 
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
     if jax.process_index() == 0:
       sys.stderr.flush()
       sys.stderr.write("\n".join(self.lines(outcome, step=step)) + "\n")
@@ -276,7 +291,11 @@ def _distill(config, workdir: str) -> None:
       [f"--config={r.workdir / 'config.json'}", f"--workdir={r.workdir}", "--mode=sample"]
     )
     summary = RunSummary(
-      str(r.workdir), r.config.training.num_train_steps, resume_command=resume, sample_command=sample
+      str(r.workdir),
+      r.config.training.num_train_steps,
+      resume_command=resume,
+      sample_command=sample,
+      progress=f"round {r.index}/{len(rounds)} ({r.teacher_steps} -> {r.student_steps} steps)",
     )
     t0 = time.time()
     _train(r.config, str(r.workdir), summary=summary)

@@ -180,7 +180,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summa
     workdir: the run's directory.
     summary: optional; told the start step (`summary.started(step)`) and each
       logged step's metrics (`summary.logged(step, metrics)`), for the command
-      line's closing summary.
+      line's closing summary, and, where it has a `stepped` method, each step
+      (`summary.stepped(step)`, for a progress bar).
 
   Returns:
     A `TrainResult`.
@@ -205,6 +206,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, summa
       actions = step_actions(step, run.schedule, stop=stop, out_of_time=out_of_time)
       previous_metrics = metrics
       run.after_step(step, state, metrics, actions, reason=preemption.reason)
+      if getattr(run.summary, "stepped", None) is not None:
+        run.summary.stepped(step)  # a progress bar (the distillation rounds')
     run.report_pending()
   evaluations = run.evaluate(step, state, actions.evaluate_at_end, at_end=True) if actions.evaluate_at_end else {}
   if actions.finish == "stopped":
