@@ -7,7 +7,7 @@ one untimed compilation call):
 
   * each student of --students, with its own sampler (DDIM, η = 0, its `nested` grid);
   * the teacher (the trained model, EMA) at the same number of calls: DDIM on the same grid, DPM-Solver++(2M)
-    and its SDE variant; at one call also the ancestral sampler and Euler;
+    and its SDE variant; at one call (where DPM-Solver++(2M) cannot run) DDIM, ancestral, Euler and Heun;
   * the teacher's DPM-Solver++(2M) SDE and DPM-Solver++(2M) at 20 calls, and the paper's ancestral sampler at 1000.
 
 Prints a Markdown table, writes every figure to --json_out and, with --pictures, one 8×8 grid of samples per
@@ -20,19 +20,21 @@ student and a comparison grid (one row per setting).
 from __future__ import annotations
 
 import json
+import time
 
 import jax
 import numpy as np
 from absl import app
 from absl import flags
 
-from benchmarks import sampler_quality
 from diffusion_jax import cli
 from diffusion_jax import distill_rounds
 from diffusion_jax import images as images_lib
 from diffusion_jax import inference
 from diffusion_jax import input_pipeline
+from diffusion_jax import runtime
 from diffusion_jax import samplers
+from diffusion_jax.evaluation import digits_metric
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "A trained and distilled digits workdir.")
 _STUDENTS = flags.DEFINE_list("students", ["8", "4", "2", "1"], "Student steps to measure.")
@@ -44,7 +46,9 @@ _PICTURES = flags.DEFINE_string("pictures", "", "Write PNG grids to <this>_<n>st
 
 
 def _teacher_settings(T: int, calls: int) -> list:
-  names = ["ddim", "dpmpp2m", "dpmpp2m_sde"] + (["ancestral", "euler"] if calls == 1 else [])
+  # DPM-Solver++(2M) takes 2 steps at least (its one-step, first-order form is DDIM): at one call, the samplers
+  # that take one step instead.
+  names = ["ddim", "dpmpp2m", "dpmpp2m_sde"] if calls > 1 else ["ddim", "ancestral", "euler", "heun"]
   specs = []
   for name in names:
     spacing = distill_rounds.SPACING if name == "ddim" else None
@@ -127,10 +131,22 @@ def main(argv):
 
 
 def measure(model, spec, rng, reference):
-  """`sampler_quality.measure` plus the uint8 images."""
-  seconds, compile_s, metric = sampler_quality.measure(model, spec, _NUM.value, _BATCH.value, rng, reference)
-  images = images_lib.to_uint8(inference.generate(model, np.arange(64), rng, spec, batch_size=64)["samples"])
-  return seconds, compile_s, metric, images
+  """(seconds, compile seconds, metric dict, uint8 images) of one setting, as `benchmarks.sampler_quality`."""
+  mesh = runtime.make_mesh()
+  num = _NUM.value
+  batch_size = runtime.pad_to_multiple(min(_BATCH.value, num), runtime.data_size(mesh))
+  t0 = time.perf_counter()
+  inference.generate(model, np.arange(batch_size), rng, spec, batch_size=batch_size, mesh=mesh)
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  out = []
+  for start in range(0, num, batch_size):
+    idx = np.arange(start, min(start + batch_size, num))
+    out.append(inference.generate(model, idx, rng, spec, batch_size=batch_size, mesh=mesh)["samples"])
+  seconds = time.perf_counter() - t0
+  images = images_lib.to_uint8(np.concatenate(out))
+  metric = digits_metric.compute_digit_metrics(images, reference)
+  return seconds, compile_s - seconds * batch_size / num, metric, images
 
 
 if __name__ == "__main__":

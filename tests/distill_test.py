@@ -345,6 +345,7 @@ def test_mode_distill_end_to_end_then_sample_fn_takes_the_students(teacher_workd
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Distillation finished: 2 round(s)" in proc.stderr
   assert "round 1: 4 -> 2 steps" in proc.stderr and "round 2: 2 -> 1 steps" in proc.stderr
+  assert "round 2/2 (2 -> 1 steps): 100%" in proc.stderr  # the progress bar
   for n in (2, 1):
     student = workdir / "distill" / f"{n}steps"
     assert (student / "config.json").exists() and (student / "samples" / "grid_step_00000003.png").exists()

@@ -232,8 +232,8 @@ def resolve(
   if sampler.orders:
     order_value = sampler.default_order if order is None else order
     if order_value != sampler.default_order:
-      family = [a for a, f in _ORDER_ALIASES.items() if _matches(f, name)]
-      hint = f"sampler={family[0]!r} with order={order_value!r}" if family else "no order"
+      family = [a for a, f in _ORDER_ALIASES.items() if _matches(f, name) and f.format(order=order_value) in _REGISTRY]
+      hint = f"sampler={family[0]!r} with order={order_value!r}" if family else f"order={sampler.default_order}"
       raise errors.UserError(f"sampler {name!r} has order {sampler.default_order}, got order={order!r}; use {hint}.")
     order = order_value
   elif order is not None:
@@ -242,9 +242,16 @@ def resolve(
       f"order={order!r} does not apply to sampler {name!r}; multistep samplers are {_choices(with_order)}."
     )
   if n < sampler.min_steps(order):
+    lower = [
+      f.format(order=o)
+      for f in _ORDER_ALIASES.values()
+      if _matches(f, name)
+      for o in range(1, order)
+      if f.format(order=o) in _REGISTRY and n >= _REGISTRY[f.format(order=o)].min_steps(o)
+    ]
     raise errors.UserError(
-      f"sampler {name!r} (order {order}) needs num_steps >= {sampler.min_steps(order)}, got {n}; "
-      "use more steps or a lower order."
+      f"sampler {name!r} (order {order}) needs num_steps >= {sampler.min_steps(order)}, got {n}; use more steps"
+      + (f" or sampler={lower[-1]!r}." if lower else " (with one step, a first-order solver is DDIM: sampler='ddim').")
     )
 
   if sampler.has_lower_order_final:
