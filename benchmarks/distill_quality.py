@@ -73,8 +73,8 @@ def main(argv):
   settings += [
     (f"teacher {spec.folder_name}", teacher, spec)
     for spec in (
-      samplers.resolve("dpmpp2m_sde", num_timesteps=T, num_steps=20),
-      samplers.resolve("dpmpp2m", num_timesteps=T, num_steps=20),
+      samplers.resolve("dpmpp2m_sde", num_timesteps=T, num_steps=min(20, T - 1)),  # T - 1: tiny test models
+      samplers.resolve("dpmpp2m", num_timesteps=T, num_steps=min(20, T - 1)),
       samplers.resolve("ancestral", num_timesteps=T, num_steps=T),
     )
   ]

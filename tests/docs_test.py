@@ -227,7 +227,13 @@ def check_command(command: Command, spec: dict) -> list[str]:
       config_file = value.split(":", 1)[0]
   if overrides and config_file is None:
     errors.append("--config.* overrides without --config=")
-  if config_file is not None:
+  if config_file is not None and config_file.endswith(".json"):
+    # A workdir's config.json (written by a run, not in the repository): overrides name fields of the schema.
+    from diffusion_jax import config_base  # noqa: PLC0415
+
+    schema = config_base.get_base_config()
+    errors += [f"--config.{k}: the config schema has no field {k}" for k, _ in overrides if not _has_path(schema, k)]
+  elif config_file is not None:
     if _is_placeholder(config_file) or not (REPO / config_file).is_file():
       errors.append(f"--config={config_file}: no such file in the repository")
     else:
@@ -304,6 +310,7 @@ def test_inline_overrides_name_fields_of_the_schema():
     ("--config=configs/<name>.py --workdir=x", "no such file"),
     ("--workdir=x --config.training.batch_size=8", "without --config="),
     ("--config=configs/digits.py --workdir=x extra", "unexpected argument"),
+    ("--config=runs/x/config.json --workdir=runs/x --config.eval.metrix=fid", "schema has no field eval.metrix"),
   ],
 )
 def test_a_wrong_command_is_caught(args, error):
