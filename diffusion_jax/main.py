@@ -147,7 +147,7 @@ class RunSummary:
     if self.progress and jax.process_index() == 0:
       from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
-      self._bar = tqdm(total=self.num_steps, initial=start_step, desc=self.progress, unit="step")
+      self._bar = tqdm(total=self.num_steps, initial=start_step, desc=self.progress, unit="step", mininterval=2.0)
 
   def stepped(self, step: int) -> None:
     if self._bar is not None:
