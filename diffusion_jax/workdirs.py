@@ -42,6 +42,14 @@ RESUMABLE_FIELDS = (
   "data.skip_corrupt",
   "model.dtype",
   "model.remat",
+  # --mode=distill's settings of the rounds to come; a round's own fields (teacher, its steps and the student's,
+  # parameterisation, weighting, clipping) stay checked, as do the training and optim fields the rounds set.
+  "distill.num_steps",
+  "distill.start_steps",
+  "distill.steps_per_round",
+  "distill.batch_size",
+  "distill.learning_rate",
+  "distill.ema_decay",
 )
 
 
@@ -96,7 +104,8 @@ def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) 
   path = workdir / CONFIG_FILE
   new = config_to_dict(config)
   if path.exists():
-    old = json.loads(path.read_text())
+    # Read in this version's schema: sections added since the run started take their defaults.
+    old = config_to_dict(config_base.upgrade(json.loads(path.read_text())))
     diff = incompatible_fields(old, new)
     if diff:
       a, b = _flatten(old), _flatten(new)

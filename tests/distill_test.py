@@ -319,6 +319,21 @@ def test_a_student_with_another_network_is_refused(teacher_workdir):
     distill_step.load_teacher(config, shapes)
 
 
+def test_a_workdir_written_before_the_distill_section_continues_and_a_rounds_teacher_is_checked(tmp_path):
+  from diffusion_jax import workdirs
+
+  config = tiny_config()
+  old = json.loads(config.to_json())
+  del old["distill"]  # a config.json of a run started before this version
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  workdirs.write_config(tmp_path, config)  # continues: the section takes its defaults
+  config.distill.update(num_steps=2, steps_per_round=99)  # the rounds to come may change
+  workdirs.write_config(tmp_path, config)
+  config.distill.teacher = str(tmp_path / "another")
+  with pytest.raises(errors.UserError, match="distill.teacher"):
+    workdirs.write_config(tmp_path, config)
+
+
 def _distill_command(workdir, *extra):
   return [
     sys.executable,
