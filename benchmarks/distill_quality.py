@@ -2,8 +2,8 @@ r"""Distilled students beside their teacher's samplers: the digit metric at the 
 
 For a digits workdir distilled with `--mode=distill` (students in <workdir>/distill/<n>steps), every setting
 draws the same --num_samples images (rng --seed, sample i from (rng, i)) and is scored with the shipped digit
-classifier against the digits train split (`sampler_quality.measure`; the time is the sampling wall time after
-one untimed compilation call):
+classifier against the digits train split (`harness.digit_quality`, as `sampler_quality`; the time is the
+sampling wall time after one untimed compilation call):
 
   * each student of --students, with its own sampler (DDIM, η = 0, its `nested` grid);
   * the teacher (the trained model, EMA) at the same number of calls: DDIM on the same grid, DPM-Solver++(2M)
@@ -20,21 +20,19 @@ student and a comparison grid (one row per setting).
 from __future__ import annotations
 
 import json
-import time
 
 import jax
 import numpy as np
 from absl import app
 from absl import flags
 
+from benchmarks import harness
 from diffusion_jax import cli
 from diffusion_jax import distill_rounds
 from diffusion_jax import images as images_lib
 from diffusion_jax import inference
 from diffusion_jax import input_pipeline
-from diffusion_jax import runtime
 from diffusion_jax import samplers
-from diffusion_jax.evaluation import digits_metric
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "A trained and distilled digits workdir.")
 _STUDENTS = flags.DEFINE_list("students", ["8", "4", "2", "1"], "Student steps to measure.")
@@ -131,22 +129,7 @@ def main(argv):
 
 
 def measure(model, spec, rng, reference):
-  """(seconds, compile seconds, metric dict, uint8 images) of one setting, as `benchmarks.sampler_quality`."""
-  mesh = runtime.make_mesh()
-  num = _NUM.value
-  batch_size = runtime.pad_to_multiple(min(_BATCH.value, num), runtime.data_size(mesh))
-  t0 = time.perf_counter()
-  inference.generate(model, np.arange(batch_size), rng, spec, batch_size=batch_size, mesh=mesh)
-  compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  out = []
-  for start in range(0, num, batch_size):
-    idx = np.arange(start, min(start + batch_size, num))
-    out.append(inference.generate(model, idx, rng, spec, batch_size=batch_size, mesh=mesh)["samples"])
-  seconds = time.perf_counter() - t0
-  images = images_lib.to_uint8(np.concatenate(out))
-  metric = digits_metric.compute_digit_metrics(images, reference)
-  return seconds, compile_s - seconds * batch_size / num, metric, images
+  return harness.digit_quality(model, spec, _NUM.value, _BATCH.value, rng, reference)
 
 
 if __name__ == "__main__":

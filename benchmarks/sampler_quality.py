@@ -16,20 +16,16 @@ separately. Prints a Markdown table and writes every figure to --json_out.
 from __future__ import annotations
 
 import json
-import time
 
 import jax
-import numpy as np
 from absl import app
 from absl import flags
 
+from benchmarks import harness
 from diffusion_jax import cli
-from diffusion_jax import images as images_lib
 from diffusion_jax import inference
 from diffusion_jax import input_pipeline
-from diffusion_jax import runtime
 from diffusion_jax import samplers
-from diffusion_jax.evaluation import digits_metric
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "A trained digits workdir.")
 _SAMPLERS = flags.DEFINE_list(
@@ -51,20 +47,8 @@ def _steps(sampler: str, calls: int) -> int:
 
 
 def measure(model, spec, num_samples, batch_size, rng, reference):
-  """(seconds, compile seconds, metric dict) of one sampler setting."""
-  mesh = runtime.make_mesh()
-  batch_size = runtime.pad_to_multiple(min(batch_size, num_samples), runtime.data_size(mesh))
-  t0 = time.perf_counter()
-  inference.generate(model, np.arange(batch_size), rng, spec, batch_size=batch_size, mesh=mesh)
-  compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  out = []
-  for start in range(0, num_samples, batch_size):
-    idx = np.arange(start, min(start + batch_size, num_samples))
-    out.append(inference.generate(model, idx, rng, spec, batch_size=batch_size, mesh=mesh)["samples"])
-  seconds = time.perf_counter() - t0
-  images = images_lib.to_uint8(np.concatenate(out))
-  return seconds, compile_s - seconds * batch_size / num_samples, digits_metric.compute_digit_metrics(images, reference)
+  """(seconds, compile seconds, metric dict) of one sampler setting (`harness.digit_quality`)."""
+  return harness.digit_quality(model, spec, num_samples, batch_size, rng, reference)[:3]
 
 
 def main(argv):
