@@ -130,6 +130,12 @@ def plan(config: ml_collections.ConfigDict, workdir) -> list[Round]:
     )
   base = config_base.upgrade(workdirs.read_config(workdir))
   d = config.distill
+  own = int(base.distill.get("student_steps", 0) or 0)
+  if own and int(d.start_steps) != own:
+    raise errors.UserError(
+      f"{workdir} is a {own}-step student, trained for its own grid: distil it further from there with "
+      f"--config.distill.start_steps={own}."
+    )
   T = int(base.diffusion.num_timesteps)
   rounds, teacher, teacher_steps = [], str(workdir), int(d.start_steps)
   for i, n in enumerate(round_steps(T, int(d.start_steps), int(d.num_steps)), start=1):

@@ -383,6 +383,14 @@ def test_mode_distill_end_to_end_then_sample_fn_takes_the_students(teacher_workd
   with caplog.at_level("WARNING"):
     diffusion_jax.sample_fn(student, 1, jax.random.PRNGKey(0), sampler="ddim", num_steps=1, progress=False)
   assert "1-step distilled student" in caplog.text and "ddim_1steps_eta0 samples it off that grid" in caplog.text
+  # A student distils further from its own grid only.
+  further = tiny_config()
+  further.distill.update(start_steps=4, num_steps=1)
+  with pytest.raises(errors.UserError, match="is a 2-step student.*start_steps=2"):
+    distill_rounds.plan(further, workdir / "distill" / "2steps")
+  further.distill.start_steps = 2
+  (only,) = distill_rounds.plan(further, workdir / "distill" / "2steps")
+  assert (only.teacher_steps, only.student_steps) == (2, 1) and only.workdir.parent.parent.name == "2steps"
   # The benchmark that puts the students beside the teacher's samplers runs on them.
   bench = subprocess.run(
     [
