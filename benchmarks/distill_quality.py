@@ -81,21 +81,8 @@ def main(argv):
   for label, model, spec in settings:
     seconds, compile_s, metric, images = measure(model, spec, rng, reference)
     pictures[label] = images[:64]
-    row = dict(
-      setting=label,
-      sampler=spec.folder_name,
-      calls=spec.network_calls,
-      seconds=seconds,
-      compile_seconds=compile_s,
-      **{k: v for k, v in metric.items() if not isinstance(v, list)},
-    )
-    rows.append(row)
-    print(
-      f"{label:40s} calls {spec.network_calls:5d}  {seconds:7.1f} s  FD {metric['digits_fd']:7.3f}  "
-      f"IS {metric['digits_is']:5.2f}  conf {metric['digits_confidence']:.3f}  prec {metric['digits_precision']:.3f}"
-      f"  rec {metric['digits_recall']:.3f}  memo {metric['digits_memorisation']:.3f}",
-      flush=True,
-    )
+    rows.append(harness.digit_row(label, spec, seconds, compile_s, metric, sampler=spec.folder_name))
+    print(harness.digit_line(f"{label:40s}", spec.network_calls, seconds, metric), flush=True)
   print()
   print(
     f"| setting | network calls | s / {_NUM.value} samples | FD ↓ | IS ↑ | confidence ↑ | precision ↑ | recall ↑ "

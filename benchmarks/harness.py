@@ -244,3 +244,24 @@ def digit_quality(model, spec, num_samples: int, batch_size: int, rng, reference
   images = images_lib.to_uint8(np.concatenate(out))
   metric = digits_metric.compute_digit_metrics(images, reference)
   return seconds, compile_s - seconds * batch_size / num_samples, metric, images
+
+
+def digit_row(setting: str, spec, seconds: float, compile_s: float, metric: dict, **extra) -> dict[str, Any]:
+  """One JSON row of a digit-quality table: the setting, its sampler, timings and the metric's scalars."""
+  return dict(
+    setting=setting,
+    **extra,
+    calls=spec.network_calls,
+    seconds=seconds,
+    compile_seconds=compile_s,
+    **{k: v for k, v in metric.items() if not isinstance(v, list)},
+  )
+
+
+def digit_line(label: str, calls: int, seconds: float, metric: dict) -> str:
+  """The console line of one digit-quality setting (`label` already padded)."""
+  return (
+    f"{label} calls {calls:5d}  {seconds:7.1f} s  FD {metric['digits_fd']:7.3f}  "
+    f"IS {metric['digits_is']:5.2f}  conf {metric['digits_confidence']:.3f}  prec {metric['digits_precision']:.3f}"
+    f"  rec {metric['digits_recall']:.3f}  memo {metric['digits_memorisation']:.3f}"
+  )

@@ -73,23 +73,11 @@ def main(argv):
   print(f"{model!r}: {len(settings)} settings, {_NUM.value} samples each", flush=True)
   for spec in settings:
     seconds, compile_s, metric = measure(model, spec, _NUM.value, _BATCH.value, rng, reference)
-    row = dict(
-      setting=spec.folder_name,
-      sampler=spec.name,
-      num_steps=spec.num_steps,
-      calls=spec.network_calls,
-      seconds=seconds,
-      compile_seconds=compile_s,
-      **{k: v for k, v in metric.items() if not isinstance(v, list)},
+    row = harness.digit_row(
+      spec.folder_name, spec, seconds, compile_s, metric, sampler=spec.name, num_steps=spec.num_steps
     )
     rows.append(row)
-    print(
-      f"{spec.folder_name:32s} calls {spec.network_calls:5d}  {seconds:7.1f} s  FD {metric['digits_fd']:7.3f}  "
-      f"IS {metric['digits_is']:5.2f}  conf {metric['digits_confidence']:.3f}  "
-      f"prec {metric['digits_precision']:.3f}"
-      f"  rec {metric['digits_recall']:.3f}  memo {metric['digits_memorisation']:.3f}",
-      flush=True,
-    )
+    print(harness.digit_line(f"{spec.folder_name:32s}", spec.network_calls, seconds, metric), flush=True)
   print()
   print(f"| sampler | network calls | s / {_NUM.value} samples | FD | IS | confidence | precision | recall |")
   print("|---|---|---|---|---|---|---|---|")

@@ -171,6 +171,4 @@ def jit_distill_step(
   def fn(state, batch, rng):
     return step(state, teacher_params, batch, rng)
 
-  fn.jitted = step  # the program itself, e.g. for lowering
-  fn.teacher_params = teacher_params
   return fn

@@ -138,7 +138,7 @@ class RunSummary:
   resume_command: str | None = None  # default: this command without --mode
   sample_command: str | None = None  # default: this command with --mode=sample
   progress: str | None = None  # a progress bar over the steps with this label (process 0), or none
-  _bar: object = None
+  _bar: object = dataclasses.field(default=None, repr=False)  # the tqdm bar while a run is in progress
 
   def started(self, start_step: int) -> None:
     self.start_step = self.step = start_step

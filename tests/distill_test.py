@@ -334,6 +334,11 @@ def test_a_workdir_written_before_the_distill_section_continues_and_a_rounds_tea
     workdirs.write_config(tmp_path, config)
 
 
+def _cli(command, *, devices: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+  """Runs a command from the repository's root with `cli_env(devices)`, capturing its output."""
+  return subprocess.run(command, cwd=REPO_ROOT, env=cli_env(devices), capture_output=True, text=True, timeout=timeout)
+
+
 def _distill_command(workdir, *extra):
   return [
     sys.executable,
@@ -354,9 +359,7 @@ def test_mode_distill_end_to_end_then_sample_fn_takes_the_students(teacher_workd
 
   workdir = tmp_path / "run"
   shutil.copytree(teacher_workdir, workdir)
-  proc = subprocess.run(
-    _distill_command(workdir), cwd=REPO_ROOT, env=cli_env(2), capture_output=True, text=True, timeout=600
-  )
+  proc = _cli(_distill_command(workdir))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Distillation finished: 2 round(s)" in proc.stderr
   assert "round 1: 4 -> 2 steps" in proc.stderr and "round 2: 2 -> 1 steps" in proc.stderr
@@ -365,9 +368,7 @@ def test_mode_distill_end_to_end_then_sample_fn_takes_the_students(teacher_workd
     student = workdir / "distill" / f"{n}steps"
     assert (student / "config.json").exists() and (student / "samples" / "grid_step_00000003.png").exists()
   # Again: both rounds are finished and skipped, nothing is redone.
-  again = subprocess.run(
-    _distill_command(workdir), cwd=REPO_ROOT, env=cli_env(2), capture_output=True, text=True, timeout=600
-  )
+  again = _cli(_distill_command(workdir))
   assert again.returncode == 0, again.stderr[-3000:]
   assert again.stderr.count("finished before, in") == 2, again.stderr[-2000:]
   assert "step 3/3" in proc.stderr and "step 3/3" not in again.stderr  # no step was trained again
@@ -392,7 +393,7 @@ def test_mode_distill_end_to_end_then_sample_fn_takes_the_students(teacher_workd
   (only,) = distill_rounds.plan(further, workdir / "distill" / "2steps")
   assert (only.teacher_steps, only.student_steps) == (2, 1) and only.workdir.parent.parent.name == "2steps"
   # The benchmark that puts the students beside the teacher's samplers runs on them.
-  bench = subprocess.run(
+  bench = _cli(
     [
       sys.executable,
       "-m",
@@ -403,12 +404,7 @@ def test_mode_distill_end_to_end_then_sample_fn_takes_the_students(teacher_workd
       "--batch_size=8",
       f"--pictures={tmp_path / 'pic'}",
       f"--json_out={tmp_path / 'quality.json'}",
-    ],
-    cwd=REPO_ROOT,
-    env=cli_env(2),
-    capture_output=True,
-    text=True,
-    timeout=600,
+    ]
   )
   assert bench.returncode == 0, bench.stderr[-3000:]
   rows = json.loads((tmp_path / "quality.json").read_text())["rows"]
@@ -425,7 +421,7 @@ def test_mode_distill_end_to_end_then_sample_fn_takes_the_students(teacher_workd
     assert (tmp_path / name).exists()
   # The student's own config.json is a --config: --mode=sample samples it on its grid with no sampler flags.
   one = workdir / "distill" / "1steps"
-  sample = subprocess.run(
+  sample = _cli(
     [
       sys.executable,
       "-m",
@@ -435,10 +431,6 @@ def test_mode_distill_end_to_end_then_sample_fn_takes_the_students(teacher_workd
       "--mode=sample",
       "--config.sampling.num_samples=4",
     ],
-    cwd=REPO_ROOT,
-    env=cli_env(2),
-    capture_output=True,
-    text=True,
     timeout=300,
   )
   assert sample.returncode == 0, sample.stderr[-2000:]
@@ -450,18 +442,9 @@ def test_mode_distill_end_to_end_then_sample_fn_takes_the_students(teacher_workd
 
 
 def test_mode_distill_errors_are_one_line(tmp_path, teacher_workdir):
-  proc = subprocess.run(
-    _distill_command(tmp_path / "empty"), cwd=REPO_ROOT, env=cli_env(1), capture_output=True, text=True, timeout=300
-  )
+  proc = _cli(_distill_command(tmp_path / "empty"), devices=1, timeout=300)
   assert proc.returncode == 2 and "holds no checkpoint: train it first" in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
-  proc = subprocess.run(
-    _distill_command(teacher_workdir, "--config.distill.start_steps=6"),
-    cwd=REPO_ROOT,
-    env=cli_env(1),
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  proc = _cli(_distill_command(teacher_workdir, "--config.distill.start_steps=6"), devices=1, timeout=300)
   assert proc.returncode == 2 and "does not halve to distill.num_steps=1" in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
