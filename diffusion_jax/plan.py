@@ -1026,62 +1026,85 @@ def largest_batch(
 def search_batch(
   figures_at: Callable[[int], Figures], *, start: int, unit: int, available: float, devices: int, tolerance: float
 ) -> MaxBatch:
-  """The largest batch (a multiple of `unit`) for which `figures_at(batch)` fits, by as few calls as it can.
+  """The largest batch (a multiple of `unit`) for which `figures_at(batch)` fits, compiling as little as it can.
 
-  Memory grows about linearly with the batch until the compiler starts rematerialising to fit: two compiles
-  give the line, the line a candidate (at the compiler's HBM, once an out-of-memory has said it, else
-  `available`), and compiles at the candidate and the next batch up confirm it; where the line misleads, the
-  batch doubles until one fails and the interval is bisected, until the batch that fails is within `tolerance`
-  (a fraction) of the one that fits, or one `unit` (tolerance 0).
+  A batch that does not fit is cheap to try: the compiler gives up within a minute and says how much HBM it would
+  need. One that fits is compiled to the end (minutes to an hour for the paper's networks). So the search probes
+  from above: from the first batch's HBM it guesses where the limit is and tries four times that (doubling up
+  from a batch that fits, four times at a time, until one does not); then, between the largest batch that fits and
+  the smallest that does not, it tries where the line through their HBM crosses the compiler's (or `available`,
+  until the compiler has said it), or one step above the batch that fits where the line says that is the limit.
+  Where the compiler squeezes a batch in by recomputing (a batch fits where the line said it would not) the line
+  says nothing more, and it steps down from the failing batch, a
+  fraction `tolerance` at a time, to the first that fits (bisecting where `tolerance` is 0). It stops when the
+  batch that fails is within `tolerance` (a fraction) of the one that fits, or one `unit` above it.
   """
   record: list[tuple[int, bool, float]] = []
   capacity = [available]
+  fixed = [0.0]
 
-  def fits(batch: int) -> tuple[bool, float]:
+  def fits(batch: int) -> bool:
     f = figures_at(batch)
     used = f.total_bytes if f.fits else f.required_bytes
     if f.available_bytes:
       capacity[0] = f.available_bytes  # the compiler's own figure
+    if f.fits and not record:
+      fixed[0] = f.argument_bytes
     record.append((batch, f.fits, used))
-    return f.fits, used
+    return f.fits
 
-  b0 = max(unit, start // unit * unit)
-  ok0, m0 = fits(b0)
-  b1 = b0 * 2 if ok0 else max(unit, b0 // 2 // unit * unit)
-  if b1 == b0:
-    b1 = b0 + unit
-  _, m1 = fits(b1)
-  slope = (m1 - m0) / (b1 - b0)
+  def down(b: float) -> int:
+    return int(b // unit * unit)
 
-  def on_the_line() -> int:
-    if slope <= 0:
-      return 2 * max(b0, b1)
-    return max(unit, int((b0 + (capacity[0] - m0) / slope) // unit) * unit)
+  def step(lo: int) -> int:
+    return max(unit, down(tolerance * lo))
 
-  known = {b: ok for b, ok, _ in record}
-  lo = max([b for b, ok in known.items() if ok], default=0)
-  hi = min([b for b, ok in known.items() if not ok], default=None)
-  # Confirm: the line's batch fits and the next one up does not (the line is drawn again once an out-of-memory
-  # has told the compiler's HBM); where the line misleads, double, then bisect.
-  tries = [on_the_line()]
-  tries.append(tries[0] + unit)
-  for _ in range(24):
-    if hi is not None and hi - lo <= max(unit, tolerance * lo):
+  def done(lo: int, hi: int | None) -> bool:
+    return hi is not None and (hi - lo <= max(unit, tolerance * lo) or (lo == 0 and hi <= unit))
+
+  b0 = max(unit, down(start))
+  lo, hi = (b0, None) if fits(b0) else (0, b0)
+  squeezed = expect_fail = False
+  for _ in range(40):
+    if done(lo, hi):
       break
-    if tries:
-      candidate = tries.pop(0)
-    elif hi is None:
-      candidate = 2 * max(lo, unit)
+    used = {b: m for b, _, m in record}
+    if hi is None:  # nothing has failed yet: overshoot (a failure is cheap)
+      if len(record) == 1:
+        per_image = max(used[lo] - fixed[0], 1.0) / lo
+        guess = lo + max(capacity[0] - used[lo], 0.0) / per_image
+        candidate = max(down(4 * guess), 2 * lo)
+      else:
+        candidate = 4 * lo
+    elif lo == 0:  # nothing fits yet: the line through the two smallest failures, else half
+      failed = sorted(b for b, ok, _ in record if not ok)[:2]
+      candidate = down(hi / 2)
+      if len(failed) == 2:
+        (b1, m1), (b2, m2) = [(b, used[b]) for b in failed]
+        slope = (m2 - m1) / (b2 - b1)
+        if slope > 0:
+          candidate = min(candidate, max(unit, down(b1 - (m1 - capacity[0]) / slope)))
+      if candidate < unit:
+        break
     else:
-      candidate = (lo + hi) // 2 // unit * unit
+      below = -down(-hi / (1 + tolerance)) if tolerance else hi - unit  # fits: done
+      if squeezed or used[hi] <= used[lo]:
+        squeezed = True
+        candidate = below if tolerance else (lo + hi) // 2 // unit * unit
+      else:
+        crossing = down(lo + (capacity[0] - used[lo]) * (hi - lo) / (used[hi] - used[lo]))
+        expect_fail = crossing < lo + step(lo)  # the line says lo is the limit: one step up confirms it
+        candidate = min(max(crossing, lo + step(lo)), below)
     if candidate <= lo or (hi is not None and candidate >= hi):
-      continue
-    before = capacity[0]
-    ok, _ = fits(candidate)
-    lo, hi = (candidate, hi) if ok else (lo, candidate)
-    if capacity[0] != before:  # the compiler's HBM is known now: the line's batch again, and the next one
-      again = on_the_line()
-      tries = [again, again + unit]
+      candidate = (lo + hi) // 2 // unit * unit if hi is not None else 2 * max(lo, unit)
+      if candidate <= lo:
+        break
+    if fits(candidate):
+      squeezed = squeezed or expect_fail  # it fits where the line said it would not: the compiler recomputes
+      lo = candidate
+    else:
+      hi = candidate
+    expect_fail = False
   return MaxBatch("train", lo, hi, lo // devices if lo else 0, record)
 
 
