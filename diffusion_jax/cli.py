@@ -78,11 +78,29 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
   return bool(mallopt(_M_ARENA_MAX, arenas))
 
 
+def leave_out_absent_tpu() -> bool:
+  """On a machine with libtpu installed (for the plan) but no TPU chip, JAX runs on the CPU without loading libtpu.
+
+  JAX would load libtpu anyway, and libtpu would print its start-up warnings. Nothing changes where JAX_PLATFORMS
+  or JAX_FORCE_TPU_INIT is set, where another accelerator plugin is installed, or without libtpu. True if it set
+  the platform.
+  """
+  if os.environ.get("JAX_PLATFORMS") or "JAX_FORCE_TPU_INIT" in os.environ or not compat.libtpu_without_tpu():
+    return False
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if jax.config.jax_platforms:
+    return False
+  jax.config.update("jax_platforms", "cpu")
+  return True
+
+
 def start() -> str | None:
   """Sets up a command: XLA:CPU options, quiet logging, the compilation cache; returns the cache directory."""
   limit_malloc_arenas()  # before JAX, TensorStore and Orbax start their threads
   xla_flags.apply()  # before the command's first JAX computation starts the backends
   quiet_logging()
+  leave_out_absent_tpu()
   from diffusion_jax import runtime  # pylint: disable=g-import-not-at-top  (imports JAX)
 
   return runtime.enable_compilation_cache()

@@ -22,7 +22,9 @@ internals.
   (`os.strerror(ENOSPC)`).
 * `on_cloud_tpu_vm`: TPU chips are found as the device files the TPU driver
   creates (/dev/accel*, /dev/vfio/N) with libtpu installed; JAX's own check is
-  private (`jax._src.cloud_tpu_init`).
+  private (`jax._src.cloud_tpu_init`). `libtpu_without_tpu`: the same device
+  files, and the `jax_plugins` namespace package where JAX finds accelerator
+  plugins.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import importlib.util
 import logging as logging_std
 import os
 import pathlib
+import pkgutil
 import re
 import sys
 import threading
@@ -146,11 +149,32 @@ def quiet_abandoned_reads() -> None:
   warnings.filterwarnings("ignore", message=f"coroutine '{ABANDONED_READ}' was never awaited", category=RuntimeWarning)
 
 
+def _tpu_chips_here() -> bool:
+  return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
 def on_cloud_tpu_vm() -> bool:
   """Whether this machine has Cloud TPU chips (the TPU driver's device files) and libtpu installed."""
   if importlib.util.find_spec("libtpu") is None:
     return False
-  return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+  return _tpu_chips_here()
+
+
+def libtpu_without_tpu() -> bool:
+  """Whether libtpu is installed (for the plan) on a machine with no TPU chip and no other accelerator plugin.
+
+  JAX then loads libtpu when it starts its backends all the same, and libtpu writes several lines of warnings
+  (no accelerator type, no worker hostnames) before JAX goes on with the CPU. Accelerator plugins are the modules
+  of the `jax_plugins` namespace package, where JAX itself finds them (`jax._src.xla_bridge`).
+  """
+  if importlib.util.find_spec("libtpu") is None or _tpu_chips_here():
+    return False
+  if importlib.util.find_spec("jax_plugins") is not None:
+    import jax_plugins  # pylint: disable=g-import-not-at-top
+
+    if any(True for _ in pkgutil.iter_modules(jax_plugins.__path__)):
+      return False
+  return True
 
 
 _NO_SPACE_TEXT = os.strerror(errno.ENOSPC)  # "No space left on device"

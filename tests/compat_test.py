@@ -8,6 +8,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import types
 
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -78,6 +79,36 @@ def test_cloud_tpu_vm_detection(monkeypatch):
   assert compat.on_cloud_tpu_vm()
   monkeypatch.setattr(compat.glob, "glob", lambda pattern: [])
   assert not compat.on_cloud_tpu_vm()
+
+
+def test_libtpu_without_tpu(monkeypatch):
+  # libtpu installed, no TPU driver device files, no accelerator plugin in jax_plugins: the command line leaves
+  # the TPU out of JAX's platforms (tests/plan_test.py: test_command_line_with_libtpu_and_no_tpu_is_quiet).
+  real_find_spec = importlib.util.find_spec
+  plugins = {"jax_plugins": None}
+
+  def find_spec(name, *a):
+    if name == "libtpu":
+      return object()
+    if name == "jax_plugins":
+      return plugins["jax_plugins"]
+    return real_find_spec(name, *a)
+
+  monkeypatch.setattr(compat.importlib.util, "find_spec", find_spec)
+  monkeypatch.setattr(compat.glob, "glob", lambda pattern: [])
+  assert compat.libtpu_without_tpu()
+  monkeypatch.setattr(compat.glob, "glob", lambda pattern: ["/dev/accel0"] if "accel" in pattern else [])
+  assert not compat.libtpu_without_tpu()  # a TPU VM
+  monkeypatch.setattr(compat.glob, "glob", lambda pattern: [])
+  # An accelerator plugin (jax-cuda12-plugin installs jax_plugins.xla_cuda12): JAX's platforms are left alone.
+  fake = types.ModuleType("jax_plugins")
+  fake.__path__ = []
+  plugins["jax_plugins"] = object()
+  monkeypatch.setitem(sys.modules, "jax_plugins", fake)
+  monkeypatch.setattr(compat.pkgutil, "iter_modules", lambda path: iter([("finder", "xla_cuda12", True)]))
+  assert not compat.libtpu_without_tpu()
+  monkeypatch.setattr(compat.pkgutil, "iter_modules", lambda path: iter([]))
+  assert compat.libtpu_without_tpu()
 
 
 def _calls_and_imports(path):

@@ -429,6 +429,33 @@ def test_plan_without_libtpu_says_so_in_one_line(tmp_path):
   assert "Traceback" not in out.stderr
 
 
+@pytest.mark.tpu
+@requires_libtpu
+def test_command_line_with_libtpu_and_no_tpu_is_quiet(tmp_path):
+  # jax[tpu] installed for the plan on a machine without a TPU: JAX would load libtpu when it starts its backends
+  # and libtpu would print its warnings (no accelerator type, no worker hostnames); the command line leaves the
+  # TPU out and trains on the CPU with the console it has without libtpu.
+  from tests import conftest  # noqa: PLC0415
+
+  env = conftest.cli_env(1)
+  del env["JAX_PLATFORMS"]
+  command = [
+    sys.executable, "-m", "diffusion_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}",
+    "--config.training.num_train_steps=1",
+  ]  # fmt: skip
+  out = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr
+  console = (out.stdout + out.stderr).replace(str(tmp_path), "WORKDIR")  # the test's name is in its tmp_path
+  for noise in ("TPU", "libtpu", "InitGoogle", "INVALID_ARGUMENT"):
+    assert noise not in console
+  # JAX itself, in the same environment, does print them: what the test guards against is there to see.
+  code = "import jax; jax.devices()"
+  jax_alone = subprocess.run(
+    [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=True
+  )
+  assert "TPU" in jax_alone.stderr
+
+
 def test_importing_the_package_does_not_touch_libtpu():
   code = "import sys, diffusion_jax, diffusion_jax.main, diffusion_jax.plan; print('libtpu' in sys.modules)"
   out = subprocess.run(
