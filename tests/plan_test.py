@@ -14,7 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO_ROOT  # noqa: I001
+from conftest import REPO_ROOT, cli_env  # noqa: I001
 
 from diffusion_jax import errors
 from diffusion_jax import runtime
@@ -435,9 +435,7 @@ def test_command_line_with_libtpu_and_no_tpu_is_quiet(tmp_path):
   # jax[tpu] installed for the plan on a machine without a TPU: JAX would load libtpu when it starts its backends
   # and libtpu would print its warnings (no accelerator type, no worker hostnames); the command line leaves the
   # TPU out and trains on the CPU with the console it has without libtpu.
-  from tests import conftest  # noqa: PLC0415
-
-  env = conftest.cli_env(1)
+  env = cli_env(1)
   del env["JAX_PLATFORMS"]
   command = [
     sys.executable, "-m", "diffusion_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}",
