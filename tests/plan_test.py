@@ -14,7 +14,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, cli_env  # noqa: I001
+from conftest import REPO_ROOT  # noqa: I001
+from conftest import cli_env  # noqa: I001
 
 from diffusion_jax import errors
 from diffusion_jax import runtime
