@@ -121,16 +121,16 @@ def main(argv):
         progress=logging.info,
         only_cached=_ONLY_CACHED.value,
       )
-      search_unfinished = False
+      report, search_unfinished = None, False
       try:
         report = plan.plan(_config(name), slice_name, max_batch=_MAX_BATCH.value, **kwargs)
       except plan.NotCached as e:
-        try:  # the programs may be cached where the largest-batch search is not
-          if not _MAX_BATCH.value:
-            raise
-          report = plan.plan(_config(name), slice_name, max_batch=False, **kwargs)
-          search_unfinished = True
-        except plan.NotCached:
+        if _MAX_BATCH.value:  # the programs may be cached where the largest-batch search is not
+          try:
+            report, search_unfinished = plan.plan(_config(name), slice_name, max_batch=False, **kwargs), True
+          except plan.NotCached:
+            pass
+        if report is None:
           rows.append(f"| {name} | {slice_name} | not compiled yet ({e}) | | | | | | |")
           continue
       logging.info("%s on %s: %.0f s", name, slice_name, time.perf_counter() - t0)

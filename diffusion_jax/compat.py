@@ -172,7 +172,7 @@ def libtpu_without_tpu() -> bool:
   if importlib.util.find_spec("jax_plugins") is not None:
     import jax_plugins  # pylint: disable=g-import-not-at-top
 
-    if any(True for _ in pkgutil.iter_modules(jax_plugins.__path__)):
+    if any(pkgutil.iter_modules(jax_plugins.__path__)):
       return False
   return True
 

@@ -1035,9 +1035,9 @@ def search_batch(
   the smallest that does not, it tries where the line through their HBM crosses the compiler's (or `available`,
   until the compiler has said it), or one step above the batch that fits where the line says that is the limit.
   Where the compiler squeezes a batch in by recomputing (a batch fits where the line said it would not) the line
-  says nothing more, and it steps down from the failing batch, a
-  fraction `tolerance` at a time, to the first that fits (bisecting where `tolerance` is 0). It stops when the
-  batch that fails is within `tolerance` (a fraction) of the one that fits, or one `unit` above it.
+  says nothing more, and it steps down from the failing batch, a fraction `tolerance` at a time, to the first
+  that fits (bisecting where `tolerance` is 0). It stops when the batch that fails is within `tolerance` (a
+  fraction) of the one that fits, or one `unit` above it.
   """
   record: list[tuple[int, bool, float]] = []
   capacity = [available]
@@ -1090,13 +1090,13 @@ def search_batch(
       below = -down(-hi / (1 + tolerance)) if tolerance else hi - unit  # fits: done
       if squeezed or used[hi] <= used[lo]:
         squeezed = True
-        candidate = below if tolerance else (lo + hi) // 2 // unit * unit
+        candidate = below if tolerance else down((lo + hi) / 2)
       else:
         crossing = down(lo + (capacity[0] - used[lo]) * (hi - lo) / (used[hi] - used[lo]))
         expect_fail = crossing < lo + step(lo)  # the line says lo is the limit: one step up confirms it
         candidate = min(max(crossing, lo + step(lo)), below)
     if candidate <= lo or (hi is not None and candidate >= hi):
-      candidate = (lo + hi) // 2 // unit * unit if hi is not None else 2 * max(lo, unit)
+      candidate = down((lo + hi) / 2) if hi is not None else 2 * max(lo, unit)
       if candidate <= lo:
         break
     if fits(candidate):
