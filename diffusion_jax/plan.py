@@ -44,7 +44,10 @@ import importlib.metadata
 import json
 import math
 import os
+import pickle
 import re
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -364,6 +367,7 @@ class Figures:
   required_bytes: float = 0.0  # a program that does not fit: what the compiler said it needs
   available_bytes: float = 0.0  # ... and what it has
   error: str = ""
+  crashed: bool = False  # the compiler crashed (a fault in libtpu): neither fits nor says what it needs
 
   @property
   def total_bytes(self) -> float:
@@ -587,12 +591,79 @@ class NotCached(Exception):
   """`only_cached=True` and a program whose figures are not in the cache."""
 
 
-def compile_figures(
-  program: Program, slice_name: str, num_slices: int = 1, *, use_cache: bool = True, only_cached: bool = False
-) -> tuple[Figures, bool]:
-  """(figures, from the cache?) of `program` compiled for the slice; a program that does not fit gives fits=False."""
-  import jax  # pylint: disable=g-import-not-at-top
+class ChildCrashed(Exception):
+  """The process `run_isolated` started ended by a signal."""
 
+  def __init__(self, signum: int):
+    self.signum = signum
+    super().__init__(f"the process ended by {_signal_name(signum)}")
+
+
+def _signal_name(signum: int) -> str:
+  try:
+    return signal.Signals(signum).name
+  except ValueError:
+    return f"signal {signum}"
+
+
+# Signals by which a process ends of its own fault (a compiler's crash does again on the same program), unlike
+# SIGKILL or SIGTERM (the out-of-memory killer, a person): a compile that ended by one of these is cached.
+_FAULTS = frozenset(
+  int(getattr(signal, name)) for name in ("SIGSEGV", "SIGABRT", "SIGBUS", "SIGILL", "SIGFPE") if hasattr(signal, name)
+)
+
+_CHILD = """
+import pickle, sys
+fn, args = pickle.load(open(sys.argv[1], "rb"))
+try:
+  out = ("value", fn(*args))
+except BaseException as e:
+  out = ("raised", e)
+with open(sys.argv[2], "wb") as f:
+  pickle.dump(out, f)
+"""
+
+
+def run_isolated(fn: Callable[..., Any], *args) -> Any:
+  """fn(*args) run in a fresh Python process: a crash there (a fault in native code) cannot end this one.
+
+  `fn` and `args` go by pickle (so `fn` is a module-level function); the child imports from this process's
+  sys.path and inherits its environment and stderr. Returns what `fn` returned and raises what it raised;
+  raises `ChildCrashed` where the process ended by a signal.
+  """
+  with tempfile.TemporaryDirectory(prefix="diffusion_jax_plan_") as tmp:
+    request, reply = os.path.join(tmp, "request"), os.path.join(tmp, "reply")
+    with open(request, "wb") as f:
+      pickle.dump((fn, args), f)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)}
+    sys.stderr.flush()
+    rc = subprocess.run([sys.executable, "-c", _CHILD, request, reply], env=env, check=False).returncode
+    if rc < 0:
+      raise ChildCrashed(-rc)
+    try:
+      with open(reply, "rb") as f:
+        kind, value = pickle.load(f)
+    except (OSError, EOFError, pickle.UnpicklingError) as e:
+      raise RuntimeError(f"the isolated process exited with status {rc} and no result") from e
+  if kind == "raised":
+    raise value
+  return value
+
+
+def compile_figures(
+  program: Program,
+  slice_name: str,
+  num_slices: int = 1,
+  *,
+  use_cache: bool = True,
+  only_cached: bool = False,
+  elsewhere: Callable[[Any, str], Figures] | None = None,
+) -> tuple[Figures, bool]:
+  """(figures, from the cache?) of `program` compiled for the slice; a program that does not fit gives fits=False.
+
+  `elsewhere(lowered, text)`, where given, compiles the program (lowered, its text) and gives its figures, in
+  another process (see `run_isolated`): a crash there gives figures with crashed=True.
+  """
   lowered = program.jitted.trace(*program.args).lower()
   text = lowered.as_text()
   key = hashlib.sha256(json.dumps([slice_name, num_slices, versions()]).encode() + b"\0" + text.encode()).hexdigest()[
@@ -608,6 +679,32 @@ def compile_figures(
       pass  # a damaged entry: compile again
   if only_cached:
     raise NotCached(f"{program.name} for {slice_name} is not in the cache")
+  if elsewhere is None:
+    figures = _compile_lowered(lowered)
+  else:
+    t0 = time.perf_counter()
+    try:
+      figures = elsewhere(lowered, text)
+    except ChildCrashed as e:
+      if e.signum not in _FAULTS:
+        raise
+      figures = Figures(
+        fits=False,
+        compile_s=time.perf_counter() - t0,
+        crashed=True,
+        error=f"the compiler crashed ({_signal_name(e.signum)}; libtpu {versions()['libtpu']})",
+      )
+  if path:
+    from diffusion_jax import runtime  # pylint: disable=g-import-not-at-top
+
+    os.makedirs(directory, exist_ok=True)
+    runtime.atomic_write(path, json.dumps(dataclasses.asdict(figures), indent=1))
+  return figures, False
+
+
+def _compile_lowered(lowered) -> Figures:
+  import jax  # pylint: disable=g-import-not-at-top
+
   t0 = time.perf_counter()
   # JAX's persistent compilation cache holds executables for the devices of this host: none for a TPU that is
   # not here (its figures are cached above instead).
@@ -624,36 +721,29 @@ def compile_figures(
     if "RESOURCE_EXHAUSTED" not in message and "out of memory" not in message.lower():
       raise
     parsed = _parse_oom(message) or (0.0, 0.0)
-    figures = Figures(
+    return Figures(
       fits=False,
       compile_s=time.perf_counter() - t0,
       required_bytes=parsed[0],
       available_bytes=parsed[1],
       error=message.strip().splitlines()[0][:500],
     )
-  else:
-    memory = compiled.memory_analysis()
-    flops, bytes_accessed = _cost(compiled)
-    figures = Figures(
-      fits=True,
-      compile_s=time.perf_counter() - t0,
-      argument_bytes=float(memory.argument_size_in_bytes),
-      output_bytes=float(memory.output_size_in_bytes),
-      alias_bytes=float(memory.alias_size_in_bytes),
-      temp_bytes=float(memory.temp_size_in_bytes),
-      code_bytes=float(memory.generated_code_size_in_bytes),
-      flops=flops,
-      bytes_accessed=bytes_accessed,
-      hbm_bytes=hbm_bytes(compiled.as_text()),
-    )
   finally:
     jax.config.update("jax_enable_compilation_cache", persistent)
-  if path:
-    from diffusion_jax import runtime  # pylint: disable=g-import-not-at-top
-
-    os.makedirs(directory, exist_ok=True)
-    runtime.atomic_write(path, json.dumps(dataclasses.asdict(figures), indent=1))
-  return figures, False
+  memory = compiled.memory_analysis()
+  flops, bytes_accessed = _cost(compiled)
+  return Figures(
+    fits=True,
+    compile_s=time.perf_counter() - t0,
+    argument_bytes=float(memory.argument_size_in_bytes),
+    output_bytes=float(memory.output_size_in_bytes),
+    alias_bytes=float(memory.alias_size_in_bytes),
+    temp_bytes=float(memory.temp_size_in_bytes),
+    code_bytes=float(memory.generated_code_size_in_bytes),
+    flops=flops,
+    bytes_accessed=bytes_accessed,
+    hbm_bytes=hbm_bytes(compiled.as_text()),
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -733,6 +823,7 @@ class MaxBatch:
   smallest_failing: int | None
   per_device: int
   compiles: list[tuple[int, bool, float]]  # (global batch, fits, HBM total or required)
+  crashed: list[int] = dataclasses.field(default_factory=list)  # batches whose compile crashed
 
 
 @dataclasses.dataclass
@@ -820,6 +911,8 @@ class Plan:
     if self.max_batch:
       m = self.max_batch
       fail = f"; {m.smallest_failing} does not" if m.smallest_failing else ""
+      if m.smallest_failing in m.crashed:
+        fail += " (the compiler crashes compiling it)"
       lines.append(
         f"Largest {m.program} batch that fits: {m.largest_fitting} ({m.per_device} per device, "
         f"{m.per_device * chip.devices_per_chip} per chip){fail}; found by compiling {len(m.compiles)} batch sizes."
@@ -966,11 +1059,13 @@ def plan(
 
 
 def _compile(
-  program: Program, slice_name, num_slices, use_cache, progress, prefix="", only_cached=False
+  program: Program, slice_name, num_slices, use_cache, progress, prefix="", only_cached=False, elsewhere=None
 ) -> tuple[Figures, bool]:
   _log(f"{prefix}{program.name}: compiling for {slice_name} (batch {program.batch}) ...", progress)
-  figures, cached = compile_figures(program, slice_name, num_slices, use_cache=use_cache, only_cached=only_cached)
-  verdict = "fits" if figures.fits else "does not fit"
+  figures, cached = compile_figures(
+    program, slice_name, num_slices, use_cache=use_cache, only_cached=only_cached, elsewhere=elsewhere
+  )
+  verdict = "the compiler crashed" if figures.crashed else "fits" if figures.fits else "does not fit"
   _log(
     f"{prefix}{program.name}: {'from the cache' if cached else f'compiled in {figures.compile_s:.0f} s'}, {verdict}.",
     progress,
@@ -981,9 +1076,45 @@ def _compile(
 def _train_figures(
   config, mesh, slice_name, num_slices, batch: int, use_cache, progress, only_cached=False, **overrides
 ) -> Figures:
+  """The train step at `batch` (and `overrides`), compiled in a process of its own (see `run_isolated`).
+
+  The batches and variants a search tries are where the compiler is pushed hardest, and where it has crashed: a
+  crash there is a figure of the search (crashed=True), not the end of the plan.
+  """
   config = _with(config, training__batch_size=int(batch), **overrides)
   program = _train_program(config, mesh)
-  return _compile(program, slice_name, num_slices, use_cache, progress, "  ", only_cached=only_cached)[0]
+  plain = config.to_dict()
+
+  def elsewhere(lowered, text: str) -> Figures:
+    try:
+      return run_isolated(_compile_train, plain, slice_name, num_slices, _digest(text))
+    except _OtherProgram:  # a jax.config setting of this process's that the child lacks: compile here
+      return _compile_lowered(lowered)
+
+  return _compile(
+    program, slice_name, num_slices, use_cache, progress, "  ", only_cached=only_cached, elsewhere=elsewhere
+  )[0]
+
+
+class _OtherProgram(Exception):
+  """The child lowered a program other than its parent's."""
+
+
+def _digest(text: str) -> str:
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _compile_train(config: dict, slice_name: str, num_slices: int, digest: str) -> Figures:
+  """`_train_figures`' child: the train step of `config` compiled for the slice, if it is the parent's program."""
+  from diffusion_jax import runtime  # pylint: disable=g-import-not-at-top
+
+  config = ml_collections.ConfigDict(config)
+  mesh = runtime.make_mesh(config, devices=slice_devices(slice_name, num_slices))
+  program = _train_program(config, mesh)
+  lowered = program.jitted.trace(*program.args).lower()
+  if _digest(lowered.as_text()) != digest:
+    raise _OtherProgram
+  return _compile_lowered(lowered)
 
 
 def largest_batch(
@@ -1037,14 +1168,18 @@ def search_batch(
   Where the compiler squeezes a batch in by recomputing (a batch fits where the line said it would not) the line
   says nothing more, and it steps down from the failing batch, a fraction `tolerance` at a time, to the first
   that fits (bisecting where `tolerance` is 0). It stops when the batch that fails is within `tolerance` (a
-  fraction) of the one that fits, or one `unit` above it.
+  fraction) of the one that fits, or one `unit` above it. A batch whose compile crashes (`Figures.crashed`) counts
+  as one that does not fit, of unknown HBM: the search steps down from it.
   """
   record: list[tuple[int, bool, float]] = []
+  crashed: list[int] = []
   capacity = [available]
   fixed = [0.0]
 
   def fits(batch: int) -> bool:
     f = figures_at(batch)
+    if f.crashed:
+      crashed.append(batch)
     used = f.total_bytes if f.fits else f.required_bytes
     if f.available_bytes:
       capacity[0] = f.available_bytes  # the compiler's own figure
@@ -1077,7 +1212,7 @@ def search_batch(
       else:
         candidate = 4 * lo
     elif lo == 0:  # nothing fits yet: the line through the two smallest failures, else half
-      failed = sorted(b for b, ok, _ in record if not ok)[:2]
+      failed = sorted(b for b, ok, _ in record if not ok and b not in crashed)[:2]
       candidate = down(hi / 2)
       if len(failed) == 2:
         (b1, m1), (b2, m2) = [(b, used[b]) for b in failed]
@@ -1088,8 +1223,8 @@ def search_batch(
         break
     else:
       below = -down(-hi / (1 + tolerance)) if tolerance else hi - unit  # fits: done
-      if squeezed or used[hi] <= used[lo]:
-        squeezed = True
+      if squeezed or hi in crashed or used[hi] <= used[lo]:
+        squeezed = squeezed or hi not in crashed  # a crash says nothing of HBM: step down from it
         candidate = below if tolerance else down((lo + hi) / 2)
       else:
         crossing = down(lo + (capacity[0] - used[lo]) * (hi - lo) / (used[hi] - used[lo]))
@@ -1105,7 +1240,7 @@ def search_batch(
     else:
       hi = candidate
     expect_fail = False
-  return MaxBatch("train", lo, hi, lo // devices if lo else 0, record)
+  return MaxBatch("train", lo, hi, lo // devices if lo else 0, record, crashed)
 
 
 def runtime_generation(slice_name: str) -> str:
@@ -1155,6 +1290,9 @@ def _advice(
       variants.append(("model.remat=True and model.dtype=bfloat16", dict(model__remat=True, model__dtype="bfloat16")))
   for name, overrides in variants:
     g = _train_figures(config, mesh, slice_name, num_slices, p.batch, use_cache, progress, **overrides)
+    if g.crashed:
+      tries.append(f"with {name} the compiler crashes")
+      continue
     if g.fits:
       tries.append(f"with {name} batch {p.batch} fits ({_gib(g.total_bytes)})")
       break

@@ -267,6 +267,98 @@ def test_batch_search_finds_the_largest_batch_that_fits(fixed, per_image, remat_
     assert len(calls) == 4 and len(fitting) <= 2
 
 
+@pytest.mark.parametrize(
+  "crash_from,crash_to,start",
+  [
+    (240, 296, 128),  # the compiler crashes just below the limit (libtpu 0.0.42.1 on a v6e-8)
+    (1000, 2000, 128),  # ... where the search overshoots: no HBM figure to draw its line through
+    (96, 200, 128),  # ... at the asked batch and below it
+  ],
+)
+@pytest.mark.parametrize("tolerance", [0.0, 0.125])
+def test_batch_search_steps_down_from_a_compiler_crash(crash_from, crash_to, start, tolerance):
+  # Memory linear in the batch (the limit is 295 images); batches in [crash_from, crash_to) crash the compiler.
+  from diffusion_jax import plan  # noqa: PLC0415
+
+  gib, capacity, unit = 2**30, 15.75, 8
+
+  def need(batch):
+    return 1.0 + 0.05 * batch
+
+  def crashes(batch):
+    return crash_from <= batch < crash_to
+
+  calls = []
+
+  def figures_at(batch):
+    calls.append(batch)
+    if crashes(batch):
+      return plan.Figures(fits=False, compile_s=0.0, crashed=True, error="the compiler crashed (SIGSEGV)")
+    if need(batch) <= capacity:
+      return plan.Figures(fits=True, compile_s=0.0, temp_bytes=need(batch) * gib)
+    return plan.Figures(fits=False, compile_s=0.0, required_bytes=need(batch) * gib, available_bytes=capacity * gib)
+
+  m = plan.search_batch(figures_at, start=start, unit=unit, available=16 * gib, devices=4, tolerance=tolerance)
+  works = [b for b in range(unit, 4096, unit) if need(b) <= capacity and not crashes(b)]
+  assert m.largest_fitting in works
+  assert m.smallest_failing is not None and m.smallest_failing not in works
+  assert m.smallest_failing - m.largest_fitting <= max(unit, tolerance * m.largest_fitting)
+  if max(works) < crash_from:  # below a crash the answer is the largest batch that works
+    assert max(works) - m.largest_fitting <= tolerance * m.largest_fitting
+  assert m.crashed == [b for b in calls if crashes(b)] and m.crashed
+  assert len(calls) == len(set(calls)) <= (12 if tolerance else 20)
+  report = plan.Plan("tiny", runtime.tpu_slice("v5e-4"), 1, plan.CHIPS["v5e"], [], max_batch=m).table()
+  if m.smallest_failing in m.crashed:
+    assert f"{m.smallest_failing} does not (the compiler crashes compiling it)" in report
+
+
+def _crash(signum):
+  os.kill(os.getpid(), signum)
+
+
+def _fail(message):
+  raise errors.UserError(message)
+
+
+def test_run_isolated_survives_a_crash_and_passes_on_results_and_errors():
+  import signal  # noqa: PLC0415
+
+  from diffusion_jax import plan  # noqa: PLC0415
+
+  assert plan.run_isolated(os.getpid) != os.getpid()
+  assert plan.run_isolated(divmod, 7, 2) == (3, 1)
+  with pytest.raises(errors.UserError, match="named problem"):
+    plan.run_isolated(_fail, "named problem")
+  with pytest.raises(plan.ChildCrashed, match="SIGSEGV") as crash:
+    plan.run_isolated(_crash, signal.SIGSEGV)
+  assert crash.value.signum == signal.SIGSEGV
+
+
+def test_a_compiler_crash_is_cached_and_a_kill_is_not(plan_cache):
+  import signal  # noqa: PLC0415
+
+  from diffusion_jax import plan  # noqa: PLC0415
+
+  x = jax.ShapeDtypeStruct((4, 4), np.float32)
+  program = plan.Program("train", "a test program", jax.jit(lambda a: a @ a), (x,), 4, 1, "step")
+
+  def ended_by(signum):
+    def elsewhere(lowered, text):
+      assert "dot" in text and lowered is not None
+      raise plan.ChildCrashed(signum)
+
+    return elsewhere
+
+  with pytest.raises(plan.ChildCrashed):  # killed (out of host memory, by a person): not the program's fault
+    plan.compile_figures(program, "v5e-4", elsewhere=ended_by(signal.SIGKILL))
+  assert not plan_cache.exists() or not list(plan_cache.iterdir())
+  figures, cached = plan.compile_figures(program, "v5e-4", elsewhere=ended_by(signal.SIGSEGV))
+  assert (figures.crashed, figures.fits, cached) == (True, False, False)
+  assert "the compiler crashed (SIGSEGV" in figures.error
+  again, cached = plan.compile_figures(program, "v5e-4", elsewhere=ended_by(signal.SIGKILL))  # not called
+  assert cached and again == figures
+
+
 # ----------------------------------------------------------------------------
 # Compiled for TPU slices (libtpu).
 # ----------------------------------------------------------------------------
