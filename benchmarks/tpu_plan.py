@@ -79,7 +79,8 @@ def row(config_name: str, report, *, search_unfinished: bool = False) -> str:
   if m is not None:
     largest = f"{m.largest_fitting} ({m.per_device * chip.devices_per_chip}/chip)" if m.largest_fitting else "none"
     if m.smallest_failing:
-      largest += f"; {m.smallest_failing} fails"
+      crashed = m.smallest_failing in m.crashed
+      largest += f"; {m.smallest_failing} {'crashes the compiler' if crashed else 'fails'}"
   paper = f"{train.paper.per_second:g} {train.paper.unit}" if train.paper else ""
   compile_s = f"{f.compile_s:.0f}"
   cells = [
