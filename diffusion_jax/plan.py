@@ -614,13 +614,17 @@ _FAULTS = frozenset(
 
 _CHILD = """
 import pickle, sys
-fn, args = pickle.load(open(sys.argv[1], "rb"))
+with open(sys.argv[1], "rb") as f:
+  fn, args = pickle.load(f)
 try:
-  out = ("value", fn(*args))
+  out = pickle.dumps(("value", fn(*args)))
 except BaseException as e:
-  out = ("raised", e)
+  try:
+    out = pickle.dumps(("raised", e))
+  except Exception:  # an error that does not pickle: its type and message
+    out = pickle.dumps(("raised", RuntimeError(f"{type(e).__name__}: {e}")))
 with open(sys.argv[2], "wb") as f:
-  pickle.dump(out, f)
+  f.write(out)
 """
 
 

@@ -320,6 +320,12 @@ def _fail(message):
   raise errors.UserError(message)
 
 
+def _fail_unpicklably():
+  import threading  # noqa: PLC0415
+
+  raise errors.UserError("with a lock", threading.Lock())
+
+
 def test_run_isolated_survives_a_crash_and_passes_on_results_and_errors():
   import signal  # noqa: PLC0415
 
@@ -329,6 +335,8 @@ def test_run_isolated_survives_a_crash_and_passes_on_results_and_errors():
   assert plan.run_isolated(divmod, 7, 2) == (3, 1)
   with pytest.raises(errors.UserError, match="named problem"):
     plan.run_isolated(_fail, "named problem")
+  with pytest.raises(RuntimeError, match="UserError: .*with a lock"):  # its type and message, where it won't pickle
+    plan.run_isolated(_fail_unpicklably)
   with pytest.raises(plan.ChildCrashed, match="SIGSEGV") as crash:
     plan.run_isolated(_crash, signal.SIGSEGV)
   assert crash.value.signum == signal.SIGSEGV
