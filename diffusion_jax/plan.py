@@ -1387,8 +1387,16 @@ def main(argv) -> None:
   cli.exit_on_user_error(_main, argv)
 
 
-if __name__ == "__main__":
+def _run() -> None:
   from absl import app  # pylint: disable=g-import-not-at-top
 
   _define_flags()
   app.run(main)
+
+
+if __name__ == "__main__":
+  # `python -m diffusion_jax.plan` runs the imported module rather than this copy of it (__main__): the functions
+  # and classes the search's compile processes exchange by pickle are then diffusion_jax.plan's, which they import.
+  from diffusion_jax import plan as _plan  # pylint: disable=g-import-not-at-top,import-self
+
+  _plan._run()  # noqa: SLF001

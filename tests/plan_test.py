@@ -496,21 +496,34 @@ def test_a_program_that_does_not_fit_is_one_message(tmp_path):
 
 @pytest.mark.tpu
 @requires_libtpu
-def test_largest_batch_is_found_by_compiling(plan_cache):
-  from diffusion_jax import plan  # noqa: PLC0415
+def test_largest_batch_is_found_by_compiling(tmp_path):
+  import json  # noqa: PLC0415
 
   # A one-level tiny network on 16×16 images: thousands of images fit a v5e chip, and each compile is short.
-  config = _config(
-    "tiny", data__image_size=16, model__ch_mult=(1,), model__attn_resolutions=(), training__batch_size=64
-  )
   # Tolerance 1 (the failing batch within twice the fitting one) keeps it to a few compiles; the search itself is
-  # tested to one batch step above (test_batch_search_finds_the_largest_batch_that_fits).
-  report = plan.plan(config, "v5e-4", programs=("train",), max_batch=True, max_batch_tolerance=1.0)
-  m = report.max_batch
-  assert m.largest_fitting > 64 and m.smallest_failing <= 2 * m.largest_fitting, m
-  verdicts = {b: ok for b, ok, _ in m.compiles}
-  assert verdicts[m.largest_fitting] and not verdicts[m.smallest_failing]
-  assert f"Largest train batch that fits: {m.largest_fitting}" in report.table()
+  # tested to one batch step above (test_batch_search_finds_the_largest_batch_that_fits). From the command line,
+  # whose module is __main__, the search's compile processes get functions of the imported module.
+  out = _plan_cli(
+    "--config=configs/tiny.py",
+    "--topology=v5e-4",
+    "--programs=train",
+    "--config.data.image_size=16",
+    "--config.model.ch_mult=(1,)",
+    "--config.model.attn_resolutions=()",
+    "--config.training.batch_size=64",
+    "--max_batch",
+    "--max_batch_tolerance=1.0",
+    f"--json_out={tmp_path / 'plan.json'}",
+    env={"DIFFUSION_JAX_CACHE_DIR": str(tmp_path / "cache")},
+  )
+  assert out.returncode == 0, out.stderr
+  (report,) = json.loads((tmp_path / "plan.json").read_text())
+  m = report["max_batch"]
+  assert m["largest_fitting"] > 64 and m["smallest_failing"] <= 2 * m["largest_fitting"], m
+  verdicts = {b: ok for b, ok, _ in m["compiles"]}
+  assert verdicts[m["largest_fitting"]] and not verdicts[m["smallest_failing"]]
+  assert len(verdicts) > 2 and not m["crashed"]  # compiled in their own processes
+  assert f"Largest train batch that fits: {m['largest_fitting']}" in out.stdout
 
 
 def test_plan_without_libtpu_says_so_in_one_line(tmp_path):
