@@ -1171,7 +1171,8 @@ def search_batch(
   until the compiler has said it), or one step above the batch that fits where the line says that is the limit.
   Where the compiler squeezes a batch in by recomputing (a batch fits where the line said it would not) the line
   says nothing more, and it steps down from the failing batch, a fraction `tolerance` at a time, to the first
-  that fits (bisecting where `tolerance` is 0). It stops when the batch that fails is within `tolerance` (a
+  that fits (bisecting where `tolerance` is 0), or at once to where the line through the failures' own HBM
+  crosses the compiler's, where that line agrees that the fitting batch fits (`_failures_crossing`). It stops when the batch that fails is within `tolerance` (a
   fraction) of the one that fits, or one `unit` above it. A batch whose compile crashes (`Figures.crashed`) counts
   as one that does not fit, of unknown HBM: the search steps down from it.
   """
@@ -1230,6 +1231,9 @@ def search_batch(
       if squeezed or hi in crashed or used[hi] <= used[lo]:
         squeezed = squeezed or hi not in crashed  # a crash says nothing of HBM: step down from it
         candidate = below if tolerance else down((lo + hi) / 2)
+        jump = _failures_crossing(record, crashed, lo, capacity[0], down) if tolerance else None
+        if jump is not None:  # the failures' own HBM says the limit is further down: go there at once
+          candidate = min(below, max(jump, lo + step(lo)))
       else:
         crossing = down(lo + (capacity[0] - used[lo]) * (hi - lo) / (used[hi] - used[lo]))
         expect_fail = crossing < lo + step(lo)  # the line says lo is the limit: one step up confirms it
@@ -1245,6 +1249,25 @@ def search_batch(
       hi = candidate
     expect_fail = False
   return MaxBatch("train", lo, hi, lo // devices if lo else 0, record, crashed)
+
+
+def _failures_crossing(record, crashed, lo: int, capacity: float, down: Callable[[float], int]) -> int | None:
+  """Where the line through the two smallest failures' HBM crosses `capacity`, if that line has `lo` (nearly) fit.
+
+  A compiler that recomputes to squeeze a batch in says, for one it cannot, what it needs after trying: near the
+  limit those figures are close to the capacity, and their line finds the limit from above in a few failing
+  compiles. One whose figures are what it would need without recomputing puts `lo` (which fits) above the
+  capacity on that line, by more than the 2% a figure after squeezing may exceed it: then the line says nothing
+  (None), and the search steps down a fraction at a time.
+  """
+  failed = sorted((b, m) for b, ok, m in record if not ok and b not in crashed and m > 0)[:2]
+  if len(failed) < 2:
+    return None
+  (b1, m1), (b2, m2) = failed
+  slope = (m2 - m1) / (b2 - b1)
+  if slope <= 0 or m1 - slope * (b1 - lo) > 1.02 * capacity:
+    return None
+  return down(b1 - (m1 - capacity) / slope)
 
 
 def runtime_generation(slice_name: str) -> str:

@@ -267,6 +267,32 @@ def test_batch_search_finds_the_largest_batch_that_fits(fixed, per_image, remat_
     assert len(calls) == 4 and len(fitting) <= 2
 
 
+@pytest.mark.parametrize("limit", [17704, 17800, 30000])
+@pytest.mark.parametrize("start", [128, 1000, 16664])
+@pytest.mark.parametrize("tolerance", [0.0625, 0.125])
+def test_batch_search_follows_the_failures_down_where_the_compiler_squeezes(limit, start, tolerance):
+  # As libtpu 0.0.50.1 compiles CIFAR-10 for a v6e-8: batches fit up to `limit` (the compiler recomputing to
+  # squeeze them in, so HBM grows slowly), and one that does not says what it needs after trying, just above the
+  # 31.24 GiB it has at the limit and 2.1 MB more per image beyond it.
+  from diffusion_jax import plan  # noqa: PLC0415
+
+  gib, capacity, unit = 2**30, 31.24, 8
+  calls = []
+
+  def figures_at(batch):
+    calls.append(batch)
+    if batch <= limit:
+      return plan.Figures(fits=True, compile_s=0.0, temp_bytes=min(capacity, 0.5 + 0.0018 * batch) * gib)
+    need = capacity + 0.01 + 0.0021 * (batch - limit)
+    return plan.Figures(fits=False, compile_s=0.0, required_bytes=need * gib, available_bytes=capacity * gib)
+
+  m = plan.search_batch(figures_at, start=start, unit=unit, available=32 * gib, devices=8, tolerance=tolerance)
+  assert m.largest_fitting <= limit < m.smallest_failing
+  assert m.smallest_failing - m.largest_fitting <= max(unit, tolerance * m.largest_fitting)
+  assert len(calls) == len(set(calls)) <= 7  # stepping down a fraction at a time from the first failure: up to 25
+  assert len([b for b in calls if b <= limit]) <= 4
+
+
 @pytest.mark.parametrize(
   "crash_from,crash_to,start",
   [
