@@ -1172,9 +1172,10 @@ def search_batch(
   Where the compiler squeezes a batch in by recomputing (a batch fits where the line said it would not) the line
   says nothing more, and it steps down from the failing batch, a fraction `tolerance` at a time, to the first
   that fits (bisecting where `tolerance` is 0), or at once to where the line through the failures' own HBM
-  crosses the compiler's, where that line agrees that the fitting batch fits (`_failures_crossing`). It stops when the batch that fails is within `tolerance` (a
-  fraction) of the one that fits, or one `unit` above it. A batch whose compile crashes (`Figures.crashed`) counts
-  as one that does not fit, of unknown HBM: the search steps down from it.
+  crosses the compiler's, where that line agrees that the fitting batch fits (`_failures_crossing`). It stops
+  when the batch that fails is within `tolerance` (a fraction) of the one that fits, or one `unit` above it. A
+  batch whose compile crashes (`Figures.crashed`) counts as one that does not fit, of unknown HBM: the search
+  steps down from it.
   """
   record: list[tuple[int, bool, float]] = []
   crashed: list[int] = []
