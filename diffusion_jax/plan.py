@@ -665,14 +665,11 @@ def compile_figures(
 ) -> tuple[Figures, bool]:
   """(figures, from the cache?) of `program` compiled for the slice; a program that does not fit gives fits=False.
 
-  `elsewhere(lowered, text)`, where given, compiles the program (lowered, its text) and gives its figures, in
+  `elsewhere(lowered, key)`, where given, compiles the program (lowered, its cache key) and gives its figures, in
   another process (see `run_isolated`): a crash there gives figures with crashed=True.
   """
   lowered = program.jitted.trace(*program.args).lower()
-  text = lowered.as_text()
-  key = hashlib.sha256(json.dumps([slice_name, num_slices, versions()]).encode() + b"\0" + text.encode()).hexdigest()[
-    :32
-  ]
+  key = _cache_key(lowered.as_text(), slice_name, num_slices)
   directory = cache_dir() if use_cache else None
   path = os.path.join(directory, f"{key}.json") if directory else None
   if path and os.path.exists(path):
@@ -688,7 +685,7 @@ def compile_figures(
   else:
     t0 = time.perf_counter()
     try:
-      figures = elsewhere(lowered, text)
+      figures = elsewhere(lowered, key)
     except ChildCrashed as e:
       if e.signum not in _FAULTS:
         raise
@@ -704,6 +701,12 @@ def compile_figures(
     os.makedirs(directory, exist_ok=True)
     runtime.atomic_write(path, json.dumps(dataclasses.asdict(figures), indent=1))
   return figures, False
+
+
+def _cache_key(text: str, slice_name: str, num_slices: int) -> str:
+  """The figures' cache key: the lowered program's text, the slice, the jax and libtpu versions."""
+  head = json.dumps([slice_name, num_slices, versions()]).encode()
+  return hashlib.sha256(head + b"\0" + text.encode()).hexdigest()[:32]
 
 
 def _compile_lowered(lowered) -> Figures:
@@ -1089,9 +1092,9 @@ def _train_figures(
   program = _train_program(config, mesh)
   plain = config.to_dict()
 
-  def elsewhere(lowered, text: str) -> Figures:
+  def elsewhere(lowered, key: str) -> Figures:
     try:
-      return run_isolated(_compile_train, plain, slice_name, num_slices, _digest(text))
+      return run_isolated(_compile_train, plain, slice_name, num_slices, key)
     except _OtherProgram:  # a jax.config setting of this process's that the child lacks: compile here
       return _compile_lowered(lowered)
 
@@ -1104,11 +1107,7 @@ class _OtherProgram(Exception):
   """The child lowered a program other than its parent's."""
 
 
-def _digest(text: str) -> str:
-  return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _compile_train(config: dict, slice_name: str, num_slices: int, digest: str) -> Figures:
+def _compile_train(config: dict, slice_name: str, num_slices: int, key: str) -> Figures:
   """`_train_figures`' child: the train step of `config` compiled for the slice, if it is the parent's program."""
   from diffusion_jax import runtime  # pylint: disable=g-import-not-at-top
 
@@ -1116,7 +1115,7 @@ def _compile_train(config: dict, slice_name: str, num_slices: int, digest: str) 
   mesh = runtime.make_mesh(config, devices=slice_devices(slice_name, num_slices))
   program = _train_program(config, mesh)
   lowered = program.jitted.trace(*program.args).lower()
-  if _digest(lowered.as_text()) != digest:
+  if _cache_key(lowered.as_text(), slice_name, num_slices) != key:
     raise _OtherProgram
   return _compile_lowered(lowered)
 

@@ -377,8 +377,8 @@ def test_a_compiler_crash_is_cached_and_a_kill_is_not(plan_cache):
   program = plan.Program("train", "a test program", jax.jit(lambda a: a @ a), (x,), 4, 1, "step")
 
   def ended_by(signum):
-    def elsewhere(lowered, text):
-      assert "dot" in text and lowered is not None
+    def elsewhere(lowered, key):
+      assert "dot" in lowered.as_text() and len(key) == 32
       raise plan.ChildCrashed(signum)
 
     return elsewhere
@@ -468,13 +468,17 @@ def test_identical_programs_share_one_compile(plan_cache):
   assert not first.programs[0].cached and other.programs[0].cached
 
 
-def _plan_cli(*args, env=None):
+def _plan_cli(*args, cache_in=None, env=None):
+  """`python -m diffusion_jax.plan` with `args`; its figures cached under `cache_in` (a test's tmp_path)."""
+  env = {**os.environ, **(env or {})}
+  if cache_in is not None:
+    env["DIFFUSION_JAX_CACHE_DIR"] = str(cache_in / "cache")
   return subprocess.run(
     [sys.executable, "-m", "diffusion_jax.plan", *args],
     cwd=REPO_ROOT,
     capture_output=True,
     text=True,
-    env={**os.environ, **(env or {})},
+    env=env,
     timeout=600,
     check=False,
   )
@@ -488,7 +492,7 @@ def test_cli_prints_the_plan_quietly(tmp_path):
     "--topology=v5e-4",
     "--programs=train,sample",
     f"--json_out={tmp_path / 'plan.json'}",
-    env={"DIFFUSION_JAX_CACHE_DIR": str(tmp_path / "cache")},
+    cache_in=tmp_path,
   )
   assert out.returncode == 0, out.stderr
   assert "Plan of configs/tiny.py on v5e-4" in out.stdout
@@ -511,7 +515,7 @@ def test_a_program_that_does_not_fit_is_one_message(tmp_path):
     "--config.model.attn_resolutions=()",
     "--config.training.batch_size=32768",
     "--noadvise",
-    env={"DIFFUSION_JAX_CACHE_DIR": str(tmp_path / "cache")},
+    cache_in=tmp_path,
   )
   assert out.returncode == errors.EXIT_USER_ERROR, out.stderr
   assert "Traceback" not in out.stderr
@@ -540,7 +544,7 @@ def test_largest_batch_is_found_by_compiling(tmp_path):
     "--max_batch",
     "--max_batch_tolerance=1.0",
     f"--json_out={tmp_path / 'plan.json'}",
-    env={"DIFFUSION_JAX_CACHE_DIR": str(tmp_path / "cache")},
+    cache_in=tmp_path,
   )
   assert out.returncode == 0, out.stderr
   (report,) = json.loads((tmp_path / "plan.json").read_text())
